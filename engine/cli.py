@@ -1,0 +1,154 @@
+"""`musicrfm` command line. Each role adds its subcommands here; heavy imports happen only when used."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = "tiny-random"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="Hugging Face id (facebook/musicgen-small|medium|large), a local directory saved with "
+                        "save_pretrained, or a random-weight model: tiny-random, random-small|medium|large "
+                        f"(their audio is noise). Default: {DEFAULT_MODEL}")
+    p.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, ... (default: cuda if present)")
+    p.add_argument("--dtype", default="auto", help="float32|float16|bfloat16 (default: bf16/fp16 on CUDA, fp32 on CPU)")
+
+
+def _add_generate_args(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    p.add_argument("--prompt", default="", help="text prompt (default: empty)")
+    p.add_argument("--seconds", type=float, default=10.0, help="length of audio to generate")
+    p.add_argument("--out", type=Path, default=Path("out.wav"), help="output WAV; a .json sidecar is written beside it")
+    p.add_argument("--from-sidecar", type=Path, metavar="JSON",
+                   help="regenerate exactly from a sidecar written by an earlier run (other settings ignored)")
+    s = p.add_argument_group("steering")
+    s.add_argument("--bank", action="append", default=[], metavar="FILE", help="direction bank (.safetensors); repeatable")
+    s.add_argument("--steer", action="append", default=[], metavar="CONCEPT:CLASS=COEF[@SCHEDULE]",
+                   help="steer toward a direction with coefficient eta0, e.g. notes:C=0.45 or "
+                        "notes:C=0.45@linear_rise:length=500; repeatable")
+    s.add_argument("--crossfade", action="append", default=[], metavar="A,B=COEF[@start=S,length=N,curve=C]",
+                   help="fade direction A out while B fades in, e.g. notes:C,notes:G=0.45@start=0,length=1500")
+    s.add_argument("--schedule", default="constant",
+                   help="default schedule for --steer without its own: constant, linear_rise, linear_decay, "
+                        "exp_decay, logistic, sine, keyframes, fade_in, fade_out (with :key=value,...)")
+    s.add_argument("--gate", type=float, default=1.0, help="Bernoulli gate probability per step (paper's best: 0.3)")
+    s.add_argument("--gate-seed", type=int, default=0)
+    s.add_argument("--layers", default="exponential:kappa=0.95,w0=1",
+                   help="layer weighting: all, topk:k=8, linear, exponential:kappa=0.95,w0=1, explicit:weights=...")
+    s.add_argument("--rows", choices=["both", "cond"], default="both",
+                   help="guidance rows to steer: both (paper) or the conditional row only")
+    s.add_argument("--rule", choices=["add", "norm"], default="add",
+                   help="update rule: add (paper) or norm-preserving (h + a|h|r)/(1+a)")
+    s.add_argument("--site", choices=["residual", "attention"], default="residual",
+                   help="injection point: residual stream after each block, or self-attention output")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=250)
+    g.add_argument("--top-p", type=float, default=0.0)
+    g.add_argument("--greedy", action="store_true")
+    g.add_argument("--seed", type=int, default=0)
+    d = p.add_argument_group("decode loop")
+    d.add_argument("--chunk-steps", type=int, default=50, help="steps per chunk (does not change the tokens)")
+    d.add_argument("--context-seconds", type=float, default=None, help="decoder context before re-prompting (default 30)")
+    d.add_argument("--keep-seconds", type=float, default=None, help="audio kept as prompt when re-prompting (default 20)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _parse_spec(args):
+    from .steering import DirectionControl, LayerWeighting, Schedule, SteeringSpec, crossfade
+
+    controls = []
+    for item in args.steer:
+        head, _, sched = item.partition("@")
+        key, eq, coef = head.rpartition("=")
+        if not eq or ":" not in key:
+            raise ValueError(f"--steer {item!r}: expected CONCEPT:CLASS=COEF[@SCHEDULE], e.g. notes:C=0.45")
+        try:
+            value = float(coef)
+        except ValueError:
+            raise ValueError(f"--steer {item!r}: coefficient {coef!r} is not a number") from None
+        schedule = Schedule.parse(sched or args.schedule)
+        controls.append(DirectionControl(key=key, coefficient=value, schedule=schedule))
+    for item in args.crossfade:
+        head, _, opts = item.partition("@")
+        pair, eq, coef = head.rpartition("=")
+        keys = pair.split(",")
+        if not eq or len(keys) != 2:
+            raise ValueError(f"--crossfade {item!r}: expected A,B=COEF[@start=S,length=N,curve=C]")
+        kw = dict(kv.split("=", 1) for kv in opts.split(",") if kv) if opts else {}
+        unknown = set(kw) - {"start", "length", "curve"}
+        if unknown:
+            raise ValueError(f"--crossfade {item!r}: unknown option(s) {sorted(unknown)}")
+        controls.extend(crossfade(keys[0], keys[1], float(coef), start=int(kw.get("start", 0)),
+                                  length=int(kw.get("length", 1500)), curve=kw.get("curve", "equal_power")))
+    return SteeringSpec(controls=tuple(controls), gate_p=args.gate, gate_seed=args.gate_seed,
+                        layers=LayerWeighting.parse(args.layers), rows=args.rows, rule=args.rule, site=args.site)
+
+
+def cmd_generate(args) -> int:
+    from .audio import write_wav
+    from .model import load_model
+    from .render import render, render_from_settings, write_sidecar
+    from .sampling import SamplingConfig
+
+    if args.from_sidecar:
+        settings = json.loads(args.from_sidecar.read_text())
+        result = render_from_settings(settings, progress=not args.quiet)
+    else:
+        spec = _parse_spec(args)
+        sampling = SamplingConfig(guidance_scale=args.guidance, temperature=args.temperature, top_k=args.top_k,
+                                  top_p=args.top_p, greedy=args.greedy)
+        model = load_model(args.model, device=args.device, dtype=args.dtype)
+        print(f"model: {model.describe()}", file=sys.stderr)
+        rate = model.frame_rate
+        result = render(
+            model, args.prompt, args.seconds, spec=spec, bank_paths=args.bank, sampling=sampling, seed=args.seed,
+            chunk_steps=args.chunk_steps,
+            context_steps=round(args.context_seconds * rate) if args.context_seconds else None,
+            keep_steps=round(args.keep_seconds * rate) if args.keep_seconds is not None else None,
+            progress=not args.quiet,
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_wav(args.out, result.audio, result.sample_rate)
+    sidecar = args.out.with_suffix(".json")
+    write_sidecar(sidecar, result.settings)
+    note = f" [{result.settings['note']}]" if result.settings.get("note") else ""
+    print(f"wrote {args.out} ({len(result.audio) / result.sample_rate:.2f} s) and {sidecar}{note}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="musicrfm", description="Steer MusicGen with concept directions.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate audio (optionally steered) to a WAV file")
+    _add_generate_args(gen)
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # MusicGen configs trip harmless pad-token warnings
+    from .bank import BankError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, KeyError, OSError, RuntimeError, BankError) as exc:
+        # Expected failures (bad settings, missing weights, bad banks) get one clear line, no traceback.
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"musicrfm: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""Loading MusicGen: Hugging Face ids, local directories, and random-weight models built from configs.
+
+Every path ends in the same object, `MusicModel`: the transformers `MusicgenForConditionalGeneration`
+(text encoder, EnCodec, decoder), its tokenizer, the device and dtype it lives on, and a fingerprint
+that direction banks and feature files are checked against.
+
+Random-weight models (`tiny-random`, `random-small|medium|large`) have the real architecture and cost,
+so they serve tests and benchmarks; their audio is noise, and `MusicModel.is_random` says so.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "ModelFingerprint",
+    "MusicModel",
+    "ModelLoadError",
+    "RANDOM_MODELS",
+    "load_model",
+    "build_random_model",
+    "pick_device",
+    "pick_dtype",
+]
+
+NOISE_WARNING = "random weights: this audio is noise, not music"
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says what is missing and how to get it."""
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """What a direction bank or a feature file must agree with to be used on a model."""
+
+    architecture: str
+    num_layers: int
+    hidden_size: int
+
+    def to_dict(self) -> dict:
+        return {"architecture": self.architecture, "num_layers": self.num_layers, "hidden_size": self.hidden_size}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelFingerprint":
+        return cls(str(d["architecture"]), int(d["num_layers"]), int(d["hidden_size"]))
+
+    def describe(self) -> str:
+        return f"{self.architecture} with {self.num_layers} layers x hidden size {self.hidden_size}"
+
+
+@dataclass
+class MusicModel:
+    """A loaded MusicGen: the HF model plus what the engine needs to know about it."""
+
+    name: str
+    hf: torch.nn.Module  # MusicgenForConditionalGeneration, in eval mode
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+    is_random: bool
+
+    @property
+    def decoder_config(self):
+        return self.hf.config.decoder
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.decoder_config.num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.decoder_config.hidden_size)
+
+    @property
+    def num_codebooks(self) -> int:
+        return int(self.decoder_config.num_codebooks)
+
+    @property
+    def pad_token_id(self) -> int:
+        # MusicGen uses the same id (= codebook size) for BOS and the delay-pattern padding.
+        return int(self.decoder_config.pad_token_id)
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.hf.config.audio_encoder.sampling_rate)
+
+    @property
+    def frame_rate(self) -> float:
+        cfg = self.hf.config.audio_encoder
+        hop = 1
+        for r in cfg.upsampling_ratios:
+            hop *= r
+        return cfg.sampling_rate / hop
+
+    @property
+    def hop_length(self) -> int:
+        return int(round(self.sample_rate / self.frame_rate))
+
+    @property
+    def fingerprint(self) -> ModelFingerprint:
+        return ModelFingerprint("musicgen", self.num_layers, self.hidden_size)
+
+    def describe(self) -> str:
+        text = f"{self.name} ({self.fingerprint.describe()}, {self.device.type}, {str(self.dtype).replace('torch.', '')})"
+        return f"{text} [{NOISE_WARNING}]" if self.is_random else text
+
+
+# --- device and dtype -------------------------------------------------------------------------------
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    if requested and requested != "auto":
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(device: torch.device, requested: str | None = None) -> torch.dtype:
+    if requested and requested != "auto":
+        table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+        if requested not in table:
+            raise ValueError(f"unknown dtype {requested!r}; use one of {sorted(table)}")
+        return table[requested]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+# --- random-weight models ---------------------------------------------------------------------------
+
+# Decoder sizes of the released checkpoints (layers, hidden, heads, ffn); text encoder is T5-base for all.
+_MUSICGEN_SIZES = {
+    "small": (24, 1024, 16, 4096),
+    "medium": (48, 1536, 24, 6144),
+    "large": (48, 2048, 32, 8192),
+}
+RANDOM_MODELS = ("tiny-random", *(f"random-{s}" for s in _MUSICGEN_SIZES))
+
+
+def _char_tokenizer():
+    """A character-level tokenizer built in-process (no files to download), T5-style special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for ch in string.ascii_lowercase + string.digits + " .,'-!?&/()#":
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.normalizer = None
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    from tokenizers import normalizers
+
+    tok.normalizer = normalizers.Lowercase()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def random_model_config(name: str, max_positions: int | None = None):
+    """Config for a random-weight model: `tiny-random` (tests) or `random-small|medium|large` (benchmarks)."""
+    from transformers import EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, T5Config
+
+    if name == "tiny-random":
+        text = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+        codec = EncodecConfig(sampling_rate=32000, audio_channels=1, hidden_size=16, num_filters=4,
+                              num_residual_layers=1, upsampling_ratios=[8, 5, 4, 4], codebook_size=64,
+                              target_bandwidths=[2.2], use_causal_conv=False, num_lstm_layers=1,
+                              use_conv_shortcut=False, normalize=False)
+        dec = MusicgenDecoderConfig(vocab_size=64, pad_token_id=64, bos_token_id=64, num_codebooks=4,
+                                    num_hidden_layers=4, hidden_size=32, num_attention_heads=4, ffn_dim=64,
+                                    max_position_embeddings=max_positions or 2048, dropout=0.0)
+    elif name.startswith("random-") and name[len("random-"):] in _MUSICGEN_SIZES:
+        layers, hidden, heads, ffn = _MUSICGEN_SIZES[name[len("random-"):]]
+        text = T5Config(vocab_size=64, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12,
+                        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+        codec = EncodecConfig(sampling_rate=32000, audio_channels=1, hidden_size=128, num_filters=64,
+                              num_residual_layers=1, upsampling_ratios=[8, 5, 4, 4], codebook_size=2048,
+                              target_bandwidths=[2.2], use_causal_conv=False, num_lstm_layers=2,
+                              use_conv_shortcut=False, normalize=False)
+        dec = MusicgenDecoderConfig(vocab_size=2048, pad_token_id=2048, bos_token_id=2048, num_codebooks=4,
+                                    num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+                                    ffn_dim=ffn, max_position_embeddings=max_positions or 2048, dropout=0.0)
+    else:
+        raise ModelLoadError(f"unknown random model {name!r}; choose one of {', '.join(RANDOM_MODELS)}")
+    cfg = MusicgenConfig(text_encoder=text.to_dict(), audio_encoder=codec.to_dict(), decoder=dec.to_dict())
+    cfg.decoder_start_token_id = dec.bos_token_id
+    cfg.pad_token_id = dec.pad_token_id
+    return cfg
+
+
+def build_random_model(name: str = "tiny-random", seed: int = 0, max_positions: int | None = None):
+    """(hf model, tokenizer) with seeded random weights: same classes as the real checkpoints."""
+    from transformers import MusicgenForConditionalGeneration
+
+    cfg = random_model_config(name, max_positions)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        hf = MusicgenForConditionalGeneration(cfg)
+    gc = hf.generation_config
+    gc.decoder_start_token_id = gc.bos_token_id = gc.pad_token_id = cfg.decoder.pad_token_id
+    gc.guidance_scale, gc.do_sample, gc.top_k = 3.0, True, 250
+    return hf, _char_tokenizer()
+
+
+# --- loading ----------------------------------------------------------------------------------------
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+
+
+def _load_pretrained(name: str):
+    from transformers import AutoTokenizer, MusicgenForConditionalGeneration
+
+    path = Path(name).expanduser()
+    is_dir = path.is_dir()
+    if not is_dir and (name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1]):
+        raise ModelLoadError(f"model directory {name!r} does not exist")
+    if is_dir and not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"{path} has no config.json: a model directory must come from save_pretrained() "
+            "(config.json, model.safetensors, tokenizer files)"
+        )
+    source = str(path) if is_dir else name
+    errors = []
+    # Local files first: never touch the network when the weights are already here.
+    for local_only in (True,) if (is_dir or _offline()) else (True, False):
+        try:
+            hf = MusicgenForConditionalGeneration.from_pretrained(source, local_files_only=local_only)
+            tok = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+            return hf, tok
+        except (OSError, ValueError) as exc:  # transformers raises OSError for missing files
+            errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+    if is_dir:
+        raise ModelLoadError(f"could not load MusicGen from {path}: {errors[-1]}")
+    raise ModelLoadError(
+        f"MusicGen weights for {name!r} are not on this machine and could not be downloaded ({errors[-1]}). "
+        f"On a machine with internet access run `huggingface-cli download {name}` (or "
+        f"`MusicgenForConditionalGeneration.from_pretrained({name!r}).save_pretrained(DIR)`), then copy the "
+        "Hugging Face cache or DIR here and pass --model DIR. For a smoke test without weights use "
+        "--model tiny-random (its audio is noise)."
+    )
+
+
+def load_model(name: str = "tiny-random", device: str | None = None, dtype: str | None = None,
+               seed: int = 0, max_positions: int | None = None) -> MusicModel:
+    """Load `name`: a random-weight model name, a Hugging Face id or a local directory."""
+    dev = pick_device(device)
+    dt = pick_dtype(dev, dtype)
+    if name in RANDOM_MODELS:
+        hf, tok = build_random_model(name, seed=seed, max_positions=max_positions)
+        is_random = True
+    else:
+        hf, tok = _load_pretrained(name)
+        is_random = False
+    arch = type(hf).__name__
+    if arch != "MusicgenForConditionalGeneration":  # melody prepends its conditioning: not supported yet
+        raise ModelLoadError(f"{name!r} is a {arch}, not a MusicGen model")
+    hf = hf.to(device=dev, dtype=dt).eval()
+    hf.requires_grad_(False)
+    return MusicModel(name=name, hf=hf, tokenizer=tok, device=dev, dtype=dt, is_random=is_random)
