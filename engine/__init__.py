@@ -1,0 +1,14 @@
+"""musicrfm engine: the model, the decode loop, steering, direction banks and audio decoding.
+
+Modules, in the order data flows through them:
+  model     load MusicGen (Hugging Face id, local directory, random-weight configs)
+  bank      DirectionBank / Direction: per-layer concept directions, safetensors + JSON metadata
+  steering  Schedule, LayerWeighting, gate, SteeringSpec -> SteeringPlan: (control, step) -> vectors
+  decoder   MusicGen's decoder forward pass with a static KV cache and the injection points
+  sampling  guidance, temperature / top-k / top-p
+  loop      Generator: the one decode loop (chunks, pause between steps, endless re-prompting)
+  audio     streaming EnCodec decode, WAV files
+  render    offline rendering with a sidecar that regenerates the same tokens
+"""
+
+__version__ = "0.1.0"

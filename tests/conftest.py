@@ -1,9 +1,12 @@
 import pytest
+import torch
 from transformers.utils import logging as hf_logging
 
 from engine.model import load_model
 
 hf_logging.set_verbosity_error()
+# The test models are tiny: intra-op threads only add wake-up latency (10x slower on the 2-core CI box).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

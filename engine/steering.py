@@ -1,0 +1,672 @@
+"""Steering as a small, pure function of (controls, generation step) -> per-layer vectors.
+
+The MusicRFM update (paper Sec. 3.3, App. C) adds to the hidden state of layer l at generation step t
+
+    sum_m  eta0_m * w_{l,m} * phi_m(t) * psi_p(t) * q_{l,m}
+
+  q_{l,m}   unit direction of control m at layer l (from a DirectionBank)
+  w_{l,m}   layer weight, from the direction's own per-layer validation scores (`LayerWeighting`)
+  phi_m(t)  deterministic schedule (`Schedule`); t is the generation step, 50 steps = 1 s
+  psi_p(t)  Bernoulli gate (`gate_open`): ONE draw per step, shared by every layer and direction
+  eta0_m    the control's coefficient (`DirectionControl`)
+
+Two corrections to the reference code are deliberate: the schedule clock is the generation step
+whether or not the gate fired (the reference advanced it on gated-in steps only), and the gate is a
+pure function of (seed, step), one per step, so a render is reproducible from its sidecar and a live
+change of controls never reshuffles the gate sequence.
+
+`SteeringSpec` is the user-facing, JSON-able description; `SteeringPlan.compile` resolves it against a
+bank into tensors once, after which each step costs a few float multiplies and one small einsum.
+"""
+
+from __future__ import annotations
+
+import bisect
+import difflib
+import math
+import numbers
+from dataclasses import dataclass, field, fields
+from typing import Any, Sequence
+
+import torch
+
+from .bank import DirectionBank
+from .model import ModelFingerprint
+
+__all__ = [
+    "Schedule",
+    "LayerWeighting",
+    "DirectionControl",
+    "SteeringSpec",
+    "SteeringPlan",
+    "crossfade",
+    "gate_open",
+    "gate_uniform",
+    "steering_vectors",
+    "apply_steering",
+    "SCHEDULE_KINDS",
+    "LAYER_MODES",
+    "ROWS",
+    "RULES",
+    "SITES",
+]
+
+ROWS = ("both", "cond")  # guidance rows steered: both (paper) or the conditional row only
+RULES = ("add", "norm")  # h + v (paper), or the norm-preserving update of the activation-steering paper
+SITES = ("residual", "attention")  # must match engine.decoder.INJECTION_POINTS
+
+# Parameters each schedule kind reads; any other parameter must stay at its default, so that
+# to_dict()/str() (which write only these) describe the schedule completely.
+_SCHEDULE_PARAMS: dict[str, tuple[str, ...]] = {
+    "constant": (),
+    "linear_rise": ("start", "length"),
+    "linear_decay": ("start", "length"),
+    "exp_decay": ("start", "lam"),
+    "logistic": ("center", "width"),
+    "sine": ("period", "phase"),
+    "keyframes": ("points",),
+    "fade_in": ("start", "length", "curve"),
+    "fade_out": ("start", "length", "curve"),
+}
+SCHEDULE_KINDS = tuple(_SCHEDULE_PARAMS)
+CURVES = ("linear", "equal_power")
+
+# External parameter name -> field name (the method `weights()` owns the name "weights").
+_LAYER_PARAMS: dict[str, tuple[str, ...]] = {
+    "all": ("w0",),
+    "topk": ("k", "w0"),
+    "linear": ("w0",),
+    "exponential": ("kappa", "w0"),
+    "explicit": ("weights", "w0"),
+}
+LAYER_MODES = tuple(_LAYER_PARAMS)
+_LAYER_FIELD = {"weights": "layer_weights"}
+
+
+# --- small validation and parsing helpers -----------------------------------------------------------
+
+
+def _number(owner: str, name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{owner}: {name} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{owner}: {name} must be finite, got {value!r}")
+    return value
+
+
+def _whole(owner: str, name: str, value: Any) -> int:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():  # JSON writers may turn 1500 into 1500.0
+        return int(value)
+    raise ValueError(f"{owner}: {name} must be a whole number, got {value!r}")
+
+
+def _choice(owner: str, name: str, value: Any, options: Sequence[str]) -> str:
+    if value not in options:
+        raise ValueError(f"{owner}: {name} must be one of {', '.join(options)}, got {value!r}")
+    return value
+
+
+def _unknown_name(what: str, name: str, options: Sequence[str]) -> ValueError:
+    near = [o for o in options if name and o.startswith(name)] or difflib.get_close_matches(name, options, n=1)
+    hint = f" (did you mean {' or '.join(map(repr, near))}?)" if near else ""
+    return ValueError(f"unknown {what} {name!r}{hint}; choose one of {', '.join(options)}")
+
+
+def _check_params(owner: str, given: Sequence[str], allowed: Sequence[str]) -> None:
+    bad = [g for g in given if g not in allowed]
+    if bad:
+        takes = f"takes {', '.join(allowed)}" if allowed else "takes no parameters"
+        raise ValueError(f"{owner} {takes}; got {', '.join(repr(b) for b in bad)}")
+
+
+def _split_options(text: Any, what: str) -> tuple[str, dict[str, str]]:
+    """'name:key=value,key=value' -> ('name', {key: value}) with clear errors for malformed items."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"empty {what}: expected NAME or NAME:key=value,...")
+    name, _, rest = text.strip().partition(":")
+    options: dict[str, str] = {}
+    for item in rest.split(",") if rest.strip() else []:
+        key, eq, value = (s.strip() for s in item.partition("="))
+        if not eq or not key or not value:
+            raise ValueError(f"{what} {text!r}: expected key=value, got {item.strip()!r}")
+        if key in options:
+            raise ValueError(f"{what} {text!r}: {key!r} is given twice")
+        options[key] = value
+    return name.strip(), options
+
+
+def _literal(text: str) -> int | float | str:
+    """A command-line value: int if it reads as one, else float, else the string itself."""
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _format(value: Any) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _set(obj: object, name: str, value: Any) -> None:
+    """Store a normalised field value on a frozen dataclass during __post_init__."""
+    object.__setattr__(obj, name, value)
+
+
+def _defaults(cls) -> dict[str, Any]:
+    return {f.name: f.default for f in fields(cls)}
+
+
+def _check_unused_at_default(obj, owner: str, used: Sequence[str], skip: str) -> None:
+    for name, default in _defaults(type(obj)).items():
+        if name != skip and name not in used and getattr(obj, name) != default:
+            takes = f"takes {', '.join(used)}" if used else "takes no parameters"
+            raise ValueError(f"{owner} {takes}; {name}={getattr(obj, name)!r} does not apply")
+
+
+# --- schedules --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """phi(t): the strength of one control over generation steps t (50 steps = 1 s).
+
+    constant       1
+    linear_rise    clip((t - start) / length, 0, 1)             paper: t / 1500
+    linear_decay   1 - linear_rise
+    exp_decay      lam ** max(t - start, 0)                     paper: 0.998 ** t
+    logistic       1 / (1 + exp(-(t - center) / width))         paper: center 750, width 200
+    sine           0.5 * (1 + sin(2 pi t / period + phase))     paper: period 1500
+    keyframes      piecewise linear through (step, value) points, held constant outside them
+    fade_in/out    from `start` over `length` steps; curve "linear" or "equal_power" (sin/cos quarter
+                   wave: a fade-in and a fade-out of the same timing have squares summing to 1, so two
+                   orthogonal unit directions crossfade at constant total norm)
+    """
+
+    kind: str = "constant"
+    start: int = 0
+    length: int = 1500
+    lam: float = 0.998
+    center: float = 750.0
+    width: float = 200.0
+    period: float = 1500.0
+    phase: float = 0.0
+    curve: str = "equal_power"
+    points: tuple[tuple[int, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in _SCHEDULE_PARAMS:
+            raise _unknown_name("schedule", str(self.kind), SCHEDULE_KINDS)
+        owner = f"{self.kind} schedule"
+        used = _SCHEDULE_PARAMS[self.kind]
+        _check_unused_at_default(self, owner, used, skip="kind")
+        if "start" in used:
+            _set(self, "start", _whole(owner, "start", self.start))
+            if self.start < 0:
+                raise ValueError(f"{owner}: start must be >= 0 steps, got {self.start}")
+        if "length" in used:
+            _set(self, "length", _whole(owner, "length", self.length))
+            if self.length < 1:
+                raise ValueError(f"{owner}: length must be >= 1 step, got {self.length}")
+        if "lam" in used:
+            _set(self, "lam", _number(owner, "lam", self.lam))
+            if not 0 < self.lam <= 1:
+                raise ValueError(f"{owner}: lam must be in (0, 1], got {self.lam}")
+        for name in ("center", "phase"):
+            if name in used:
+                _set(self, name, _number(owner, name, getattr(self, name)))
+        for name in ("width", "period"):
+            if name in used:
+                _set(self, name, _number(owner, name, getattr(self, name)))
+                if getattr(self, name) <= 0:
+                    raise ValueError(f"{owner}: {name} must be > 0, got {getattr(self, name)}")
+        if "curve" in used:
+            _choice(owner, "curve", self.curve, CURVES)
+        if "points" in used:
+            _set(self, "points", self._checked_points(owner))
+
+    def _checked_points(self, owner: str) -> tuple[tuple[int, float], ...]:
+        try:
+            raw = [tuple(p) for p in self.points]
+        except TypeError:
+            raise ValueError(f"{owner}: points must be (step, value) pairs, got {self.points!r}") from None
+        if not raw:
+            raise ValueError(f"{owner}: needs at least one (step, value) point")
+        points = []
+        for p in raw:
+            if len(p) != 2:
+                raise ValueError(f"{owner}: points must be (step, value) pairs, got {p!r}")
+            points.append((_whole(owner, "a point's step", p[0]), _number(owner, f"the value at step {p[0]}", p[1])))
+        steps = [s for s, _ in points]
+        if any(b <= a for a, b in zip(steps, steps[1:])):
+            raise ValueError(f"{owner}: point steps must be strictly increasing, got {steps}")
+        return tuple(points)
+
+    def __call__(self, step: int) -> float:
+        if step < 0:
+            raise ValueError(f"generation steps start at 0, got {step}")
+        kind = self.kind
+        if kind == "constant":
+            return 1.0
+        if kind in ("linear_rise", "linear_decay", "fade_in", "fade_out"):
+            x = min(max((step - self.start) / self.length, 0.0), 1.0)
+            rising = kind in ("linear_rise", "fade_in")
+            if kind.startswith("linear") or self.curve == "linear":
+                return x if rising else 1.0 - x
+            if x in (0.0, 1.0):  # exact ends: cos(pi/2) is 6e-17, and a finished fade must read as zero
+                return x if rising else 1.0 - x
+            return math.sin(0.5 * math.pi * x) if rising else math.cos(0.5 * math.pi * x)
+        if kind == "exp_decay":
+            return self.lam ** max(step - self.start, 0)
+        if kind == "logistic":
+            z = (step - self.center) / self.width
+            if z >= 0:  # the two branches keep exp() from overflowing far from the centre
+                return 1.0 / (1.0 + math.exp(-z))
+            e = math.exp(z)
+            return e / (1.0 + e)
+        if kind == "sine":
+            return 0.5 * (1.0 + math.sin(2.0 * math.pi * step / self.period + self.phase))
+        # keyframes
+        steps = [s for s, _ in self.points]
+        i = bisect.bisect_right(steps, step)
+        if i == 0:
+            return self.points[0][1]
+        if i == len(steps):
+            return self.points[-1][1]
+        (s0, v0), (s1, v1) = self.points[i - 1], self.points[i]
+        return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
+
+    # serialisation ---------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {"kind": self.kind}
+        for name in _SCHEDULE_PARAMS[self.kind]:
+            value = getattr(self, name)
+            out[name] = [list(p) for p in value] if name == "points" else value
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Schedule":
+        if not isinstance(d, dict) or "kind" not in d:
+            raise ValueError(f"a schedule must be a dict with a 'kind', got {d!r}")
+        kind = d["kind"]
+        if kind not in _SCHEDULE_PARAMS:
+            raise _unknown_name("schedule", str(kind), SCHEDULE_KINDS)
+        params = {k: v for k, v in d.items() if k != "kind"}
+        _check_params(f"{kind} schedule", list(params), _SCHEDULE_PARAMS[kind])
+        return cls(kind, **params)
+
+    @classmethod
+    def parse(cls, text: str) -> "Schedule":
+        """'kind' or 'kind:key=value,...', e.g. 'logistic:center=500,width=100'; keyframes are written
+        'keyframes:STEP=VALUE,...', e.g. 'keyframes:0=0,500=1,1500=0.2'."""
+        kind, options = _split_options(text, "schedule")
+        if kind not in _SCHEDULE_PARAMS:
+            raise _unknown_name("schedule", kind, SCHEDULE_KINDS)
+        if kind == "keyframes":
+            points = []
+            for step, value in options.items():
+                s, v = _literal(step), _literal(value)
+                if not isinstance(s, int) or isinstance(v, str):
+                    raise ValueError(f"schedule {text!r}: keyframes are STEP=VALUE with a whole step, got {step}={value}")
+                points.append((s, v))
+            return cls("keyframes", points=tuple(points))
+        _check_params(f"{kind} schedule", list(options), _SCHEDULE_PARAMS[kind])
+        return cls(kind, **{k: _literal(v) for k, v in options.items()})
+
+    def __str__(self) -> str:
+        """The canonical command-line form: Schedule.parse(str(s)) == s."""
+        if self.kind == "keyframes":
+            items = [f"{s}={_format(v)}" for s, v in self.points]
+        else:
+            items = [f"{name}={_format(getattr(self, name))}" for name in _SCHEDULE_PARAMS[self.kind]]
+        return self.kind + (":" + ",".join(items) if items else "")
+
+
+# --- layer weighting --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerWeighting:
+    """w_l from a direction's per-layer validation scores s_l (paper Sec. 3.3.1, App. C.2).
+
+    all          w0 on every layer (the paper's "naive" steering)
+    topk         w0 on the k best-scoring layers (ties: lower layer first), 0 elsewhere; k=None or
+                 k >= L means all layers
+    linear       w0 * s_hat,             s_hat = (s - min s) / (max s - min s)
+    exponential  w0 * s_hat ** (1/kappa) (paper's best: kappa 0.95, w0 1)
+    explicit     w0 * the given weights (one per layer; written "explicit:weights=1/0.5/0" on a command line)
+
+    When all scores are equal s_hat is all ones (every layer is as good as the best one).
+    """
+
+    mode: str = "exponential"
+    w0: float = 1.0
+    kappa: float = 0.95
+    k: int | None = None
+    layer_weights: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.mode not in _LAYER_PARAMS:
+            raise _unknown_name("layer weighting", str(self.mode), LAYER_MODES)
+        owner = f"{self.mode} layer weighting"
+        used = tuple(_LAYER_FIELD.get(p, p) for p in _LAYER_PARAMS[self.mode])
+        _check_unused_at_default(self, owner, used, skip="mode")
+        _set(self, "w0", _number(owner, "w0", self.w0))
+        if "kappa" in used:
+            _set(self, "kappa", _number(owner, "kappa", self.kappa))
+            if not 0 < self.kappa <= 1:
+                raise ValueError(f"{owner}: kappa must be in (0, 1], got {self.kappa}")
+        if "k" in used and self.k is not None:
+            _set(self, "k", _whole(owner, "k", self.k))
+            if self.k < 1:
+                raise ValueError(f"{owner}: k must be >= 1, got {self.k}")
+        if "layer_weights" in used:
+            try:
+                values = tuple(_number(owner, f"weight {i}", w) for i, w in enumerate(self.layer_weights))
+            except TypeError:
+                raise ValueError(f"{owner}: weights must be a list of numbers, got {self.layer_weights!r}") from None
+            if not values:
+                raise ValueError(f"{owner}: needs one weight per layer")
+            _set(self, "layer_weights", values)
+
+    def weights(self, scores: torch.Tensor) -> torch.Tensor:
+        """Per-layer weights [L] (float32, on the scores' device) for one direction's scores [L]."""
+        if not isinstance(scores, torch.Tensor) or scores.ndim != 1 or scores.numel() == 0:
+            raise ValueError(f"layer scores must be a non-empty 1-D tensor, got {scores!r}")
+        s = scores.detach().to(torch.float32)
+        if not bool(torch.isfinite(s).all()):
+            raise ValueError("layer scores contain NaN or inf")
+        n = s.shape[0]
+        if self.mode == "explicit":
+            if len(self.layer_weights) != n:
+                raise ValueError(f"explicit layer weighting has {len(self.layer_weights)} weights, "
+                                 f"the direction has {n} layers")
+            w = torch.tensor(self.layer_weights, dtype=torch.float32, device=s.device)
+        elif self.mode == "all" or (self.mode == "topk" and (self.k is None or self.k >= n)):
+            w = torch.ones_like(s)
+        elif self.mode == "topk":
+            # A stable descending sort keeps equal scores in layer order: ties go to the lower layer.
+            best = torch.sort(s, descending=True, stable=True).indices[: self.k]
+            w = torch.zeros_like(s)
+            w[best] = 1.0
+        else:
+            lo, hi = s.min(), s.max()
+            # Equal scores: no layer is worse than another. (The reference code divided by zero here.)
+            s_hat = (s - lo) / (hi - lo) if bool(hi > lo) else torch.ones_like(s)
+            w = s_hat if self.mode == "linear" else s_hat ** (1.0 / self.kappa)
+        return self.w0 * w
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {"mode": self.mode}
+        for name in _LAYER_PARAMS[self.mode]:
+            value = getattr(self, _LAYER_FIELD.get(name, name))
+            out[name] = list(value) if name == "weights" else value
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerWeighting":
+        if not isinstance(d, dict) or "mode" not in d:
+            raise ValueError(f"a layer weighting must be a dict with a 'mode', got {d!r}")
+        mode = d["mode"]
+        if mode not in _LAYER_PARAMS:
+            raise _unknown_name("layer weighting", str(mode), LAYER_MODES)
+        params = {k: v for k, v in d.items() if k != "mode"}
+        _check_params(f"{mode} layer weighting", list(params), _LAYER_PARAMS[mode])
+        return cls(mode, **{_LAYER_FIELD.get(k, k): v for k, v in params.items()})
+
+    @classmethod
+    def parse(cls, text: str) -> "LayerWeighting":
+        """'mode' or 'mode:key=value,...', e.g. 'exponential:kappa=0.95,w0=1', 'topk:k=8',
+        'explicit:weights=1/0.5/0' (weights separated by '/')."""
+        mode, options = _split_options(text, "layer weighting")
+        if mode not in _LAYER_PARAMS:
+            raise _unknown_name("layer weighting", mode, LAYER_MODES)
+        _check_params(f"{mode} layer weighting", list(options), _LAYER_PARAMS[mode])
+        params: dict[str, Any] = {}
+        for key, value in options.items():
+            if key == "weights":
+                params["layer_weights"] = tuple(_literal(v.strip()) for v in value.split("/"))
+            else:
+                params[key] = _literal(value)
+        return cls(mode, **params)
+
+    def __str__(self) -> str:
+        items = []
+        for name in _LAYER_PARAMS[self.mode]:
+            value = getattr(self, _LAYER_FIELD.get(name, name))
+            if name == "k" and value is None:
+                continue
+            items.append(f"{name}=" + ("/".join(map(_format, value)) if name == "weights" else _format(value)))
+        return self.mode + (":" + ",".join(items) if items else "")
+
+
+# --- controls and the spec --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DirectionControl:
+    """One direction to steer toward: key "concept:class", coefficient eta0, schedule phi."""
+
+    key: str
+    coefficient: float
+    schedule: Schedule = field(default_factory=Schedule)
+    active: bool = True
+
+    def __post_init__(self) -> None:
+        concept, sep, cls = self.key.partition(":") if isinstance(self.key, str) else ("", "", "")
+        if not (concept and sep and cls):
+            raise ValueError(f"a control's key must be 'concept:class' (e.g. 'notes:C'), got {self.key!r}")
+        _set(self, "coefficient", _number(f"control {self.key!r}", "coefficient", self.coefficient))
+        if not isinstance(self.schedule, Schedule):
+            raise ValueError(f"control {self.key!r}: schedule must be a Schedule, got {type(self.schedule).__name__}")
+        if not isinstance(self.active, bool):
+            raise ValueError(f"control {self.key!r}: active must be true or false, got {self.active!r}")
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, "coefficient": self.coefficient, "schedule": self.schedule.to_dict(),
+                "active": self.active}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DirectionControl":
+        if not isinstance(d, dict):
+            raise ValueError(f"a control must be a dict, got {d!r}")
+        _check_params("a control", list(d), ("key", "coefficient", "schedule", "active"))
+        if "key" not in d or "coefficient" not in d:
+            raise ValueError(f"a control needs 'key' and 'coefficient', got {d!r}")
+        schedule = Schedule.from_dict(d["schedule"]) if "schedule" in d else Schedule()
+        return cls(d["key"], d["coefficient"], schedule, d.get("active", True))
+
+
+def crossfade(a_key: str, b_key: str, coefficient: float, start: int = 0, length: int = 1500,
+              curve: str = "equal_power") -> tuple[DirectionControl, DirectionControl]:
+    """Fade direction `a_key` out while `b_key` fades in, both at strength `coefficient` (paper Sec. 6.2's
+    n1 -> n2). Equal-power by default: for orthogonal unit directions the total norm stays constant."""
+    if a_key == b_key:
+        raise ValueError(f"crossfade needs two different directions, got {a_key!r} twice")
+    return (DirectionControl(a_key, coefficient, Schedule("fade_out", start=start, length=length, curve=curve)),
+            DirectionControl(b_key, coefficient, Schedule("fade_in", start=start, length=length, curve=curve)))
+
+
+_SPEC_FIELDS = ("controls", "gate_p", "gate_seed", "layers", "rows", "rule", "site")
+
+
+@dataclass(frozen=True)
+class SteeringSpec:
+    """Everything that decides what steering does, JSON-able (the render sidecar stores `to_dict()`)."""
+
+    controls: tuple[DirectionControl, ...] = ()
+    gate_p: float = 1.0
+    gate_seed: int = 0
+    layers: LayerWeighting = field(default_factory=LayerWeighting)
+    rows: str = "both"
+    rule: str = "add"
+    site: str = "residual"
+
+    def __post_init__(self) -> None:
+        try:
+            controls = tuple(self.controls)
+        except TypeError:
+            raise ValueError(f"controls must be a sequence of DirectionControl, got {self.controls!r}") from None
+        for c in controls:
+            if not isinstance(c, DirectionControl):
+                raise ValueError(f"controls must be DirectionControl objects, got {type(c).__name__}")
+        _set(self, "controls", controls)
+        p = _number("steering", "gate_p", self.gate_p)
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"steering: gate_p is a probability in [0, 1], got {p}")
+        _set(self, "gate_p", p)
+        seed = _whole("steering", "gate_seed", self.gate_seed)
+        if not 0 <= seed < 2**64:
+            raise ValueError(f"steering: gate_seed must be in [0, 2**64), got {seed}")
+        _set(self, "gate_seed", seed)
+        if not isinstance(self.layers, LayerWeighting):
+            raise ValueError(f"steering: layers must be a LayerWeighting, got {type(self.layers).__name__}")
+        _choice("steering", "rows", self.rows, ROWS)
+        _choice("steering", "rule", self.rule, RULES)
+        _choice("steering", "site", self.site, SITES)
+
+    def to_dict(self) -> dict:
+        return {"controls": [c.to_dict() for c in self.controls], "gate_p": self.gate_p,
+                "gate_seed": self.gate_seed, "layers": self.layers.to_dict(), "rows": self.rows,
+                "rule": self.rule, "site": self.site}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SteeringSpec":
+        if not isinstance(d, dict):
+            raise ValueError(f"a steering spec must be a dict, got {d!r}")
+        _check_params("a steering spec", list(d), _SPEC_FIELDS)
+        kwargs = dict(d)
+        if "controls" in kwargs:
+            if not isinstance(kwargs["controls"], list):
+                raise ValueError(f"a steering spec's controls must be a list, got {kwargs['controls']!r}")
+            kwargs["controls"] = tuple(DirectionControl.from_dict(c) for c in kwargs["controls"])
+        if "layers" in kwargs:
+            kwargs["layers"] = LayerWeighting.from_dict(kwargs["layers"])
+        return cls(**kwargs)
+
+
+# --- the gate ---------------------------------------------------------------------------------------
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN64 = 0x9E3779B97F4A7C15
+
+
+def _mix64(z: int) -> int:
+    """SplitMix64's output function (Steele, Lea & Flood 2014): a bijective 64-bit avalanche mix."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def gate_uniform(seed: int, step: int) -> float:
+    """A uniform number in [0, 1) that depends only on (seed, step): element `step` of a SplitMix64
+    stream whose state starts at mix(seed). Counter-based, so no state, no call-order dependence."""
+    key = _mix64((seed + _GOLDEN64) & _MASK64)  # decorrelates nearby seeds' streams
+    z = _mix64((key + (step + 1) * _GOLDEN64) & _MASK64)
+    return (z >> 11) * 2.0**-53  # top 53 bits: every double in [0, 1) this way is exact
+
+
+def gate_open(seed: int, step: int, p: float) -> bool:
+    """psi_p(step): the one Bernoulli(p) draw of generation step `step`, shared by all layers and directions."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"gate probability must be in [0, 1], got {p}")
+    if step < 0:
+        raise ValueError(f"generation steps start at 0, got {step}")
+    if p >= 1.0:
+        return True
+    if p <= 0.0:
+        return False
+    return gate_uniform(seed, step) < p
+
+
+# --- the compiled plan ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class SteeringPlan:
+    """A SteeringSpec resolved against a bank: `weighted[m, l] = w_{l,m} q_{l,m}`, on the model's device."""
+
+    spec: SteeringSpec
+    weighted: torch.Tensor  # [M, L, d], M = len(spec.controls)
+    num_layers: int
+    hidden_size: int
+
+    @classmethod
+    def compile(cls, spec: SteeringSpec, bank: DirectionBank | None, fingerprint: ModelFingerprint, *,
+                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "SteeringPlan":
+        """Check the bank against the model, resolve every key, precompute the weighted directions.
+        A spec without controls needs no bank."""
+        if not isinstance(spec, SteeringSpec):
+            raise ValueError(f"expected a SteeringSpec, got {type(spec).__name__}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        layers, hidden = fingerprint.num_layers, fingerprint.hidden_size
+        if bank is None and spec.controls:
+            raise ValueError("steering controls need a direction bank, and none was given")
+        if bank is not None:
+            bank.check_compatible(fingerprint)
+            if spec.controls and bank.injection_point != spec.site:
+                # Directions are only meaningful where they were read: a residual-stream direction
+                # added to an attention output (or the reverse) steers along an unrelated axis.
+                raise ValueError(f"the bank's directions were read at the {bank.injection_point!r} injection "
+                                 f"point, but steering is set to site {spec.site!r}")
+        rows = []
+        for control in spec.controls:
+            direction = bank[control.key]  # UnknownDirectionError lists the bank's keys
+            w = spec.layers.weights(direction.scores)
+            rows.append(w.unsqueeze(1) * direction.vectors)
+        weighted = torch.stack(rows) if rows else torch.zeros(0, layers, hidden)
+        return cls(spec, weighted.to(device=device, dtype=dtype), layers, hidden)
+
+    def _coefficient_values(self, step: int) -> list[float]:
+        spec = self.spec
+        gate = 1.0 if gate_open(spec.gate_seed, step, spec.gate_p) else 0.0
+        # phi is evaluated at the generation step itself, gate open or not: the clock never pauses.
+        return [c.coefficient * c.schedule(step) * gate if c.active else 0.0 for c in spec.controls]
+
+    def coefficients(self, step: int) -> torch.Tensor:
+        """eta0_m * phi_m(step) * psi_p(step) * active_m, float32 [M] on the CPU (read on the host,
+        so deciding to skip a step never waits for the GPU)."""
+        return torch.tensor(self._coefficient_values(step), dtype=torch.float32)
+
+    def coefficients_for_steps(self, steps: Sequence[int]) -> torch.Tensor:
+        """Coefficients of several steps at once: float32 [T, M] on the CPU."""
+        values = [self._coefficient_values(s) for s in steps]
+        return torch.tensor(values, dtype=torch.float32).reshape(len(values), len(self.spec.controls))
+
+    def is_zero(self, step: int) -> bool:
+        """True when nothing would be added at this step (gate closed, all faded out, or no controls)."""
+        return not any(self._coefficient_values(step))
+
+    def vectors(self, step: int) -> torch.Tensor:
+        """The per-layer vectors to add at this step: [L, d] on the plan's device and dtype."""
+        c = self.coefficients(step).to(device=self.weighted.device, dtype=self.weighted.dtype)
+        return torch.einsum("m,mld->ld", c, self.weighted)
+
+
+def steering_vectors(plan: SteeringPlan, step: int) -> torch.Tensor:
+    """The documented entry point: [L, d] vectors that generation step `step` adds, layer by layer."""
+    return plan.vectors(step)
+
+
+def apply_steering(h: torch.Tensor, v: torch.Tensor, rule: str) -> torch.Tensor:
+    """Apply vector(s) v (broadcast over h [..., d]) to hidden states h.
+
+    "add":  h + v                                    (MusicRFM)
+    "norm": (h + ||h|| v) / (1 + ||v||)              norms over the last dim
+            With v = alpha r (r unit, alpha = ||v||) this is the activation-steering paper's
+            (h + alpha ||h|| r) / (1 + alpha); written in v it stays defined for negative
+            coefficients (v along -r). The result's norm is at most ||h||, equal when h is along v.
+    """
+    if rule == "add":
+        return h + v
+    if rule == "norm":
+        h_norm = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
+        v_norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+        return (h + h_norm * v) / (1 + v_norm)
+    raise ValueError(f"unknown steering rule {rule!r}; choose one of {', '.join(RULES)}")
