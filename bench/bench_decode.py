@@ -6,9 +6,9 @@
 Prints markdown tables (docs/streaming-decode.md records a run):
 1. error of the streamed audio against the one-shot decode of the same tokens, per left_context x
    hold_back, relative to the one-shot audio's RMS about its mean (`engine.audio.relative_error`);
-2. jumps at chunk seams over jumps between them (`engine.audio.seam_jump_ratio`), for the streaming
-   decoder, a plain cut (no crossfade), an equal-power crossfade, and a naive chunk-by-chunk decode;
-3. decode time per chunk at two points of one long stream, for the streaming decoder and for the
+2. sample-to-sample jumps at chunk seams (`engine.audio.seam_discontinuity`) for the defaults and for
+   variants (plain cut, equal-power fade, too little context or hold-back, naive chunk-by-chunk decode);
+3. decode time of one chunk at two points of a stream (default 10 s and 60 s), streaming decoder vs the
    transformers streamer's approach (re-decode every token so far).
 
 Random-weight models (`tiny-random`, `random-small`) have the real codec architecture, but transformers
@@ -146,7 +146,10 @@ def timing_table(codec, shape: tuple[int, int], chunk: int, points: list[float],
             t0 = time.perf_counter()  # what the transformers streamer does here: decode every frame so far
             decode_tokens(codec, codes[:, : n + chunk])
             full_s[i] = min(full_s[i], time.perf_counter() - t0)
-    ms = lambda xs: [f"{1e3 * x:.1f}" for x in xs]  # noqa: E731
+
+    def ms(seconds: list[float]) -> list[str]:
+        return [f"{1e3 * x:.1f}" for x in seconds]
+
     return table(["per chunk", *(f"at {p:g} s" for p in points), "ratio last/first"], [
         ["streaming (defaults), ms", *ms(stream_s), f"{stream_s[-1] / stream_s[0]:.2f}"],
         ["full re-decode (transformers streamer), ms", *ms(full_s), f"{full_s[-1] / full_s[0]:.2f}"],
