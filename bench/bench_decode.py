@@ -13,8 +13,8 @@ Prints markdown tables (docs/streaming-decode.md records a run):
 
 Random-weight models (`tiny-random`, `random-small`) have the real codec architecture, but transformers
 initialises their codebooks to zero, so every code decodes to the same embedding and the audio would not
-depend on the tokens at all. The bench fills the codebooks with seeded Gaussian vectors first; the
-decoder's convolutions and LSTM keep their random weights. The audio is noise either way.
+depend on the tokens at all; `load_model` fills them with seeded Gaussian vectors (engine.model.seed_codebooks),
+and the decoder's convolutions and LSTM keep their random weights. The audio is noise either way.
 """
 
 from __future__ import annotations
@@ -35,15 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from engine.audio import StreamingDecoder, decode_tokens, relative_error, seam_discontinuity  # noqa: E402
 from engine.model import load_model  # noqa: E402
-
-
-def randomize_codebooks(codec: torch.nn.Module, seed: int) -> None:
-    """Give a random-weight codec's all-zero codebooks seeded Gaussian entries, so codes matter."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in codec.quantizer.layers:
-            embed = layer.codebook.embed
-            embed.copy_(torch.randn(embed.shape, generator=gen).to(embed))
 
 
 @dataclass
@@ -172,15 +163,13 @@ def main(argv: list[str] | None = None) -> int:
 
     model = load_model(args.model, device="cpu", dtype="float32")
     codec = model.hf.audio_encoder
-    if model.is_random:
-        randomize_codebooks(codec, args.seed)
     vocab = codec.config.codebook_size
     frames = round(args.seconds * model.frame_rate)
     codes = torch.randint(0, vocab, (model.num_codebooks, frames), generator=torch.Generator().manual_seed(args.seed))
     ref = decode_tokens(codec, codes)
     defaults = StreamingDecoder(codec).settings
 
-    print(f"# bench_decode: {args.model}{' (random weights, codebooks re-seeded)' if model.is_random else ''}")
+    print(f"# bench_decode: {args.model}{' (random weights, seeded codebooks)' if model.is_random else ''}")
     print(f"date {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; {cpu_name()}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; codec decoder "
           f"{sum(x.numel() for x in codec.decoder.parameters()) / 1e6:.2f} M parameters")

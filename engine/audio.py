@@ -123,9 +123,11 @@ def decode_tokens(codec: torch.nn.Module, codes: torch.Tensor) -> torch.Tensor:
 class StreamingSettings:
     """How a `StreamingDecoder` trades compute and latency for agreement with the one-shot decode.
 
-    Defaults come from bench/bench_decode.py (docs/streaming-decode.md): the convolutions see 3 frames
-    ahead, so 4 held-back frames (80 ms) make the emitted audio independent of frames still to come;
-    25 frames (0.5 s) of left context let the LSTM state converge; a 5 ms crossfade hides what is left.
+    Defaults come from bench/bench_decode.py (docs/streaming-decode.md, random-weight codecs with the
+    encodec_32khz architecture): the convolutions see a little over 3 frames ahead, so 4 held-back frames
+    (80 ms) make the emitted audio independent of frames still to come; 25 frames (0.5 s) of left context
+    let the LSTM state converge to float round-off; the 5 ms crossfade turns any disagreement left
+    between consecutive windows (e.g. a trained LSTM with a longer memory) into a ramp instead of a step.
     """
 
     left_context: int = 25  # already-emitted frames decoded again in front of the new ones

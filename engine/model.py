@@ -24,6 +24,7 @@ __all__ = [
     "RANDOM_MODELS",
     "load_model",
     "build_random_model",
+    "seed_codebooks",
     "pick_device",
     "pick_dtype",
 ]
@@ -194,6 +195,16 @@ def random_model_config(name: str, max_positions: int | None = None):
     return cfg
 
 
+def seed_codebooks(codec: torch.nn.Module, seed: int) -> None:
+    """Fill a new EnCodec's codebooks with seeded Gaussian entries. transformers initialises them to zero,
+    so every code would decode to the same audio and nothing downstream would depend on the tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in codec.quantizer.layers:
+            embed = layer.codebook.embed
+            embed.copy_(torch.randn(embed.shape, generator=gen).to(embed))
+
+
 def build_random_model(name: str = "tiny-random", seed: int = 0, max_positions: int | None = None):
     """(hf model, tokenizer) with seeded random weights: same classes as the real checkpoints."""
     from transformers import MusicgenForConditionalGeneration
@@ -202,6 +213,7 @@ def build_random_model(name: str = "tiny-random", seed: int = 0, max_positions: 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         hf = MusicgenForConditionalGeneration(cfg)
+    seed_codebooks(hf.audio_encoder, seed)
     gc = hf.generation_config
     gc.decoder_start_token_id = gc.bos_token_id = gc.pad_token_id = cfg.decoder.pad_token_id
     gc.guidance_scale, gc.do_sample, gc.top_k = 3.0, True, 250
