@@ -45,15 +45,16 @@ class Chunk:
 class _StepSteering:
     """Adapts a SteeringPlan to what the decoder's forward pass asks for, for one or more steps."""
 
-    def __init__(self, plan: SteeringPlan, steps: range):
+    def __init__(self, plan: SteeringPlan, coeffs: torch.Tensor):
         self.site, self.rows, self.rule = plan.spec.site, plan.spec.rows, plan.spec.rule
         self._weighted = plan.weighted  # [M, L, d]
-        if len(steps) == 1:
-            self._per_layer = plan.vectors(steps[0])  # [L, d]
+        coeffs = coeffs.to(self._weighted)  # [T, M]
+        if coeffs.shape[0] == 1:  # one step: the [L, d] vectors once, then a row per layer
+            self._per_layer = torch.einsum("m,mld->ld", coeffs[0], self._weighted)
             self._coeffs = None
-        else:
+        else:  # a re-prompt refill: each position gets the coefficients of its own step
             self._per_layer = None
-            self._coeffs = plan.coefficients_for_steps(list(steps)).to(self._weighted)  # [T, M]
+            self._coeffs = coeffs
 
     def vector(self, layer: int) -> torch.Tensor:
         if self._per_layer is not None:
@@ -186,10 +187,11 @@ class Generator:
             self._reprompt()
         first = self._offset + self.decoder.length
         plan = self.plan  # read once: a swap by another thread applies from the next step
-        steps = range(first, self.step + 1)
         steering = None
-        if plan is not None and not all(plan.is_zero(s) for s in steps):
-            steering = _StepSteering(plan, steps)
+        if plan is not None and plan.spec.controls:
+            coeffs = plan.coefficients_for_steps(range(first, self.step + 1))
+            if coeffs.any():  # gate closed or everything faded out: skip the work entirely
+                steering = _StepSteering(plan, coeffs)
         logits = self.decoder.forward(self._inputs(first, self.step), steering)
         tokens = sample_tokens(guided_logits(logits, self.sampling, 1), self.sampling, self.rng)[0]  # [K]
 

@@ -66,7 +66,7 @@ def test_conditional_row_only(tiny, bank):
     steered, plain = Generator(tiny, "piano", plan=plan), Generator(tiny, "piano")
     seen = {"steered": {}, "plain": {}}
     tokens = steered._inputs(0, 0)
-    steered.decoder.forward(tokens, engine.loop._StepSteering(plan, range(0, 1)),
+    steered.decoder.forward(tokens, engine.loop._StepSteering(plan, plan.coefficients_for_steps([0])),
                             capture=lambda i, h: seen["steered"].__setitem__(i, h.clone()))
     plain.decoder.forward(tokens, None, capture=lambda i, h: seen["plain"].__setitem__(i, h.clone()))
     s, p = seen["steered"], seen["plain"]
