@@ -1,12 +1,17 @@
-"""`musicrfm` command line. Each role adds its subcommands here; heavy imports happen only when used."""
+"""`musicrfm` command line. Each role's package registers its own subcommands (a `register(subparsers)`
+function in its `cli` module); heavy imports happen only when a command runs."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
 from pathlib import Path
+
+# Packages that add subcommands; one not installed (or not written yet) simply adds none.
+COMMAND_MODULES = ("engine.cli", "probes.cli", "server.cli")
 
 DEFAULT_MODEL = "tiny-random"
 
@@ -124,12 +129,23 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="musicrfm", description="Steer MusicGen with concept directions.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def register(sub) -> None:
     gen = sub.add_parser("generate", help="generate audio (optionally steered) to a WAV file")
     _add_generate_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="musicrfm", description="Steer MusicGen with concept directions.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and name.startswith(exc.name):
+                continue  # that package is not there
+            raise
+        module.register(sub)
     return parser
 
 
