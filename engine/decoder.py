@@ -29,6 +29,24 @@ from .model import MusicModel
 INJECTION_POINTS = ("residual", "attention")
 
 
+def delayed_inputs(codes: torch.Tensor, first: int, last: int, pad_id: int, window_start: int = 0,
+                   end: int | None = None) -> torch.Tensor:
+    """The decoder's input tokens for positions first..last under MusicGen's delay pattern.
+
+    codes [B, K, F] holds frames by index; position p carries codebook k of frame p - k - 1. A frame
+    before `window_start` (the first frame of the current context) or at/after `end` (past a finite
+    stream's end) reads as the BOS/pad id, exactly as in generation. Returns [B, K, last - first + 1]."""
+    b, k, _ = codes.shape
+    dev = codes.device
+    pos = torch.arange(first, last + 1, device=dev)
+    frame = pos[None, :] - torch.arange(k, device=dev)[:, None] - 1  # [K, T]
+    valid = frame >= window_start
+    if end is not None:
+        valid &= frame < end
+    tokens = codes.gather(2, frame.clamp(min=0).expand(b, k, -1))
+    return torch.where(valid, tokens, pad_id)
+
+
 class LayerSteering(Protocol):
     """What the forward pass needs from steering: per-layer vectors, which rows, which rule, which site."""
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .decoder import MusicgenDecoder
+from .decoder import MusicgenDecoder, delayed_inputs
 from .model import MusicModel
 from .sampling import SamplingConfig, guided_logits, sample_tokens
 from .steering import SteeringPlan, apply_steering
@@ -164,14 +164,8 @@ class Generator:
 
     def _inputs(self, first: int, last: int) -> torch.Tensor:
         """Input tokens [1, K, T] for global positions first..last under the current window."""
-        dev = self._codes.device
-        pos = torch.arange(first, last + 1, device=dev)
-        frame = pos[None, :] - torch.arange(self.num_codebooks, device=dev)[:, None] - 1  # [K, T]
-        valid = frame >= self._offset  # frames before the window's start read as BOS
-        if self.total_frames is not None:
-            valid &= frame < self.total_frames
-        tokens = self._codes.gather(1, frame.clamp(min=0))
-        return torch.where(valid, tokens, self.model.pad_token_id)[None]
+        return delayed_inputs(self._codes[None], first, last, self.model.pad_token_id,
+                              window_start=self._offset, end=self.total_frames)
 
     def _reprompt(self) -> None:
         self._offset = self.step - self.keep_steps

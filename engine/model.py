@@ -169,9 +169,11 @@ def random_model_config(name: str, max_positions: int | None = None):
     if name == "tiny-random":
         text = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                         decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+        # 1.2 kbps = 4 codebooks of 6 bits at 50 frames/s: the decoder's 4 codebooks, as 2.2 kbps is for
+        # encodec_32khz's 11-bit codebooks.
         codec = EncodecConfig(sampling_rate=32000, audio_channels=1, hidden_size=16, num_filters=4,
                               num_residual_layers=1, upsampling_ratios=[8, 5, 4, 4], codebook_size=64,
-                              target_bandwidths=[2.2], use_causal_conv=False, num_lstm_layers=1,
+                              target_bandwidths=[1.2], use_causal_conv=False, num_lstm_layers=1,
                               use_conv_shortcut=False, normalize=False)
         dec = MusicgenDecoderConfig(vocab_size=64, pad_token_id=64, bos_token_id=64, num_codebooks=4,
                                     num_hidden_layers=4, hidden_size=32, num_attention_heads=4, ffn_dim=64,
