@@ -16,7 +16,7 @@ COMMAND_MODULES = ("engine.cli", "probes.cli", "server.cli")
 DEFAULT_MODEL = "tiny-random"
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="Hugging Face id (facebook/musicgen-small|medium|large), a local directory saved with "
                         "save_pretrained, or a random-weight model: tiny-random, random-small|medium|large "
@@ -26,7 +26,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--prompt", default="", help="text prompt (default: empty)")
     p.add_argument("--seconds", type=float, default=10.0, help="length of audio to generate")
     p.add_argument("--out", type=Path, default=Path("out.wav"), help="output WAV; a .json sidecar is written beside it")

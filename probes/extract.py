@@ -239,11 +239,14 @@ def load_features(folder: str | Path, fingerprint: ModelFingerprint | None = Non
         with safe_open(str(path), framework="pt") as f:
             rows.append(f.get_tensor("rows"))
             for p in poolings:
-                feats[p].append(f.get_tensor(p)[:, cols])
+                # Slice per layer on the file, so training one layer never reads the others.
+                sl = f.get_slice(p)
+                feats[p].append(torch.cat([sl[:, c:c + 1] for c in cols], dim=1))
     covered = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
     if not torch.equal(covered.sort().values, torch.arange(n)):
         raise FeatureError(f"{folder}: shards cover {covered.numel()} of {n} clips; finish `musicrfm extract` first")
     order = covered.argsort()
     return FeatureSet(concept=index["concept"], fingerprint=fp, layers=want, labels=index["labels"],
                       stems=[Path(c).stem for c in index["clips"]], targets=index.get("targets"),
-                      prompt=index["prompt"], classes=index["classes"], features={p: torch.cat(feats[p])[order] for p in poolings})
+                      prompt=index["prompt"], classes=index["classes"],
+                      features={p: torch.cat(feats[p])[order] for p in poolings})

@@ -1,0 +1,109 @@
+"""`musicrfm data | extract | train`: the offline pipeline, one command per stage."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _layer_list(text: str | None) -> list[int] | None:
+    """'0-11,20,47' -> [0..11, 20, 47]."""
+    if not text:
+        return None
+    out: list[int] = []
+    for part in text.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        try:
+            out.extend(range(int(lo), int(hi) + 1) if dash else [int(lo)])
+        except ValueError:
+            raise ValueError(f"--layers {text!r}: expected numbers and ranges like 0-11,20") from None
+    return sorted(set(out))
+
+
+def cmd_data(args) -> int:
+    from .syntheory import CONCEPTS, render_dataset
+
+    concepts = tuple(args.concepts.split(",")) if args.concepts else CONCEPTS
+    unknown = [c for c in concepts if c not in CONCEPTS]
+    if unknown:
+        raise ValueError(f"unknown concept(s) {unknown}; choose from {', '.join(CONCEPTS)}")
+    kwargs = {"soundfont": args.soundfont} if args.soundfont else {}
+    counts = render_dataset(args.out, concepts=concepts, preset=args.preset, seed=args.seed, workers=args.workers,
+                            progress=not args.quiet, **kwargs)
+    for concept, n in counts.items():
+        print(f"{concept}: {n} clips in {Path(args.out) / concept}")
+    return 0
+
+
+def cmd_extract(args) -> int:
+    from engine.model import load_model
+
+    from .dataset import load_audio, load_concept
+    from .extract import ExtractionSettings, extract_concept
+
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    print(f"model: {model.describe()}", file=sys.stderr)
+    settings = ExtractionSettings(prompt=args.prompt, batch_size=args.batch_size, shard_size=args.shard_size,
+                                  layers=tuple(_layer_list(args.layers)) if args.layers else None)
+    for concept in args.concepts.split(","):
+        data = load_concept(args.data, concept)
+        folder = extract_concept(model, concept, data.paths, data.labels, args.out, settings=settings,
+                                 targets=data.targets, classes=data.classes, load_audio=load_audio,
+                                 progress=not args.quiet)
+        print(f"{concept}: features of {len(data.paths)} clips in {folder}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train import TrainSettings, train_concept
+
+    settings = TrainSettings(method=args.method, pooling=args.pooling, trials=args.trials, seed=args.seed,
+                             layers=_layer_list(args.layers), device=args.device)
+    for concept in args.concepts.split(","):
+        result = train_concept(Path(args.features) / concept, args.out, settings, progress=not args.quiet)
+        print(result.summary())
+    return 0
+
+
+def register(sub) -> None:
+    from engine.cli import add_model_args
+
+    data = sub.add_parser("data", help="render training data")
+    data_sub = data.add_subparsers(dest="dataset", required=True)
+    syn = data_sub.add_parser("syntheory", help="render the SynTheory concepts from MIDI with a GM soundfont")
+    syn.add_argument("--out", type=Path, default=Path("data/syntheory"))
+    syn.add_argument("--preset", choices=["quick", "full"], default="quick",
+                     help="quick: every class, a few instruments (minutes); full: the original sizes")
+    syn.add_argument("--concepts", default="", help="comma-separated (default: all 7)")
+    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    syn.add_argument("--soundfont", type=Path, default=None,
+                     help="a .sf2 file (default: TimGM6mb from Debian's timgm6mb-soundfont)")
+    syn.add_argument("--quiet", action="store_true")
+    syn.set_defaults(func=cmd_data)
+
+    ext = sub.add_parser("extract", help="per-layer MusicGen features of a data set's clips")
+    add_model_args(ext)
+    ext.add_argument("--data", type=Path, default=Path("data/syntheory"), help="data set root (<concept>/info.csv)")
+    ext.add_argument("--concepts", default="notes", help="comma-separated concepts")
+    ext.add_argument("--out", type=Path, default=Path("features"))
+    ext.add_argument("--prompt", default="", help="text conditioning (default: empty, as the paper)")
+    ext.add_argument("--layers", default=None, help="only these layers, e.g. 0-11 (default: all)")
+    ext.add_argument("--batch-size", type=int, default=8)
+    ext.add_argument("--shard-size", type=int, default=256)
+    ext.add_argument("--quiet", action="store_true")
+    ext.set_defaults(func=cmd_extract)
+
+    tr = sub.add_parser("train", help="train per-layer probes and write a direction bank")
+    tr.add_argument("--features", type=Path, default=Path("features"))
+    tr.add_argument("--concepts", default="notes")
+    tr.add_argument("--out", type=Path, default=Path("banks"))
+    tr.add_argument("--method", choices=["rfm", "linear", "diffmeans"], default="rfm")
+    tr.add_argument("--pooling", choices=["mean", "last"], default="mean")
+    tr.add_argument("--trials", type=int, default=None, help="hyper-parameter search budget (default: the search's own)")
+    tr.add_argument("--layers", default=None, help="only these layers (shard training over machines)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default="auto")
+    tr.add_argument("--quiet", action="store_true")
+    tr.set_defaults(func=cmd_train)

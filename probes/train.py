@@ -1,0 +1,218 @@
+"""Per-layer probes on extracted features -> a DirectionBank the engine loads.
+
+For each layer (one at a time, so memory holds one layer's features): a seeded, stratified 70/15/15
+split (the test part is left for the classification report), one-vs-rest probes for every class, and
+per class the unit direction (RFM: signed top AGOP eigenvector; baselines: the probe's weight vector)
+with its validation AUC. Tempo is a regression: one direction, "+" raises the BPM, scored by R^2.
+
+Each finished layer is written to `parts/` at once, so a run resumes where it stopped and layers can be
+trained on different machines (`--layers 0-23` here, `--layers 24-47` there, then any run assembles the
+bank once every layer is present).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from engine.bank import DirectionBank
+from engine.model import pick_device
+
+from .extract import FeatureError, load_features
+
+METHODS = ("rfm", "linear", "diffmeans")
+REGRESSION_CONCEPTS = ("tempos",)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    method: str = "rfm"
+    pooling: str = "mean"
+    trials: int | None = None  # RFM search trials (None: the search's default, the paper's 100)
+    seed: int = 0  # split and search seed
+    layers: Sequence[int] | None = None  # None: every extracted layer
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.pooling not in ("mean", "last"):
+            raise ValueError(f"pooling must be 'mean' or 'last', got {self.pooling!r}")
+        if self.trials is not None and self.trials < 1:
+            raise ValueError(f"trials must be >= 1, got {self.trials}")
+
+
+def split_indices(labels: Sequence[str], seed: int, fractions=(0.7, 0.15, 0.15)) -> tuple[list[int], ...]:
+    """Stratified train / validation / test indices, deterministic for the seed. Every class with at least
+    three clips has one in each part (probes need positives in validation; the report needs them in test)."""
+    gen = torch.Generator().manual_seed(seed)
+    parts: tuple[list[int], list[int], list[int]] = ([], [], [])
+    by_class: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(label, []).append(i)
+    for label in sorted(by_class):
+        idx = by_class[label]
+        idx = [idx[j] for j in torch.randperm(len(idx), generator=gen).tolist()]
+        n = len(idx)
+        n_val = max(1, round(fractions[1] * n)) if n >= 3 else 0
+        n_test = max(1, round(fractions[2] * n)) if n >= 3 else 0
+        parts[1].extend(idx[:n_val])
+        parts[2].extend(idx[n_val:n_val + n_test])
+        parts[0].extend(idx[n_val + n_test:])
+    return tuple(sorted(p) for p in parts)
+
+
+@dataclass
+class TrainResult:
+    concept: str
+    method: str
+    classes: list[str]
+    layers: list[int]
+    scores: torch.Tensor  # [C, L'] validation score per class and trained layer
+    score_name: str
+    bank_path: Path | None  # None until every layer of the model is trained
+    csv_path: Path
+    plot_path: Path | None
+    missing_layers: list[int]
+
+    def summary(self) -> str:
+        best = self.scores.mean(0)
+        top = int(best.argmax())
+        text = (f"{self.concept} [{self.method}]: {len(self.classes)} classes x {len(self.layers)} layers; best layer "
+                f"{self.layers[top]} (mean {self.score_name} {float(best[top]):.3f}); scores in {self.csv_path}")
+        if self.bank_path is not None:
+            return text + f"; bank {self.bank_path}"
+        return text + f"; bank not written yet: layers {self.missing_layers} still to train"
+
+
+def _fit_layer(method: str, regression: bool, X_tr, y_tr, X_val, y_val, num_classes: int, search):
+    """(directions [C, d], scores [C]) for one layer."""
+    from . import baselines, rfm
+
+    if regression:
+        if method != "rfm":
+            raise ValueError(f"method {method!r} has no regression form; tempo probes use --method rfm")
+        reg = rfm.fit_regression(X_tr, y_tr, X_val, y_val, search)
+        return reg.direction[None], torch.tensor([reg.val_r2])
+    if method == "rfm":
+        results = rfm.fit_binary_directions(X_tr, y_tr, X_val, y_val, num_classes, search)
+    elif method == "linear":
+        results = baselines.fit_linear_directions(X_tr, y_tr, X_val, y_val, num_classes)
+    else:
+        results = baselines.fit_mean_difference(X_tr, y_tr, X_val, y_val, num_classes)
+    return torch.stack([r.direction for r in results]), torch.tensor([r.val_auc for r in results])
+
+
+def train_concept(feature_dir: str | Path, out_dir: str | Path, settings: TrainSettings = TrainSettings(),
+                  progress: bool = True) -> TrainResult:
+    from .rfm import SearchConfig
+
+    feature_dir, out_dir = Path(feature_dir), Path(out_dir)
+    head = load_features(feature_dir, poolings=[])  # labels and layers only
+    concept = head.concept
+    regression = concept in REGRESSION_CONCEPTS
+    layers = list(settings.layers) if settings.layers is not None else head.layers
+    missing = [i for i in layers if i not in head.layers]
+    if missing:
+        raise FeatureError(f"{feature_dir}: layers {missing} were not extracted (have {head.layers})")
+    if regression:
+        if head.targets is None:
+            raise FeatureError(f"{feature_dir}: {concept} needs numeric targets (BPM) in its index")
+        classes, y_all = ["faster"], torch.tensor(head.targets, dtype=torch.float64)
+    else:
+        classes = head.classes
+        lookup = {c: i for i, c in enumerate(classes)}
+        y_all = torch.tensor([lookup[label] for label in head.labels])
+    train_idx, val_idx, _ = split_indices(head.labels, settings.seed)
+    device = pick_device(settings.device)
+    search = SearchConfig(seed=settings.seed, device=device.type,
+                          **({"trials": settings.trials} if settings.trials else {}))
+    name = f"{concept}.{settings.method}" + ("" if settings.pooling == "mean" else f".{settings.pooling}")
+    parts = out_dir / "parts" / name
+    parts.mkdir(parents=True, exist_ok=True)
+    meta = {"concept": concept, "fingerprint": head.fingerprint.to_dict(), "classes": classes,
+            "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()
+                         if k != "layers"}, "prompt": head.prompt, "search": asdict(search) if settings.method == "rfm" else None}
+
+    for layer in tqdm(layers, desc=f"train {name}", unit="layer", disable=not progress):
+        path = parts / f"layer-{layer:03d}.safetensors"
+        if path.exists():
+            with safe_open(str(path), framework="pt") as f:
+                if json.loads(f.metadata()["musicrfm"]) != meta:
+                    raise FeatureError(f"{path}: trained with other settings or data; remove {parts} to retrain")
+            continue
+        X = load_features(feature_dir, head.fingerprint, layers=[layer], poolings=[settings.pooling])
+        X = X.features[settings.pooling][:, 0]
+        directions, scores = _fit_layer(settings.method, regression, X[train_idx], y_all[train_idx], X[val_idx],
+                                        y_all[val_idx], len(classes), search)
+        tmp = path.with_suffix(".tmp")
+        save_file({"directions": directions.float().contiguous(), "scores": scores.float()}, str(tmp),
+                  metadata={"musicrfm": json.dumps(meta)})
+        os.replace(tmp, path)
+
+    # Everything trained so far (this run or others), in layer order.
+    done = sorted(int(p.stem.split("-")[1]) for p in parts.glob("layer-*.safetensors"))
+    dirs, scores = [], []
+    for layer in done:
+        with safe_open(str(parts / f"layer-{layer:03d}.safetensors"), framework="pt") as f:
+            dirs.append(f.get_tensor("directions"))
+            scores.append(f.get_tensor("scores"))
+    D, S = torch.stack(dirs, 1), torch.stack(scores, 1)  # [C, L', d], [C, L']
+    score_name = "r2" if regression else "auc"
+    csv_path = out_dir / f"{name}.scores.csv"
+    with csv_path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["layer", "class", score_name])
+        for j, layer in enumerate(done):
+            for c, cls in enumerate(classes):
+                w.writerow([layer, cls, f"{float(S[c, j]):.6f}"])
+    plot_path = _plot_scores(out_dir / f"{name}.scores.png", concept, settings.method, done, S, score_name)
+    all_layers = list(range(head.fingerprint.num_layers))
+    missing_layers = [i for i in all_layers if i not in done]
+    bank_path = None
+    if not missing_layers:
+        bank = DirectionBank.from_arrays(
+            concept, classes, D, S, head.fingerprint, method=settings.method, pooling=settings.pooling,
+            score_name=score_name,
+            metadata={"prompt": head.prompt, "split": "stratified 70/15/15", "seed": settings.seed,
+                      "search": meta["search"], "features": str(feature_dir)},
+        )
+        bank_path = out_dir / f"{name}.safetensors"
+        bank.save(bank_path)
+    return TrainResult(concept, settings.method, classes, done, S, score_name, bank_path, csv_path, plot_path,
+                       missing_layers)
+
+
+def _plot_scores(path: Path, concept: str, method: str, layers: list[int], scores: torch.Tensor,
+                 score_name: str) -> Path | None:
+    """Per-layer score: mean over classes with the min-max band (a picture of where the concept lives)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are a convenience; the CSV holds the same numbers
+        return None
+    s = scores.float()
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=120)
+    ax.plot(layers, s.mean(0), marker="o", ms=3, label=f"mean over {s.shape[0]} classes")
+    if s.shape[0] > 1:
+        ax.fill_between(layers, s.min(0).values, s.max(0).values, alpha=0.25, label="min-max over classes")
+    ax.set_xlabel("decoder layer (residual stream after the block)")
+    ax.set_ylabel(f"validation {score_name}")
+    ax.set_title(f"{concept}: {method} probes per layer")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

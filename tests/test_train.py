@@ -1,0 +1,66 @@
+"""Training per-layer probes into a bank the engine loads; sharding by layer; the stratified split."""
+
+import numpy as np
+import pytest
+import torch
+
+from engine.audio import read_wav, write_wav
+from engine.bank import DirectionBank
+from probes.extract import ExtractionSettings, FeatureError, extract_concept
+from probes.train import TrainSettings, split_indices, train_concept
+
+
+@pytest.fixture(scope="module")
+def feature_dir(tiny, tmp_path_factory):
+    """tiny-random features of two pitched tones at several loudnesses (random weights: the features
+    still differ by input, which is all these tests need)."""
+    root = tmp_path_factory.mktemp("train")
+    clips, labels = [], []
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        label, freq = ("low", 110.0) if i % 2 == 0 else ("high", 880.0)
+        t = np.arange(16000) / 32000
+        audio = (0.2 + 0.6 * rng.random()) * np.sin(2 * np.pi * freq * t) + 0.01 * rng.standard_normal(t.size)
+        path = root / "audio" / f"{label}{i}.wav"
+        path.parent.mkdir(exist_ok=True)
+        write_wav(path, audio, 32000)
+        clips.append(path)
+        labels.append(label)
+    extract_concept(tiny, "pitch", clips, labels, root / "features", settings=ExtractionSettings(batch_size=8),
+                    classes=["low", "high"], load_audio=lambda p, r: read_wav(p)[0], progress=False)
+    return root / "features" / "pitch"
+
+
+def test_split_is_stratified_disjoint_and_seeded():
+    labels = ["a"] * 20 + ["b"] * 7 + ["c"] * 3
+    tr, va, te = split_indices(labels, seed=1)
+    assert sorted(tr + va + te) == list(range(30)) and not set(tr) & set(va) | set(va) & set(te)
+    for part in (tr, va, te):
+        assert {labels[i] for i in part} == {"a", "b", "c"}
+    assert (tr, va, te) == split_indices(labels, seed=1) and (tr, va, te) != split_indices(labels, seed=2)
+
+
+@pytest.mark.parametrize("method", ["rfm", "linear", "diffmeans"])
+def test_train_writes_a_bank_the_engine_loads(tiny, feature_dir, tmp_path, method):
+    result = train_concept(feature_dir, tmp_path, TrainSettings(method=method, trials=3), progress=False)
+    bank = DirectionBank.load(result.bank_path)
+    bank.check_compatible(tiny.fingerprint)
+    assert bank.keys() == ["pitch:low", "pitch:high"] and bank.method == method
+    assert bank["pitch:low"].vectors.shape == (tiny.num_layers, tiny.hidden_size)
+    assert torch.allclose(bank["pitch:low"].vectors.norm(dim=1), torch.ones(tiny.num_layers), atol=1e-4)
+    # Two pure tones an octave and a half apart are separable from the features at some layer.
+    assert float(result.scores.max()) > 0.9
+    assert result.csv_path.read_text().count("\n") == 1 + 2 * tiny.num_layers
+    assert result.plot_path is not None and result.plot_path.stat().st_size > 1000
+
+
+def test_layers_trained_in_shards_assemble_into_one_bank(tiny, feature_dir, tmp_path):
+    first = train_concept(feature_dir, tmp_path, TrainSettings(method="linear", layers=[0, 1]), progress=False)
+    assert first.bank_path is None and first.missing_layers == [2, 3]
+    second = train_concept(feature_dir, tmp_path, TrainSettings(method="linear", layers=[2, 3]), progress=False)
+    whole = train_concept(feature_dir, tmp_path / "one_go", TrainSettings(method="linear"), progress=False)
+    a, b = DirectionBank.load(second.bank_path), DirectionBank.load(whole.bank_path)
+    for key in a.keys():
+        torch.testing.assert_close(a[key].vectors, b[key].vectors)
+    with pytest.raises(FeatureError, match="other settings"):
+        train_concept(feature_dir, tmp_path, TrainSettings(method="linear", seed=5, layers=[0]), progress=False)
