@@ -66,6 +66,17 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import classification_report
+
+    rows = classification_report(args.features, args.concepts.split(","), args.out, trials=args.trials,
+                                 seed=args.seed, layers=_layer_list(args.layers), progress=not args.quiet)
+    for r in rows:
+        print(f"{r.concept:<20} {r.probe:<28} {r.metric} test {r.test:.3f} (val {r.val:.3f}, layer {r.best_layer})")
+    print(f"wrote {Path(args.out) / 'classification.csv'} and classification.png")
+    return 0
+
+
 def register(sub) -> None:
     from engine.cli import add_model_args
 
@@ -107,3 +118,13 @@ def register(sub) -> None:
     tr.add_argument("--device", default="auto")
     tr.add_argument("--quiet", action="store_true")
     tr.set_defaults(func=cmd_train)
+
+    rep = sub.add_parser("report", help="classification report (paper's Table 1 protocol) from features")
+    rep.add_argument("--features", type=Path, default=Path("features"))
+    rep.add_argument("--concepts", default="notes")
+    rep.add_argument("--out", type=Path, default=Path("reports"))
+    rep.add_argument("--trials", type=int, default=None, help="RFM search trials per layer")
+    rep.add_argument("--layers", default=None, help="only these layers (default: all extracted)")
+    rep.add_argument("--seed", type=int, default=0)
+    rep.add_argument("--quiet", action="store_true")
+    rep.set_defaults(func=cmd_report)

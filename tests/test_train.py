@@ -7,6 +7,8 @@ import torch
 from engine.audio import read_wav, write_wav
 from engine.bank import DirectionBank
 from probes.extract import ExtractionSettings, FeatureError, extract_concept
+from probes.baselines import fit_linear_regression
+from probes.report import classification_report
 from probes.train import TrainSettings, split_indices, train_concept
 
 
@@ -64,3 +66,24 @@ def test_layers_trained_in_shards_assemble_into_one_bank(tiny, feature_dir, tmp_
         torch.testing.assert_close(a[key].vectors, b[key].vectors)
     with pytest.raises(FeatureError, match="other settings"):
         train_concept(feature_dir, tmp_path, TrainSettings(method="linear", seed=5, layers=[0]), progress=False)
+
+
+def test_classification_report_writes_csv_and_plot(feature_dir, tmp_path):
+    rows = classification_report(feature_dir.parent, ["pitch"], tmp_path, trials=2, progress=False)
+    assert [r.probe for r in rows] == ["RFM, mean-pooled", "RFM, last position", "linear probe, mean-pooled"]
+    assert all(r.metric == "accuracy" and 0 <= r.test <= 1 and r.best_layer in range(4) for r in rows)
+    assert max(r.val for r in rows) >= 0.9  # the two tones are told apart at the best layer
+    lines = (tmp_path / "classification.csv").read_text().splitlines()
+    assert lines[0] == "concept,probe,metric,best_layer,validation,test" and len(lines) == 4
+    assert (tmp_path / "classification.png").stat().st_size > 1000
+
+
+def test_linear_regression_recovers_a_planted_target():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(300, 16, generator=g)
+    u = torch.zeros(16)
+    u[3] = 1.0
+    y = 120 + 30 * (X @ u) + 0.5 * torch.randn(300, generator=g)
+    reg = fit_linear_regression(X[:200], y[:200], X[200:], y[200:])
+    assert reg.val_r2 > 0.99 and float(reg.direction @ u) > 0.99
+    assert abs(float(reg.predict(X[:1])[0]) - float(y[0])) < 3
