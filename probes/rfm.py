@@ -1,0 +1,827 @@
+"""Recursive Feature Machine (RFM) probes and the concept directions read from them.
+
+The probe (paper §3.1-3.2 and App. A-B):
+  kernel     K(x, z) = exp(-||x - z||_M^q / L^q),  ||u||_M = sqrt(u^T M u)   (L = bandwidth, q = exponent)
+  predictor  kernel ridge regression: (K(X, X) + reg I) alpha = Y,  f(x) = K(x, X) alpha,  Y [n, c]
+  AGOP       (1/n) sum_i grad f(x_i) grad f(x_i)^T, from the analytic gradient of f
+  RFM        M_0 = I; fit f, set M to the AGOP (normalised), refit; `iterations` updates; the fit with the
+             best validation score is kept (ROC AUC of the scores, accuracy, or MSE for regression)
+  direction  top eigenvector (exact `torch.linalg.eigh`) of the class's own uncentred AGOP at the kept
+             fit, signed so that moving along +direction raises the class score on average over the
+             training points: sign(mean_i grad f_c(x_i) . q) (the first-order change of f_c).
+
+Decisions that differ from, or go beyond, the reference code (docs/probes.md has the measurements):
+  * Features are centred on the training mean and divided by ONE global scale chosen so that the RMS
+    distance between training points is 10, the geometric centre of the paper's bandwidth range
+    L ~ logU(1, 100): the range then spans 0.1x-10x the typical distance whatever the layer's activation
+    scale or width. The map is isotropic, so a direction found in these coordinates is the direction in
+    the original feature space (directions are returned there, as unit float32 vectors).
+  * M is normalised so that the mean squared M-norm of the training points stays what it was under
+    M = I (xrfm divides by the largest entry instead): the bandwidth means the same at every iteration.
+  * When d > n everything runs in the orthonormal basis of the centred training points (r <= n columns).
+    This is exact: every M after the first is built from gradients that lie in that span, and the first
+    (M = I) gets the part of a query point outside the span added to its distances.
+  * One search per layer serves every class. With one-hot targets the multi-output solve gives each class
+    exactly the predictor a one-vs-rest KRR with that kernel would give; M is learned from the AGOP summed
+    over classes (the paper's multiclass RFM, one kernel and one Cholesky solve per fit instead of one per
+    class), and every class keeps its own best (trial, iteration) by its own validation AUC.
+  * Trials are drawn from the paper's ranges and pruned by successive halving: every trial runs its first
+    fits (M = I, then one AGOP update), the best 1/halving continue to iteration 3, 7, 15. The M = I fit
+    reuses one cached Euclidean distance matrix across trials.
+  * AUC is computed from scores (never from hard labels, the reference code's bug), ties counted 1/2.
+
+Precision: Gram matrices (n^2 r) run in float32, kernel matrices, solves and AGOP algebra in float64.
+Everything runs on the device of the training features (or SearchConfig.device).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "RFMConfig",
+    "SearchConfig",
+    "FeatureMap",
+    "KernelPredictor",
+    "ProbeResult",
+    "Classifier",
+    "Regressor",
+    "fit_binary_directions",
+    "fit_multiclass",
+    "fit_regression",
+    "roc_auc",
+    "fit_temperature",
+    "check_classification_inputs",
+]
+
+# Features are scaled so that the mean squared distance between training points is TARGET_RMS_DISTANCE^2.
+TARGET_RMS_DISTANCE = 10.0
+# Squared distances below this (in those units: 1e-6 of the mean) count as coincident points, whose pair
+# contributes no gradient (the Laplace kernel is not differentiable there; float32 Gram noise is ~1e-5).
+_COINCIDENT_SQ_DISTANCE = 1e-6 * TARGET_RMS_DISTANCE**2
+# Rows of query points processed at once by KernelPredictor (bounds the [rows, n] kernel block).
+_PREDICT_CHUNK = 4096
+
+
+# ------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class RFMConfig:
+    """Hyper-parameters of one RFM probe (the paper's layer-wise search space, App. B Table 7)."""
+
+    bandwidth: float = 10.0  # L, in units where the RMS distance between training points is 10
+    reg: float = 1e-3  # ridge added to the kernel matrix's diagonal (its diagonal is 1)
+    exponent: float = 1.0  # q; the kernel is positive definite for 0 < q <= 2
+    iterations: int = 15  # AGOP updates: the predictor is fitted iterations + 1 times (M_0 ... M_T)
+    center_grads: bool = False  # centre each output's gradients before the AGOP that updates M (eq. 6)
+    patience: int | None = 3  # stop after this many fits without a better validation score; None: never
+
+    def __post_init__(self) -> None:
+        if not (self.bandwidth > 0 and math.isfinite(self.bandwidth)):
+            raise ValueError(f"bandwidth must be a positive number, got {self.bandwidth}")
+        if not (self.reg >= 0 and math.isfinite(self.reg)):
+            raise ValueError(f"reg must be >= 0, got {self.reg}")
+        if not 0 < self.exponent <= 2:
+            raise ValueError(f"exponent must be in (0, 2] (positive definite kernel), got {self.exponent}")
+        if self.iterations < 0:
+            raise ValueError(f"iterations must be >= 0, got {self.iterations}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be >= 1 or None, got {self.patience}")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Random search over the paper's ranges, pruned by successive halving.
+
+    `trials` configurations are drawn with `seed` (trial i is the same whatever `trials` is). Rungs end at
+    iterations 1, 3, 7, 15 (capped at `iterations`); after each rung the best ceil(k / halving) trials go
+    on. `budget` caps the number of predictor fits (one fit = kernel, solve, validation scores and AGOP,
+    for every class at once); the search stops where the cap is reached and keeps what it has seen.
+    halving=1 and budget=None is a plain random search (each trial to `iterations` or its patience).
+    """
+
+    trials: int = 100
+    seed: int = 0
+    budget: int | None = None
+    halving: int = 3
+    iterations: int = 15
+    patience: int | None = 3
+    bandwidth_range: tuple[float, float] = (1.0, 100.0)  # log-uniform
+    reg_range: tuple[float, float] = (1e-5, 10.0)  # log-uniform
+    exponent_range: tuple[float, float] = (0.7, 1.4)  # uniform
+    center_grads: tuple[bool, ...] = (False, True)  # uniform choice
+    device: str | None = None  # None: the device of the training features
+
+    def __post_init__(self) -> None:
+        if self.trials < 1:
+            raise ValueError(f"trials must be >= 1, got {self.trials}")
+        if self.budget is not None and self.budget < 1:
+            raise ValueError(f"budget must be >= 1 fit or None, got {self.budget}")
+        if self.halving < 1:
+            raise ValueError(f"halving must be >= 1, got {self.halving}")
+        if not self.center_grads:
+            raise ValueError("center_grads must offer at least one choice")
+        for name in ("bandwidth_range", "reg_range", "exponent_range"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                raise ValueError(f"{name} must be (low, high) with 0 < low <= high, got {(lo, hi)}")
+        # The remaining checks (exponent <= 2, iterations, patience) are RFMConfig's.
+        RFMConfig(exponent=self.exponent_range[1], iterations=self.iterations, patience=self.patience)
+
+    @classmethod
+    def fast(cls, seed: int = 0) -> SearchConfig:
+        """A small search for smoke runs and tests: 12 trials, 5 iterations, at most 40 fits."""
+        return cls(trials=12, seed=seed, iterations=5, budget=40)
+
+    def sample(self) -> list[RFMConfig]:
+        """The trial configurations, deterministic for the seed."""
+        rng = np.random.default_rng(self.seed)
+        configs = []
+        for _ in range(self.trials):
+            bandwidth = math.exp(rng.uniform(*np.log(self.bandwidth_range)))
+            reg = math.exp(rng.uniform(*np.log(self.reg_range)))
+            exponent = float(rng.uniform(*self.exponent_range))
+            center = bool(self.center_grads[int(rng.integers(len(self.center_grads)))])
+            configs.append(RFMConfig(bandwidth=bandwidth, reg=reg, exponent=exponent, iterations=self.iterations,
+                                     center_grads=center, patience=self.patience))
+        return configs
+
+    def rung_ends(self) -> list[int]:
+        """Iterations at which successive halving ranks the trials: 1, 3, 7, ... and finally `iterations`."""
+        ends, t = [], 1
+        while t < self.iterations:
+            ends.append(t)
+            t = 2 * t + 1
+        return ends + [self.iterations]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Feature coordinates
+
+
+@dataclass(frozen=True, eq=False)
+class FeatureMap:
+    """Original features -> the kernel's coordinates: centre, divide by one scale, project on a basis.
+
+    `basis` [d, r] has orthonormal columns spanning the centred training points and is used when d > n
+    (None: all of R^d). Points outside the span keep the squared norm of their outside part, which only
+    the Euclidean first fit (M = I) sees.
+    """
+
+    mean: Tensor  # [d] float32
+    scale: float
+    basis: Tensor | None  # [d, r] float32
+
+    @classmethod
+    def fit(cls, X: Tensor) -> FeatureMap:
+        n, d = X.shape
+        mean = X.mean(0)
+        centred = (X - mean).double()
+        mean_sq_norm = float(centred.square().sum(1).mean())
+        if not mean_sq_norm > 0:
+            raise ValueError("all training feature vectors are identical: there is nothing to probe")
+        # Mean squared distance between two training points = 2 * mean squared norm about the mean.
+        scale = math.sqrt(2.0 * mean_sq_norm) / TARGET_RMS_DISTANCE
+        basis = None
+        if d > n:
+            _, s, vh = torch.linalg.svd(centred / scale, full_matrices=False)
+            keep = s > s[0] * 1e-7  # directions the training points do not span carry no information
+            basis = vh[keep].T.to(torch.float32).contiguous()
+        return cls(mean=mean, scale=scale, basis=basis)
+
+    @property
+    def dim(self) -> int:
+        """r, the number of kernel coordinates."""
+        return int(self.mean.shape[0] if self.basis is None else self.basis.shape[1])
+
+    def standardise(self, X: Tensor) -> Tensor:
+        """(X - mean) / scale, float32 on the map's device."""
+        return (X.to(self.mean.device, torch.float32) - self.mean) / self.scale
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Standardised x -> coordinates [m, r] and squared norm outside the basis [m] (None: no basis)."""
+        if self.basis is None:
+            return x, None
+        z = x @ self.basis
+        return z, (x - z @ self.basis.T).square().sum(1)
+
+    def __call__(self, X: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Original features -> (coordinates [m, r] float32, squared norm outside the basis [m] or None)."""
+        return self.project(self.standardise(X))
+
+    def to_original(self, v: Tensor) -> Tensor:
+        """A direction in kernel coordinates [r] -> unit vector in the original feature space [d]."""
+        v = v.double()
+        if self.basis is not None:
+            v = self.basis.double() @ v
+        return (v / v.norm()).to(torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Kernel algebra (float64 unless stated)
+
+
+def _sq_distances(A: Tensor, B: Tensor, metric: Tensor | None, outside_a: Tensor | None = None) -> Tensor:
+    """Squared distances ||a - b||_M^2 [len(A), len(B)] in float64, through one float32 Gram matrix.
+
+    `metric` None means M = I; then `outside_a` (the squared norm of each a outside the basis, which the
+    training points B lack) is added. A learned M lies inside the basis and ignores that part.
+    """
+    AM = A if metric is None else A @ metric
+    BM = AM if B is A else (B if metric is None else B @ metric)
+    a2 = (AM * A).sum(1)
+    b2 = a2 if B is A else (BM * B).sum(1)
+    d2 = (a2[:, None] + b2[None, :] - 2.0 * (AM @ B.T)).double()
+    if metric is None and outside_a is not None:
+        d2 += outside_a.double()[:, None]
+    if B is A:
+        d2.diagonal().zero_()  # exact zeros where the Gram's rounding would leave ~1e-6
+    return d2.clamp_min_(0.0)
+
+
+def _kernel(d2: Tensor, config: RFMConfig) -> tuple[Tensor, Tensor]:
+    """K = exp(-(r/L)^q) and s = (r/L)^q from squared distances r^2."""
+    s = (d2 / config.bandwidth**2).pow(config.exponent / 2.0)
+    return torch.exp(-s), s
+
+
+def _gradient_weights(K: Tensor, s: Tensor, d2: Tensor, config: RFMConfig) -> Tensor:
+    """W with grad_x K(x, z) = W(x, z) * M (x - z): W = -q (r/L)^q K / r^2, zero for coincident points."""
+    W = -config.exponent * K * s / d2.clamp_min(_COINCIDENT_SQ_DISTANCE)
+    return W.masked_fill_(d2 <= _COINCIDENT_SQ_DISTANCE, 0.0)
+
+
+def _solve_krr(K: Tensor, reg: float, Y: Tensor) -> Tensor:
+    """alpha = (K + reg I)^-1 Y by Cholesky; K is positive definite, so jitter is only a rounding guard."""
+    A = K.clone()
+    A.diagonal().add_(reg)
+    for jitter in (0.0, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2):
+        if jitter:
+            A.diagonal().add_(jitter)
+        chol, info = torch.linalg.cholesky_ex(A)
+        if int(info) == 0:
+            return torch.cholesky_solve(Y, chol)
+    raise RuntimeError(f"kernel matrix is not positive definite even with jitter 1e-2 (reg={reg}); "
+                       "features contain NaN/inf or are degenerate")
+
+
+def _gradient_factors(Z: Tensor, W: Tensor, alpha: Tensor, outputs: Sequence[int]) -> Iterator[Tensor]:
+    """Per output c, H_c [n, r] with grad f_c(z_j) = H_c[j] M at the training points.
+
+    grad f_c(x_j) = sum_i alpha_ic W_ji M (x_j - x_i), so H_c = u_c * Z - W (alpha_c * Z), u_c = W alpha_c
+    (float32: n^2 r flops per output).
+    """
+    u = (W @ alpha).to(torch.float32)
+    W32, alpha32 = W.to(torch.float32), alpha.to(torch.float32)
+    for c in outputs:
+        yield u[:, c, None] * Z - W32 @ (alpha32[:, c, None] * Z)
+
+
+def _agop_sum(Z: Tensor, W: Tensor, alpha: Tensor, center: bool) -> Tensor:
+    """S [r, r] float64 with sum_c AGOP_c = M S M / n at the training points (M applied by the caller).
+
+    S = sum_c H_c^T H_c (H_c from `_gradient_factors`), minus n hbar_c hbar_c^T per output when centring
+    (each output's gradients about their own mean; xrfm pools all outputs into one mean). Two exact ways,
+    the cheaper one is used:
+      per output: c products W (alpha_c * Z), c n^2 r float32 flops;
+      one n x n matrix: sum_c (D_c - W A_c)^T (D_c - W A_c) with D_c = diag(u_c), A_c = diag(alpha_c)
+        = diag(sum_c u_c^2) - W o (u alpha^T + alpha u^T) + (W W) o (alpha alpha^T)   (W symmetric),
+        then Z^T B Z: n^3 + n^2 r float64 flops, independent of c (wins for many classes and n < c r).
+    """
+    n, r = Z.shape
+    c = alpha.shape[1]
+    u = W @ alpha  # [n, c]
+    if 2.0 * (n**3 + n * n * r) < c * n * n * r:  # float64 counted twice: it runs at half speed
+        B = (W @ W) * (alpha @ alpha.T)
+        B -= W * (u @ alpha.T + alpha @ u.T)
+        B.diagonal().add_(u.square().sum(1))
+        Z64 = Z.double()
+        S = Z64.T @ B @ Z64
+    else:
+        S = torch.zeros(r, r, dtype=torch.float64, device=Z.device)
+        for H in _gradient_factors(Z, W, alpha, range(c)):
+            S += (H.T @ H).double()
+    if center:
+        # sum_j H_c[j] = Z^T (u_c - alpha_c * (W 1)): the mean gradient of every output, removed.
+        column = Z.double().T @ (u - alpha * W.sum(1, keepdim=True))  # [r, c]
+        S -= column @ column.T / n
+    return (S + S.T) / 2.0
+
+
+# ------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def roc_auc(scores: Tensor, positive: Tensor) -> Tensor:
+    """ROC AUC of each column of `scores` ([m] or [m, c]) against the boolean `positive` of the same shape.
+
+    Mann-Whitney statistic with average ranks, so tied scores count 1/2 (a constant score gives 0.5).
+    NaN where a column has no positive or no negative example. Returns float64 [] or [c].
+    """
+    if scores.shape != positive.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} and positive {tuple(positive.shape)} differ in shape")
+    squeeze = scores.ndim == 1
+    s = scores.double().reshape(scores.shape[0], -1).T.contiguous()  # [c, m]
+    pos = positive.bool().reshape(positive.shape[0], -1).T
+    sorted_s = s.sort(dim=1).values
+    below = torch.searchsorted(sorted_s, s, right=False)
+    at_or_below = torch.searchsorted(sorted_s, s, right=True)
+    rank = (below + at_or_below + 1).double() / 2.0  # 1-based average rank
+    n_pos = pos.sum(1).double()
+    n_neg = pos.shape[1] - n_pos
+    auc = ((rank * pos).sum(1) - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+    auc = torch.where((n_pos > 0) & (n_neg > 0), auc, torch.full_like(auc, float("nan")))
+    return auc[0] if squeeze else auc
+
+
+def fit_temperature(logits: Tensor, labels: Tensor) -> float:
+    """Softmax temperature minimising the validation log-loss, on a log grid (argmax is unaffected).
+
+    KRR outputs live on the 0/1 scale of one-hot targets; a plain softmax of them is nearly uniform.
+    """
+    logits = logits.double()
+    grid = torch.logspace(-3, 2, 61, dtype=torch.float64).tolist()
+    losses = [float(torch.nn.functional.cross_entropy(logits / t, labels.to(logits.device))) for t in grid]
+    return float(grid[int(np.argmin(losses))])
+
+
+# ------------------------------------------------------------------------------------------------------
+# Fitted objects
+
+
+@dataclass(frozen=True, eq=False)
+class KernelPredictor:
+    """A fitted multi-output kernel ridge regressor f(x) = K(x, X) alpha with a learned Mahalanobis M."""
+
+    features: FeatureMap
+    centers: Tensor  # [n, r] float32, the training points in kernel coordinates
+    metric: Tensor | None  # [r, r] float32 M; None: Euclidean (the first fit, M = I)
+    alpha: Tensor  # [n, c] float64
+    config: RFMConfig
+    iteration: int  # the RFM iteration this fit came from (0: M = I)
+
+    def _chunks(self, X: Tensor):
+        """Per block of query rows: (standardised x, kernel coords z, squared distances, K, s)."""
+        f = self.features
+        for start in range(0, X.shape[0], _PREDICT_CHUNK):
+            x = f.standardise(X[start:start + _PREDICT_CHUNK])
+            z, outside = f.project(x)
+            d2 = _sq_distances(z, self.centers, self.metric, outside)
+            K, s = _kernel(d2, self.config)
+            yield x, z, d2, K, s
+
+    def scores(self, X: Tensor) -> Tensor:
+        """f(X) [m, c] float32 (the raw KRR outputs: class scores or the z-scored regression target)."""
+        return torch.cat([(K @ self.alpha).to(torch.float32) for *_, K, _ in self._chunks(X)])
+
+    def gradients(self, X: Tensor, output: int) -> Tensor:
+        """Analytic grad_x f_output(x) [m, d] float32 in the ORIGINAL feature space."""
+        f = self.features
+        a = self.alpha[:, output]
+        a32 = a.to(torch.float32)[:, None] * self.centers
+        rows = []
+        for x, z, d2, K, s in self._chunks(X):
+            W = _gradient_weights(K, s, d2, self.config)
+            u = (W @ a).to(torch.float32)
+            g = u[:, None] * z - W.to(torch.float32) @ a32  # sum_i alpha_i W_i (z - z_i), before M
+            if self.metric is not None:
+                g = g @ self.metric  # M is symmetric; a learned M lives inside the basis
+            if f.basis is not None:
+                outside = x - z @ f.basis.T
+                g = g @ f.basis.T
+                if self.metric is None:  # under M = I the part of x outside the span pulls too
+                    g = g + u[:, None] * outside
+            rows.append(g / f.scale)  # kernel coordinates are (x - mean) / scale
+        return torch.cat(rows)
+
+
+@dataclass(frozen=True, eq=False)
+class ProbeResult:
+    """One class's concept direction at one layer (one-vs-rest), from an RFM or a baseline probe."""
+
+    direction: Tensor  # [d] float32, unit, in the original feature space; +direction raises the class score
+    val_auc: float  # validation ROC AUC of the probe's scores for this class vs the rest
+    config: RFMConfig | None  # None for baselines
+    best_iteration: int  # RFM iteration of the kept fit (0: M = I); 0 for baselines
+    class_index: int = -1
+    method: str = "rfm"  # "rfm", "linear" (ridge / MSE probe) or "mean_difference"
+    eigenvalue: float = float("nan")  # top AGOP eigenvalue, gradients w.r.t. original features
+    explained: float = float("nan")  # eigenvalue / trace of the AGOP: how one-dimensional the probe is
+    sign_margin: float = float("nan")  # cos(mean training gradient, direction) > 0; near 0: sign is weak
+    search_fits: int = 0  # predictor fits the whole search used (shared by every class of the call)
+    predictor: KernelPredictor | None = None  # kept only with keep_predictors=True (memory: n x r + r x r)
+    output_index: int = -1  # the predictor's output column that scores this class
+    ridge: float = float("nan")  # the linear probe's ridge (baselines.fit_linear_directions)
+
+
+@dataclass(frozen=True, eq=False)
+class Classifier:
+    """Multiclass RFM probe: one-hot KRR outputs, softmax with a validation-fitted temperature."""
+
+    predictor: KernelPredictor
+    temperature: float
+    val_accuracy: float
+    val_auc: float  # mean one-vs-rest AUC over classes present in validation
+    search_fits: int
+
+    @property
+    def config(self) -> RFMConfig:
+        return self.predictor.config
+
+    @property
+    def best_iteration(self) -> int:
+        return self.predictor.iteration
+
+    def predict_proba(self, X: Tensor) -> Tensor:
+        return torch.softmax(self.predictor.scores(X).double() / self.temperature, dim=1).to(torch.float32)
+
+    def predict(self, X: Tensor) -> Tensor:
+        return self.predictor.scores(X).argmax(dim=1)
+
+
+@dataclass(frozen=True, eq=False)
+class Regressor:
+    """RFM regression probe on a z-scored target, with its direction (+direction raises the target)."""
+
+    predictor: KernelPredictor
+    target_mean: float
+    target_std: float
+    direction: Tensor  # [d] float32 unit, original feature space
+    eigenvalue: float
+    explained: float
+    sign_margin: float
+    val_mse: float  # in z units (1.0 = predicting the training mean)
+    val_r2: float
+    search_fits: int
+
+    @property
+    def config(self) -> RFMConfig:
+        return self.predictor.config
+
+    @property
+    def best_iteration(self) -> int:
+        return self.predictor.iteration
+
+    def predict(self, X: Tensor) -> Tensor:
+        return self.predictor.scores(X)[:, 0] * self.target_std + self.target_mean
+
+
+# ------------------------------------------------------------------------------------------------------
+# The search
+
+
+# A validation score: compared as a tuple, higher is better (e.g. (accuracy, mean AUC) or (-MSE,)).
+Key = tuple[float, ...]
+# Validation scores of one fit [n_val, c] -> (key, per-output scores [c] or None).
+Evaluator = Callable[[Tensor], tuple[Key, Tensor | None]]
+
+
+@dataclass(frozen=True, eq=False)
+class _Snapshot:
+    """Everything needed to rebuild one fit's predictor (cheap: references, no copies)."""
+
+    config: RFMConfig
+    iteration: int
+    metric: Tensor | None
+    alpha: Tensor
+    key: Key
+
+
+@dataclass(eq=False)
+class _Trial:
+    index: int
+    config: RFMConfig
+    metric: Tensor | None = None  # M of the next fit (or, while `deferred` is set, of the last one)
+    deferred: Tensor | None = None  # alpha of the last fit when its AGOP waits for the trial to survive
+    next_iteration: int = 0
+    best_key: Key = (-math.inf,)
+    since_best: int = 0
+    done: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class _Fit:
+    """One fit's solution and validation scores, with the kernel pieces the AGOP reuses."""
+
+    alpha: Tensor
+    key: Key
+    per_output: Tensor | None
+    K: Tensor
+    s: Tensor
+    d2: Tensor
+
+
+@dataclass(eq=False)
+class _Outcome:
+    best: _Snapshot | None = None
+    per_output: list[_Snapshot | None] = field(default_factory=list)
+    per_output_score: list[float] = field(default_factory=list)
+    fits: int = 0
+
+
+class _Problem:
+    """One search's data in kernel coordinates, plus what every fit reuses."""
+
+    def __init__(self, X_tr: Tensor, Y: Tensor, X_val: Tensor, evaluate: Evaluator):
+        self.features = FeatureMap.fit(X_tr)
+        self.Z, _ = self.features(X_tr)
+        self.Z_val, self.outside_val = self.features(X_val)
+        self.Y = Y.to(self.Z.device, torch.float64)
+        self.evaluate = evaluate
+        self.mean_sq_norm = float(self.Z.double().square().sum(1).mean())
+        # Under M = I the distances do not depend on the trial: computed once, shared by every trial.
+        self._euclidean = (_sq_distances(self.Z, self.Z, None),
+                           _sq_distances(self.Z_val, self.Z, None, self.outside_val))
+
+    def distances(self, metric: Tensor | None) -> tuple[Tensor, Tensor]:
+        if metric is None:
+            return self._euclidean
+        return _sq_distances(self.Z, self.Z, metric), _sq_distances(self.Z_val, self.Z, metric)
+
+    def fit(self, config: RFMConfig, metric: Tensor | None) -> _Fit:
+        """One KRR fit with its validation scores."""
+        d2, d2_val = self.distances(metric)
+        K, s = _kernel(d2, config)
+        alpha = _solve_krr(K, config.reg, self.Y)
+        key, per_output = self.evaluate(_kernel(d2_val, config)[0] @ alpha)
+        return _Fit(alpha, key, per_output, K, s, d2)
+
+    def next_metric(self, config: RFMConfig, metric: Tensor | None, alpha: Tensor,
+                    fit: _Fit | None = None) -> Tensor | None:
+        """The AGOP summed over outputs of the fit (metric, alpha), normalised so the mean squared M-norm of
+        the training points is unchanged. `fit` supplies the kernel pieces (recomputed without it). None
+        when the gradients vanish (e.g. a bandwidth so small that K = I): nothing left to learn."""
+        if fit is None:
+            d2 = self.distances(metric)[0]
+            K, s = _kernel(d2, config)
+        else:
+            K, s, d2 = fit.K, fit.s, fit.d2
+        S = _agop_sum(self.Z, _gradient_weights(K, s, d2, config), alpha, config.center_grads)
+        if metric is not None:
+            m = metric.double()
+            S = m @ S @ m
+        Z64 = self.Z.double()
+        norm = float(((Z64 @ S) * Z64).sum(1).mean())  # mean z^T S z: S is n x AGOP, the scale goes anyway
+        if not (math.isfinite(norm) and norm > 1e-300):
+            return None
+        return (S * (self.mean_sq_norm / norm)).to(torch.float32)
+
+    def predictor(self, snap: _Snapshot) -> KernelPredictor:
+        return KernelPredictor(self.features, self.Z, snap.metric, snap.alpha, snap.config, snap.iteration)
+
+
+def _run_search(problem: _Problem, search: SearchConfig, n_outputs: int) -> _Outcome:
+    out = _Outcome(per_output=[None] * n_outputs, per_output_score=[-math.inf] * n_outputs)
+    running = [_Trial(i, c) for i, c in enumerate(search.sample())]
+    for end in search.rung_ends():
+        # Successive halving: of the trials entering this rung, the best ceil(k / halving) that have not
+        # stopped go on. Only their M stays alive (one r x r matrix each); ties go to the lower index.
+        keep = math.ceil(len(running) / search.halving)
+        survivors: list[_Trial] = []
+        for trial in running:
+            while not trial.done and trial.next_iteration <= end:
+                if search.budget is not None and out.fits >= search.budget:
+                    return out
+                _step(problem, trial, out, end)
+            if trial.done:
+                continue  # its fits are already recorded in `out`
+            survivors.append(trial)
+            if len(survivors) > keep:
+                worst = min(survivors, key=lambda t: (t.best_key, -t.index))
+                survivors.remove(worst)
+                worst.metric = worst.deferred = None
+        running = survivors
+        if not running:
+            break
+    return out
+
+
+def _step(problem: _Problem, trial: _Trial, out: _Outcome, rung_end: int) -> None:
+    """One fit of one trial: score it, record bests, then update M unless the trial stops here.
+
+    At the rung's last fit the AGOP is deferred (alpha kept, kernel recomputed later): most trials are
+    dropped there, and the AGOP costs more than the fit.
+    """
+    config, t = trial.config, trial.next_iteration
+    if trial.deferred is not None:
+        trial.metric = problem.next_metric(config, trial.metric, trial.deferred)
+        trial.deferred = None
+        if trial.metric is None:
+            trial.done = True
+            return
+    fit = problem.fit(config, trial.metric)
+    out.fits += 1
+    snap = _Snapshot(config, t, trial.metric, fit.alpha, fit.key)
+    if out.best is None or fit.key > out.best.key:
+        out.best = snap
+    if fit.per_output is not None:
+        for c, score in enumerate(fit.per_output.tolist()):
+            if score > out.per_output_score[c]:  # NaN never wins
+                out.per_output_score[c] = score
+                out.per_output[c] = snap
+    if fit.key > trial.best_key:
+        trial.best_key, trial.since_best = fit.key, 0
+    else:
+        trial.since_best += 1
+    trial.next_iteration = t + 1
+    if t >= config.iterations or (config.patience is not None and trial.since_best >= config.patience):
+        trial.done, trial.metric = True, None
+    elif t >= rung_end:
+        trial.deferred = fit.alpha
+    else:
+        trial.metric = problem.next_metric(config, trial.metric, fit.alpha, fit)
+        trial.done = trial.metric is None
+
+
+@dataclass(frozen=True)
+class _Direction:
+    vector: Tensor  # [d] float32 unit, original feature space, signed
+    eigenvalue: float
+    explained: float
+    sign_margin: float
+
+
+def _directions(problem: _Problem, snap: _Snapshot, outputs: Sequence[int]) -> dict[int, _Direction]:
+    """Top eigenvector of each output's own uncentred AGOP at a kept fit, signed, in the original space.
+
+    The uncentred AGOP is used whatever center_grads was: centring only shapes the M updates, while the
+    steering direction should follow where the class score is sensitive, its mean gradient included.
+    Sign: the mean training gradient has a positive component along +direction (sign_margin is their
+    cosine). Eigenvalues are for gradients w.r.t. the original features (kernel coords / scale).
+    """
+    d2 = problem.distances(snap.metric)[0]
+    K, s = _kernel(d2, snap.config)
+    W = _gradient_weights(K, s, d2, snap.config)
+    found = {}
+    for c, H in zip(outputs, _gradient_factors(problem.Z, W, snap.alpha, outputs)):
+        G = H.double() if snap.metric is None else H.double() @ snap.metric.double()
+        evals, evecs = torch.linalg.eigh(G.T @ G / G.shape[0])
+        q, top, trace = evecs[:, -1], float(evals[-1]), float(evals.clamp_min(0).sum())
+        mean_grad = G.mean(0)
+        if float(mean_grad @ q) < 0:
+            q = -q
+        found[c] = _Direction(vector=problem.features.to_original(q), eigenvalue=top / problem.features.scale**2,
+                              explained=top / trace if trace > 0 else float("nan"),
+                              sign_margin=float(mean_grad @ q / mean_grad.norm().clamp_min(1e-300)))
+    return found
+
+
+# ------------------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def _device(X: Tensor, search: SearchConfig) -> torch.device:
+    return torch.device(search.device) if search.device is not None else X.device
+
+
+def _check_features(X_tr: Tensor, X_val: Tensor) -> None:
+    for name, X in (("X_tr", X_tr), ("X_val", X_val)):
+        if not isinstance(X, Tensor) or X.ndim != 2 or not X.is_floating_point():
+            raise ValueError(f"{name} must be a float tensor [n, d], got "
+                             f"{type(X).__name__}{tuple(X.shape) if isinstance(X, Tensor) else ''}")
+        if X.shape[0] == 0:
+            raise ValueError(f"{name} is empty")
+        if not bool(torch.isfinite(X).all()):
+            raise ValueError(f"{name} contains NaN or inf")
+    if X_tr.shape[1] != X_val.shape[1]:
+        raise ValueError(f"X_tr has {X_tr.shape[1]} features, X_val {X_val.shape[1]}")
+    if X_tr.shape[0] < 2:
+        raise ValueError("need at least 2 training points")
+
+
+def _check_labels(labels: Tensor, n: int, num_classes: int, name: str) -> Tensor:
+    if not isinstance(labels, Tensor) or labels.ndim != 1 or labels.shape[0] != n:
+        raise ValueError(f"{name} must be an integer tensor [{n}]")
+    if labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"{name} must hold class indices (an integer tensor), got {labels.dtype}")
+    labels = labels.long()
+    if n and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"{name} must lie in [0, {num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
+    return labels
+
+
+def check_classification_inputs(X_tr: Tensor, labels_tr: Tensor, X_val: Tensor, labels_val: Tensor,
+                                num_classes: int, *, every_class_in_val: bool,
+                                device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """Validate one layer's classification data; return the labels as int64 on `device` (X_tr's default).
+
+    Raises ValueError naming the problem: shapes, NaN/inf, labels out of range, a class without training
+    examples (nothing to fit) and, with every_class_in_val, a class absent from validation or making up
+    all of it (its AUC, which selects the probe and weights the layer, would be undefined).
+    """
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    _check_features(X_tr, X_val)
+    device = X_tr.device if device is None else device
+    labels_tr = _check_labels(labels_tr, X_tr.shape[0], num_classes, "labels_tr").to(device)
+    labels_val = _check_labels(labels_val, X_val.shape[0], num_classes, "labels_val").to(device)
+    counts = torch.bincount(labels_tr, minlength=num_classes)
+    if bool((counts == 0).any()):
+        missing = torch.nonzero(counts == 0).flatten().tolist()
+        raise ValueError(f"classes {missing} have no training example: no probe can be fitted for them")
+    if every_class_in_val:
+        val_counts = torch.bincount(labels_val, minlength=num_classes)
+        absent = torch.nonzero((val_counts == 0) | (val_counts == len(labels_val))).flatten().tolist()
+        if absent:
+            raise ValueError(f"classes {absent} have no validation example (or only those): their AUC, which "
+                             "selects the probe and weights the layers, is undefined")
+    return labels_tr, labels_val
+
+
+def _classification_problem(X_tr: Tensor, labels_tr: Tensor, X_val: Tensor, labels_val: Tensor,
+                            num_classes: int, search: SearchConfig, multiclass: bool) -> tuple[_Problem, Tensor]:
+    device = _device(X_tr, search)
+    labels_tr, labels_val = check_classification_inputs(X_tr, labels_tr, X_val, labels_val, num_classes,
+                                                        every_class_in_val=not multiclass, device=device)
+    onehot = torch.nn.functional.one_hot(labels_val, num_classes).bool()
+
+    def evaluate(scores: Tensor) -> tuple[Key, Tensor | None]:
+        auc = roc_auc(scores, onehot)
+        mean_auc = float(auc.nanmean())
+        if not multiclass:
+            return (mean_auc,), auc
+        accuracy = float((scores.argmax(1) == labels_val).double().mean())
+        return (accuracy, mean_auc), None
+
+    Y = torch.nn.functional.one_hot(labels_tr, num_classes).double()
+    problem = _Problem(X_tr.to(device), Y, X_val.to(device), evaluate)
+    return problem, labels_val
+
+
+def fit_binary_directions(X_tr: Tensor, labels_tr: Tensor, X_val: Tensor, labels_val: Tensor, num_classes: int,
+                          search: SearchConfig = SearchConfig(), *,
+                          keep_predictors: bool = False) -> list[ProbeResult]:
+    """One-vs-rest RFM directions for every class of one layer's features.
+
+    X_tr [n, d], X_val [m, d] (any float dtype; float16 is fine); labels are class indices. Every class
+    needs a training example and must be present (and not alone) in validation. Each class gets the
+    (trial, iteration) with its best validation AUC; its direction is the signed top eigenvector of its
+    own AGOP there. Returns one ProbeResult per class, in class order.
+    """
+    problem, _ = _classification_problem(X_tr, labels_tr, X_val, labels_val, num_classes, search, multiclass=False)
+    outcome = _run_search(problem, search, num_classes)
+    if any(snap is None for snap in outcome.per_output):  # every class has validation AUCs (checked above)
+        raise RuntimeError("the search recorded no validation AUC for some class")
+    directions: dict[int, _Direction] = {}
+    for snap in {id(s): s for s in outcome.per_output}.values():  # classes sharing a fit share its kernel
+        directions.update(_directions(problem, snap, [c for c, s in enumerate(outcome.per_output) if s is snap]))
+    results = []
+    for c, snap in enumerate(outcome.per_output):
+        q = directions[c]
+        results.append(ProbeResult(
+            direction=q.vector, val_auc=outcome.per_output_score[c], config=snap.config,
+            best_iteration=snap.iteration, class_index=c, method="rfm", eigenvalue=q.eigenvalue,
+            explained=q.explained, sign_margin=q.sign_margin, search_fits=outcome.fits,
+            predictor=problem.predictor(snap) if keep_predictors else None, output_index=c))
+    return results
+
+
+def fit_multiclass(X_tr: Tensor, labels_tr: Tensor, X_val: Tensor, labels_val: Tensor, num_classes: int,
+                   search: SearchConfig = SearchConfig()) -> Classifier:
+    """Multiclass RFM (one-hot targets, one shared M), kept by validation accuracy (ties: mean AUC)."""
+    problem, labels_val = _classification_problem(X_tr, labels_tr, X_val, labels_val, num_classes, search,
+                                                  multiclass=True)
+    outcome = _run_search(problem, search, num_classes)
+    predictor = problem.predictor(outcome.best)
+    scores = predictor.scores(X_val)
+    accuracy, mean_auc = outcome.best.key
+    return Classifier(predictor=predictor, temperature=fit_temperature(scores, labels_val),
+                      val_accuracy=accuracy, val_auc=mean_auc, search_fits=outcome.fits)
+
+
+def fit_regression(X_tr: Tensor, y_tr: Tensor, X_val: Tensor, y_val: Tensor,
+                   search: SearchConfig = SearchConfig()) -> Regressor:
+    """RFM regression on the z-scored target (e.g. tempo in BPM), kept by validation MSE."""
+    _check_features(X_tr, X_val)
+    device = _device(X_tr, search)
+    for name, y, n in (("y_tr", y_tr, X_tr.shape[0]), ("y_val", y_val, X_val.shape[0])):
+        if not isinstance(y, Tensor) or y.ndim != 1 or y.shape[0] != n:
+            raise ValueError(f"{name} must be a tensor [{n}]")
+        if not bool(torch.isfinite(y.double()).all()):
+            raise ValueError(f"{name} contains NaN or inf")
+    y_tr, y_val = y_tr.to(device, torch.float64), y_val.to(device, torch.float64)
+    mean, std = float(y_tr.mean()), float(y_tr.std(correction=0))
+    if not std > 0:
+        raise ValueError("y_tr is constant: there is nothing to regress")
+    z_val = (y_val - mean) / std
+
+    def evaluate(scores: Tensor) -> tuple[Key, Tensor | None]:
+        return (-float((scores[:, 0] - z_val).square().mean()),), None
+
+    problem = _Problem(X_tr.to(device), ((y_tr - mean) / std)[:, None], X_val.to(device), evaluate)
+    outcome = _run_search(problem, search, 1)
+    snap = outcome.best
+    q = _directions(problem, snap, [0])[0]
+    mse = -snap.key[0]
+    variance = float(z_val.var(correction=0))
+    return Regressor(predictor=problem.predictor(snap), target_mean=mean, target_std=std, direction=q.vector,
+                     eigenvalue=q.eigenvalue, explained=q.explained, sign_margin=q.sign_margin, val_mse=mse,
+                     val_r2=1.0 - mse / variance if variance > 0 else float("nan"), search_fits=outcome.fits)
