@@ -183,8 +183,9 @@ class FeatureMap:
     @classmethod
     def fit(cls, X: Tensor) -> FeatureMap:
         n, d = X.shape
+        X = X.double()  # float16 features: accumulate the mean and scale in float64
         mean = X.mean(0)
-        centred = (X - mean).double()
+        centred = X - mean
         mean_sq_norm = float(centred.square().sum(1).mean())
         if not mean_sq_norm > 0:
             raise ValueError("all training feature vectors are identical: there is nothing to probe")
@@ -195,7 +196,7 @@ class FeatureMap:
             _, s, vh = torch.linalg.svd(centred / scale, full_matrices=False)
             keep = s > s[0] * 1e-7  # directions the training points do not span carry no information
             basis = vh[keep].T.to(torch.float32).contiguous()
-        return cls(mean=mean, scale=scale, basis=basis)
+        return cls(mean=mean.to(torch.float32), scale=scale, basis=basis)
 
     @property
     def dim(self) -> int:
@@ -368,7 +369,7 @@ class KernelPredictor:
     config: RFMConfig
     iteration: int  # the RFM iteration this fit came from (0: M = I)
 
-    def _chunks(self, X: Tensor):
+    def _chunks(self, X: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
         """Per block of query rows: (standardised x, kernel coords z, squared distances, K, s)."""
         f = self.features
         for start in range(0, X.shape[0], _PREDICT_CHUNK):
@@ -386,19 +387,19 @@ class KernelPredictor:
         """Analytic grad_x f_output(x) [m, d] float32 in the ORIGINAL feature space."""
         f = self.features
         a = self.alpha[:, output]
-        a32 = a.to(torch.float32)[:, None] * self.centers
+        weighted_centers = a.to(torch.float32)[:, None] * self.centers
         rows = []
         for x, z, d2, K, s in self._chunks(X):
             W = _gradient_weights(K, s, d2, self.config)
             u = (W @ a).to(torch.float32)
-            g = u[:, None] * z - W.to(torch.float32) @ a32  # sum_i alpha_i W_i (z - z_i), before M
+            g = u[:, None] * z - W.to(torch.float32) @ weighted_centers  # sum_i alpha_i W_i (z - z_i)
             if self.metric is not None:
                 g = g @ self.metric  # M is symmetric; a learned M lives inside the basis
             if f.basis is not None:
-                outside = x - z @ f.basis.T
-                g = g @ f.basis.T
+                g_full = g @ f.basis.T
                 if self.metric is None:  # under M = I the part of x outside the span pulls too
-                    g = g + u[:, None] * outside
+                    g_full += u[:, None] * (x - z @ f.basis.T)
+                g = g_full
             rows.append(g / f.scale)  # kernel coordinates are (x - mean) / scale
         return torch.cat(rows)
 

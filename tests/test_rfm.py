@@ -113,7 +113,7 @@ def test_predictor_gradients_match_finite_differences(n, d, iterations):
                           bandwidth_range=(15.0, 15.0), exponent_range=(1.2, 1.2))
     r = fit_binary_directions(X[:n], y[:n], X[n:], y[n:], 2, search, keep_predictors=True)[1]
     assert r.predictor.iteration == r.best_iteration
-    x = X[n:n + 4].double().float()
+    x = X[n:n + 4]
     analytic = r.predictor.gradients(x, r.output_index)
     eps = 1e-2
     for j in (0, 3, d - 1):
