@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 # Packages that add subcommands; one not installed (or not written yet) simply adds none.
-COMMAND_MODULES = ("engine.cli", "probes.cli", "server.cli")
+COMMAND_MODULES = ("engine.cli", "probes.cli", "server.cli", "clients.cli")
 
 DEFAULT_MODEL = "tiny-random"
 

@@ -25,7 +25,7 @@ import bisect
 import difflib
 import math
 import numbers
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Sequence
 
 import torch
@@ -279,6 +279,23 @@ class Schedule:
             return self.points[-1][1]
         (s0, v0), (s1, v1) = self.points[i - 1], self.points[i]
         return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
+
+    def shifted(self, steps: int) -> "Schedule":
+        """The same curve started `steps` later: shifted(n)(t + n) == self(t) for every t >= 0. A live
+        change says "fade in over 10 s from now"; shifting puts it on the stream's absolute clock."""
+        n = _whole("schedule shift", "steps", steps)
+        if n < 0:
+            raise ValueError(f"a schedule can only be shifted later, got {n} steps")
+        if n == 0 or self.kind == "constant":
+            return self
+        kind = self.kind
+        if kind == "logistic":
+            return replace(self, center=self.center + n)
+        if kind == "sine":
+            return replace(self, phase=math.remainder(self.phase - 2.0 * math.pi * n / self.period, 2.0 * math.pi))
+        if kind == "keyframes":
+            return replace(self, points=tuple((s + n, v) for s, v in self.points))
+        return replace(self, start=self.start + n)  # linear_*, fade_*, exp_decay
 
     # serialisation ---------------------------------------------------------------------------------
 

@@ -1,0 +1,322 @@
+"""`musicrfm serve`: the model, the sessions, and the transports (WebSocket + HTTP page, OSC).
+
+One port serves the browser page (plain HTTP GET) and the WebSocket endpoint `/ws`; OSC listens on a UDP
+port. Every client speaks docs/protocol.md. Bad input is answered and dropped; it never reaches the stream
+and never stops anybody else's audio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import itertools
+import json
+import logging
+import mimetypes
+import secrets
+import signal
+import time
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from engine.bank import DirectionBank
+from engine.model import NOISE_WARNING, MusicModel
+
+from .protocol import (MAX_MESSAGE_BYTES, PROTOCOL_VERSION, AUDIO_HEADER_BYTES, ProtocolError, decode_message,
+                       encode_message, valid_session_name)
+from .session import Cause, Session, SessionConfig
+from .state import ControlState
+from .stream import Stream
+
+log = logging.getLogger("musicrfm.server")
+WEB_ROOT = Path(__file__).resolve().parents[1] / "clients" / "web"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    osc_host: str = "127.0.0.1"
+    osc_port: int | None = 9000  # None: no OSC
+    token: str | None = None
+    max_sessions: int = 8
+    messages_per_second: float = 100.0
+    message_burst: int = 200
+    send_queue_seconds: float = 2.0  # audio a slow client may have queued before it is dropped
+    coefficient_max: float = 2.0  # the knob range: OSC /knob 0..1 and the page's knobs
+    context_steps: int | None = None
+    keep_steps: int | None = None
+    session: SessionConfig = field(default_factory=SessionConfig)
+    initial: ControlState = field(default_factory=ControlState)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Hub:
+    """The server's sessions, sharing one model and one merged bank."""
+
+    def __init__(self, model: MusicModel, bank: DirectionBank | None, bank_paths: list[Path], config: ServerConfig):
+        self.model, self.bank, self.bank_paths, self.config = model, bank, bank_paths, config
+        self.sessions: dict[str, Session] = {}
+        self.directions: list[str] = sorted(bank.keys()) if bank is not None else []
+        self.coefficient_max = config.coefficient_max
+        self._client_ids = itertools.count(1)
+
+    def next_client_id(self) -> int:
+        return next(self._client_ids)
+
+    def get_session(self, name: str) -> Session:
+        if not valid_session_name(name):
+            raise ProtocolError(f"bad session name {name!r}: 1-64 letters, digits, '-' or '_'")
+        session = self.sessions.get(name)
+        if session is None:
+            if len(self.sessions) >= self.config.max_sessions:
+                raise ProtocolError(f"the server holds its maximum of {self.config.max_sessions} sessions")
+            stream = Stream(self.model, self.bank, self.config.initial, context_steps=self.config.context_steps,
+                            keep_steps=self.config.keep_steps)
+            session = Session(name, stream, self.config.session, self.bank_paths)
+            session.start()
+            self.sessions[name] = session
+            log.info("session %s created", name)
+        return session
+
+    def hello(self, session: Session, client_id: int) -> dict:
+        m = self.model
+        state = session.state_message()
+        return {"type": "hello", "protocol": PROTOCOL_VERSION, "session": session.name, "client_id": client_id,
+                "sample_rate": m.sample_rate, "channels": 1, "frame_rate": m.frame_rate, "hop": int(m.hop_length),
+                "codebooks": m.num_codebooks, "audio": {"format": "f32le", "header_bytes": AUDIO_HEADER_BYTES},
+                "model": m.name, "random_weights": m.is_random, "note": NOISE_WARNING if m.is_random else "",
+                "directions": self.directions,
+                "limits": {"max_message_bytes": MAX_MESSAGE_BYTES,
+                           "messages_per_second": self.config.messages_per_second,
+                           "coefficient_max": self.config.coefficient_max},
+                "version": state["version"], "epoch": state["epoch"], "step": state["step"], "state": state["state"]}
+
+    async def close(self) -> None:
+        await asyncio.gather(*(s.close() for s in self.sessions.values()))
+
+
+class _RateLimit:
+    """Token bucket: `rate` messages a second, bursts of `burst`."""
+
+    def __init__(self, rate: float, burst: int):
+        self.rate, self.burst = rate, burst
+        self.tokens, self.stamp = float(burst), time.monotonic()
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+class WebSocketClient:
+    """One connection: a bounded send queue drained by its own task, so a slow client never holds up the
+    session (when its queue holds more than `send_queue_seconds` of audio, it is closed)."""
+
+    def __init__(self, ws: ServerConnection, client_id: int, encoding: str, max_queued_samples: int):
+        self.ws, self.client_id, self.encoding = ws, client_id, encoding
+        self.max_queued_samples = max_queued_samples
+        self._queue: asyncio.Queue[tuple[bytes | str, int]] = asyncio.Queue()
+        self._queued_samples = 0
+        self._dropped = False
+        self.sender = asyncio.get_running_loop().create_task(self._send_forever())
+
+    def send_message(self, message: dict) -> None:
+        self._put(encode_message(message, self.encoding), 0)
+
+    def send_audio(self, frame: bytes, samples: int) -> None:
+        if self._queued_samples + samples > self.max_queued_samples:
+            self._drop()
+            return
+        self._queued_samples += samples
+        self._put(frame, samples)
+
+    def _put(self, item: bytes | str, samples: int) -> None:
+        if not self._dropped:
+            self._queue.put_nowait((item, samples))
+
+    def _drop(self) -> None:
+        if not self._dropped:
+            self._dropped = True
+            log.warning("client %s is too slow (more than its send queue of audio behind): closing it", self.client_id)
+            asyncio.get_running_loop().create_task(self.ws.close(1013, "too slow: the audio backlog overflowed"))
+
+    async def _send_forever(self) -> None:
+        try:
+            while True:
+                item, samples = await self._queue.get()
+                await self.ws.send(item)
+                self._queued_samples -= samples
+        except ConnectionClosed:
+            pass
+
+
+class Server:
+    """Owns the hub and both transports; `run()` serves until `stop()` (or SIGINT / SIGTERM)."""
+
+    def __init__(self, model: MusicModel, bank: DirectionBank | None, bank_paths: list[Path], config: ServerConfig):
+        if not is_loopback(config.host) and not config.token:
+            raise ValueError(f"binding {config.host} (not loopback) needs a token: pass --token (clients add "
+                             f"?token=... to their URL)")
+        if config.osc_port is not None and not is_loopback(config.osc_host) and not config.token:
+            raise ValueError(f"binding OSC to {config.osc_host} (not loopback) needs a token: pass --token")
+        self.config = config
+        self.hub = Hub(model, bank, bank_paths, config)
+        self._stop = asyncio.Event()
+        self.ws_address: tuple[str, int] | None = None
+        self.osc_address: tuple[str, int] | None = None
+        self._osc = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # --- HTTP -----------------------------------------------------------------------------------------
+
+    def _token_ok(self, query: dict[str, list[str]]) -> bool:
+        if not self.config.token:
+            return True
+        given = query.get("token", [""])[0]
+        return hmac.compare_digest(given.encode(), self.config.token.encode())
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        url = urlsplit(request.path)
+        query = parse_qs(url.query)
+        if url.path == "/ws":
+            if not self._token_ok(query):
+                return connection.respond(HTTPStatus.FORBIDDEN, "a token is required: add ?token=... to the URL\n")
+            return None  # the WebSocket handshake goes on
+        if url.path == "/health":
+            body = json.dumps({"ok": True, "sessions": sorted(self.hub.sessions)}).encode()
+            return Response(200, "OK", Headers([("Content-Type", "application/json"),
+                                                ("Content-Length", str(len(body)))]), body)
+        if not self._token_ok(query) and url.path in ("/", "/index.html"):
+            return connection.respond(HTTPStatus.FORBIDDEN, "a token is required: add ?token=... to the URL\n")
+        name = "index.html" if url.path in ("/", "") else url.path.lstrip("/")
+        path = WEB_ROOT / name
+        # Flat folder only: no "..", no subfolders, nothing outside clients/web.
+        if "/" in name or name.startswith(".") or not path.is_file():
+            return connection.respond(HTTPStatus.NOT_FOUND, f"not found: {url.path}\n")
+        body = path.read_bytes()
+        kind = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        if name.endswith(".js"):
+            kind = "text/javascript"
+        return Response(200, "OK", Headers([("Content-Type", kind + ("; charset=utf-8" if kind.startswith("text") else "")),
+                                            ("Content-Length", str(len(body))), ("Cache-Control", "no-store")]), body)
+
+    # --- WebSocket ------------------------------------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        query = parse_qs(urlsplit(ws.request.path).query)
+        name = query.get("session", ["main"])[0]
+        encoding = query.get("encoding", ["json"])[0]
+        if encoding not in ("json", "msgpack"):
+            await ws.close(1008, "encoding must be json or msgpack")
+            return
+        try:
+            session = self.hub.get_session(name)
+        except ProtocolError as exc:
+            await ws.close(1008, str(exc)[:120])
+            return
+        client_id = self.hub.next_client_id()
+        rate = session.sample_rate
+        client = WebSocketClient(ws, client_id, encoding, int(self.config.send_queue_seconds * rate))
+        client.send_message(self.hub.hello(session, client_id))
+        session.add_listener(client)
+        limit = _RateLimit(self.config.messages_per_second, self.config.message_burst)
+        log.info("client %s joined session %s", client_id, name)
+        try:
+            async for frame in ws:
+                if not limit.allow():
+                    client.send_message({"type": "error", "id": None,
+                                         "message": f"rate limit: at most {self.config.messages_per_second:g} "
+                                                    "messages a second; this one was dropped"})
+                    continue
+                message_id = None
+                try:
+                    message = decode_message(frame)
+                    message_id = message.get("id")
+                    if message_id is not None and (isinstance(message_id, bool) or not isinstance(message_id, (str, int))
+                                                   or len(str(message_id)) > 64):
+                        message_id = None
+                        raise ProtocolError("id must be a string or integer of at most 64 characters")
+                    await session.handle(message, Cause("websocket", client_id, message_id))
+                    if message["type"] == "get":
+                        client.send_message(session.state_message())
+                except ProtocolError as exc:
+                    client.send_message({"type": "error", "id": message_id, "message": str(exc)})
+        except ConnectionClosed:
+            pass
+        finally:
+            session.remove_listener(client)
+            client.sender.cancel()
+            log.info("client %s left session %s", client_id, name)
+
+    # --- running --------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        c = self.config
+        self._ws = await serve(self._handle, c.host, c.port, process_request=self._process_request,
+                               max_size=MAX_MESSAGE_BYTES, compression=None, ping_interval=20, ping_timeout=20,
+                               close_timeout=5, server_header="musicrfm")
+        sock = next(iter(self._ws.sockets))
+        self.ws_address = sock.getsockname()[:2]
+        if c.osc_port is not None:
+            from .osc import OscServer
+
+            self._osc = OscServer(self.hub, token=c.token)
+            self.osc_address = await self._osc.start(c.osc_host, c.osc_port)
+
+    async def close(self) -> None:
+        """Clean shutdown: finalise recordings, tell clients the server is going away (1001)."""
+        if self._osc is not None:
+            self._osc.close()
+        await self.hub.close()
+        self._ws.close(close_connections=True)
+        await self._ws.wait_closed()
+
+    async def run(self, ready=None) -> None:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, self.stop)
+            except (NotImplementedError, RuntimeError):  # not the main thread, or not a Unix loop
+                pass
+        if ready is not None:
+            ready(self)
+        try:
+            await self._stop.wait()
+        finally:
+            await self.close()
+
+
+def load_bank_files(paths: list[Path]) -> DirectionBank | None:
+    bank = None
+    for p in paths:
+        b = DirectionBank.load(p)
+        bank = b if bank is None else bank.merge(b)
+    return bank
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(18)

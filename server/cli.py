@@ -1,0 +1,106 @@
+"""`musicrfm serve` (the live server) and `musicrfm replay` (regenerate a recording)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+
+def cmd_serve(args) -> int:
+    from engine.model import NOISE_WARNING, load_model
+    from engine.sampling import SamplingConfig
+
+    from .app import Server, ServerConfig, is_loopback, load_bank_files, new_token
+    from .protocol import DEFAULT_OSC_PORT
+    from .session import SessionConfig
+    from .state import ControlState
+
+    logging.getLogger("musicrfm").setLevel(logging.INFO)
+    token = args.token
+    if token is None and (not is_loopback(args.host) or (args.osc_port and not is_loopback(args.osc_host))):
+        token = new_token()
+        print(f"not loopback: clients need ?token={token} (OSC senders: /musicrfm/auth \"{token}\" first)")
+    sampling = SamplingConfig(guidance_scale=args.guidance, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, greedy=args.greedy)
+    config = ServerConfig(
+        host=args.host, port=args.port, osc_host=args.osc_host,
+        osc_port=None if args.osc_port is not None and args.osc_port < 0 else (args.osc_port if args.osc_port is not None else DEFAULT_OSC_PORT),
+        token=token, max_sessions=args.max_sessions, coefficient_max=args.coefficient_max,
+        session=SessionConfig(chunk_steps=args.chunk_steps, lead_seconds=args.lead, record_dir=args.record_dir),
+        initial=ControlState(prompt=args.prompt, sampling=sampling, seed=args.seed),
+    )
+    bank = load_bank_files(args.bank)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+
+    def ready(server) -> None:
+        host, port = server.ws_address
+        print(f"musicrfm serving {model.describe()}", flush=True)
+        if model.is_random:
+            print(f"note: {NOISE_WARNING}", flush=True)
+        print(f"page: http://{host}:{port}/   websocket: ws://{host}:{port}/ws?session=main", flush=True)
+        if server.osc_address:
+            print(f"osc: udp {server.osc_address[0]}:{server.osc_address[1]}", flush=True)
+        print("ready", flush=True)
+
+    server = Server(model, bank, list(args.bank), config)
+    asyncio.run(server.run(ready))
+    return 0
+
+
+def cmd_replay(args) -> int:
+    from engine.audio import write_wav
+
+    from .recording import replay
+
+    result = replay(args.log, progress=not args.quiet)
+    out = args.out or args.log.with_name(args.log.stem + "-replay.wav")
+    write_wav(out, result.audio, result.sample_rate)
+    first, end = result.header["first_frame"], result.header["first_frame"] + result.codes.shape[1]
+    print(f"replayed frames {first}..{end} -> {out}")
+    if result.expected_sha256 is None:
+        print("the log has no end line (the recording was cut off): tokens regenerated, nothing to compare")
+        return 0
+    if not result.matches:
+        print(f"tokens differ from the recording: {result.tokens_sha256} != {result.expected_sha256} "
+              f"(same model, device and dtype are needed)", file=sys.stderr)
+        return 1
+    print(f"tokens match the recording (sha256 {result.tokens_sha256[:16]}...)")
+    return 0
+
+
+def register(sub) -> None:
+    from engine.cli import add_model_args
+
+    s = sub.add_parser("serve", help="the live steering server: WebSocket (+ browser page) and OSC")
+    add_model_args(s)
+    s.add_argument("--bank", action="append", type=Path, default=[], metavar="FILE",
+                   help="direction bank (.safetensors); repeatable")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (anything but loopback needs --token)")
+    s.add_argument("--port", type=int, default=8765, help="WebSocket + page port (0: any free port)")
+    s.add_argument("--osc-host", default="127.0.0.1")
+    s.add_argument("--osc-port", type=int, default=None, help="OSC UDP port (default 9000; -1: no OSC)")
+    s.add_argument("--token", default=None, help="clients must pass ?token=...; required off loopback "
+                                                 "(one is made up and printed if not given)")
+    s.add_argument("--lead", type=float, default=0.5, help="seconds of audio generated ahead of playback")
+    s.add_argument("--chunk-steps", type=int, default=5, help="generation steps per audio chunk (50 = 1 s)")
+    s.add_argument("--record-dir", type=Path, default=Path("recordings"))
+    s.add_argument("--max-sessions", type=int, default=8)
+    s.add_argument("--coefficient-max", type=float, default=2.0, help="knob range: 0..1 maps to 0..this")
+    s.add_argument("--prompt", default="", help="a new session's prompt")
+    s.add_argument("--seed", type=int, default=0, help="a new session's seed")
+    g = s.add_argument_group("sampling (a new session's)")
+    g.add_argument("--guidance", type=float, default=3.0)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=250)
+    g.add_argument("--top-p", type=float, default=0.0)
+    g.add_argument("--greedy", action="store_true")
+    s.set_defaults(func=cmd_serve)
+
+    r = sub.add_parser("replay", help="regenerate a recorded session from its JSONL log and check the tokens")
+    r.add_argument("log", type=Path, help="the .jsonl written beside a recording")
+    r.add_argument("--out", type=Path, default=None, help="output WAV (default: LOG-replay.wav)")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=cmd_replay)

@@ -1,0 +1,126 @@
+"""The wire format of docs/protocol.md: audio frames and control-message encoding.
+
+This module is the public contract between the server and its clients, so it imports nothing heavy (no
+torch, no model): `clients/` imports it and nothing else from `server/`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+PROTOCOL_VERSION = 1
+AUDIO_MAGIC = b"MRFA"
+AUDIO_HEADER_VERSION = 1
+# magic, header version, header size, control version, sample rate, first sample, step start, step end,
+# epoch, num samples
+_AUDIO_HEADER = struct.Struct("<4sHHIIQIIII")
+AUDIO_HEADER_BYTES = _AUDIO_HEADER.size  # 40
+
+MAX_MESSAGE_BYTES = 64 * 1024
+DEFAULT_WS_PORT = 8765
+DEFAULT_OSC_PORT = 9000
+SESSION_NAME_MAX = 64
+
+
+class ProtocolError(ValueError):
+    """A message a client sent that the protocol does not allow; the text names the problem."""
+
+
+@dataclass(frozen=True)
+class AudioHeader:
+    control_version: int
+    sample_rate: int
+    first_sample: int
+    step_start: int
+    step_end: int
+    epoch: int
+    num_samples: int
+
+
+def pack_audio(header: AudioHeader, samples: np.ndarray) -> bytes:
+    """One binary audio frame: the 40-byte header, then float32 little-endian mono PCM."""
+    pcm = np.ascontiguousarray(samples, dtype="<f4")
+    if pcm.ndim != 1 or pcm.shape[0] != header.num_samples:
+        raise ValueError(f"audio frame: header says {header.num_samples} samples, got shape {pcm.shape}")
+    head = _AUDIO_HEADER.pack(AUDIO_MAGIC, AUDIO_HEADER_VERSION, AUDIO_HEADER_BYTES, header.control_version,
+                              header.sample_rate, header.first_sample, header.step_start, header.step_end,
+                              header.epoch, header.num_samples)
+    return head + pcm.tobytes()
+
+
+def unpack_audio(frame: bytes) -> tuple[AudioHeader, np.ndarray]:
+    """Parse a binary audio frame; ProtocolError if it is not one."""
+    if len(frame) < AUDIO_HEADER_BYTES or frame[:4] != AUDIO_MAGIC:
+        raise ProtocolError("not an audio frame (no MRFA header)")
+    magic, version, size, *fields = _AUDIO_HEADER.unpack_from(frame)
+    if size < AUDIO_HEADER_BYTES or size > len(frame):
+        raise ProtocolError(f"audio frame: bad header size {size}")
+    header = AudioHeader(*fields)
+    pcm = np.frombuffer(frame, dtype="<f4", offset=size)
+    if pcm.shape[0] != header.num_samples:
+        raise ProtocolError(f"audio frame: header says {header.num_samples} samples, frame holds {pcm.shape[0]}")
+    return header, pcm.astype(np.float32)
+
+
+def is_audio_frame(frame: bytes | str) -> bool:
+    return isinstance(frame, (bytes, bytearray, memoryview)) and bytes(frame[:4]) == AUDIO_MAGIC
+
+
+def _reject_constants(name: str) -> Any:
+    raise ProtocolError(f"{name} is not a number the protocol allows (NaN and infinities are refused)")
+
+
+def decode_message(frame: bytes | str) -> dict:
+    """A client message from a text (JSON) or binary (msgpack) frame -> dict with a string 'type'."""
+    try:
+        if isinstance(frame, str):
+            message = json.loads(frame, parse_constant=_reject_constants)
+        else:
+            import msgpack
+
+            message = msgpack.unpackb(bytes(frame), raw=False, strict_map_key=True)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # json.JSONDecodeError, msgpack's ExtraData / FormatError / ValueError, ...
+        kind = "JSON" if isinstance(frame, str) else "msgpack"
+        raise ProtocolError(f"malformed {kind} message: {exc}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError(f"a message must be an object with a 'type', got {type(message).__name__}")
+    if not isinstance(message.get("type"), str):
+        raise ProtocolError("a message needs a string 'type'")
+    check_finite(message)
+    return message
+
+
+def check_finite(value: Any, where: str = "message") -> None:
+    """Refuse NaN / inf anywhere (msgpack floats can carry them; JSON ones are refused while parsing)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ProtocolError(f"{where} holds {value}: numbers must be finite")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            check_finite(v, f"{where}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            check_finite(v, f"{where}[{i}]")
+
+
+def encode_message(message: dict, encoding: str = "json") -> bytes | str:
+    """A message for the wire: JSON text, or a msgpack binary frame."""
+    if encoding == "json":
+        return json.dumps(message, separators=(",", ":"), allow_nan=False)
+    if encoding == "msgpack":
+        import msgpack
+
+        return msgpack.packb(message, use_bin_type=True)
+    raise ValueError(f"unknown encoding {encoding!r}; choose json or msgpack")
+
+
+def valid_session_name(name: str) -> bool:
+    return (isinstance(name, str) and 0 < len(name) <= SESSION_NAME_MAX
+            and all(c.isascii() and (c.isalnum() or c in "-_") for c in name))

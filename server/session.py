@@ -1,0 +1,314 @@
+"""A live session: one `Stream` paced against a real-time clock, its listeners, its recording.
+
+All of a session's bookkeeping runs on the event loop; the model work (`Stream.generate`, and applying
+changes, which may encode a prompt) runs in the session's own worker thread, one call at a time, so the
+loop never blocks and two sessions generate side by side.
+
+Pacing: the server's playback clock runs at real time from the moment a stream starts playing. The
+session generates a chunk whenever less than `lead_seconds` of audio is ahead of that clock, and sleeps
+otherwise. When generation cannot keep up, the clock catches the generated audio (an underrun: the
+listeners' buffers ran dry); the session counts it, warns once, and carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+
+from .protocol import AudioHeader, ProtocolError, pack_audio
+from .recording import Recorder
+from .stream import Applied, Cause, Stream, StreamChunk
+
+log = logging.getLogger("musicrfm.session")
+__all__ = ["Cause", "Session", "SessionConfig", "Listener"]
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    chunk_steps: int = 5  # steps per generate call (100 ms at 50 steps/s): the granularity of pacing
+    lead_seconds: float = 0.5  # generated-but-unplayed audio to keep ahead of the real-time clock
+    record_dir: Path = Path("recordings")
+    stats_interval: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.chunk_steps, int) or self.chunk_steps < 1:
+            raise ValueError(f"chunk_steps must be an integer >= 1, got {self.chunk_steps!r}")
+        if not 0 < self.lead_seconds <= 30:
+            raise ValueError(f"lead_seconds must be in (0, 30], got {self.lead_seconds}")
+
+
+class Listener(Protocol):
+    """A client that hears the session: the WebSocket connection implements this."""
+
+    client_id: int
+
+    def send_audio(self, frame: bytes, samples: int) -> None: ...
+
+    def send_message(self, message: dict) -> None: ...
+
+
+class _Clock:
+    """The real-time playback position of a stream, in samples."""
+
+    def __init__(self, sample_rate: int):
+        self.sample_rate = sample_rate
+        self.reset()
+
+    def reset(self) -> None:
+        self._anchor_time: float | None = None  # None: not running (stopped / paused / nothing yet)
+        self.anchor = 0  # the sample playing at _anchor_time (or where playback is held)
+
+    def start(self, at_sample: int) -> None:
+        self._anchor_time, self.anchor = time.monotonic(), at_sample
+
+    def pause(self, generated: int) -> None:
+        self.anchor = self.position(generated)
+        self._anchor_time = None
+
+    def position(self, generated: int) -> int:
+        if self._anchor_time is None:
+            return min(self.anchor, generated)
+        return self.anchor + int((time.monotonic() - self._anchor_time) * self.sample_rate)
+
+    @property
+    def running(self) -> bool:
+        return self._anchor_time is not None
+
+
+class Session:
+    def __init__(self, name: str, stream: Stream, config: SessionConfig, bank_paths: list[Path]):
+        self.name = name
+        self.stream = stream
+        self.config = config
+        self.bank_paths = bank_paths
+        self.sample_rate = stream.model.sample_rate
+        self._listeners: dict[int, Listener] = {}
+        self._subscribers: list[Callable[[dict], None]] = []
+        self._recorder: Recorder | None = None
+        self._record_requests: list[tuple[str, Cause]] = []
+        self._clock = _Clock(self.sample_rate)
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"session-{name}")
+        self._task: asyncio.Task | None = None
+        self._closed = False
+        self.last_applied: Applied | None = None
+        # stats
+        self.underruns = 0
+        self._behind_warned = False
+        self._work_seconds = 0.0
+        self._work_samples = 0
+        self._last_stats = 0.0
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"session {self.name}")
+
+    async def close(self) -> None:
+        """Stop generating, finalise a recording, release the worker."""
+        self._closed = True
+        self._wake.set()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._recorder is not None:
+            self._finish_recording()
+        self._executor.shutdown(wait=True)
+
+    # --- clients ------------------------------------------------------------------------------------
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners[listener.client_id] = listener
+
+    def remove_listener(self, listener: Listener) -> None:
+        self._listeners.pop(listener.client_id, None)
+
+    @property
+    def listeners(self) -> int:
+        return len(self._listeners)
+
+    def subscribe(self, callback: Callable[[dict], None]) -> Callable[[], None]:
+        """callback(message) for every control message the session sends (state, stats, warning, recording)."""
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback) if callback in self._subscribers else None
+
+    def _broadcast(self, message: dict) -> None:
+        for listener in list(self._listeners.values()):
+            listener.send_message(message)
+        for callback in list(self._subscribers):
+            try:
+                callback(message)
+            except Exception:  # a subscriber's bug must not stop the stream
+                log.exception("session %s: subscriber failed", self.name)
+
+    def state_message(self, applied: Applied | None = None) -> dict:
+        applied = applied or self.last_applied
+        s = self.stream
+        msg = {"type": "state", "version": s.version, "epoch": max(s.epoch, 0), "step": s.step,
+               "state": s.state.to_dict(), "cause": None}
+        if applied is not None and applied.version == s.version:
+            msg.update(step=applied.step, epoch=max(applied.epoch, 0), cause=applied.cause.to_dict())
+        if applied is not None and applied.version != s.version:  # an older change, echoed in order
+            msg.update(version=applied.version, step=applied.step, epoch=max(applied.epoch, 0),
+                       state=applied.state.to_dict(), cause=applied.cause.to_dict())
+        return msg
+
+    # --- control ------------------------------------------------------------------------------------
+
+    async def handle(self, message: dict, cause: Cause) -> None:
+        """A client's message (already decoded). Raises ProtocolError naming what is wrong."""
+        if self._closed:
+            raise ProtocolError(f"session {self.name!r} is closing")
+        kind = message.get("type")
+        if kind in ("set", "transport"):
+            self.stream.submit(message, cause)
+            self._wake.set()
+        elif kind == "record":
+            extra = [k for k in message if k not in ("type", "id", "command")]
+            if extra:
+                raise ProtocolError(f"record: unknown field {extra[0]!r}")
+            command = message.get("command")
+            if command not in ("start", "stop"):
+                raise ProtocolError(f"record command must be start or stop, got {command!r}")
+            if command == "start" and self.stream.generator is None and not self.stream.pending:
+                raise ProtocolError("nothing to record: the session is stopped (send transport play first)")
+            self._record_requests.append((command, cause))
+            self._wake.set()
+        elif kind == "get":
+            return None
+        else:
+            raise ProtocolError(f"unknown message type {kind!r}; expected set, transport, record or get")
+
+    # --- the loop -----------------------------------------------------------------------------------
+
+    def _generated(self) -> int:
+        return self.stream.samples_emitted
+
+    def lead_seconds(self) -> float:
+        return (self._generated() - self._clock.position(self._generated())) / self.sample_rate
+
+    async def _work(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _run(self) -> None:
+        try:
+            while not self._closed:
+                self._wake.clear()
+                if self.stream.state.playback != "playing":  # while playing, generate() applies changes
+                    self._publish(await self._work(self.stream.apply_due))
+                self._handle_record_requests()
+                if self.stream.state.playback != "playing":
+                    if self._clock.running:
+                        self._clock.pause(self._generated())
+                    await self._idle(None)
+                    continue
+                if not self._clock.running and self._generated() > self._clock.anchor:
+                    # Playback (re)starts once there is audio to play: at a stream's first chunk, or on resume.
+                    self._clock.start(self._clock.anchor)
+                lead = self.lead_seconds()
+                if lead < 0:  # the clock overtook the audio: listeners ran dry
+                    self._underrun()
+                    lead = 0.0
+                if lead >= self.config.lead_seconds:
+                    await self._idle(lead - self.config.lead_seconds + 0.002)
+                    continue
+                chunk = await self._work(self.stream.generate, self.config.chunk_steps)
+                self._publish(chunk)
+                self._stats()
+        except Exception:
+            log.exception("session %s: generation failed", self.name)
+            self._broadcast({"type": "warning", "message": "generation failed on the server; the session stopped "
+                                                           "(see the server log)"})
+
+    async def _idle(self, seconds: float | None) -> None:
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    def _underrun(self) -> None:
+        self.underruns += 1
+        self._clock.start(self._generated())  # playback resumes where the audio is
+        factor = self.realtime_factor
+        if not self._behind_warned and factor is not None and factor < 1.0:
+            self._behind_warned = True
+            text = f"generation is slower than real time ({factor:.2f}x): audio will stutter"
+            log.warning("session %s: %s", self.name, text)
+            self._broadcast({"type": "warning", "message": text})
+
+    @property
+    def realtime_factor(self) -> float | None:
+        if self._work_seconds <= 0:
+            return None
+        return self._work_samples / self.sample_rate / self._work_seconds
+
+    def _publish(self, chunk: StreamChunk) -> None:
+        for applied in chunk.applied:
+            self.last_applied = applied
+            self._broadcast(self.state_message(applied))
+            if self._recorder is not None and applied.epoch == self._recorder.epoch:
+                self._recorder.add_state(applied)
+        n = int(chunk.audio.shape[0])
+        if n:
+            self._work_seconds += chunk.seconds
+            self._work_samples += n
+            header = AudioHeader(chunk.version, self.sample_rate, chunk.first_sample, chunk.steps[0],
+                                 chunk.steps[1], max(chunk.epoch, 0), n)
+            frame = pack_audio(header, chunk.audio)
+            for listener in list(self._listeners.values()):
+                listener.send_audio(frame, n)
+            if self._recorder is not None and self._recorder.epoch == chunk.epoch:
+                self._recorder.add_audio(chunk.first_sample, chunk.audio)
+        if chunk.ended:
+            if self._recorder is not None and self._recorder.epoch == chunk.epoch:
+                self._finish_recording()
+            self._clock.reset()
+            self._behind_warned = False
+
+    def _stats(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_stats < self.config.stats_interval:
+            return
+        self._last_stats = now
+        s = self.stream
+        factor = self.realtime_factor
+        self._broadcast({"type": "stats", "epoch": max(s.epoch, 0), "step": s.step,
+                         "seconds": round(self._generated() / self.sample_rate, 3),
+                         "lead_seconds": round(self.lead_seconds(), 3),
+                         "realtime_factor": round(factor, 3) if factor is not None else None,
+                         "underruns": self.underruns, "listeners": self.listeners,
+                         "playback": s.state.playback})
+
+    # --- recording ----------------------------------------------------------------------------------
+
+    def _handle_record_requests(self) -> None:
+        requests, self._record_requests = self._record_requests, []
+        for command, cause in requests:
+            if command == "start":
+                if self._recorder is not None:
+                    continue
+                if self.stream.generator is None:
+                    self._broadcast({"type": "error", "id": cause.id,
+                                     "message": "nothing to record: the session is stopped"})
+                    continue
+                self.config.record_dir.mkdir(parents=True, exist_ok=True)
+                stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+                base = self.config.record_dir / f"{self.name}-{self.stream.epoch}-{stamp}"
+                self._recorder = Recorder(base, self.stream, self.bank_paths)
+                self._broadcast({"type": "recording", "status": "started", "wav": str(self._recorder.wav_path),
+                                 "log": str(self._recorder.log_path), "frames": [self._recorder.first_frame, None]})
+            elif self._recorder is not None:
+                self._finish_recording()
+
+    def _finish_recording(self) -> None:
+        recorder, self._recorder = self._recorder, None
+        s = self.stream
+        codes = s.generator.codes() if s.generator is not None and s.epoch == recorder.epoch else s.finished_codes
+        self._broadcast(recorder.finish(codes))
