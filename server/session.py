@@ -93,6 +93,7 @@ class Session:
         self._listeners: dict[int, Listener] = {}
         self._subscribers: list[Callable[[dict], None]] = []
         self._recorder: Recorder | None = None
+        self._armed = False  # `record start` while stopped: record the next stream from its first frame
         self._record_requests: list[tuple[str, Cause]] = []
         self._clock = _Clock(self.sample_rate)
         self._wake = asyncio.Event()
@@ -177,8 +178,6 @@ class Session:
             command = message.get("command")
             if command not in ("start", "stop"):
                 raise ProtocolError(f"record command must be start or stop, got {command!r}")
-            if command == "start" and self.stream.generator is None and not self.stream.pending:
-                raise ProtocolError("nothing to record: the session is stopped (send transport play first)")
             self._record_requests.append((command, cause))
             self._wake.set()
         elif kind == "get":
@@ -294,10 +293,12 @@ class Session:
             if command == "start":
                 if self._recorder is not None:
                     continue
-                if self.stream.generator is None:
-                    self._broadcast({"type": "error", "id": cause.id,
-                                     "message": "nothing to record: the session is stopped"})
+                if self.stream.generator is None:  # armed: the recording starts with the next stream
+                    if not self._armed:
+                        self._armed = True
+                        self._broadcast({"type": "recording", "status": "armed"})
                     continue
+                self._armed = False
                 self.config.record_dir.mkdir(parents=True, exist_ok=True)
                 stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
                 base = self.config.record_dir / f"{self.name}-{self.stream.epoch}-{stamp}"
@@ -306,6 +307,12 @@ class Session:
                                  "log": str(self._recorder.log_path), "frames": [self._recorder.first_frame, None]})
             elif self._recorder is not None:
                 self._finish_recording()
+            elif self._armed:
+                self._armed = False
+                self._broadcast({"type": "recording", "status": "disarmed"})
+        if self._armed and self.stream.generator is not None and self._recorder is None:
+            self._record_requests.append(("start", Cause("server")))
+            self._handle_record_requests()
 
     def _finish_recording(self) -> None:
         recorder, self._recorder = self._recorder, None
