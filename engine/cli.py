@@ -7,6 +7,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -151,16 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # MusicGen configs trip harmless pad-token warnings
-    from .bank import BankError
+    # MusicGen configs trip harmless pad-token warnings. Set through the environment, so commands that never
+    # touch a model (listen, perform --url) start without importing transformers and torch.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, OSError, RuntimeError, BankError) as exc:
+    except Exception as exc:
         # Expected failures (bad settings, missing weights, bad banks) get one clear line, no traceback.
+        bank = sys.modules.get("engine.bank")  # not imported by commands that never load a bank
+        if not isinstance(exc, (ValueError, KeyError, OSError, RuntimeError)) and not (
+                bank is not None and isinstance(exc, bank.BankError)):
+            raise
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"musicrfm: error: {msg}", file=sys.stderr)
         return 2

@@ -249,11 +249,11 @@ class Session:
         return self._work_samples / self.sample_rate / self._work_seconds
 
     def _publish(self, chunk: StreamChunk) -> None:
-        for applied in chunk.applied:
-            self.last_applied = applied
-            self._broadcast(self.state_message(applied))
-            if self._recorder is not None and applied.epoch == self._recorder.epoch:
-                self._recorder.add_state(applied)
+        # A change's `state` goes out before the audio it shaped, so a client knows the step before the
+        # samples arrive; but a stream's end goes out after its last audio (the decoder's tail), so a
+        # client that sees "stopped" knows nothing more of that stream is coming.
+        if not chunk.ended:
+            self._publish_states(chunk.applied)
         n = int(chunk.audio.shape[0])
         if n:
             self._work_seconds += chunk.seconds
@@ -266,10 +266,18 @@ class Session:
             if self._recorder is not None and self._recorder.epoch == chunk.epoch:
                 self._recorder.add_audio(chunk.first_sample, chunk.audio)
         if chunk.ended:
+            self._publish_states(chunk.applied)
             if self._recorder is not None and self._recorder.epoch == chunk.epoch:
                 self._finish_recording()
             self._clock.reset()
             self._behind_warned = False
+
+    def _publish_states(self, applied_changes: list[Applied]) -> None:
+        for applied in applied_changes:
+            self.last_applied = applied
+            self._broadcast(self.state_message(applied))
+            if self._recorder is not None and applied.epoch == self._recorder.epoch:
+                self._recorder.add_state(applied)
 
     def _stats(self, force: bool = False) -> None:
         now = time.monotonic()
