@@ -106,7 +106,8 @@ class Hub:
                 "limits": {"max_message_bytes": MAX_MESSAGE_BYTES,
                            "messages_per_second": self.config.messages_per_second,
                            "coefficient_max": self.config.coefficient_max},
-                "version": state["version"], "epoch": state["epoch"], "step": state["step"], "state": state["state"]}
+                "version": state["version"], "epoch": state["epoch"], "step": state["step"], "state": state["state"],
+                "recording": state["recording"]}
 
     async def close(self) -> None:
         await asyncio.gather(*(s.close() for s in self.sessions.values()))
@@ -127,6 +128,16 @@ class _RateLimit:
             self.tokens -= 1
             return True
         return False
+
+
+def _valid_id(value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or len(str(value)) > 64:
+        return False
+    try:  # a lone surrogate (a JSON "\ud800" escape) cannot be sent to the msgpack clients the id is echoed to
+        str(value).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class WebSocketClient:
@@ -255,14 +266,15 @@ class Server:
                 try:
                     message = decode_message(frame)
                     message_id = message.get("id")
-                    if message_id is not None and (isinstance(message_id, bool) or not isinstance(message_id, (str, int))
-                                                   or len(str(message_id)) > 64):
+                    if message_id is not None and not _valid_id(message_id):
                         message_id = None
-                        raise ProtocolError("id must be a string or integer of at most 64 characters")
+                        raise ProtocolError("id must be a string (valid Unicode) or an integer, of at most 64 characters")
                     await session.handle(message, Cause("websocket", client_id, message_id))
                     if message["type"] == "get":
                         client.send_message(session.state_message())
                 except ProtocolError as exc:
+                    if message_id is None and _valid_id(exc.message_id):  # e.g. a NaN in a message with an id
+                        message_id = exc.message_id
                     client.send_message({"type": "error", "id": message_id, "message": str(exc)})
         except ConnectionClosed:
             pass

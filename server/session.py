@@ -153,13 +153,19 @@ class Session:
         applied = applied or self.last_applied
         s = self.stream
         msg = {"type": "state", "version": s.version, "epoch": max(s.epoch, 0), "step": s.step,
-               "state": s.state.to_dict(), "cause": None}
+               "state": s.state.to_dict(), "cause": None, "recording": self.recording_status()}
         if applied is not None and applied.version == s.version:
             msg.update(step=applied.step, epoch=max(applied.epoch, 0), cause=applied.cause.to_dict())
         if applied is not None and applied.version != s.version:  # an older change, echoed in order
             msg.update(version=applied.version, step=applied.step, epoch=max(applied.epoch, 0),
                        state=applied.state.to_dict(), cause=applied.cause.to_dict())
         return msg
+
+    def recording_status(self) -> dict:
+        """What a client joining now needs to show the record button right."""
+        if self._recorder is not None:
+            return {"status": "recording", "wav": str(self._recorder.wav_path), "log": str(self._recorder.log_path)}
+        return {"status": "armed" if self._armed else "off"}
 
     # --- control ------------------------------------------------------------------------------------
 
