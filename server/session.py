@@ -21,7 +21,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Protocol
 
-import numpy as np
 
 from .protocol import AudioHeader, ProtocolError, pack_audio
 from .recording import Recorder

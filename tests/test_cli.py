@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.bank import DirectionBank
-from engine.model import ModelFingerprint, load_model
+from engine.model import ModelFingerprint
 
 CLI = [shutil.which("musicrfm")] if shutil.which("musicrfm") else [sys.executable, "-m", "engine.cli"]
 ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
@@ -22,14 +22,8 @@ def run(*args, cwd):
 
 
 @pytest.fixture(scope="module")
-def bank_file(tmp_path_factory):
-    fp = load_model("tiny-random").fingerprint
-    g = torch.Generator().manual_seed(0)
-    bank = DirectionBank.from_arrays("notes", ["C", "G"], torch.randn(2, fp.num_layers, fp.hidden_size, generator=g),
-                                     torch.rand(2, fp.num_layers, generator=g), fp, method="test", pooling="mean")
-    path = tmp_path_factory.mktemp("banks") / "notes.safetensors"
-    bank.save(path)
-    return path
+def bank_file(test_bank_path):
+    return test_bank_path
 
 
 def test_generate_steered_writes_wav_and_sidecar_that_regenerates(tmp_path, bank_file):
