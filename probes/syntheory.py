@@ -68,6 +68,7 @@ __all__ = [
     "Score",
     "SoundfontNotFoundError",
     "plan_clips",
+    "render_clip",
     "render_dataset",
     "render_score",
     "score_to_midi",
@@ -754,6 +755,16 @@ def _soundfont_bytes(path: str) -> bytes:
 def render_score(score: Score, soundfont: str | os.PathLike = DEFAULT_SOUNDFONT) -> np.ndarray:
     """Render a score: float32 mono at 32 kHz, as long as the MIDI (to its last note-off)."""
     return _render_midi(score_to_midi(score), _check_soundfont(soundfont))
+
+
+def render_clip(clip: ClipSpec, soundfont: str | os.PathLike = DEFAULT_SOUNDFONT) -> np.ndarray:
+    """One planned clip as `render_dataset` writes it, without files: float32 mono at 32 kHz, 4 s,
+    peak-normalised and quantised to 16 bits, exactly what `probes.dataset.load_audio` reads back
+    from the WAV (16-bit samples / 32768). A click-track crop renders its whole track first, so
+    use this for a sample of clips, not for a dataset."""
+    audio = _fit(render_score(clip.score, soundfont), round(clip.source_seconds * SAMPLE_RATE))
+    pcm = _to_pcm16(audio[clip.crop_start : clip.crop_start + CLIP_SAMPLES])
+    return pcm.astype(np.float32) / np.float32(32768.0)
 
 
 def _render_midi(midi: bytes, soundfont: Path) -> np.ndarray:

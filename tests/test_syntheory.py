@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from probes import syntheory as st
+from probes.checks import beat_period, fft_chroma
 from probes.dataset import LABEL_COLUMNS, InfoCsvError, decode_wav, load_audio, load_concept, resample
 
 needs_soundfont = pytest.mark.skipif(
@@ -198,7 +199,8 @@ def test_missing_soundfont_is_a_clear_error(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------
-# Renders (independent checks: FFT chroma, onset autocorrelation, a direct render of the track)
+# Renders (independent checks from probes.checks: FFT chroma, onset autocorrelation; a direct
+# render of the track)
 
 SMALL = st.Preset(
     "small",
@@ -219,30 +221,6 @@ def rendered(tmp_path_factory):
     counts = st.render_dataset(root, ("notes", "tempos", "time_signatures"), SMALL, seed=0, workers=2, progress=False)
     counts.update(st.render_dataset(root, ("chords",), PIANO, seed=0, workers=2, progress=False))
     return root, counts
-
-
-def _chroma(x: np.ndarray, sr: int = st.SAMPLE_RATE) -> np.ndarray:
-    """Spectral energy folded onto the 12 pitch classes (50 Hz-5 kHz)."""
-    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x)))) ** 2
-    freqs = np.fft.rfftfreq(len(x), 1.0 / sr)
-    keep = (freqs >= 50.0) & (freqs <= 5000.0)
-    pitch_class = np.round(12 * np.log2(freqs[keep] / 440.0) + 69).astype(int) % 12
-    return np.bincount(pitch_class, weights=spectrum[keep], minlength=12)
-
-
-def _beat_period(x: np.ndarray, sr: int = st.SAMPLE_RATE, hop: int = 160) -> float:
-    """Seconds between clicks: the shortest strong peak of the autocorrelation of the log-energy
-    rise (multiples of the beat correlate too, and the accented downbeat favours the bar)."""
-    frames = len(x) // hop
-    energy = np.square(x[: frames * hop].reshape(frames, hop)).sum(axis=1)
-    rise = np.maximum(np.diff(np.log(energy + 1e-6)), 0.0)
-    rise -= rise.mean()
-    ac = np.correlate(rise, rise, mode="full")[len(rise) - 1 :]
-    lo, hi = int(0.2 * sr / hop), int(1.5 * sr / hop)
-    seg = ac[lo:hi]
-    strong = [i for i in range(1, len(seg) - 1)
-              if seg[i] >= max(seg[i - 1], seg[i + 1]) and seg[i] >= 0.7 * seg.max()]  # fmt: skip
-    return (lo + strong[0]) * hop / sr
 
 
 @needs_soundfont
@@ -277,7 +255,7 @@ def test_render_files_format_and_info_csv_round_trip(rendered):
 def test_rendered_notes_sound_their_pitch_class(rendered):
     root, _ = rendered
     data = load_concept(root, "notes")
-    predicted = [st.PITCH_NAMES[int(np.argmax(_chroma(load_audio(p))))] for p in data.paths]
+    predicted = [st.PITCH_NAMES[int(np.argmax(fft_chroma(load_audio(p))))] for p in data.paths]
     accuracy = np.mean([p == label for p, label in zip(predicted, data.labels)])
     assert accuracy >= 0.9, accuracy
 
@@ -288,7 +266,7 @@ def test_rendered_chords_contain_their_root(rendered):
     data = load_concept(root, "chords")
     hits = []
     for path, row in zip(data.paths, data.rows):
-        strongest = np.argsort(_chroma(load_audio(path)))[::-1][:3]
+        strongest = np.argsort(fft_chroma(load_audio(path)))[::-1][:3]
         hits.append(int(row["root_note_pitch_class"]) in strongest)
     assert np.mean(hits) >= 0.9, np.mean(hits)
 
@@ -298,7 +276,16 @@ def test_rendered_clicks_keep_their_tempo(rendered):
     root, _ = rendered
     data = load_concept(root, "tempos")
     for path, bpm in zip(data.paths, data.targets):
-        assert _beat_period(load_audio(path)) == pytest.approx(60.0 / bpm, rel=0.03), path.name
+        assert beat_period(load_audio(path)) == pytest.approx(60.0 / bpm, rel=0.03), path.name
+
+
+@needs_soundfont
+def test_render_clip_is_what_render_dataset_writes(rendered):
+    root, _ = rendered
+    for concept, index in (("notes", 7), ("tempos", 5)):
+        clip = st.plan_clips(concept, SMALL, seed=0)[index]
+        written = load_audio(root / concept / clip.wav_name)
+        np.testing.assert_array_equal(st.render_clip(clip), written)
 
 
 @needs_soundfont
