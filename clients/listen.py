@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import ipaddress
 import math
 import signal
 import sys
@@ -34,7 +33,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import numpy as np
 
 from server.protocol import (DEFAULT_WS_PORT, PROTOCOL_VERSION, ProtocolError, decode_message, encode_message,
-                             is_audio_frame, unpack_audio, valid_session_name)
+                             is_audio_frame, is_loopback, unpack_audio, valid_session_name)
 
 __all__ = [
     "ListenError",
@@ -116,13 +115,7 @@ def _redact(url: str) -> str:
 
 
 def _is_loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback(urlsplit(url).hostname or "")
 
 
 def _proxy_arg(connect, url: str) -> dict:

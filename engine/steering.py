@@ -89,7 +89,10 @@ _LAYER_FIELD = {"weights": "layer_weights"}
 def _number(owner: str, name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{owner}: {name} must be a number, got {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer beyond float range (10**400)
+        raise ValueError(f"{owner}: {name} must be finite, got an integer of {len(str(value))} digits") from None
     if not math.isfinite(value):
         raise ValueError(f"{owner}: {name} must be finite, got {value!r}")
     return value

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import itertools
 import json
 import logging
 import mimetypes
 import secrets
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -31,12 +31,13 @@ from engine.bank import DirectionBank
 from engine.model import NOISE_WARNING, MusicModel
 
 from .protocol import (MAX_MESSAGE_BYTES, PROTOCOL_VERSION, AUDIO_HEADER_BYTES, ProtocolError, decode_message,
-                       encode_message, valid_session_name)
+                       encode_message, is_loopback, valid_session_name)
 from .session import Cause, Session, SessionConfig
 from .state import ControlState
 from .stream import Stream
 
 log = logging.getLogger("musicrfm.server")
+SEND_BUFFER_BYTES = 128 * 1024  # a connection's kernel send buffer (about 1 s of audio; Linux doubles it)
 WEB_ROOT = Path(__file__).resolve().parents[1] / "clients" / "web"
 
 
@@ -58,13 +59,6 @@ class ServerConfig:
     initial: ControlState = field(default_factory=ControlState)
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class Hub:
@@ -150,6 +144,14 @@ class WebSocketClient:
         self._queue: asyncio.Queue[tuple[bytes | str, int]] = asyncio.Queue()
         self._queued_samples = 0
         self._dropped = False
+        sock = ws.transport.get_extra_info("socket")
+        if sock is not None:
+            # Left to the kernel, a connection's send buffer grows to megabytes (~25 s of audio): a client that
+            # stops reading would fill it before the queue above, and be closed that much later.
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+            except OSError:
+                pass
         self.sender = asyncio.get_running_loop().create_task(self._send_forever())
 
     def send_message(self, message: dict) -> None:
@@ -271,7 +273,7 @@ class Server:
                         raise ProtocolError("id must be a string (valid Unicode) or an integer, of at most 64 characters")
                     await session.handle(message, Cause("websocket", client_id, message_id))
                     if message["type"] == "get":
-                        client.send_message(session.state_message())
+                        client.send_message({**session.state_message(), "id": message_id})
                 except ProtocolError as exc:
                     if message_id is None and _valid_id(exc.message_id):  # e.g. a NaN in a message with an id
                         message_id = exc.message_id

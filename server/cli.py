@@ -12,7 +12,8 @@ def cmd_serve(args) -> int:
     from engine.model import NOISE_WARNING, load_model
     from engine.sampling import SamplingConfig
 
-    from .app import Server, ServerConfig, is_loopback, load_bank_files, new_token
+    from .app import Server, ServerConfig, load_bank_files, new_token
+    from .protocol import is_loopback
     from .protocol import DEFAULT_OSC_PORT
     from .session import SessionConfig
     from .state import ControlState

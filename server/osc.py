@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import hmac
-import ipaddress
 import logging
 import math
 import re
@@ -33,7 +32,7 @@ from pythonosc import osc_bundle_builder, osc_message_builder
 from pythonosc.osc_message import OscMessage
 from pythonosc.parsing import osc_types
 
-from .protocol import MAX_MESSAGE_BYTES, ProtocolError, valid_session_name
+from .protocol import MAX_MESSAGE_BYTES, ProtocolError, is_loopback, valid_session_name
 from .stream import Cause
 
 log = logging.getLogger("musicrfm.osc")
@@ -406,13 +405,6 @@ class _RateLimitedLog:
 # --- the server -------------------------------------------------------------------------------------
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class _Protocol(asyncio.DatagramProtocol):
@@ -461,7 +453,7 @@ class OscServer:
         """Bind the UDP socket; returns the bound (host, port) (port 0 picks a free one)."""
         if self.transport is not None:
             raise RuntimeError("the OSC server is already started")
-        if self.token is None and not _is_loopback(host):
+        if self.token is None and not is_loopback(host):
             raise ValueError(f"OSC on {host!r} (not loopback) needs a token: senders must send "
                              f"{AUTH_ADDRESS} s:TOKEN first")
         if self.token is not None and not self.token:

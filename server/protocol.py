@@ -31,6 +31,8 @@ SESSION_NAME_MAX = 64
 class ProtocolError(ValueError):
     """A message a client sent that the protocol does not allow; the text names the problem."""
 
+    message_id: Any = None  # the offending message's `id`, when it could be read (decode_message sets it)
+
 
 @dataclass(frozen=True)
 class AudioHeader:
@@ -72,15 +74,11 @@ def is_audio_frame(frame: bytes | str) -> bool:
     return isinstance(frame, (bytes, bytearray, memoryview)) and bytes(frame[:4]) == AUDIO_MAGIC
 
 
-def _reject_constants(name: str) -> Any:
-    raise ProtocolError(f"{name} is not a number the protocol allows (NaN and infinities are refused)")
-
-
 def decode_message(frame: bytes | str) -> dict:
     """A client message from a text (JSON) or binary (msgpack) frame -> dict with a string 'type'."""
     try:
         if isinstance(frame, str):
-            message = json.loads(frame, parse_constant=_reject_constants)
+            message = json.loads(frame)  # NaN / Infinity literals parse, then check_finite names where they are
         else:
             import msgpack
 
@@ -92,22 +90,41 @@ def decode_message(frame: bytes | str) -> dict:
         raise ProtocolError(f"malformed {kind} message: {exc}") from None
     if not isinstance(message, dict):
         raise ProtocolError(f"a message must be an object with a 'type', got {type(message).__name__}")
-    if not isinstance(message.get("type"), str):
-        raise ProtocolError("a message needs a string 'type'")
-    check_finite(message)
+    try:
+        if not isinstance(message.get("type"), str):
+            raise ProtocolError("a message needs a string 'type'")
+        check_finite(message)
+    except ProtocolError as exc:
+        exc.message_id = message.get("id")  # the message was read: its error can still carry its id
+        raise
     return message
 
 
+MAX_NESTING = 32  # objects / arrays within each other in one message (the protocol needs 5)
+
+
 def check_finite(value: Any, where: str = "message") -> None:
-    """Refuse NaN / inf anywhere (msgpack floats can carry them; JSON ones are refused while parsing)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ProtocolError(f"{where} holds {value}: numbers must be finite")
-    if isinstance(value, dict):
-        for k, v in value.items():
-            check_finite(v, f"{where}.{k}")
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            check_finite(v, f"{where}[{i}]")
+    """Refuse NaN / inf anywhere (msgpack floats carry them, and JSON its NaN / Infinity literals), and
+    nesting deeper than MAX_NESTING (msgpack decodes ~1000 levels: recursing over them, or printing them in an
+    error, would overflow Python's stack). Iterative, and the path named in the error is only built for it."""
+    todo: list[tuple[Any, tuple | None, int]] = [(value, None, 0)]  # (value, (parent path, key) or None, depth)
+    while todo:
+        value, path, depth = todo.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ProtocolError(f"{_path(where, path)} holds {value}: numbers must be finite")
+        if isinstance(value, (dict, list, tuple)):
+            if depth >= MAX_NESTING:
+                raise ProtocolError(f"{_path(where, path)}: nested more than {MAX_NESTING} levels deep")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            todo.extend((v, (path, k if isinstance(value, dict) else [k]), depth + 1) for k, v in items)
+
+
+def _path(where: str, path: tuple | None) -> str:
+    parts = []
+    while path is not None:
+        path, key = path
+        parts.append(f"[{key[0]}]" if isinstance(key, list) else f".{str(key)[:40]}")
+    return where + "".join(reversed(parts))
 
 
 def encode_message(message: dict, encoding: str = "json") -> bytes | str:
@@ -119,6 +136,18 @@ def encode_message(message: dict, encoding: str = "json") -> bytes | str:
 
         return msgpack.packb(message, use_bin_type=True)
     raise ValueError(f"unknown encoding {encoding!r}; choose json or msgpack")
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses: binding anything else needs a token."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def valid_session_name(name: str) -> bool:

@@ -22,6 +22,14 @@ _DIRECTION_FIELDS = ("coefficient", "schedule", "active")
 _SAMPLING_FIELDS = ("guidance_scale", "temperature", "top_k", "top_p", "greedy")
 MAX_PROMPT_CHARS = 2000
 MAX_DIRECTIONS = 64
+# Finite is not enough: a value the engine turns into inf / NaN (a coefficient of 1e30, a temperature of 1e-300,
+# a guidance scale of 1e308, ...) would stop the stream for every listener. So the strength a direction adds
+# (|coefficient|, its schedule's peak, the layer weights, and their products) is bounded, and so is sampling.
+MAX_STRENGTH = 1000.0
+MAX_GUIDANCE_SCALE = 1000.0
+MIN_TEMPERATURE = 1e-4
+MIN_TOP_P = 1e-6
+MIN_SINE_PERIOD = 1.0
 
 
 @dataclass(frozen=True)
@@ -68,7 +76,11 @@ class ControlState:
 
 
 def _number(where: str, value: Any, lo: float | None = None, hi: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    try:  # math.isfinite raises OverflowError for an integer beyond the float range (JSON allows 1e400 as 1000...0)
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    except OverflowError:
+        ok = False
+    if not ok:
         raise ProtocolError(f"{where} must be a finite number, got {value!r}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise ProtocolError(f"{where} must be in [{lo}, {hi}], got {value}")
@@ -94,8 +106,10 @@ def _schedule(where: str, value: Any, step: int) -> Schedule:
     """A schedule from a `set`: relative to the step it applies at, so shifted onto the absolute clock."""
     try:
         schedule = Schedule.parse(value) if isinstance(value, str) else Schedule.from_dict(value)
+        if schedule.kind == "sine" and schedule.period < MIN_SINE_PERIOD:  # 2 pi t / period would overflow
+            raise ValueError(f"sine schedule: period must be at least {MIN_SINE_PERIOD:g} step, got {schedule.period}")
         return schedule.shifted(step)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, ArithmeticError) as exc:  # ArithmeticError: an integer too large for a float
         raise ProtocolError(f"{where}: {exc}") from None
 
 
@@ -136,6 +150,10 @@ def apply_patch(state: ControlState, patch: Mapping[str, Any], *, step: int,
         prompt = patch["prompt"]
         if not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS:
             raise ProtocolError(f"prompt must be a string of at most {MAX_PROMPT_CHARS} characters")
+        try:  # JSON can carry lone surrogates (a "\ud800" escape): the tokenizer, msgpack and OSC cannot encode them
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ProtocolError("prompt must be valid Unicode text (it holds a lone surrogate)") from None
         changes["prompt"] = prompt
     if "directions" in patch:
         given = patch["directions"]
@@ -164,7 +182,7 @@ def apply_patch(state: ControlState, patch: Mapping[str, Any], *, step: int,
         value = patch["layers"]
         try:
             changes["layers"] = LayerWeighting.parse(value) if isinstance(value, str) else LayerWeighting.from_dict(value)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, ArithmeticError) as exc:
             raise ProtocolError(f"layers: {exc}") from None
     for name, options in (("rows", ROWS), ("rule", RULES)):
         if name in patch:
@@ -179,6 +197,14 @@ def apply_patch(state: ControlState, patch: Mapping[str, Any], *, step: int,
         merged["top_k"] = _integer("sampling top_k", merged["top_k"], 0, 1 << 20)
         if not isinstance(merged["greedy"], bool):
             raise ProtocolError(f"sampling greedy must be true or false, got {merged['greedy']!r}")
+        if not 0 <= merged["guidance_scale"] <= MAX_GUIDANCE_SCALE:
+            raise ProtocolError(f"sampling guidance_scale must be in [0, {MAX_GUIDANCE_SCALE:g}], "
+                                f"got {merged['guidance_scale']}")
+        if not merged["greedy"] and merged["temperature"] < MIN_TEMPERATURE:
+            raise ProtocolError(f"sampling temperature must be at least {MIN_TEMPERATURE:g} (or set greedy), "
+                                f"got {merged['temperature']}")
+        if 0 < merged["top_p"] < MIN_TOP_P:
+            raise ProtocolError(f"sampling top_p must be 0 (off) or in [{MIN_TOP_P:g}, 1], got {merged['top_p']}")
         try:
             changes["sampling"] = SamplingConfig(**merged)
         except ValueError as exc:
@@ -190,4 +216,39 @@ def apply_patch(state: ControlState, patch: Mapping[str, Any], *, step: int,
         new.to_spec()  # the engine's own checks, once more, on the whole
     except ValueError as exc:
         raise ProtocolError(str(exc)) from None
+    _check_strength(new)
+    _check_integers(new)
     return new
+
+
+def _check_integers(state: ControlState) -> None:
+    """Every whole number in the state fits in 64 bits: a schedule's `length` of 10**400 is valid JSON, but the
+    state is sent to msgpack clients too, and msgpack (like most JSON readers) cannot carry it."""
+    todo: list[tuple[str, Any]] = [("state", state.to_dict())]
+    while todo:
+        where, value = todo.pop()
+        if isinstance(value, dict):
+            todo.extend((f"{where}.{k}", v) for k, v in value.items())
+        elif isinstance(value, list):
+            todo.extend((f"{where}[{i}]", v) for i, v in enumerate(value))
+        elif isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**64:
+            raise ProtocolError(f"{where.removeprefix('state.')}: {value} does not fit in 64 bits")
+
+
+def _check_strength(state: ControlState) -> None:
+    """Each factor of what a direction adds at a layer (|coefficient|, the schedule's peak, the layer
+    weight) and their products stay within MAX_STRENGTH, so the engine never overflows to inf / NaN."""
+    layers = state.layers
+    weight = abs(layers.w0) * (max(abs(w) for w in layers.layer_weights) if layers.mode == "explicit" else 1.0)
+    if not weight <= MAX_STRENGTH:
+        raise ProtocolError(f"layers: the layer weights reach {weight:g}; at most {MAX_STRENGTH:g}")
+    for key, control in state.directions.items():
+        schedule = control.schedule
+        peak = max(abs(v) for _, v in schedule.points) if schedule.kind == "keyframes" else 1.0
+        coefficient = abs(control.coefficient)
+        # `not x <= limit` also refuses NaN (inf * 0 in a product).
+        if any(not x <= MAX_STRENGTH for x in (coefficient, peak, weight, coefficient * peak,
+                                               coefficient * peak * weight)):
+            raise ProtocolError(f"direction {key!r}: too strong (|coefficient| {coefficient:g}, schedule peak "
+                                f"{peak:g}, layer weight {weight:g}): each, and their product, must be at most "
+                                f"{MAX_STRENGTH:g}")

@@ -26,6 +26,13 @@ from engine.steering import SteeringPlan
 from .protocol import ProtocolError
 from .state import TRANSPORT_COMMANDS, ControlState, apply_patch
 
+# Changes a stream may hold for future steps (`at_step`). Changes that come in step order (a score's cues)
+# are checked against a cached projection, one patch each; one that goes back in time folds every change
+# due before it, so those are limited more tightly: unbounded, a client queueing out-of-order far-future
+# changes made each later message cost more, until the event loop (and the audio with it) stalled.
+MAX_FUTURE_CHANGES = 4096
+MAX_OUT_OF_ORDER_CHANGES = 64
+
 
 @dataclass(frozen=True)
 class Cause:
@@ -125,6 +132,7 @@ class Stream:
         self.history: list[Applied] = []  # changes since step 0 of the current stream
         self.finished_codes: torch.Tensor | None = None  # tokens of the last stream that ended
         self._pending: list[Change] = []
+        self._tail: tuple[ControlState, int] | None = None  # (state after every queued change, its step)
         self._order = 0
         self._lock = threading.Lock()  # guards _pending (submit runs on the event loop, steps in a worker)
 
@@ -139,8 +147,15 @@ class Stream:
         with self._lock:
             self._order += 1
             change = parse_change(message, cause, self._order)
-            self._check(change)
+            new = self._check(change)
             self._pending.append(change)
+            if new is not None:  # keep the projection of the whole queue current, for the next check
+                at = max(self.step, change.at_step or self.step)
+                if self._tail is not None and at >= self._tail[1]:
+                    self._tail = (new, at)
+                else:  # the first in the queue, or out of step order (at most MAX_OUT_OF_ORDER_CHANGES): refold
+                    last = max(max(self.step, c.at_step or self.step) for c in self._pending)
+                    self._tail = (self._projected(last), last)
         return change
 
     def submit_state(self, state: ControlState, at_step: int, cause: Cause) -> None:
@@ -148,6 +163,7 @@ class Stream:
         with self._lock:
             self._order += 1
             self._pending.append(Change("state", state, cause, at_step, self._order))
+            self._tail = None
 
     def _projected(self, until: int) -> ControlState:
         """The state once every pending change due by step `until` has applied (what a new change for that
@@ -166,10 +182,19 @@ class Stream:
                     pass
         return state
 
-    def _check(self, change: Change) -> None:
+    def _check(self, change: Change) -> ControlState | None:
+        """Raise ProtocolError if `change` cannot apply; for a `set`, return the state it would make."""
+        at = max(self.step, change.at_step or self.step)
+        future = [c for c in self._pending if c.at_step is not None and c.at_step > self.step]
+        in_order = self._tail is not None and at >= self._tail[1]
+        if change.at_step is not None and change.at_step > self.step:
+            limit = MAX_FUTURE_CHANGES if in_order else MAX_OUT_OF_ORDER_CHANGES
+            if len(future) >= limit:
+                raise ProtocolError(f"too many changes waiting for a future step ({len(future)}; at most {limit}"
+                                    f"{'' if in_order else ' when they come out of step order'}); this one was refused")
         if change.kind == "set":
-            at = max(self.step, change.at_step or self.step)
-            new = apply_patch(self._projected(at), change.body, step=at, known_keys=self.known_keys)
+            base = self._tail[0] if in_order else self._projected(at)
+            new = apply_patch(base, change.body, step=at, known_keys=self.known_keys)
             gen = self.generator
             if gen is not None and new.sampling.uses_guidance and not gen.sampling.uses_guidance \
                     and not gen._guidance:
@@ -177,6 +202,14 @@ class Stream:
                                     "switched on for a new stream (transport reset)")
             if new.directions and self.bank is None:
                 raise ProtocolError("this server has no direction bank: start it with --bank FILE")
+            if new.directions and ("directions" in change.body or "layers" in change.body):
+                try:  # what only the bank knows (an explicit weighting's length must match its layers); on the
+                    # CPU, so that checking a message never waits for the model's device
+                    SteeringPlan.compile(new.to_spec(self.site), self.bank, self.model.fingerprint)
+                except ValueError as exc:
+                    raise ProtocolError(str(exc)) from None
+            return new
+        return None
 
     @property
     def pending(self) -> int:
@@ -190,6 +223,8 @@ class Stream:
                    or (step is None and c.at_step <= self.step)]
             if due:
                 self._pending = [c for c in self._pending if c not in due]
+                if not self._pending:
+                    self._tail = None  # rebuilt from the state by the next submit
         return sorted(due, key=lambda c: c.order)
 
     # --- applying changes ---------------------------------------------------------------------------

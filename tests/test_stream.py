@@ -194,3 +194,20 @@ def test_guidance_cannot_be_switched_on_mid_stream(tiny, bank):
 def test_run_stream_needs_frames(tiny, bank):
     with pytest.raises(ValueError, match="frames"):
         run_stream(Stream(tiny, bank), 0)
+
+
+def test_a_long_score_queues_in_order_but_out_of_order_changes_are_bounded(tiny, bank):
+    from server.stream import MAX_OUT_OF_ORDER_CHANGES
+
+    s = Stream(tiny, bank)
+    s.submit({"type": "set", "directions": {"notes:C": {"coefficient": 1.0}}, "at_step": 1}, CAUSE)
+    for i in range(300):  # a score's cues: each adjusts the direction an earlier cue added
+        s.submit({"type": "set", "directions": {"notes:C": {"coefficient": i / 100}}, "at_step": 10 + i}, CAUSE)
+    assert s.pending == 301
+    with pytest.raises(ProtocolError, match="out of step order"):
+        s.submit({"type": "set", "prompt": "back in time", "at_step": 5}, CAUSE)
+    t = Stream(tiny, bank)
+    for i in range(MAX_OUT_OF_ORDER_CHANGES):
+        t.submit({"type": "set", "gate": {"p": 0.5}, "at_step": 1000 - i}, CAUSE)
+    with pytest.raises(ProtocolError, match="too many changes"):
+        t.submit({"type": "set", "gate": {"p": 0.5}, "at_step": 10}, CAUSE)
