@@ -304,12 +304,15 @@ class DirectionBank:
             raise BankMismatchError(f"bank is for {self.fingerprint.describe()}, model is {fingerprint.describe()}")
 
     def merge(self, other: "DirectionBank") -> "DirectionBank":
-        """A new bank holding both banks' directions (same model and provenance; no key in both)."""
+        """A new bank holding both banks' directions (same model, pooling and injection point; no key in both).
+
+        Banks trained differently still steer together (tempo's R^2-scored bank beside AUC-scored ones): a
+        field that differs becomes "mixed", and `metadata["provenance"]` keeps each concept's own."""
         other.check_compatible(self.fingerprint)
-        for name in ("method", "pooling", "score_name", "injection_point"):
+        for name in ("pooling", "injection_point"):
             a, b = getattr(self, name), getattr(other, name)
             if a != b:
-                # One bank records one provenance; mixing would make the merged bank's fields lie.
+                # Directions read at another point (or pooled otherwise) steer along another axis.
                 raise BankMismatchError(f"cannot merge banks with different {name}: {a!r} and {b!r}")
         duplicates = [k for k in other.directions if k in self.directions]
         if duplicates:
@@ -318,8 +321,16 @@ class DirectionBank:
             metadata = dict(self.metadata)
         else:  # free-form extras cannot be reconciled in general; keep both, losing nothing
             metadata = {"merged_from": [self.metadata, other.metadata]}
-        return DirectionBank({**self.directions, **other.directions}, self.fingerprint, self.method,
-                             self.pooling, self.score_name, self.injection_point, metadata)
+        method = self.method if self.method == other.method else "mixed"
+        score_name = self.score_name if self.score_name == other.score_name else "mixed"
+        if "mixed" in (method, score_name):
+            provenance = {}
+            for bank in (self, other):
+                provenance.update(bank.metadata.get("provenance") or {
+                    concept: {"method": bank.method, "score_name": bank.score_name} for concept in bank.concepts})
+            metadata["provenance"] = provenance
+        return DirectionBank({**self.directions, **other.directions}, self.fingerprint, method,
+                             self.pooling, score_name, self.injection_point, metadata)
 
     @classmethod
     def from_arrays(

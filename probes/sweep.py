@@ -383,8 +383,8 @@ def plan_units(settings: SweepSettings, configs: Sequence[Configuration],
 
 def bank_index(paths: Sequence[str]) -> tuple[dict[str, list[str]], dict[str, str], object]:
     """concept -> classes, concept -> the bank file holding it, and the banks' model fingerprint. Banks are read
-    one by one, not merged: a unit renders with the banks of its own concepts only (a tempo bank, scored by R²,
-    does not merge with AUC-scored ones)."""
+    one by one, not merged: a unit renders with the banks of its own concepts only, so a unit's settings name
+    exactly the files that shaped it."""
     from engine.bank import BankMismatchError, DirectionBank
 
     classes: dict[str, list[str]] = {}

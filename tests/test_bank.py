@@ -120,7 +120,7 @@ def test_check_compatible_names_both_shapes():
                                "model is musicgen with 24 layers x hidden size 1024")
 
 
-def test_merge_combines_and_refuses_conflicts():
+def test_merge_combines_and_refuses_conflicts(tmp_path):
     notes = make_bank(metadata={"source": "a"})
     chords = make_bank("chords", ("major",), seed=1, metadata={"source": "b"})
     merged = notes.merge(chords)
@@ -128,8 +128,23 @@ def test_merge_combines_and_refuses_conflicts():
     assert merged.metadata == {"merged_from": [{"source": "a"}, {"source": "b"}]}
     with pytest.raises(BankMismatchError, match="'notes:C'"):
         notes.merge(make_bank(classes=("C",), seed=2))
-    with pytest.raises(BankMismatchError, match="method: 'rfm' and 'linear'"):
-        notes.merge(make_bank("chords", ("major",), method="linear"))
+    with pytest.raises(BankMismatchError, match="injection_point: 'residual' and 'attention'"):
+        notes.merge(make_bank("chords", ("major",), injection_point="attention"))
+    with pytest.raises(BankMismatchError, match="pooling: 'mean' and 'last'"):
+        notes.merge(make_bank("chords", ("major",), pooling="last"))
+    # Banks trained differently still steer together; each concept keeps its provenance, and a saved
+    # merged bank loads back with it.
+    tempos = make_bank("tempos", ("faster",), method="rfm", score_name="r2")
+    linear = make_bank("chords", ("major",), method="linear")
+    mixed = notes.merge(tempos).merge(linear)
+    assert (mixed.method, mixed.score_name) == ("mixed", "mixed")
+    assert mixed.metadata["provenance"] == {"notes": {"method": "rfm", "score_name": "auc"},
+                                            "tempos": {"method": "rfm", "score_name": "r2"},
+                                            "chords": {"method": "linear", "score_name": "auc"}}
+    assert set(mixed.keys()) == {"notes:C", "notes:D", "notes:E", "tempos:faster", "chords:major"}
+    mixed.save(tmp_path / "mixed.safetensors")
+    again = DirectionBank.load(tmp_path / "mixed.safetensors")
+    assert again.metadata["provenance"] == mixed.metadata["provenance"] and again.score_name == "mixed"
     other_model = DirectionBank({}, ModelFingerprint("musicgen", 2, D), "rfm", "mean")
     with pytest.raises(BankMismatchError, match="2 layers"):
         notes.merge(other_model)

@@ -198,7 +198,7 @@ def test_eta_sweep_end_to_end_and_resume(tiny, banks, tmp_path, count_renders):
 
 
 def test_tempo_bank_is_used_apart_and_signs_pool_into_abs_eta(tiny, banks, tmp_path):
-    # A tempo bank (scored by R²) cannot merge with AUC-scored banks: each unit renders with its own concept's bank.
+    # Each unit renders with its own concept's bank (a tempo bank is scored by R², the others by AUC).
     fp = tiny.fingerprint
     tempo = DirectionBank.from_arrays("tempos", ["faster"], torch.randn(1, fp.num_layers, fp.hidden_size),
                                       torch.rand(1, fp.num_layers), fp, method="test", pooling="mean", score_name="r2")
