@@ -149,16 +149,18 @@ class Session:
                 log.exception("session %s: subscriber failed", self.name)
 
     def state_message(self, applied: Applied | None = None) -> dict:
-        applied = applied or self.last_applied
-        s = self.stream
-        msg = {"type": "state", "version": s.version, "epoch": max(s.epoch, 0), "step": s.step,
-               "state": s.state.to_dict(), "cause": None, "recording": self.recording_status()}
-        if applied is not None and applied.version == s.version:
-            msg.update(step=applied.step, epoch=max(applied.epoch, 0), cause=applied.cause.to_dict())
-        if applied is not None and applied.version != s.version:  # an older change, echoed in order
-            msg.update(version=applied.version, step=applied.step, epoch=max(applied.epoch, 0),
-                       state=applied.state.to_dict(), cause=applied.cause.to_dict())
-        return msg
+        """The `state` message of one applied change (echoed in order, so each carries its own state), or,
+        without one, of the session now (with the cause of the latest change if nothing came after it)."""
+        if applied is None and self.last_applied is not None and self.last_applied.version == self.stream.version:
+            applied = self.last_applied
+        if applied is not None:
+            version, epoch, step = applied.version, applied.epoch, applied.step
+            state, cause = applied.state, applied.cause.to_dict()
+        else:
+            s = self.stream
+            version, epoch, step, state, cause = s.version, s.epoch, s.step, s.state, None
+        return {"type": "state", "version": version, "epoch": max(epoch, 0), "step": step,
+                "state": state.to_dict(), "cause": cause, "recording": self.recording_status()}
 
     def recording_status(self) -> dict:
         """What a client joining now needs to show the record button right."""
