@@ -16,14 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from server.protocol import decode_message, encode_message, is_audio_frame, unpack_audio
+from server.protocol import decode_message, encode_message, end_step, is_audio_frame, unpack_audio
 
 from .score import Score, ScoreError
-
-
-def end_step(frames: int, codebooks: int) -> int:
-    """The step after which `frames` frames are complete (the delay pattern's last codebook)."""
-    return frames + codebooks - 1
 
 
 @dataclass
@@ -39,14 +34,14 @@ def perform_offline(score: Score, *, model_name: str | None = None, device: str 
                     dtype: str | None = None, banks: list[Path] | None = None, progress: bool = True) -> Performance:
     from engine.model import load_model
     from engine.render import tokens_sha256
-    from server.app import load_bank_files
+    from engine.render import load_banks
     from server.offline import play_messages
     from server.protocol import ProtocolError
 
     model = load_model(model_name or score.model or "tiny-random", device=device, dtype=dtype)
     if model.frame_rate != score.frame_rate:
         raise ScoreError(f"the score was compiled for {score.frame_rate} frames/s, the model runs at {model.frame_rate}")
-    bank = load_bank_files(list(banks if banks is not None else score.banks))
+    bank = load_banks(list(banks if banks is not None else score.banks))
     try:
         run = play_messages(model, bank, score.messages(), score.frames, progress=progress)
     except ProtocolError as exc:

@@ -117,9 +117,14 @@ class Generator:
         self.prompt = prompt
         self.decoder.set_conditioning(self.decoder.encode_text([prompt], guidance=self._guidance))
 
-    def set_sampling(self, sampling: SamplingConfig) -> None:
+    def check_sampling(self, sampling: SamplingConfig) -> None:
+        """Raise ValueError if this stream cannot switch to `sampling` (a stream started without guidance has
+        no unconditional row to guide with)."""
         if sampling.uses_guidance and not self._guidance:
             raise ValueError("this stream was started without guidance (scale 1): start a new stream to use it")
+
+    def set_sampling(self, sampling: SamplingConfig) -> None:
+        self.check_sampling(sampling)
         self.sampling = sampling
 
     # --- state --------------------------------------------------------------------------------------

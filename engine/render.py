@@ -35,6 +35,16 @@ def tokens_sha256(codes: torch.Tensor) -> str:
     return hashlib.sha256(codes.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
+def check_bank_hashes(entries: list[dict], source: str, since: str) -> None:
+    """Banks named by a sidecar or log ({"path", "sha256"} each) must exist and be unchanged: the same
+    settings with another bank would silently steer elsewhere."""
+    for b in entries:
+        if not Path(b["path"]).is_file():
+            raise FileNotFoundError(f"direction bank {b['path']} named in the {source} is missing")
+        if file_sha256(b["path"]) != b["sha256"]:
+            raise ValueError(f"direction bank {b['path']} changed since the {since} (sha256 differs)")
+
+
 def load_banks(paths: list[str | Path]) -> DirectionBank | None:
     """Load and merge direction banks (each may hold several concepts)."""
     bank = None
@@ -120,11 +130,7 @@ def render_from_settings(settings: dict, *, progress: bool = True, model: MusicM
     """Regenerate a render from its sidecar. Banks are checked against the recorded hashes."""
     if settings.get("format") != SIDECAR_FORMAT:
         raise ValueError(f"not a musicrfm render sidecar (format {settings.get('format')!r})")
-    for b in settings.get("banks", []):
-        if not Path(b["path"]).is_file():
-            raise FileNotFoundError(f"direction bank {b['path']} named in the sidecar is missing")
-        if file_sha256(b["path"]) != b["sha256"]:
-            raise ValueError(f"direction bank {b['path']} changed since the render (sha256 differs)")
+    check_bank_hashes(settings.get("banks", []), "sidecar", "render")
     if model is None:
         model = load_model(settings["model"], device=settings["device"], dtype=settings["dtype"])
     spec = SteeringSpec.from_dict(settings["steering"]) if settings.get("steering") else None

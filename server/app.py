@@ -324,13 +324,5 @@ class Server:
             await self.close()
 
 
-def load_bank_files(paths: list[Path]) -> DirectionBank | None:
-    bank = None
-    for p in paths:
-        b = DirectionBank.load(p)
-        bank = b if bank is None else bank.merge(b)
-    return bank
-
-
 def new_token() -> str:
     return secrets.token_urlsafe(18)

@@ -10,29 +10,30 @@ from pathlib import Path
 
 def cmd_serve(args) -> int:
     from engine.model import NOISE_WARNING, load_model
+    from engine.render import load_banks
     from engine.sampling import SamplingConfig
 
-    from .app import Server, ServerConfig, load_bank_files, new_token
-    from .protocol import is_loopback
-    from .protocol import DEFAULT_OSC_PORT
+    from .app import Server, ServerConfig, new_token
+    from .protocol import DEFAULT_OSC_PORT, is_loopback
     from .session import SessionConfig
     from .state import ControlState
 
     logging.getLogger("musicrfm").setLevel(logging.INFO)
     token = args.token
-    if token is None and (not is_loopback(args.host) or (args.osc_port and not is_loopback(args.osc_host))):
+    osc_port = DEFAULT_OSC_PORT if args.osc_port is None else args.osc_port  # < 0: no OSC
+    if token is None and (not is_loopback(args.host) or (osc_port >= 0 and not is_loopback(args.osc_host))):
         token = new_token()
         print(f"not loopback: clients need ?token={token} (OSC senders: /musicrfm/auth \"{token}\" first)")
     sampling = SamplingConfig(guidance_scale=args.guidance, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, greedy=args.greedy)
     config = ServerConfig(
         host=args.host, port=args.port, osc_host=args.osc_host,
-        osc_port=None if args.osc_port is not None and args.osc_port < 0 else (args.osc_port if args.osc_port is not None else DEFAULT_OSC_PORT),
+        osc_port=osc_port if osc_port >= 0 else None,
         token=token, max_sessions=args.max_sessions, coefficient_max=args.coefficient_max,
         session=SessionConfig(chunk_steps=args.chunk_steps, lead_seconds=args.lead, record_dir=args.record_dir),
         initial=ControlState(prompt=args.prompt, sampling=sampling, seed=args.seed),
     )
-    bank = load_bank_files(args.bank)
+    bank = load_banks(args.bank)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
 
     def ready(server) -> None:

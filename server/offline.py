@@ -12,6 +12,7 @@ from tqdm import tqdm
 from engine.bank import DirectionBank
 from engine.model import MusicModel
 
+from .protocol import end_step
 from .state import ControlState
 from .stream import Cause, Stream
 
@@ -22,11 +23,6 @@ class OfflineRun:
     codes: torch.Tensor  # [K, frames]
     sample_rate: int
     stream: Stream
-
-
-def end_step(frames: int, num_codebooks: int) -> int:
-    """The generation step at which `frames` frames are complete (the delay pattern's last codebook)."""
-    return frames + num_codebooks - 1
 
 
 def run_stream(stream: Stream, frames: int, *, chunk_steps: int = 50, progress: bool = True) -> OfflineRun:

@@ -138,6 +138,13 @@ def encode_message(message: dict, encoding: str = "json") -> bytes | str:
     raise ValueError(f"unknown encoding {encoding!r}; choose json or msgpack")
 
 
+def end_step(frames: int, codebooks: int) -> int:
+    """The generation step at which `frames` frames are complete: step s writes codebook k of frame s - k,
+    so the last codebook of frame `frames - 1` comes at step frames + codebooks - 2, and a stop at the next
+    step ends the stream with exactly `frames` frames."""
+    return frames + codebooks - 1
+
+
 def is_loopback(host: str) -> bool:
     """True for localhost and loopback addresses: binding anything else needs a token."""
     import ipaddress

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.bank import DirectionBank
 from engine.model import MusicModel, load_model
-from engine.render import file_sha256, tokens_sha256
+from engine.render import check_bank_hashes, file_sha256, load_banks, tokens_sha256
 
 from .protocol import ProtocolError
 from .state import ControlState
+from .offline import run_stream  # one loop for live, perform and replay
 from .stream import Applied, Cause, Stream
 
 LOG_FORMAT = "musicrfm.session-log"
@@ -142,16 +142,8 @@ def replay(path: str | os.PathLike, *, model: MusicModel | None = None, chunk_st
            progress: bool = True) -> Replay:
     """Regenerate a recorded stream from its log; the banks must be the recorded ones (sha256)."""
     header, states, end = read_log(path)
-    banks = []
-    for b in header["banks"]:
-        if not Path(b["path"]).is_file():
-            raise FileNotFoundError(f"direction bank {b['path']} named in the log is missing")
-        if file_sha256(b["path"]) != b["sha256"]:
-            raise ValueError(f"direction bank {b['path']} changed since the recording (sha256 differs)")
-        banks.append(DirectionBank.load(b["path"]))
-    bank = None
-    for b in banks:
-        bank = b if bank is None else bank.merge(b)
+    check_bank_hashes(header["banks"], "log", "recording")
+    bank = load_banks([b["path"] for b in header["banks"]])
     if model is None:
         model = load_model(header["model"], device=header["device"], dtype=header["dtype"])
     if model.fingerprint.to_dict() != header["model_fingerprint"]:
@@ -161,17 +153,14 @@ def replay(path: str | os.PathLike, *, model: MusicModel | None = None, chunk_st
     end_frame = end["frames"][1] if end else None
     if end_frame is None:  # cut off: regenerate up to the last state change plus a second
         end_frame = max(first, max(s for s, _ in states) + round(model.frame_rate))
-    from .offline import run_stream  # one loop for perform and replay
-
     cause = Cause("replay")
     stream = Stream(model, bank, context_steps=header["context_steps"], keep_steps=header["keep_steps"])
     keys = stream.known_keys
-    step0, state0 = states[0]
-    initial = ControlState.from_dict({**state0, "playback": "stopped"}, keys)
+    initial = ControlState.from_dict({**states[0][1], "playback": "stopped"}, keys)
     stream.state = initial
     for step, state in states[1:]:
         stream.submit_state(ControlState.from_dict({**state, "playback": "stopped"}, keys), step, cause)
-    result = run_stream(stream, end_frame, progress=progress)
+    result = run_stream(stream, end_frame, chunk_steps=chunk_steps, progress=progress)
     codes = result.codes[:, first:end_frame]
     audio = result.audio[first * stream.hop:end_frame * stream.hop]
     return Replay(audio, model.sample_rate, codes, header, tokens_sha256(codes), end["tokens_sha256"] if end else None)

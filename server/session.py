@@ -306,28 +306,28 @@ class Session:
         requests, self._record_requests = self._record_requests, []
         for command, cause in requests:
             if command == "start":
-                if self._recorder is not None:
-                    continue
-                if self.stream.generator is None:  # armed: the recording starts with the next stream
-                    if not self._armed:
-                        self._armed = True
+                if self._recorder is None and not self._armed:
+                    self._armed = True
+                    if self.stream.generator is None:  # the recording starts with the next stream
                         self._broadcast({"type": "recording", "status": "armed"})
-                    continue
-                self._armed = False
-                self.config.record_dir.mkdir(parents=True, exist_ok=True)
-                stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-                base = self.config.record_dir / f"{self.name}-{self.stream.epoch}-{stamp}"
-                self._recorder = Recorder(base, self.stream, self.bank_paths)
-                self._broadcast({"type": "recording", "status": "started", "wav": str(self._recorder.wav_path),
-                                 "log": str(self._recorder.log_path), "frames": [self._recorder.first_frame, None]})
+                self._start_armed_recording()
             elif self._recorder is not None:
                 self._finish_recording()
             elif self._armed:
                 self._armed = False
                 self._broadcast({"type": "recording", "status": "disarmed"})
-        if self._armed and self.stream.generator is not None and self._recorder is None:
-            self._record_requests.append(("start", Cause("server")))
-            self._handle_record_requests()
+        self._start_armed_recording()  # an armed recording whose stream has begun
+
+    def _start_armed_recording(self) -> None:
+        if not (self._armed and self.stream.generator is not None and self._recorder is None):
+            return
+        self._armed = False
+        self.config.record_dir.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+        base = self.config.record_dir / f"{self.name}-{self.stream.epoch}-{stamp}"
+        self._recorder = Recorder(base, self.stream, self.bank_paths)
+        self._broadcast({"type": "recording", "status": "started", "wav": str(self._recorder.wav_path),
+                         "log": str(self._recorder.log_path), "frames": [self._recorder.first_frame, None]})
 
     def _finish_recording(self) -> None:
         recorder, self._recorder = self._recorder, None

@@ -150,11 +150,11 @@ class Stream:
             new = self._check(change)
             self._pending.append(change)
             if new is not None:  # keep the projection of the whole queue current, for the next check
-                at = max(self.step, change.at_step or self.step)
+                at = self._effective_step(change)
                 if self._tail is not None and at >= self._tail[1]:
                     self._tail = (new, at)
                 else:  # the first in the queue, or out of step order (at most MAX_OUT_OF_ORDER_CHANGES): refold
-                    last = max(max(self.step, c.at_step or self.step) for c in self._pending)
+                    last = max(self._effective_step(c) for c in self._pending)
                     self._tail = (self._projected(last), last)
         return change
 
@@ -168,23 +168,22 @@ class Stream:
     def _projected(self, until: int) -> ControlState:
         """The state once every pending change due by step `until` has applied (what a new change for that
         step will meet, e.g. a score cue that adjusts a direction an earlier cue adds)."""
-        now = self.step
         state = self.state
-        for c in sorted(self._pending, key=lambda c: (max(now, c.at_step or now), c.order)):
-            if max(now, c.at_step or now) > until:
+        for c in sorted(self._pending, key=lambda c: (self._effective_step(c), c.order)):
+            if self._effective_step(c) > until:
                 break
             if c.kind == "state":
                 state = c.body
             elif c.kind == "set":
                 try:
-                    state = apply_patch(state, c.body, step=max(now, c.at_step or now), known_keys=self.known_keys)
+                    state = apply_patch(state, c.body, step=self._effective_step(c), known_keys=self.known_keys)
                 except ProtocolError:
                     pass
         return state
 
     def _check(self, change: Change) -> ControlState | None:
         """Raise ProtocolError if `change` cannot apply; for a `set`, return the state it would make."""
-        at = max(self.step, change.at_step or self.step)
+        at = self._effective_step(change)
         future = [c for c in self._pending if c.at_step is not None and c.at_step > self.step]
         in_order = self._tail is not None and at >= self._tail[1]
         if change.at_step is not None and change.at_step > self.step:
@@ -195,11 +194,11 @@ class Stream:
         if change.kind == "set":
             base = self._tail[0] if in_order else self._projected(at)
             new = apply_patch(base, change.body, step=at, known_keys=self.known_keys)
-            gen = self.generator
-            if gen is not None and new.sampling.uses_guidance and not gen.sampling.uses_guidance \
-                    and not gen._guidance:
-                raise ProtocolError("this stream was started without guidance (scale 1): guidance can only be "
-                                    "switched on for a new stream (transport reset)")
+            if self.generator is not None:
+                try:
+                    self.generator.check_sampling(new.sampling)
+                except ValueError as exc:
+                    raise ProtocolError(f"{exc} (transport reset)") from None
             if new.directions and self.bank is None:
                 raise ProtocolError("this server has no direction bank: start it with --bank FILE")
             if new.directions and ("directions" in change.body or "layers" in change.body):
@@ -216,11 +215,14 @@ class Stream:
         with self._lock:
             return len(self._pending)
 
-    def _due(self, step: int | None) -> list[Change]:
-        """Pop the changes due at `step` (None: every change that does not name a future step)."""
+    def _effective_step(self, change: Change) -> int:
+        """The step a change applies at: its `at_step`, or the next step if that is past (or not given)."""
+        return max(self.step, change.at_step or 0)
+
+    def _due(self) -> list[Change]:
+        """Pop the changes due at the current step, in the order they came."""
         with self._lock:
-            due = [c for c in self._pending if c.at_step is None or (step is not None and c.at_step <= step)
-                   or (step is None and c.at_step <= self.step)]
+            due = [c for c in self._pending if self._effective_step(c) == self.step]
             if due:
                 self._pending = [c for c in self._pending if c not in due]
                 if not self._pending:
@@ -236,7 +238,7 @@ class Stream:
         applied: list[Applied] = []
         tail: list[np.ndarray] = []
         gen = self.generator
-        for change in self._due(None):
+        for change in self._due():
             self._apply(change, applied, tail)
         out = np.concatenate(tail).astype(np.float32) if tail else np.zeros(0, np.float32)
         ended = gen is not None and self.generator is not gen
@@ -321,7 +323,7 @@ class Stream:
         codes: list[torch.Tensor] = []
         ended, ran = False, 0
         for _ in range(max_steps):
-            due = self._due(self.step)
+            due = self._due()
             if due:
                 self._decode(codes, audio)  # frames so far go out before a change can end the stream
                 gen = self.generator
