@@ -32,16 +32,17 @@ class Performance:
 
 def perform_offline(score: Score, *, model_name: str | None = None, device: str | None = None,
                     dtype: str | None = None, banks: list[Path] | None = None, progress: bool = True) -> Performance:
-    from engine.model import load_model
-    from engine.render import tokens_sha256
-    from engine.render import load_banks
+    from engine.cli import DEFAULT_MODEL
+    from engine.model import bundled_banks, load_model
+    from engine.render import load_banks, tokens_sha256
     from server.offline import play_messages
     from server.protocol import ProtocolError
 
-    model = load_model(model_name or score.model or "tiny-random", device=device, dtype=dtype)
+    model = load_model(model_name or score.model or DEFAULT_MODEL, device=device, dtype=dtype)
     if model.frame_rate != score.frame_rate:
         raise ScoreError(f"the score was compiled for {score.frame_rate} frames/s, the model runs at {model.frame_rate}")
-    bank = load_banks(list(banks if banks is not None else score.banks))
+    # Named banks first (the command line's, then the score's); otherwise a bundled model's own.
+    bank = load_banks(list(banks if banks is not None else score.banks or bundled_banks(model.name)))
     try:
         run = play_messages(model, bank, score.messages(), score.frames, progress=progress)
     except ProtocolError as exc:

@@ -12,14 +12,15 @@ import sys
 from pathlib import Path
 
 # Packages that add subcommands; one not installed (or not written yet) simply adds none.
-COMMAND_MODULES = ("engine.cli", "probes.cli", "server.cli", "clients.cli")
+COMMAND_MODULES = ("engine.cli", "probes.cli", "probes.mini.cli", "server.cli", "clients.cli")
 
-DEFAULT_MODEL = "tiny-random"
+DEFAULT_MODEL = "musicgen-mini"
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="Hugging Face id (facebook/musicgen-small|medium|large), a local directory saved with "
+                   help="musicgen-mini (bundled: trained here on SynTheory notes, chords and intervals), a Hugging "
+                        "Face id (facebook/musicgen-small|medium|large), a local directory saved with "
                         "save_pretrained, or a random-weight model: tiny-random, random-small|medium|large "
                         f"(their audio is noise). Default: {DEFAULT_MODEL}")
     p.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, ... (default: cuda if present)")
@@ -100,7 +101,7 @@ def _parse_spec(args):
 
 def cmd_generate(args) -> int:
     from .audio import write_wav
-    from .model import load_model
+    from .model import bundled_banks, load_model
     from .render import render, render_from_settings, write_sidecar
     from .sampling import SamplingConfig
 
@@ -114,8 +115,10 @@ def cmd_generate(args) -> int:
         model = load_model(args.model, device=args.device, dtype=args.dtype)
         print(f"model: {model.describe()}", file=sys.stderr)
         rate = model.frame_rate
+        # A bundled model brings its own banks: --steer notes:C=... works without --bank.
+        banks = args.bank or (bundled_banks(args.model) if spec.controls else [])
         result = render(
-            model, args.prompt, args.seconds, spec=spec, bank_paths=args.bank, sampling=sampling, seed=args.seed,
+            model, args.prompt, args.seconds, spec=spec, bank_paths=banks, sampling=sampling, seed=args.seed,
             chunk_steps=args.chunk_steps,
             context_steps=round(args.context_seconds * rate) if args.context_seconds else None,
             keep_steps=round(args.keep_seconds * rate) if args.keep_seconds is not None else None,

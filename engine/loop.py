@@ -85,7 +85,9 @@ class Generator:
         self.num_codebooks = k = model.num_codebooks
         positions = int(model.decoder_config.max_position_embeddings)
         self.context_steps = context_steps or min(positions, round(30 * model.frame_rate))
-        self.keep_steps = keep_steps if keep_steps is not None else round(20 * model.frame_rate)
+        # Keep 20 s of a 30 s window (audiocraft's choice); small models keep two thirds of theirs.
+        default_keep = min(round(20 * model.frame_rate), 2 * self.context_steps // 3)
+        self.keep_steps = keep_steps if keep_steps is not None else default_keep
         if not 0 <= self.keep_steps < self.context_steps - 1:
             raise ValueError(f"keep_steps ({self.keep_steps}) must be in [0, context_steps - 1 = "
                              f"{self.context_steps - 1})")

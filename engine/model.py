@@ -22,6 +22,9 @@ __all__ = [
     "MusicModel",
     "ModelLoadError",
     "RANDOM_MODELS",
+    "BUNDLED_MODELS",
+    "bundled_model_dir",
+    "bundled_banks",
     "load_model",
     "build_random_model",
     "seed_codebooks",
@@ -222,6 +225,32 @@ def build_random_model(name: str = "tiny-random", seed: int = 0, max_positions: 
     return hf, _char_tokenizer()
 
 
+# --- bundled models ---------------------------------------------------------------------------------
+
+# Models that ship inside the package (engine/weights/<name>): trained here, small enough to commit.
+BUNDLED_MODELS = ("musicgen-mini",)
+
+
+def bundled_model_dir(name: str) -> Path:
+    """Where a bundled model lives; ModelLoadError if its weights are not there."""
+    folder = Path(__file__).resolve().parent / "weights" / name
+    if not (folder / "model.safetensors").is_file():
+        raise ModelLoadError(
+            f"the bundled model {name!r} has no weights in {folder}: train and export it with "
+            "`musicrfm mini all` (docs/musicgen-mini.md), or reinstall the package"
+        )
+    return folder
+
+
+def bundled_banks(name: str) -> list[Path]:
+    """The direction banks shipped with a bundled model (engine/weights/<name>/banks/*.safetensors), sorted;
+    [] for any other model."""
+    if name not in BUNDLED_MODELS:
+        return []
+    folder = Path(__file__).resolve().parent / "weights" / name / "banks"
+    return sorted(folder.glob("*.safetensors"))
+
+
 # --- loading ----------------------------------------------------------------------------------------
 
 
@@ -262,16 +291,17 @@ def _load_pretrained(name: str):
     )
 
 
-def load_model(name: str = "tiny-random", device: str | None = None, dtype: str | None = None,
+def load_model(name: str = "musicgen-mini", device: str | None = None, dtype: str | None = None,
                seed: int = 0, max_positions: int | None = None) -> MusicModel:
-    """Load `name`: a random-weight model name, a Hugging Face id or a local directory."""
+    """Load `name`: a bundled model (musicgen-mini), a random-weight model name, a Hugging Face id or a
+    local directory."""
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
     if name in RANDOM_MODELS:
         hf, tok = build_random_model(name, seed=seed, max_positions=max_positions)
         is_random = True
     else:
-        hf, tok = _load_pretrained(name)
+        hf, tok = _load_pretrained(str(bundled_model_dir(name)) if name in BUNDLED_MODELS else name)
         is_random = False
     arch = type(hf).__name__
     if arch != "MusicgenForConditionalGeneration":  # melody prepends its conditioning: not supported yet

@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def cmd_serve(args) -> int:
-    from engine.model import NOISE_WARNING, load_model
+    from engine.model import NOISE_WARNING, bundled_banks, load_model
     from engine.render import load_banks
     from engine.sampling import SamplingConfig
 
@@ -33,7 +33,8 @@ def cmd_serve(args) -> int:
         session=SessionConfig(chunk_steps=args.chunk_steps, lead_seconds=args.lead, record_dir=args.record_dir),
         initial=ControlState(prompt=args.prompt, sampling=sampling, seed=args.seed),
     )
-    bank = load_banks(args.bank)
+    bank_paths = list(args.bank) or bundled_banks(args.model)  # a bundled model's own banks by default
+    bank = load_banks(bank_paths)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
 
     def ready(server) -> None:
@@ -41,12 +42,14 @@ def cmd_serve(args) -> int:
         print(f"musicrfm serving {model.describe()}", flush=True)
         if model.is_random:
             print(f"note: {NOISE_WARNING}", flush=True)
+        if bank_paths:
+            print(f"banks: {', '.join(str(p) for p in bank_paths)}", flush=True)
         print(f"page: http://{host}:{port}/   websocket: ws://{host}:{port}/ws?session=main", flush=True)
         if server.osc_address:
             print(f"osc: udp {server.osc_address[0]}:{server.osc_address[1]}", flush=True)
         print("ready", flush=True)
 
-    server = Server(model, bank, list(args.bank), config)
+    server = Server(model, bank, bank_paths, config)
     asyncio.run(server.run(ready))
     return 0
 
