@@ -10,6 +10,7 @@ so they serve tests and benchmarks; their audio is noise, and `MusicModel.is_ran
 
 from __future__ import annotations
 
+import json
 import os
 import string
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ __all__ = [
     "BUNDLED_MODELS",
     "bundled_model_dir",
     "bundled_banks",
+    "bundled_prompts",
     "load_model",
     "build_random_model",
     "seed_codebooks",
@@ -249,6 +251,16 @@ def bundled_banks(name: str) -> list[Path]:
         return []
     folder = Path(__file__).resolve().parent / "weights" / name / "banks"
     return sorted(folder.glob("*.safetensors"))
+
+
+def bundled_prompts(name: str) -> tuple[str, ...]:
+    """Prompts a bundled model was trained to follow (its recipe's `example_prompts`); () otherwise."""
+    if name not in BUNDLED_MODELS:
+        return ()
+    recipe = Path(__file__).resolve().parent / "weights" / name / "recipe.json"
+    if not recipe.is_file():
+        return ()
+    return tuple(json.loads(recipe.read_text()).get("example_prompts", ()))
 
 
 # --- loading ----------------------------------------------------------------------------------------

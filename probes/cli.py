@@ -88,13 +88,17 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
 def cmd_eval_sweep(args) -> int:
     from engine.sampling import SamplingConfig
 
+    from engine.model import bundled_banks, bundled_prompts
+
     from .sweep import NOISE_LABEL, PAPER, SweepSettings, run_sweep
 
     prompts = tuple(p.strip() for p in args.prompts.split(",") if p.strip()) if args.prompts else ()
     if args.prompts_file:
         prompts += tuple(line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip())
+    prompts = prompts or bundled_prompts(args.model)
+    banks = args.bank or bundled_banks(args.model)
     settings = SweepSettings(
-        preset=args.preset, banks=tuple(str(b) for b in args.bank), out=str(args.out), model=args.model,
+        preset=args.preset, banks=tuple(str(b) for b in banks), out=str(args.out), model=args.model,
         concepts=tuple(c.strip() for c in args.concept.split(",") if c.strip()),
         **({"prompts": prompts} if prompts else {}), samples=args.samples, seconds=args.seconds, seed=args.seed,
         eta0=_floats(args.eta0, "--eta0"),
@@ -173,11 +177,12 @@ def register(sub) -> None:
     sw.add_argument("--preset", required=True, choices=["eta", "pairs", "schedules", "crossfade", "layers", "topk", "gate"],
                     help="eta: Table 2 / Fig. 2; pairs: Table 5; schedules: Table 6 / Fig. 1a; crossfade: Sec. 6.2 / "
                          "Fig. 1b; layers: Table 8; topk: Table 9; gate: Table 10")
-    sw.add_argument("--bank", action="extend", nargs="+", required=True, metavar="FILE",
-                    help="direction bank(s) holding the concepts (repeatable)")
+    sw.add_argument("--bank", action="extend", nargs="+", default=[], metavar="FILE",
+                    help="direction bank(s) holding the concepts (repeatable; default: a bundled model's own banks)")
     sw.add_argument("--concept", default="notes", help="comma-separated concepts to steer (pairs: two or more)")
     sw.add_argument("--prompts", default=None, help='comma-separated text prompts, cycled over samples '
-                                                    '(default: four generic music prompts)')
+                                                    "(default: a bundled model's example prompts, else four "
+                                                    "generic music prompts)")
     sw.add_argument("--prompts-file", type=Path, default=None, help="more prompts, one per line (commas allowed)")
     sw.add_argument("--samples", type=int, default=8, help="clips per configuration (and in the reference set)")
     sw.add_argument("--seconds", type=float, default=10.0, help="length of each clip")

@@ -81,8 +81,12 @@ class LiveServer:
         return f"ws://{self.host}:{self.port}/ws?{query}"
 
 
-def start_server(bank_path: Path, record_dir: Path, *extra: str, timeout: float = 120) -> LiveServer:
-    cmd = [sys.executable, "-m", "engine.cli", "serve", "--model", "tiny-random", "--bank", str(bank_path),
+def start_server(bank_path: Path | None, record_dir: Path, *extra: str, timeout: float = 120,
+                 model: str | None = "tiny-random") -> LiveServer:
+    """`musicrfm serve` on free ports; bank_path / model None: the server's defaults (musicgen-mini and
+    its bundled banks)."""
+    cmd = [sys.executable, "-m", "engine.cli", "serve", *(["--model", model] if model else []),
+           *(["--bank", str(bank_path)] if bank_path else []),
            "--port", "0", "--osc-port", "0", "--record-dir", str(record_dir), *extra]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

@@ -28,7 +28,7 @@ def bank_file(test_bank_path):
 
 def test_generate_steered_writes_wav_and_sidecar_that_regenerates(tmp_path, bank_file):
     out = tmp_path / "take.wav"
-    r = run("generate", "--prompt", "warm piano", "--seconds", "1.5", "--out", out, "--bank", bank_file,
+    r = run("generate", "--model", "tiny-random", "--prompt", "warm piano", "--seconds", "1.5", "--out", out, "--bank", bank_file,
             "--steer", "notes:C=2.5@linear_rise:length=30", "--crossfade", "notes:C,notes:G=1.0@start=10,length=40",
             "--gate", "0.5", "--layers", "topk:k=2", "--seed", "3", "--chunk-steps", "7", "--quiet", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -47,7 +47,7 @@ def test_generate_steered_writes_wav_and_sidecar_that_regenerates(tmp_path, bank
     assert json.loads(again.with_suffix(".json").read_text())["tokens_sha256"] == side["tokens_sha256"]
     # Same settings without steering: different tokens (the steering did something).
     plain = tmp_path / "plain.wav"
-    r = run("generate", "--prompt", "warm piano", "--seconds", "1.5", "--out", plain, "--seed", "3", "--quiet",
+    r = run("generate", "--model", "tiny-random", "--prompt", "warm piano", "--seconds", "1.5", "--out", plain, "--seed", "3", "--quiet",
             cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert json.loads(plain.with_suffix(".json").read_text())["tokens_sha256"] != side["tokens_sha256"]
@@ -63,7 +63,7 @@ def test_generate_steered_writes_wav_and_sidecar_that_regenerates(tmp_path, bank
     (["--seconds", "0"], "seconds"),
 ])
 def test_bad_settings_get_one_clear_line(tmp_path, bank_file, args, message):
-    r = run("generate", "--out", tmp_path / "x.wav", "--bank", bank_file, "--quiet", *args, cwd=tmp_path)
+    r = run("generate", "--model", "tiny-random", "--out", tmp_path / "x.wav", "--bank", bank_file, "--quiet", *args, cwd=tmp_path)
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x.wav").exists()
@@ -72,16 +72,16 @@ def test_bad_settings_get_one_clear_line(tmp_path, bank_file, args, message):
 def test_bad_banks_are_named(tmp_path, bank_file):
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x00\x01not a safetensors file" * 10)
-    r = run("generate", "--bank", corrupt, "--steer", "notes:C=0.3", "--out", tmp_path / "x.wav", cwd=tmp_path)
+    r = run("generate", "--model", "tiny-random", "--bank", corrupt, "--steer", "notes:C=0.3", "--out", tmp_path / "x.wav", cwd=tmp_path)
     assert r.returncode == 2 and str(corrupt) in r.stderr and "Traceback" not in r.stderr
 
     big = ModelFingerprint("musicgen", 48, 2048)
     other = tmp_path / "large.safetensors"
     DirectionBank.from_arrays("notes", ["C"], torch.randn(1, 48, 2048), torch.ones(1, 48), big, method="m",
                               pooling="mean").save(other)
-    r = run("generate", "--bank", other, "--steer", "notes:C=0.3", "--out", tmp_path / "x.wav", cwd=tmp_path)
+    r = run("generate", "--model", "tiny-random", "--bank", other, "--steer", "notes:C=0.3", "--out", tmp_path / "x.wav", cwd=tmp_path)
     assert r.returncode == 2
     assert "48 layers x hidden size 2048" in r.stderr and "4 layers x hidden size 32" in r.stderr
 
-    r = run("generate", "--bank", tmp_path / "missing.safetensors", "--out", tmp_path / "x.wav", cwd=tmp_path)
+    r = run("generate", "--model", "tiny-random", "--bank", tmp_path / "missing.safetensors", "--out", tmp_path / "x.wav", cwd=tmp_path)
     assert r.returncode == 2 and "missing.safetensors" in r.stderr

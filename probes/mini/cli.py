@@ -88,6 +88,7 @@ def cmd_lm(args) -> int:
 def cmd_export(args) -> int:
     import torch
 
+    from .check import CAPTIONS
     from .corpus import load_corpus
     from .lm import LMSettings, build_mini, build_tokenizer, export_mini
     from .training import load_checkpoint
@@ -111,6 +112,7 @@ def cmd_export(args) -> int:
                "cpu_hours": round(lm_state["seconds"] / 3600, 3), "evals": lm_state["evals"][-3:]},
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
         "commands": ["musicrfm mini corpus", "musicrfm mini codec", "musicrfm mini lm", "musicrfm mini export"],
+        "example_prompts": list(CAPTIONS),
     }
     size = export_mini(model, tokenizer, args.out, recipe)
     print(f"exported musicgen-mini to {args.out}: {size / 1e6:.1f} MB")
