@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,11 +18,19 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1")
 
 def test_the_example_score_parses():
     score = load_score(EXAMPLE)
-    assert score.frames == 600 and score.seed == 7 and score.prompt == "warm lofi piano"
+    assert score.frames == 600 and score.seed == 7 and score.prompt == "piano note, middle register"
     assert score.directions() == {"notes:C", "notes:G"}
     steps = [c.step for c in score.cues]
     assert steps == sorted(steps) and steps[0] == 0 and 450 in steps
-    assert score.banks[0].name == "notes.rfm.safetensors"
+    assert score.banks == [] and score.model is None  # the bundled musicgen-mini and its banks
+
+
+def test_the_example_score_plays_out_of_the_box(tmp_path):
+    r = cli("perform", EXAMPLE, "--out", tmp_path / "perf.wav", "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    perf = json.loads((tmp_path / "perf.json").read_text())
+    assert perf["mode"] == "offline" and perf["frames"] == 600
+    assert "noise" not in r.stdout + r.stderr
 
 
 def test_cues_compile_to_set_messages():
@@ -80,9 +89,11 @@ def strong_score(tmp_path, test_bank_path):
     """The example score with the test bank and coefficients strong enough to change tiny-random's tokens,
     so a cue applied at the wrong step would show up in the tokens."""
     text = EXAMPLE.read_text()
-    text = text.replace("seconds = 12", "seconds = 4").replace('"../../banks/notes.rfm.safetensors"', '"notes.safetensors"')
-    text = text.replace("coefficient = 0.45", "coefficient = 40").replace("to = 0.8", "to = 80")
-    text = text.replace("coefficient = 0.6", "coefficient = 60")
+    text = text.replace("seconds = 12", "seconds = 4\nmodel = \"tiny-random\"\nbanks = [\"notes.safetensors\"]")
+    text = re.sub(r'(key = "notes:C", coefficient = )[\d.]+', r"\g<1>40", text)
+    text = re.sub(r"(to = )[\d.]+", r"\g<1>80", text)
+    text = re.sub(r'(to = "notes:G", coefficient = )[\d.]+', r"\g<1>60", text)
+    assert text.count("= 40") == text.count("= 60") == text.count("= 80") == 1
     text = text.replace("at = 5.0", "at = 1.5").replace("at = 6.0", "at = 2.5").replace("at = 9.0", "at = 3.5")
     shutil.copy(test_bank_path, tmp_path / "notes.safetensors")
     path = tmp_path / "score.toml"

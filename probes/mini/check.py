@@ -2,6 +2,8 @@
 
   check_codec       fresh renders of held-out note clips -> encode -> decode: does the pitch class survive?
   check_generation  unsteered generations: is there a clear dominant pitch class, and which classes come out?
+  activation_scale  mean norm of the residual stream per layer, where steering adds its vectors: the
+                    scale against which a coefficient eta0 is large or small
 
 Both compare with the rendered originals, which bound what the check itself can read.
 """
@@ -15,14 +17,16 @@ from engine.model import MusicModel
 
 from .corpus import CorpusSettings, plan_corpus
 
-__all__ = ["check_codec", "check_generation", "heldout_note_clips", "CAPTIONS"]
+__all__ = ["check_codec", "check_generation", "activation_scale", "heldout_note_clips", "CAPTIONS"]
 
-# The captions the generation check cycles through: every family at every register of the training corpus.
+# Example captions, one per instrument family (13: prime to the 12 pitch classes, so a sweep that cycles
+# prompts and target classes together pairs every class with every family in turn).
 CAPTIONS = (
     "piano note, middle register", "guitar note, low register", "strings note, middle register",
     "brass note, middle register", "flute note, high register", "synth lead note, middle register",
     "organ note, low register", "reed note, middle register", "mallet note, high register",
     "synth pad note, middle register", "bass note, low register", "ensemble note, middle register",
+    "folk note, middle register",
 )
 
 
@@ -79,3 +83,27 @@ def check_generation(model: MusicModel, samples: int = 24, seconds: float = 4.0,
             "median_confidence": round(float(np.median(confidence)), 4),
             "class_counts": counts.tolist(), "most_common_share": round(float(counts.max() / samples), 4),
             "confidence": [round(c, 3) for c in confidence]}
+
+
+@torch.no_grad()
+def activation_scale(model: MusicModel, clips: int = 24, seed: int = 0, prompt: str = "") -> list[float]:
+    """Mean Euclidean norm of the residual stream at each layer's output ("residual" injection point),
+    over every position of `clips` held-out note clips fed as the engine feeds them."""
+    from engine.decoder import MusicgenDecoder, delayed_inputs
+    from probes.dataset import resample
+    from probes.extract import encode_audio
+    from probes.syntheory import SAMPLE_RATE, render_clip
+
+    audio = torch.stack([torch.from_numpy(resample(render_clip(spec), SAMPLE_RATE, model.sample_rate))
+                         for spec, _ in heldout_note_clips(clips, seed)])
+    codes = encode_audio(model, audio)
+    frames = codes.shape[-1]
+    dec = MusicgenDecoder(model, rows=len(codes), capacity=frames + 1)
+    dec.set_conditioning(dec.encode_text([prompt] * len(codes), guidance=False))
+    norms: dict[int, float] = {}
+
+    def capture(layer: int, h: torch.Tensor) -> None:
+        norms[layer] = float(torch.linalg.vector_norm(h.float(), dim=-1).mean())
+
+    dec.forward(delayed_inputs(codes, 0, frames, model.pad_token_id), capture=capture)
+    return [round(norms[i], 2) for i in range(model.num_layers)]

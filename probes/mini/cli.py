@@ -122,15 +122,19 @@ def cmd_export(args) -> int:
 def cmd_check(args) -> int:
     from engine.model import load_model
 
-    from .check import check_codec, check_generation
+    from .check import activation_scale, check_codec, check_generation
 
     model = load_model(args.model, device="cpu", dtype="float32")
-    codec = check_codec(model, clips=args.clips, seed=args.seed, progress=not args.quiet)
-    print(json.dumps({"codec": codec}, indent=1))
-    gen = check_generation(model, samples=args.samples, seconds=args.seconds, seed=args.seed, progress=not args.quiet)
-    print(json.dumps({"generation": gen}, indent=1))
+    result = {"model": model.describe()}
+    result["codec"] = check_codec(model, clips=args.clips, seed=args.seed, progress=not args.quiet)
+    print(json.dumps({"codec": result["codec"]}, indent=1), flush=True)
+    result["residual_norm_per_layer"] = activation_scale(model, seed=args.seed)
+    print(json.dumps({"residual_norm_per_layer": result["residual_norm_per_layer"]}), flush=True)
+    result["generation"] = check_generation(model, samples=args.samples, seconds=args.seconds, seed=args.seed,
+                                            progress=not args.quiet)
+    print(json.dumps({"generation": result["generation"]}, indent=1))
     if args.out:
-        args.out.write_text(json.dumps({"codec": codec, "generation": gen}, indent=1) + "\n")
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 
