@@ -238,8 +238,8 @@ def bundled_model_dir(name: str) -> Path:
     folder = Path(__file__).resolve().parent / "weights" / name
     if not (folder / "model.safetensors").is_file():
         raise ModelLoadError(
-            f"the bundled model {name!r} has no weights in {folder}: train and export it with "
-            "`musicrfm mini all` (docs/musicgen-mini.md), or reinstall the package"
+            f"the bundled model {name!r} has no weights in {folder}: reinstall the package, or train and "
+            "export it with `musicrfm mini corpus | codec | lm | export` (docs/musicgen-mini.md)"
         )
     return folder
 

@@ -13,7 +13,6 @@ import sys
 import wave
 from pathlib import Path
 
-import numpy as np
 import pytest
 from safetensors import safe_open
 

@@ -4,7 +4,6 @@ training, the language model's training forward (it must be the engine's forward
 import json
 import os
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ import torch
 from engine.decoder import MusicgenDecoder
 from engine.model import MusicModel, load_model
 from probes.mini.codec import CodecSettings, ResidualVQTrainer, build_codec, train_codec
-from probes.mini.corpus import CorpusSettings, caption_for, load_corpus, plan_corpus, render_corpus
+from probes.mini.corpus import CorpusSettings, load_corpus, plan_corpus, render_corpus
 from probes.mini.lm import (IGNORE, LMSettings, build_mini, build_tokenizer, export_mini, text_states,
                             train_lm, training_batch)
 from probes.syntheory import CHORD_TYPES, PITCH_NAMES, SoundfontNotFoundError

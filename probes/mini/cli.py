@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import platform
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
