@@ -30,6 +30,16 @@ def sample(concept: str, count: int, seed: int) -> list[st.ClipSpec]:
     return [plan[i] for i in sorted(rng.choice(len(plan), min(count, len(plan)), replace=False))]
 
 
+def rendered(concept: str, count: int, seed: int, silent: collections.Counter):
+    """(clip, audio) for the sampled clips of `concept`; silent renders are counted and left out."""
+    for clip in sample(concept, count, seed):
+        audio = st.render_clip(clip)
+        if audio.any():
+            yield clip, audio
+        else:
+            silent[concept] += 1
+
+
 def table(title: str, groups: dict, extra: str = "") -> None:
     print(f"\n| {title} | clips | accuracy |{extra}\n|---|---|---|" + ("---|" if extra else ""))
     for key in sorted(groups, key=str):
@@ -50,11 +60,7 @@ def main() -> None:
     silent = collections.Counter()
 
     by_octave = collections.defaultdict(list)
-    for clip in sample("notes", args.notes, args.seed):
-        audio = st.render_clip(clip)
-        if not audio.any():
-            silent["notes"] += 1
-            continue
+    for clip, audio in rendered("notes", args.notes, args.seed, silent):
         columns = dict(clip.columns)
         predicted, _ = checks.estimate_pitch_class(audio, st.SAMPLE_RATE)
         hit = predicted == columns["root_note_pitch_class"]
@@ -68,11 +74,7 @@ def main() -> None:
     by_kind = collections.defaultdict(list)
     confusions = collections.Counter()
     root_hits = []
-    for clip in sample("chords", args.chords, args.seed):
-        audio = st.render_clip(clip)
-        if not audio.any():
-            silent["chords"] += 1
-            continue
+    for clip, audio in rendered("chords", args.chords, args.seed, silent):
         columns = dict(clip.columns)
         quality, root, _ = checks.estimate_chord_quality(audio, st.SAMPLE_RATE)
         hit = quality == columns["chord_type"]
@@ -91,11 +93,7 @@ def main() -> None:
 
     by_setup = collections.defaultdict(list)
     exact = []
-    for clip in sample("tempos", args.tempos, args.seed):
-        audio = st.render_clip(clip)
-        if not audio.any():
-            silent["tempos"] += 1
-            continue
+    for clip, audio in rendered("tempos", args.tempos, args.seed, silent):
         bpm = float(clip.label)
         estimate = checks.estimate_tempo(audio, st.SAMPLE_RATE)
         hit = checks.tempo_matches(estimate, bpm)

@@ -31,6 +31,7 @@ __all__ = [
     "estimate_pitch_class",
     "estimate_tempo",
     "fft_chroma",
+    "mono_signal",
     "onset_strength",
     "pitch_class_profile",
     "pitch_salience",
@@ -51,14 +52,20 @@ CHORD_TEMPLATES: dict[str, tuple[int, int, int]] = {
 CHORD_QUALITIES: tuple[str, ...] = tuple(CHORD_TEMPLATES)
 
 
-def _mono(audio, sr: int, what: str = "audio") -> np.ndarray:
-    x = np.asarray(audio, dtype=np.float64)
+def mono_signal(audio, what: str = "audio", dtype=np.float64) -> np.ndarray:
+    """`audio` as a non-empty, finite 1-D array of `dtype`; ValueError naming `what` otherwise."""
+    x = np.asarray(audio, dtype=dtype)
     if x.ndim != 1:
         raise ValueError(f"{what} must be a 1-D mono signal, got shape {x.shape}")
     if x.size == 0:
         raise ValueError(f"{what} is empty")
     if not np.all(np.isfinite(x)):
         raise ValueError(f"{what} contains NaN or infinite samples")
+    return x
+
+
+def _mono(audio, sr: int, what: str = "audio") -> np.ndarray:
+    x = mono_signal(audio, what)
     if not (isinstance(sr, (int, np.integer)) and sr > 0):
         raise ValueError(f"sample rate must be a positive integer, got {sr!r}")
     return x

@@ -23,7 +23,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from probes.checks import pitch_class_profile
+from probes.checks import mono_signal, pitch_class_profile
 from probes.dataset import resample
 
 __all__ = [
@@ -67,17 +67,7 @@ def as_clips(audio) -> list[np.ndarray]:
         items = list(audio)
     if not items:
         raise ValueError("no audio clips given")
-    clips = []
-    for i, item in enumerate(items):
-        clip = np.asarray(item, dtype=np.float32)
-        if clip.ndim != 1:
-            raise ValueError(f"clip {i} must be 1-D mono audio, got shape {clip.shape}")
-        if clip.size == 0:
-            raise ValueError(f"clip {i} is empty")
-        if not np.all(np.isfinite(clip)):
-            raise ValueError(f"clip {i} contains NaN or infinite samples")
-        clips.append(clip)
-    return clips
+    return [mono_signal(item, f"clip {i}", np.float32) for i, item in enumerate(items)]
 
 
 def _check_rate(sample_rate) -> int:
