@@ -25,6 +25,7 @@ __all__ = [
     "RANDOM_MODELS",
     "BUNDLED_MODELS",
     "bundled_model_dir",
+    "bundled_model_folder",
     "bundled_banks",
     "bundled_prompts",
     "load_model",
@@ -233,9 +234,14 @@ def build_random_model(name: str = "tiny-random", seed: int = 0, max_positions: 
 BUNDLED_MODELS = ("musicgen-mini",)
 
 
+def bundled_model_folder(name: str) -> Path:
+    """engine/weights/<name>: where a bundled model is (or is exported to)."""
+    return Path(__file__).resolve().parent / "weights" / name
+
+
 def bundled_model_dir(name: str) -> Path:
     """Where a bundled model lives; ModelLoadError if its weights are not there."""
-    folder = Path(__file__).resolve().parent / "weights" / name
+    folder = bundled_model_folder(name)
     if not (folder / "model.safetensors").is_file():
         raise ModelLoadError(
             f"the bundled model {name!r} has no weights in {folder}: reinstall the package, or train and "
@@ -249,7 +255,7 @@ def bundled_banks(name: str) -> list[Path]:
     [] for any other model."""
     if name not in BUNDLED_MODELS:
         return []
-    folder = Path(__file__).resolve().parent / "weights" / name / "banks"
+    folder = bundled_model_folder(name) / "banks"
     return sorted(folder.glob("*.safetensors"))
 
 
@@ -257,7 +263,7 @@ def bundled_prompts(name: str) -> tuple[str, ...]:
     """Prompts a bundled model was trained to follow (its recipe's `example_prompts`); () otherwise."""
     if name not in BUNDLED_MODELS:
         return ()
-    recipe = Path(__file__).resolve().parent / "weights" / name / "recipe.json"
+    recipe = bundled_model_folder(name) / "recipe.json"
     if not recipe.is_file():
         return ()
     return tuple(json.loads(recipe.read_text()).get("example_prompts", ()))

@@ -200,3 +200,18 @@ def test_lm_trains_resumes_and_exports_a_loadable_model(corpus, tmp_path):
 
     audio = render(model, "piano note, low register", 1.0, seed=0, progress=False).audio
     assert audio.shape == (16_000,) and np.isfinite(audio).all()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["codec", "--minutes", "1"], "musicrfm mini corpus --work"),
+    (["codec"], "give --minutes"),
+    (["lm", "--steps", "3"], "has no corpus.json"),
+    (["export"], "has no corpus.json"),
+])
+def test_mini_commands_name_what_is_missing(tmp_path, args, message):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "mini", args[0], "--work", str(tmp_path), *args[1:]],
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr

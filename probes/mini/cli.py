@@ -30,7 +30,7 @@ def cmd_corpus(args) -> int:
     return 0
 
 
-def _load_codec(work: Path, settings=None):
+def _load_codec(work: Path):
     from .codec import CodecSettings, build_codec
     from .training import load_checkpoint
 
@@ -38,7 +38,7 @@ def _load_codec(work: Path, settings=None):
     state = json.loads((folder / "state.json").read_text()) if (folder / "state.json").is_file() else None
     if state is None:
         raise FileNotFoundError(f"no trained codec in {folder}: run `musicrfm mini codec --work {work}` first")
-    s = settings or CodecSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["settings"].items()})
+    s = CodecSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["settings"].items()})
     codec = build_codec(s)
     load_checkpoint(folder, codec, None)
     return codec.eval(), state
@@ -48,8 +48,9 @@ def cmd_codec(args) -> int:
     from .codec import CodecSettings, train_codec
     from .corpus import load_corpus
 
+    budget = _budget(args)  # before the corpus (1.2 GB) is read
     state = train_codec(load_corpus(args.work / "corpus"), args.work / "codec", CodecSettings(seed=args.seed),
-                        eval_every=args.eval_every, threads=args.threads, progress=not args.quiet, **_budget(args))
+                        eval_every=args.eval_every, threads=args.threads, progress=not args.quiet, **budget)
     last = state["evals"][-1]
     print(f"codec: step {state['step']}, {state['seconds'] / 3600:.2f} CPU-h; pitch agreement "
           f"{last['agreement']:.2f} on {last['clips']} held-out clips (originals {last['originals']:.2f})")
@@ -74,11 +75,12 @@ def cmd_lm(args) -> int:
     from .corpus import load_corpus
     from .lm import LMSettings, train_lm
 
+    budget = _budget(args)
     corpus = load_corpus(args.work / "corpus")
     codec, _ = _load_codec(args.work)
     codes = _codes(args.work, corpus, codec, not args.quiet)
     out = train_lm(corpus, codec, codes, args.work / "lm", LMSettings(seed=args.seed), total_steps=args.total_steps,
-                   eval_every=args.eval_every, threads=args.threads, progress=not args.quiet, **_budget(args))
+                   eval_every=args.eval_every, threads=args.threads, progress=not args.quiet, **budget)
     last = out["state"]["evals"][-1]
     print(f"lm: step {last['step']}, {last['seconds'] / 3600:.2f} CPU-h; held-out loss {last['held_out_loss']}")
     return 0
@@ -94,11 +96,14 @@ def cmd_export(args) -> int:
 
     corpus = load_corpus(args.work / "corpus")
     codec, codec_state = _load_codec(args.work)
-    lm_state = json.loads((args.work / "lm" / "checkpoint" / "state.json").read_text())
+    lm_folder = args.work / "lm" / "checkpoint"
+    if not (lm_folder / "state.json").is_file():
+        raise FileNotFoundError(f"no trained language model in {lm_folder}: run `musicrfm mini lm --work {args.work}`")
+    lm_state = json.loads((lm_folder / "state.json").read_text())
     s = LMSettings(**lm_state["settings"])
     tokenizer = build_tokenizer([c.caption for c in corpus.clips])
     model = build_mini(codec, tokenizer, s)
-    load_checkpoint(args.work / "lm" / "checkpoint", model, None)
+    load_checkpoint(lm_folder, model, None)
     recipe = {
         "name": "musicgen-mini",
         "what": "a small MusicGen (EnCodec-architecture codec, T5-architecture text encoder, MusicGen decoder) "
@@ -138,6 +143,8 @@ def cmd_check(args) -> int:
 
 
 def register(sub) -> None:
+    from engine.model import bundled_model_folder
+
     mini = sub.add_parser("mini", help="train musicgen-mini, the small offline model (docs/musicgen-mini.md)")
     stages = mini.add_subparsers(dest="stage", required=True)
 
@@ -160,7 +167,8 @@ def register(sub) -> None:
     lm = stage("lm", "train the text encoder and decoder on the codec's tokens (resumable)", cmd_lm, budget=True)
     lm.add_argument("--total-steps", type=int, default=20_000, help="length of the learning-rate schedule")
     e = stage("export", "assemble the model and write it (fp16 safetensors) with its recipe", cmd_export)
-    e.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[2] / "engine" / "weights" / "musicgen-mini")
+    e.add_argument("--out", type=Path, default=bundled_model_folder("musicgen-mini"),
+                   help="where to write the model (default: the bundled model's folder in engine/weights)")
     k = stages.add_parser("check", help="codec pitch agreement on fresh renders; dominant pitch of generated clips")
     k.add_argument("--model", default="musicgen-mini")
     k.add_argument("--clips", type=int, default=60)

@@ -172,7 +172,7 @@ def load_corpus(folder: str | Path) -> Corpus:
     folder = Path(folder)
     index = folder / "corpus.json"
     if not index.is_file():
-        raise FileNotFoundError(f"{folder} has no corpus.json: render it with `musicrfm mini corpus --out {folder}`")
+        raise FileNotFoundError(f"{folder} has no corpus.json: render it with `musicrfm mini corpus --work {folder.parent}`")
     meta = json.loads(index.read_text())
     if meta.get("format") != "musicrfm.mini-corpus":
         raise ValueError(f"{index} is not a musicgen-mini corpus index")
