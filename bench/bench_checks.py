@@ -1,10 +1,10 @@
-"""Accuracy of the independent concept checks (probes/checks.py) on rendered SynTheory clips.
+"""Accuracy of the independent concept checks (evaluation/checks.py) on rendered SynTheory clips.
 
     python bench/bench_checks.py --notes 500 --chords 400 --tempos 150 --seed 123
 
 Draws a seeded random sample of clips from the *full* SynTheory plan of each concept (all 92
 programs, all octaves, all roots / inversions, all tempos and click setups), renders each with
-`probes.syntheory.render_clip` (TimGM6mb soundfont, one process) and prints markdown tables:
+`musicrfm.probes.syntheory.render_clip` (TimGM6mb soundfont, one process) and prints markdown tables:
 pitch-class accuracy per octave, chord-quality accuracy per quality and inversion (with the
 confusions), tempo accuracy (within 4 % or an octave, and within 4 % exactly) per click setup.
 Silent renders (a program that has no sample at that pitch) are counted and left out.
@@ -20,8 +20,8 @@ import time
 import numpy as np
 import torch
 
-from probes import checks
-from probes import syntheory as st
+from musicrfm.evaluation import checks
+from musicrfm.probes import syntheory as st
 
 
 def sample(concept: str, count: int, seed: int) -> list[st.ClipSpec]:

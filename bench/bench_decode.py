@@ -5,15 +5,15 @@
 
 Prints markdown tables (docs/streaming-decode.md records a run):
 1. error of the streamed audio against the one-shot decode of the same tokens, per left_context x
-   hold_back, relative to the one-shot audio's RMS about its mean (`engine.audio.relative_error`);
-2. sample-to-sample jumps at chunk seams (`engine.audio.seam_discontinuity`) for the defaults and for
+   hold_back, relative to the one-shot audio's RMS about its mean (`musicrfm.engine.audio.relative_error`);
+2. sample-to-sample jumps at chunk seams (`musicrfm.engine.audio.seam_discontinuity`) for the defaults and for
    variants (plain cut, equal-power fade, too little context or hold-back, naive chunk-by-chunk decode);
 3. decode time of one chunk at two points of a stream (default 10 s and 60 s), streaming decoder vs the
    transformers streamer's approach (re-decode every token so far).
 
 Random-weight models (`tiny-random`, `random-small`) have the real codec architecture, but transformers
 initialises their codebooks to zero, so every code decodes to the same embedding and the audio would not
-depend on the tokens at all; `load_model` fills them with seeded Gaussian vectors (engine.model.seed_codebooks),
+depend on the tokens at all; `load_model` fills them with seeded Gaussian vectors (musicrfm.engine.model.seed_codebooks),
 and the decoder's convolutions and LSTM keep their random weights. The audio is noise either way.
 """
 
@@ -31,10 +31,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from engine.audio import StreamingDecoder, decode_tokens, relative_error, seam_discontinuity  # noqa: E402
-from engine.model import load_model  # noqa: E402
+from musicrfm.engine.audio import StreamingDecoder, decode_tokens, relative_error, seam_discontinuity  # noqa: E402
+from musicrfm.engine.model import load_model  # noqa: E402
 
 
 @dataclass

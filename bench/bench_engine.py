@@ -19,11 +19,11 @@ import time
 import torch
 from transformers.utils import logging as hf_logging
 
-from engine.bank import DirectionBank
-from engine.loop import Generator
-from engine.model import load_model
-from engine.sampling import SamplingConfig
-from engine.steering import DirectionControl, LayerWeighting, SteeringPlan, SteeringSpec
+from musicrfm.engine.bank import DirectionBank
+from musicrfm.engine.loop import Generator
+from musicrfm.engine.model import load_model
+from musicrfm.engine.sampling import SamplingConfig
+from musicrfm.engine.steering import DirectionControl, LayerWeighting, SteeringPlan, SteeringSpec
 
 SAMPLING = SamplingConfig(guidance_scale=3.0, top_k=250, temperature=1.0)
 

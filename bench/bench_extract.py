@@ -12,8 +12,8 @@ import time
 import torch
 from transformers.utils import logging as hf_logging
 
-from engine.model import load_model
-from probes.extract import decoder_features, encode_audio
+from musicrfm.engine.model import load_model
+from musicrfm.probes.extract import decoder_features, encode_audio
 
 
 def main() -> None:

@@ -30,17 +30,16 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from server.protocol import decode_message, encode_message, is_audio_frame, unpack_audio  # noqa: E402
+from musicrfm.protocol.wire import decode_message, encode_message, is_audio_frame, unpack_audio  # noqa: E402
 
 
 def make_bank(model_name: str, path: Path) -> None:
     """Random unit directions notes:C / notes:G for the model (the bench needs keys, not trained probes)."""
     import torch
 
-    from engine.bank import DirectionBank
-    from engine.model import load_model
+    from musicrfm.engine.bank import DirectionBank
+    from musicrfm.engine.model import load_model
 
     fp = load_model(model_name, device="cpu").fingerprint
     g = torch.Generator().manual_seed(0)
@@ -49,7 +48,7 @@ def make_bank(model_name: str, path: Path) -> None:
 
 
 def start_server(args, bank: Path, record_dir: Path) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "engine.cli", "serve", "--model", args.model, "--bank", str(bank), "--port", "0",
+    cmd = [sys.executable, "-m", "musicrfm", "serve", "--model", args.model, "--bank", str(bank), "--port", "0",
            "--osc-port", "-1", "--record-dir", str(record_dir), "--lead", str(args.lead),
            "--chunk-steps", str(args.chunk_steps), "--max-sessions", "64"]
     if args.device:

@@ -7,7 +7,7 @@ Reference procedure (what the paper's released code does per layer and class): x
 Laplace kernel, 15 iterations, early stopping and best-iteration selection on validation AUC, from a
 100-trial random search over the paper's ranges (App. B), one binary one-vs-rest probe per class; its
 validation AUC is computed from `predict_proba` (xrfm clamps those to [1e-3, 0.999]); the kept trial's
-AGOP gives the direction. Ours: `probes.rfm.fit_binary_directions` (one shared search per layer,
+AGOP gives the direction. Ours: `musicrfm.probes.rfm.fit_binary_directions` (one shared search per layer,
 successive halving, see that module). Both get the same standardised features, so the bandwidth range
 means the same to both.
 
@@ -44,10 +44,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from probes.baselines import fit_linear_directions  # noqa: E402
-from probes.rfm import FeatureMap, SearchConfig, fit_binary_directions, roc_auc  # noqa: E402
+from musicrfm.probes.baselines import fit_linear_directions  # noqa: E402
+from musicrfm.probes.rfm import FeatureMap, SearchConfig, fit_binary_directions, roc_auc  # noqa: E402
 
 
 @dataclass

@@ -106,7 +106,7 @@ def _register_listen(sub) -> None:
 
 def cmd_perform(args) -> int:
     from .perform import PerformError, perform_live, perform_offline, write_result
-    from .score import load_score
+    from musicrfm.protocol.score import load_score
 
     if args.url is None and args.out is None:
         raise ValueError("perform needs --out FILE.wav (render offline) and/or --url URL (play on a server)")
@@ -133,7 +133,7 @@ def cmd_perform(args) -> int:
 
 
 def _register_perform(sub) -> None:
-    from engine.cli import add_model_args
+    from musicrfm.engine.cli import add_model_args
 
     p = sub.add_parser("perform", help="play a score (TOML of timed cues) offline to a WAV, or on a live server",
                        description="Offline (--out): render the score here. Live (--url): play it on a running "

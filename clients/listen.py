@@ -32,7 +32,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 
-from server.protocol import (DEFAULT_WS_PORT, PROTOCOL_VERSION, ProtocolError, decode_message, encode_message,
+from musicrfm.protocol.wire import (DEFAULT_WS_PORT, PROTOCOL_VERSION, ProtocolError, decode_message, encode_message,
                              is_audio_frame, is_loopback, unpack_audio, valid_session_name)
 
 __all__ = [

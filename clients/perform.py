@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from server.protocol import decode_message, encode_message, end_step, is_audio_frame, unpack_audio
+from musicrfm.protocol.wire import decode_message, encode_message, end_step, is_audio_frame, unpack_audio
 
-from .score import Score, ScoreError
+from musicrfm.protocol.score import Score, ScoreError
 
 
 @dataclass
@@ -32,11 +32,11 @@ class Performance:
 
 def perform_offline(score: Score, *, model_name: str | None = None, device: str | None = None,
                     dtype: str | None = None, banks: list[Path] | None = None, progress: bool = True) -> Performance:
-    from engine.cli import DEFAULT_MODEL
-    from engine.model import bundled_banks, load_model
-    from engine.render import load_banks, tokens_sha256
-    from server.offline import play_messages
-    from server.protocol import ProtocolError
+    from musicrfm.engine.cli import DEFAULT_MODEL
+    from musicrfm.engine.model import bundled_banks, load_model
+    from musicrfm.engine.generation import load_banks, tokens_sha256
+    from musicrfm.server.offline import play_messages
+    from musicrfm.protocol.wire import ProtocolError
 
     model = load_model(model_name or score.model or DEFAULT_MODEL, device=device, dtype=dtype)
     if model.frame_rate != score.frame_rate:
@@ -61,7 +61,7 @@ async def perform_live(score_path: Path, url: str, *, session: str | None = None
     from websockets.exceptions import ConnectionClosed
 
     from .listen import normalize_url
-    from .score import load_score
+    from musicrfm.protocol.score import load_score
 
     session = session or f"perform-{secrets.token_hex(4)}"
     ws_url = normalize_url(url, session=session, token=token, encoding="msgpack")
@@ -128,7 +128,7 @@ async def perform_live(score_path: Path, url: str, *, session: str | None = None
 
 
 def write_result(out: Path, perf: Performance, score: Score, mode: str) -> None:
-    from engine.audio import write_wav
+    from musicrfm.engine.audio import write_wav
 
     write_wav(out, perf.audio, perf.sample_rate)
     sidecar = {"format": "musicrfm.performance", "version": 1, "score": str(score.path), "mode": mode,

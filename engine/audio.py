@@ -232,7 +232,7 @@ class StreamingDecoder:
 
 
 # --- measuring a streamed decode --------------------------------------------------------------------
-# Shared by tests/test_audio.py and bench/bench_decode.py so the tests' thresholds mean what the bench
+# Shared by tests/engine/test_audio.py and bench/bench_decode.py so the tests' thresholds mean what the bench
 # measured. Errors are relative to the reference's RMS about its mean: random-weight codecs put out a large
 # DC offset, and counting it as signal would make every error look smaller than it is.
 

@@ -55,11 +55,12 @@ UNIT_TOLERANCE = 1e-3
 _METADATA_KEY = "musicrfm"
 
 
-class BankError(Exception):
-    """Base class of every direction-bank error."""
+class BankError(ValueError):
+    """Base class of every direction-bank error: a bad bank is a bad input, so a ValueError (the command line
+    reports it in one line, as it does every ValueError)."""
 
 
-class BankFormatError(BankError, ValueError):
+class BankFormatError(BankError):
     """A bank (a file, or one being built in memory) breaks the format: unreadable, malformed or inconsistent."""
 
 
@@ -67,7 +68,7 @@ class BankNotFoundError(BankError, FileNotFoundError):
     """The bank file does not exist."""
 
 
-class BankMismatchError(BankError, ValueError):
+class BankMismatchError(BankError):
     """A bank does not fit the model (or the other bank) it is used with."""
 
 

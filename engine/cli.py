@@ -1,18 +1,12 @@
-"""`musicrfm` command line. Each role's package registers its own subcommands (a `register(subparsers)`
-function in its `cli` module); heavy imports happen only when a command runs."""
+"""`musicrfm generate`, and the model options every command that loads a model shares (`add_model_args`).
+Registered by musicrfm.main; heavy imports happen only when the command runs."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import logging
-import os
 import sys
 from pathlib import Path
-
-# Packages that add subcommands; one not installed (or not written yet) simply adds none.
-COMMAND_MODULES = ("engine.cli", "probes.cli", "probes.mini.cli", "server.cli", "clients.cli")
 
 DEFAULT_MODEL = "musicgen-mini"
 
@@ -102,12 +96,12 @@ def _parse_spec(args):
 def cmd_generate(args) -> int:
     from .audio import write_wav
     from .model import bundled_banks, load_model
-    from .render import render, render_from_settings, write_sidecar
+    from .generation import generate, generate_from_sidecar, write_sidecar
     from .sampling import SamplingConfig
 
     if args.from_sidecar:
         settings = json.loads(args.from_sidecar.read_text())
-        result = render_from_settings(settings, progress=not args.quiet)
+        result = generate_from_sidecar(settings, progress=not args.quiet)
     else:
         spec = _parse_spec(args)
         sampling = SamplingConfig(guidance_scale=args.guidance, temperature=args.temperature, top_k=args.top_k,
@@ -117,7 +111,7 @@ def cmd_generate(args) -> int:
         rate = model.frame_rate
         # A bundled model brings its own banks: --steer notes:C=... works without --bank.
         banks = args.bank or (bundled_banks(args.model) if spec.controls else [])
-        result = render(
+        result = generate(
             model, args.prompt, args.seconds, spec=spec, bank_paths=banks, sampling=sampling, seed=args.seed,
             chunk_steps=args.chunk_steps,
             context_steps=round(args.context_seconds * rate) if args.context_seconds else None,
@@ -137,41 +131,3 @@ def register(sub) -> None:
     gen = sub.add_parser("generate", help="generate audio (optionally steered) to a WAV file")
     _add_generate_args(gen)
     gen.set_defaults(func=cmd_generate)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="musicrfm", description="Steer MusicGen with concept directions.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name is not None and name.startswith(exc.name):
-                continue  # that package is not there
-            raise
-        module.register(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # MusicGen configs trip harmless pad-token warnings. Set through the environment, so commands that never
-    # touch a model (listen, perform --url) start without importing transformers and torch.
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except Exception as exc:
-        # Expected failures (bad settings, missing weights, bad banks) get one clear line, no traceback.
-        bank = sys.modules.get("engine.bank")  # not imported by commands that never load a bank
-        if not isinstance(exc, (ValueError, KeyError, OSError, RuntimeError)) and not (
-                bank is not None and isinstance(exc, bank.BankError)):
-            raise
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"musicrfm: error: {msg}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

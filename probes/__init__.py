@@ -1,5 +1,5 @@
-"""musicrfm probes: the offline half. Rendered music-theory audio -> per-layer MusicGen features ->
-probes -> a direction bank the engine loads.
+"""musicrfm probes: audio -> direction banks, and nothing else. Rendered music-theory audio -> per-layer
+MusicGen features -> probes -> a direction bank the engine loads.
 
   syntheory  the SynTheory concepts rendered from MIDI with a General MIDI soundfont
   extract    audio -> EnCodec codes -> decoder features at the engine's injection point

@@ -1,4 +1,4 @@
-"""`musicrfm data | extract | train | report | eval`: the offline pipeline, one command per stage."""
+"""`musicrfm data | extract | train | report`: audio -> features -> probes -> direction banks, one command per stage."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def cmd_data(args) -> int:
 
 
 def cmd_extract(args) -> int:
-    from engine.model import load_model
+    from musicrfm.engine.model import load_model
 
     from .dataset import load_audio, load_concept
     from .extract import ExtractionSettings, extract_concept
@@ -76,49 +76,8 @@ def cmd_report(args) -> int:
     return 0
 
 
-def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
-    if not text:
-        return None
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ValueError(f"{what} {text!r}: expected comma-separated numbers, e.g. 0.15,0.3") from None
-
-
-def cmd_eval_sweep(args) -> int:
-    from engine.sampling import SamplingConfig
-
-    from engine.model import bundled_banks, bundled_prompts
-
-    from .sweep import NOISE_LABEL, PAPER, SweepSettings, run_sweep
-
-    prompts = tuple(p.strip() for p in args.prompts.split(",") if p.strip()) if args.prompts else ()
-    if args.prompts_file:
-        prompts += tuple(line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip())
-    prompts = prompts or bundled_prompts(args.model)
-    banks = args.bank or bundled_banks(args.model)
-    settings = SweepSettings(
-        preset=args.preset, banks=tuple(str(b) for b in banks), out=str(args.out), model=args.model,
-        concepts=tuple(c.strip() for c in args.concept.split(",") if c.strip()),
-        **({"prompts": prompts} if prompts else {}), samples=args.samples, seconds=args.seconds, seed=args.seed,
-        eta0=_floats(args.eta0, "--eta0"),
-        device=None if args.device == "auto" else args.device, dtype=None if args.dtype == "auto" else args.dtype,
-        sampling=SamplingConfig(guidance_scale=args.guidance, top_k=args.top_k, temperature=args.temperature),
-        features=str(args.features) if args.features else None, clap=args.clap, probe_layer=args.probe_layer,
-        probe_trials=args.probe_trials, probe_seed=args.probe_seed, probe_device=args.probe_device,
-        window=args.window, hop=args.hop,
-        chunk=args.chunk, save_audio=args.save_audio, threads=args.threads)
-    print(f"sweep {settings.preset}: {PAPER[settings.preset]}", file=sys.stderr)
-    result = run_sweep(settings, ray=args.ray, workers=args.workers, progress=not args.quiet)
-    note = f" [{NOISE_LABEL}]" if result.random_weights else ""
-    print(f"{result.generated} clips generated, {result.skipped} already done{note}")
-    for name, path in result.files.items():
-        print(f"{name}: {path}")
-    return 0
-
-
 def register(sub) -> None:
-    from engine.cli import add_model_args
+    from musicrfm.engine.cli import add_model_args
 
     data = sub.add_parser("data", help="render training data")
     data_sub = data.add_subparsers(dest="dataset", required=True)
@@ -168,48 +127,3 @@ def register(sub) -> None:
     rep.add_argument("--seed", type=int, default=0)
     rep.add_argument("--quiet", action="store_true")
     rep.set_defaults(func=cmd_report)
-
-    ev = sub.add_parser("eval", help="evaluate steering: sweeps that follow the paper's protocols")
-    ev_sub = ev.add_subparsers(dest="evaluation", required=True)
-    sw = ev_sub.add_parser("sweep", help="generate steered and reference clips over a preset and measure them "
-                                         "(FD, MMD², CLAP, checks, probe accuracy); resumable; --ray to fan out")
-    add_model_args(sw)
-    sw.add_argument("--preset", required=True, choices=["eta", "pairs", "schedules", "crossfade", "layers", "topk", "gate"],
-                    help="eta: Table 2 / Fig. 2; pairs: Table 5; schedules: Table 6 / Fig. 1a; crossfade: Sec. 6.2 / "
-                         "Fig. 1b; layers: Table 8; topk: Table 9; gate: Table 10")
-    sw.add_argument("--bank", action="extend", nargs="+", default=[], metavar="FILE",
-                    help="direction bank(s) holding the concepts (repeatable; default: a bundled model's own banks)")
-    sw.add_argument("--concept", default="notes", help="comma-separated concepts to steer (pairs: two or more)")
-    sw.add_argument("--prompts", default=None, help='comma-separated text prompts, cycled over samples '
-                                                    "(default: a bundled model's example prompts, else four "
-                                                    "generic music prompts)")
-    sw.add_argument("--prompts-file", type=Path, default=None, help="more prompts, one per line (commas allowed)")
-    sw.add_argument("--samples", type=int, default=8, help="clips per configuration (and in the reference set)")
-    sw.add_argument("--seconds", type=float, default=10.0, help="length of each clip")
-    sw.add_argument("--seed", type=int, default=0, help="sweep seed: each sample's seed derives from it and the index")
-    sw.add_argument("--eta0", default=None, help="eta: the levels (default 0.15,0.3,0.45,0.6); pairs: the levels "
-                                                 "(default 0.3,0.6); others: one value (default 0.45)")
-    sw.add_argument("--out", type=Path, required=True, help="output directory (a rerun resumes it)")
-    sw.add_argument("--features", type=Path, default=None,
-                    help="`musicrfm extract` output (DIR/<concept>/): fit the multiclass probe and report probe accuracy")
-    sw.add_argument("--probe-layer", type=int, default=None, help="probe at this layer (default: best by validation)")
-    sw.add_argument("--probe-trials", type=int, default=None, help="RFM search trials for the probe (default: 100)")
-    sw.add_argument("--probe-seed", type=int, default=0, help="split / search seed (as `musicrfm train --seed`)")
-    sw.add_argument("--probe-device", default="auto", help="where the probe is fitted (default: cuda if present)")
-    sw.add_argument("--clap", default=None, metavar="MODEL",
-                    help="CLAP weights (HF id in the local cache or a directory): CLAP embedding for FD/MMD and "
-                         "CLAP score; without it FD/MMD use logmel-stats-v1 and CLAP is 'unavailable'")
-    sw.add_argument("--window", type=float, default=1.0, help="trace window, seconds (schedules, crossfade)")
-    sw.add_argument("--hop", type=float, default=0.5, help="trace hop, seconds")
-    sw.add_argument("--guidance", type=float, default=3.0)
-    sw.add_argument("--top-k", type=int, default=250)
-    sw.add_argument("--temperature", type=float, default=1.0)
-    sw.add_argument("--ray", default=None, metavar="auto|local|ADDRESS",
-                    help="fan out over Ray: auto (the running cluster), local (start one here) or an address; "
-                         "one GPU per worker where the cluster has GPUs")
-    sw.add_argument("--workers", type=int, default=None, help="Ray workers (default: one per GPU, else per CPU)")
-    sw.add_argument("--chunk", type=int, default=4, help="samples per unit of work sent to a worker")
-    sw.add_argument("--threads", type=int, default=None, help="torch threads where clips are generated")
-    sw.add_argument("--save-audio", action="store_true", help="also write every clip to OUT/audio/")
-    sw.add_argument("--quiet", action="store_true")
-    sw.set_defaults(func=cmd_eval_sweep)

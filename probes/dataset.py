@@ -1,6 +1,6 @@
 """Reading SynTheory data: `info.csv` -> clip paths and labels, WAV files -> float32 mono at 32 kHz.
 
-Works on what `probes.syntheory.render_dataset` writes and on the original SynTheory layout
+Works on what `musicrfm.probes.syntheory.render_dataset` writes and on the original SynTheory layout
 (`data/<concept>/info.csv` next to the `.wav`/`.mid` files, as brown-palm/syntheory's generators
 write it): both have the same columns, and the clip of a row is `offset_file_path` where the
 concept has crops (tempos, time signatures) and `synth_file_path` otherwise, as in the original's

@@ -29,8 +29,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from engine.decoder import MusicgenDecoder, delayed_inputs
-from engine.model import ModelFingerprint, MusicModel
+from musicrfm.engine.decoder import MusicgenDecoder, delayed_inputs
+from musicrfm.engine.model import ModelFingerprint, MusicModel
 
 FORMAT = "musicrfm.features"
 VERSION = 1

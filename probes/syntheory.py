@@ -52,7 +52,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from probes.dataset import decode_wav, downmix, resample
+from musicrfm.probes.dataset import decode_wav, downmix, resample
 
 __all__ = [
     "CLICK_SETUPS",
@@ -759,7 +759,7 @@ def render_score(score: Score, soundfont: str | os.PathLike = DEFAULT_SOUNDFONT)
 
 def render_clip(clip: ClipSpec, soundfont: str | os.PathLike = DEFAULT_SOUNDFONT) -> np.ndarray:
     """One planned clip as `render_dataset` writes it, without files: float32 mono at 32 kHz, 4 s,
-    peak-normalised and quantised to 16 bits, exactly what `probes.dataset.load_audio` reads back
+    peak-normalised and quantised to 16 bits, exactly what `musicrfm.probes.dataset.load_audio` reads back
     from the WAV (16-bit samples / 32768). A click-track crop renders its whole track first, so
     use this for a sample of clips, not for a dataset."""
     audio = _fit(render_score(clip.score, soundfont), round(clip.source_seconds * SAMPLE_RATE))

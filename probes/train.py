@@ -24,8 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from engine.bank import DirectionBank
-from engine.model import pick_device
+from musicrfm.engine.bank import DirectionBank
+from musicrfm.engine.model import pick_device
 
 from .extract import FeatureError, load_features
 

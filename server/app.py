@@ -19,6 +19,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from importlib.resources import files
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -27,10 +28,10 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from engine.bank import DirectionBank
-from engine.model import NOISE_WARNING, MusicModel
+from musicrfm.engine.bank import DirectionBank
+from musicrfm.engine.model import NOISE_WARNING, MusicModel
 
-from .protocol import (MAX_MESSAGE_BYTES, PROTOCOL_VERSION, AUDIO_HEADER_BYTES, ProtocolError, decode_message,
+from musicrfm.protocol.wire import (MAX_MESSAGE_BYTES, PROTOCOL_VERSION, AUDIO_HEADER_BYTES, ProtocolError, decode_message,
                        encode_message, is_loopback, valid_session_name)
 from .session import Cause, Session, SessionConfig
 from .state import ControlState
@@ -38,7 +39,8 @@ from .stream import Stream
 
 log = logging.getLogger("musicrfm.server")
 SEND_BUFFER_BYTES = 128 * 1024  # a connection's kernel send buffer (about 1 s of audio; Linux doubles it)
-WEB_ROOT = Path(__file__).resolve().parents[1] / "clients" / "web"
+# The browser page is a client (it speaks only the public protocol); the server just hands out its files.
+WEB_ROOT = Path(str(files("musicrfm.clients") / "web"))
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,12 @@ from pathlib import Path
 
 
 def cmd_serve(args) -> int:
-    from engine.model import NOISE_WARNING, bundled_banks, load_model
-    from engine.render import load_banks
-    from engine.sampling import SamplingConfig
+    from musicrfm.engine.model import NOISE_WARNING, bundled_banks, load_model
+    from musicrfm.engine.generation import load_banks
+    from musicrfm.engine.sampling import SamplingConfig
 
     from .app import Server, ServerConfig, new_token
-    from .protocol import DEFAULT_OSC_PORT, is_loopback
+    from musicrfm.protocol.wire import DEFAULT_OSC_PORT, is_loopback
     from .session import SessionConfig
     from .state import ControlState
 
@@ -55,7 +55,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_replay(args) -> int:
-    from engine.audio import write_wav
+    from musicrfm.engine.audio import write_wav
 
     from .recording import replay
 
@@ -76,7 +76,7 @@ def cmd_replay(args) -> int:
 
 
 def register(sub) -> None:
-    from engine.cli import add_model_args
+    from musicrfm.engine.cli import add_model_args
 
     s = sub.add_parser("serve", help="the live steering server: WebSocket (+ browser page) and OSC")
     add_model_args(s)

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine.bank import DirectionBank
-from engine.model import MusicModel
+from musicrfm.engine.bank import DirectionBank
+from musicrfm.engine.model import MusicModel
 
-from .protocol import end_step
+from musicrfm.protocol.wire import end_step
 from .state import ControlState
 from .stream import Cause, Stream
 

@@ -32,7 +32,7 @@ from pythonosc import osc_bundle_builder, osc_message_builder
 from pythonosc.osc_message import OscMessage
 from pythonosc.parsing import osc_types
 
-from .protocol import MAX_MESSAGE_BYTES, ProtocolError, is_loopback, valid_session_name
+from musicrfm.protocol.wire import MAX_MESSAGE_BYTES, ProtocolError, is_loopback, valid_session_name
 from .stream import Cause
 
 log = logging.getLogger("musicrfm.osc")
@@ -225,7 +225,7 @@ def _str_arg(address: str, tags: str, params: list) -> str:
 
 
 def _schedule(address: str, text: str) -> dict:
-    from engine.steering import Schedule  # imports torch: only when a schedule is actually sent
+    from musicrfm.engine.steering import Schedule  # imports torch: only when a schedule is actually sent
 
     try:
         return Schedule.parse(text).to_dict()

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.model import MusicModel, load_model
-from engine.render import check_bank_hashes, file_sha256, load_banks, tokens_sha256
+from musicrfm.engine.model import MusicModel, load_model
+from musicrfm.engine.generation import check_bank_hashes, file_sha256, load_banks, tokens_sha256
 
-from .protocol import ProtocolError
+from musicrfm.protocol.wire import ProtocolError
 from .state import ControlState
 from .offline import run_stream  # one loop for live, perform and replay
 from .stream import Applied, Cause, Stream

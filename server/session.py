@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 
-from .protocol import AudioHeader, ProtocolError, pack_audio
+from musicrfm.protocol.wire import AudioHeader, ProtocolError, pack_audio
 from .recording import Recorder
 from .stream import Applied, Cause, Stream, StreamChunk
 

@@ -10,10 +10,10 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
-from engine.sampling import SamplingConfig
-from engine.steering import DirectionControl, LayerWeighting, Schedule, SteeringSpec, ROWS, RULES
+from musicrfm.engine.sampling import SamplingConfig
+from musicrfm.engine.steering import DirectionControl, LayerWeighting, Schedule, SteeringSpec, ROWS, RULES
 
-from .protocol import ProtocolError
+from musicrfm.protocol.wire import ProtocolError
 
 PLAYBACK = ("stopped", "playing", "paused")
 TRANSPORT_COMMANDS = ("play", "pause", "stop", "reset")

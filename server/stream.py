@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.audio import StreamingDecoder
-from engine.bank import DirectionBank
-from engine.loop import Generator
-from engine.model import MusicModel
-from engine.steering import SteeringPlan
+from musicrfm.engine.audio import StreamingDecoder
+from musicrfm.engine.bank import DirectionBank
+from musicrfm.engine.loop import Generator
+from musicrfm.engine.model import MusicModel
+from musicrfm.engine.steering import SteeringPlan
 
-from .protocol import ProtocolError
+from musicrfm.protocol.wire import ProtocolError
 from .state import TRANSPORT_COMMANDS, ControlState, apply_patch
 
 # Changes a stream may hold for future steps (`at_step`). Changes that come in step order (a score's cues)

@@ -16,7 +16,7 @@ import numpy as np
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from server.protocol import AudioHeader, is_audio_frame, unpack_audio
+from musicrfm.protocol.wire import AudioHeader, is_audio_frame, unpack_audio
 
 
 @dataclass

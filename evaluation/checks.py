@@ -1,0 +1,346 @@
+"""Independent concept checks: what a clip sounds like, measured from the audio alone.
+
+These checks read the waveform with plain signal processing (numpy FFTs, no learned weights, no
+MusicGen, no project probe), so they can judge whether steering toward "C" or "minor" or a tempo
+actually moved the *sound*, not just the probe that produced the direction. They are deliberately
+simple and their limits are stated per function; docs/evaluation.md lists the accuracy each reaches
+on clips rendered by `musicrfm.probes.syntheory` (tests/evaluation/test_checks.py measures it).
+
+  pitch_class_profile(audio, sr)    12-bin profile from a harmonic-sum pitch salience (0 = C)
+  estimate_pitch_class(audio, sr)   -> (class 0..11, confidence)
+  estimate_chord_quality(audio, sr) -> (quality, root, score): triad templates on that profile
+  estimate_tempo(audio, sr)         -> BPM from the autocorrelation of an onset-strength envelope
+  tempo_matches(estimate, truth)    within a tolerance, octave errors (x2, x1/2) accepted
+
+  fft_chroma(x, sr)                 raw FFT energy folded onto pitch classes (no harmonic model)
+  beat_period(x, sr)                seconds between clicks from the log-energy rise
+
+Pitch convention: equal temperament, A4 = 440 Hz, MIDI note 69; pitch class = MIDI note mod 12
+(0 = C, 1 = C#, ..., 11 = B), the order of `musicrfm.probes.syntheory.PITCH_NAMES`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "CHORD_QUALITIES",
+    "CHORD_TEMPLATES",
+    "beat_period",
+    "estimate_chord_quality",
+    "estimate_pitch_class",
+    "estimate_tempo",
+    "fft_chroma",
+    "mono_signal",
+    "onset_strength",
+    "pitch_class_profile",
+    "pitch_salience",
+    "tempo_matches",
+]
+
+A4_HZ = 440.0
+
+# The triad qualities SynTheory's `chords` concept uses (probes.syntheory.CHORD_TYPES), as pitch
+# classes above the root. The augmented triad is symmetric: its three rotations are the same set,
+# so its root is ambiguous by construction (see estimate_chord_quality).
+CHORD_TEMPLATES: dict[str, tuple[int, int, int]] = {
+    "major": (0, 4, 7),
+    "minor": (0, 3, 7),
+    "aug": (0, 4, 8),
+    "dim": (0, 3, 6),
+}
+CHORD_QUALITIES: tuple[str, ...] = tuple(CHORD_TEMPLATES)
+
+
+def mono_signal(audio, what: str = "audio", dtype=np.float64) -> np.ndarray:
+    """`audio` as a non-empty, finite 1-D array of `dtype`; ValueError naming `what` otherwise."""
+    x = np.asarray(audio, dtype=dtype)
+    if x.ndim != 1:
+        raise ValueError(f"{what} must be a 1-D mono signal, got shape {x.shape}")
+    if x.size == 0:
+        raise ValueError(f"{what} is empty")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{what} contains NaN or infinite samples")
+    return x
+
+
+def _mono(audio, sr: int, what: str = "audio") -> np.ndarray:
+    x = mono_signal(audio, what)
+    if not (isinstance(sr, (int, np.integer)) and sr > 0):
+        raise ValueError(f"sample rate must be a positive integer, got {sr!r}")
+    return x
+
+
+def _midi_to_hz(midi) -> np.ndarray:
+    return A4_HZ * 2.0 ** ((np.asarray(midi, dtype=np.float64) - 69.0) / 12.0)
+
+
+def _stft_power(x: np.ndarray, n_fft: int, hop: int) -> np.ndarray:
+    """|STFT|^2 with a Hann window: [frames, n_fft // 2 + 1]. Short signals are zero-padded to
+    one frame."""
+    if len(x) < n_fft:
+        x = np.concatenate([x, np.zeros(n_fft - len(x))])
+    frames = np.lib.stride_tricks.sliding_window_view(x, n_fft)[::hop]
+    return np.abs(np.fft.rfft(frames * np.hanning(n_fft), axis=1)) ** 2
+
+
+# --------------------------------------------------------------------------------------------
+# Pitch
+
+
+def pitch_salience(
+    audio,
+    sr: int,
+    *,
+    lowest: int = 24,
+    highest: int = 107,
+    harmonics: int = 8,
+    decay: float = 0.8,
+    n_fft: int | None = None,
+) -> np.ndarray:
+    """Harmonic-sum salience of every MIDI pitch `lowest..highest` (default C1-B7): [pitches].
+
+    Method: the clip's long-term magnitude spectrum (Hann STFT, ~1 s frames, power averaged
+    over frames, square root) is read at each candidate's harmonics: salience(p) =
+    sum_h decay^(h-1) * max |X(f)| over the band f_p * h * 2^(+-1/24) (a semitone wide; where
+    that band is narrower than the bins, |X| linearly interpolated at the exact frequency is the
+    floor), for h = 1..harmonics below Nyquist. A note's true fundamental collects all
+    its partials, so it outscores the candidate sitting on its 3rd harmonic (which collects only
+    partials 3, 6, 9, ...): the pitch class of the fundamental wins even when the 3rd harmonic is
+    the loudest peak, and a weak or missing fundamental (low piano notes) is restored by its
+    overtones.
+    """
+    x = _mono(audio, sr)
+    if n_fft is None:
+        n_fft = 1 << round(float(np.log2(sr)))  # ~1 s: 1 Hz bins at 32 kHz
+    hop = n_fft // 4
+    magnitude = np.sqrt(_stft_power(x, n_fft, hop).mean(axis=0))
+    bin_hz = sr / n_fft
+    pitches = np.arange(lowest, highest + 1)
+    f0 = _midi_to_hz(pitches)
+    salience = np.zeros(len(pitches))
+    quarter = 2.0 ** (1.0 / 24.0)
+    nyquist_bin = len(magnitude) - 1
+    for h in range(1, harmonics + 1):
+        centre = f0 * h / bin_hz  # in bins
+        lo = np.ceil(centre / quarter).astype(int)
+        hi = np.floor(centre * quarter).astype(int)
+        # exact-frequency reading (linear interpolation) where the band holds no whole bin
+        exact = np.interp(centre, np.arange(len(magnitude)), magnitude)
+        for i in np.flatnonzero(centre * quarter < nyquist_bin):
+            peak = magnitude[lo[i] : hi[i] + 1].max() if hi[i] >= lo[i] else 0.0
+            salience[i] += decay ** (h - 1) * max(peak, exact[i])
+    return salience
+
+
+def pitch_class_profile(audio, sr: int, **salience_options) -> np.ndarray:
+    """12-bin pitch-class profile (0 = C), summing to 1 (all zeros for a silent clip).
+
+    The harmonic-sum salience of `pitch_salience` folded onto pitch classes (summed over octaves).
+    A plain FFT chroma (`fft_chroma`) credits every partial to its own class, so a note's 3rd
+    harmonic (a fifth up) and 5th (a major third up) add weight to the wrong classes; the
+    harmonic sum moves that weight back to the fundamental's class.
+
+    Limits: equal temperament at A4 = 440 Hz (a detuned source drifts toward a neighbouring class
+    beyond a quarter tone); the profile covers the whole clip (no segmentation: a melody's classes
+    are summed); inharmonic and noisy sources (drums, bells) give a flat, meaningless profile;
+    pitches below C1 (32.7 Hz) and above B7 are not candidates (their octave-shifted classes may
+    still appear through harmonics).
+    """
+    salience = pitch_salience(audio, sr, **salience_options)
+    lowest = salience_options.get("lowest", 24)
+    classes = (np.arange(len(salience)) + lowest) % 12
+    profile = np.bincount(classes, weights=salience, minlength=12)
+    total = profile.sum()
+    return profile / total if total > 0 else profile
+
+
+def estimate_pitch_class(audio, sr: int) -> tuple[int, float]:
+    """The clip's dominant pitch class -> (class 0..11 with 0 = C, confidence).
+
+    Method: argmax of `pitch_class_profile`. Confidence is the winning class's share of the
+    profile (1/12 ~ 0.083 for a flat profile, 1.0 if all salience is in one class); a silent clip
+    gives (0, 0.0). Meant for clips built around one pitch class (a held or repeated note, a
+    drone); for a melody it returns the most salient class, not "the" note.
+    """
+    profile = pitch_class_profile(audio, sr)
+    if not profile.any():
+        return 0, 0.0
+    best = int(np.argmax(profile))
+    return best, float(profile[best])
+
+
+# --------------------------------------------------------------------------------------------
+# Chords
+
+
+def estimate_chord_quality(audio, sr: int) -> tuple[str, int, float]:
+    """Triad quality by template matching -> (quality, root pitch class, score).
+
+    Method: the clip's `pitch_class_profile` is compared with the 48 binary triad templates (the
+    qualities of SynTheory's chords: major 0-4-7, minor 0-3-7, aug 0-4-8, dim 0-3-6, on each of
+    the 12 roots) by cosine similarity; the best (quality, root) and its cosine are returned
+    (1.0 = the profile is exactly the three classes, equally weighted).
+
+    Limits: one chord per clip (no segmentation: a progression gives a blend); triads only
+    (sevenths and suspensions are forced onto the nearest triad); the augmented triad is
+    symmetric, so its three rotations score the same and the root returned is the lowest pitch
+    class among them (judge aug roots modulo 4); a missing or weak chord tone can turn dim into
+    minor or aug into major.
+    """
+    profile = pitch_class_profile(audio, sr)
+    if not profile.any():
+        return CHORD_QUALITIES[0], 0, 0.0
+    unit = profile / np.linalg.norm(profile)
+    best = (CHORD_QUALITIES[0], 0, -np.inf)
+    for quality, intervals in CHORD_TEMPLATES.items():
+        for root in range(12):
+            score = sum(unit[(root + i) % 12] for i in intervals) / np.sqrt(3.0)
+            if score > best[2] + 1e-12:
+                best = (quality, root, float(score))
+    return best
+
+
+# --------------------------------------------------------------------------------------------
+# Tempo
+
+
+def onset_strength(audio, sr: int, *, hop_seconds: float = 0.005, bands: int = 40) -> tuple[np.ndarray, float]:
+    """Onset-strength envelope -> (envelope [frames], frame rate in Hz).
+
+    Spectral flux on a log-compressed band spectrum: |STFT|^2 (~32 ms Hann frames, `hop_seconds`
+    hop) pooled into `bands` log-spaced bands between 40 Hz and min(8 kHz, Nyquist), log(1 + 1000 x)
+    compressed, the positive frame-to-frame rise summed over bands, then the slow trend (a 1 s
+    moving average) removed and negative values set to 0.
+    """
+    x = _mono(audio, sr)
+    hop = max(1, round(sr * hop_seconds))
+    n_fft = 1 << int(np.ceil(np.log2(sr * 0.032)))
+    power = _stft_power(x, n_fft, hop)
+    freqs = np.fft.rfftfreq(n_fft, 1.0 / sr)
+    edges = np.geomspace(40.0, min(8000.0, sr / 2.0), bands + 1)
+    band = np.searchsorted(edges, freqs, side="right") - 1
+    keep = np.flatnonzero((band >= 0) & (band < bands))
+    pooling = np.zeros((len(freqs), bands))
+    pooling[keep, band[keep]] = 1.0
+    pooled = power @ pooling
+    peak = pooled.max()
+    if peak > 0:
+        pooled /= peak
+    logged = np.log1p(1000.0 * pooled)
+    flux = np.maximum(np.diff(logged, axis=0), 0.0).sum(axis=1)
+    rate = sr / hop
+    width = max(1, round(rate))
+    if len(flux) > width:
+        trend = np.convolve(flux, np.ones(width) / width, mode="same")
+        flux = np.maximum(flux - trend, 0.0)
+    return flux, rate
+
+
+def estimate_tempo(
+    audio,
+    sr: int,
+    *,
+    min_bpm: float = 30.0,
+    max_bpm: float = 300.0,
+    prior_bpm: float = 120.0,
+    prior_octaves: float = 1.0,
+) -> float:
+    """Tempo in BPM from the autocorrelation of the onset-strength envelope.
+
+    Method (the core of classic beat trackers): `onset_strength` -> autocorrelation (normalised
+    by the overlap at each lag, so long lags in a short clip are not penalised) -> the lag range
+    of `min_bpm..max_bpm` weighted by a log-normal prior on tempo (centre `prior_bpm`, standard
+    deviation `prior_octaves` octaves, as librosa's default) -> the strongest lag, refined to a
+    fraction of a frame by a parabola through its neighbours -> 60 / lag.
+
+    Limits: one global tempo per clip (no tempo changes); octave errors are inherent (a
+    pulse at 60 BPM also repeats at 30, and its bars and off-beats can win), so compare with
+    `tempo_matches`, which accepts x2 and x1/2; a 4 s clip holds only ~3 beats at 50 BPM, so slow
+    tempi rest on few repetitions, and beat periods longer than half the clip are not considered
+    (a 4 s clip reaches down to 30 BPM); a clip with no onsets at all (silence, a steady tone)
+    gives NaN, and an unpulsed clip (noise, a drone with vibrato) gives a number that means
+    nothing.
+    """
+    envelope, rate = onset_strength(audio, sr)
+    n = len(envelope)
+    lo = max(1, int(np.floor(rate * 60.0 / max_bpm)))
+    hi = min(n // 2, int(np.ceil(rate * 60.0 / min_bpm)))  # lags with at least half the clip overlapping
+    if hi <= lo + 1:
+        raise ValueError(f"clip too short to estimate a tempo: {len(envelope) / rate:.2f} s")
+    if envelope.max(initial=0.0) < 0.01:
+        # no onsets (silence, a steady tone): a real onset rises by ~1 or more on this scale
+        return float("nan")
+    centred = envelope - envelope.mean()
+    size = 1 << int(np.ceil(np.log2(2 * n)))
+    spectrum = np.fft.rfft(centred, size)
+    ac = np.fft.irfft(np.abs(spectrum) ** 2, size)[:n]
+    ac = ac / (n - np.arange(n))  # unbiased: mean product at each lag
+    lags = np.arange(lo, hi + 1)
+    bpm = 60.0 * rate / lags
+    prior = np.exp(-0.5 * (np.log2(bpm / prior_bpm) / prior_octaves) ** 2)
+    weighted = np.maximum(ac[lags], 0.0) * prior
+    k = int(np.argmax(weighted))
+    lag = float(lags[k])
+    if 0 < k < len(lags) - 1:
+        a, b, c = ac[lags[k] - 1], ac[lags[k]], ac[lags[k] + 1]
+        denom = a - 2 * b + c
+        if denom < 0:
+            lag += float(np.clip(0.5 * (a - c) / denom, -0.5, 0.5))
+    return 60.0 * rate / lag
+
+
+def tempo_matches(estimate: float, truth: float, tol: float = 0.04) -> bool:
+    """True if `estimate` is within `tol` (relative) of `truth`, of twice it or of half it.
+
+    Octave errors are accepted because a pulse at T BPM is also a pulse at 2T (every other beat
+    between) and T/2 (every other beat heard): the standard "Accuracy 2" of MIREX tempo
+    evaluation, restricted to factors 2 and 1/2 (not 3 or 1/3).
+    """
+    if not (truth > 0 and np.isfinite(truth)):
+        raise ValueError(f"truth must be a positive tempo, got {truth!r}")
+    if not np.isfinite(estimate):
+        return False
+    return any(abs(estimate - truth * f) <= tol * truth * f for f in (1.0, 2.0, 0.5))
+
+
+# --------------------------------------------------------------------------------------------
+# Raw helpers (also used by tests/probes/test_syntheory.py to check renders)
+
+
+def fft_chroma(x: np.ndarray, sr: int = 32_000) -> np.ndarray:
+    """Spectral energy folded onto the 12 pitch classes (50 Hz-5 kHz): [12], unnormalised.
+
+    One Hann-windowed FFT of the whole signal; every bin's power goes to the class of its nearest
+    equal-tempered pitch. No harmonic model: a note's partials count toward their own classes
+    (the 3rd harmonic toward the fifth), so use `pitch_class_profile` to name a note's class
+    when the timbre is rich; this is the rawest possible check that a render has energy at the
+    pitch it should.
+    """
+    x = np.asarray(x)
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x)))) ** 2
+    freqs = np.fft.rfftfreq(len(x), 1.0 / sr)
+    keep = (freqs >= 50.0) & (freqs <= 5000.0)
+    pitch_class = np.round(12 * np.log2(freqs[keep] / A4_HZ) + 69).astype(int) % 12
+    return np.bincount(pitch_class, weights=spectrum[keep], minlength=12)
+
+
+def beat_period(x: np.ndarray, sr: int = 32_000, hop: int = 160) -> float:
+    """Seconds between clicks: the shortest strong peak (>= 0.7 x the highest) of the
+    autocorrelation of the log-energy rise, within 0.2-1.5 s.
+
+    Made for isolated clicks (SynTheory's metronome tracks): multiples of the beat correlate too,
+    and the accented downbeat favours the bar, hence the shortest strong peak. Resolution is one
+    hop (5 ms at 32 kHz with the default); for music, use `estimate_tempo`.
+    """
+    x = np.asarray(x)
+    frames = len(x) // hop
+    energy = np.square(x[: frames * hop].reshape(frames, hop)).sum(axis=1)
+    rise = np.maximum(np.diff(np.log(energy + 1e-6)), 0.0)
+    rise -= rise.mean()
+    ac = np.correlate(rise, rise, mode="full")[len(rise) - 1 :]
+    lo, hi = int(0.2 * sr / hop), int(1.5 * sr / hop)
+    seg = ac[lo:hi]
+    strong = [i for i in range(1, len(seg) - 1)
+              if seg[i] >= max(seg[i - 1], seg[i + 1]) and seg[i] >= 0.7 * seg.max()]  # fmt: skip
+    return (lo + strong[0]) * hop / sr

@@ -1,0 +1,197 @@
+"""Per-clip evaluation of generated audio: independent checks, multiclass probe read-outs, traces over time.
+
+  check_name(concept)                     the independent check a concept has (None: none)
+  check_clip(concept, cls, audio, sr)     {"pred", "correct", "score"} for notes / chords, else None
+  window_bounds(n, sr, window, hop)       [(start, stop)] sample ranges of sliding windows
+  check_trace(concept, cls, audio, sr, wins)   pitch-class share of `cls` per window (notes only)
+  fit_probe(feature_dir, ...)             the multiclass RFM probe at the best layer (paper Sec. 5.2), fitted
+                                          on the same seeded split as `musicrfm train` / `report`
+  FittedProbe.proba(model, clips)         softmax over the probe's classes of features re-extracted from audio
+
+The probe reads MusicGen features of the generated audio the way `musicrfm extract` reads training clips
+(probes.extract.encode_audio + decoder_features: EnCodec codes -> BOS + delay pattern -> the residual stream,
+mean-pooled), with the prompt the training features were extracted with (empty by default).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checks import estimate_chord_quality, estimate_pitch_class, pitch_class_profile
+from musicrfm.probes.syntheory import PITCH_NAMES
+
+__all__ = [
+    "CHECKS",
+    "FittedProbe",
+    "check_clip",
+    "check_name",
+    "check_trace",
+    "classifier_to_cpu",
+    "fit_probe",
+    "segment",
+    "window_bounds",
+]
+
+# concept -> the independent check (signal processing only, no MusicGen, no probe) that judges it
+CHECKS = {
+    "notes": "pitch class (musicrfm.evaluation.checks.estimate_pitch_class)",
+    "chords": "chord quality (musicrfm.evaluation.checks.estimate_chord_quality)",
+}
+
+
+def check_name(concept: str) -> str | None:
+    return CHECKS.get(concept)
+
+
+def segment(audio: np.ndarray, window: Sequence[float]) -> np.ndarray:
+    """The part of a clip between fractions window = (a, b) of its length (at least one sample)."""
+    a, b = float(window[0]), float(window[1])
+    if not 0.0 <= a < b <= 1.0:
+        raise ValueError(f"a window is (start, end) fractions with 0 <= start < end <= 1, got {window!r}")
+    n = len(audio)
+    start = min(round(a * n), n - 1)
+    return audio[start:max(start + 1, round(b * n))]
+
+
+def check_clip(concept: str, cls: str, audio: np.ndarray, sr: int) -> dict | None:
+    """Does the clip sound like class `cls` of `concept`? None when the concept has no check (or the class
+    is not one the check knows)."""
+    if concept == "notes" and cls in PITCH_NAMES:
+        pc, confidence = estimate_pitch_class(audio, sr)
+        return {"pred": PITCH_NAMES[pc], "correct": PITCH_NAMES[pc] == cls, "score": float(confidence)}
+    if concept == "chords" and cls in ("major", "minor", "aug", "dim"):
+        quality, _root, score = estimate_chord_quality(audio, sr)
+        return {"pred": quality, "correct": quality == cls, "score": float(score)}
+    return None
+
+
+def window_bounds(n_samples: int, sr: int, window: float, hop: float) -> list[tuple[int, int]]:
+    """Sliding windows of `window` seconds every `hop` seconds that fit in the clip (one shorter window
+    covering the whole clip if the clip is shorter than a window)."""
+    if not (window > 0 and hop > 0):
+        raise ValueError(f"window and hop must be > 0 seconds, got {window} and {hop}")
+    w, h = max(1, round(window * sr)), max(1, round(hop * sr))
+    if n_samples <= w:
+        return [(0, n_samples)]
+    return [(s, s + w) for s in range(0, n_samples - w + 1, h)]
+
+
+def check_trace(concept: str, cls: str, audio: np.ndarray, sr: int,
+                bounds: Sequence[tuple[int, int]]) -> list[float] | None:
+    """Per window, the share of the clip's pitch-class profile that falls on `cls` (notes only): the
+    independent counterpart of the probe's softmax trace. 1/12 ~ 0.083 is a flat profile."""
+    if concept != "notes" or cls not in PITCH_NAMES:
+        return None
+    pc = PITCH_NAMES.index(cls)
+    return [float(pitch_class_profile(audio[a:b], sr)[pc]) for a, b in bounds]
+
+
+# --------------------------------------------------------------------------------------------
+# The multiclass probe
+
+
+def classifier_to_cpu(clf):
+    """A probes.rfm.Classifier with every tensor on the CPU (to ship to workers, and to predict anywhere)."""
+    p = clf.predictor
+    fm = p.features
+    features = replace(fm, mean=fm.mean.cpu(), basis=None if fm.basis is None else fm.basis.cpu())
+    predictor = replace(p, features=features, centers=p.centers.cpu(),
+                        metric=None if p.metric is None else p.metric.cpu(), alpha=p.alpha.cpu())
+    return replace(clf, predictor=predictor)
+
+
+@dataclass(frozen=True, eq=False)
+class FittedProbe:
+    """A multiclass probe at one layer, and how it was chosen."""
+
+    concept: str
+    classes: tuple[str, ...]
+    layer: int
+    prompt: str  # the text conditioning the training features were extracted with
+    classifier: object  # probes.rfm.Classifier (CPU tensors)
+    val_accuracy: float
+    test_accuracy: float
+    selection: str  # how the layer was chosen
+
+    def features(self, model, clips: Sequence[np.ndarray]) -> torch.Tensor:
+        """Mean-pooled residual-stream features at `layer` of each clip, re-extracted from the audio: [n, d]."""
+        from musicrfm.probes.extract import decoder_features, encode_audio
+
+        audio = [torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32)) for c in clips]
+        length = max(a.shape[0] for a in audio)
+        padded = torch.stack([torch.nn.functional.pad(a, (0, length - a.shape[0])) for a in audio])
+        codes = encode_audio(model, padded)
+        frames = torch.tensor([max(1, min(codes.shape[2], a.shape[0] // model.hop_length)) for a in audio])
+        return decoder_features(model, codes, self.prompt, [self.layer], frames)["mean"][:, 0]
+
+    def proba(self, model, clips: Sequence[np.ndarray]) -> np.ndarray:
+        """Softmax over `classes` [n, C] (float64) of each clip."""
+        X = self.features(model, clips)
+        return self.classifier.predict_proba(X).double().cpu().numpy()
+
+    def describe(self) -> str:
+        return (f"multiclass RFM probe for {self.concept} at layer {self.layer} ({self.selection}; "
+                f"validation accuracy {self.val_accuracy:.3f}, test {self.test_accuracy:.3f})")
+
+
+def fit_probe(feature_dir: str | Path, *, fingerprint=None, seed: int = 0, trials: int | None = None,
+              layer: int | None = None, device: str | None = None, cache: str | Path | None = None,
+              progress: bool = False) -> FittedProbe:
+    """The paper's multiclass probe (Sec. 4 / 5.2): one-hot multi-output RFM on mean-pooled features, on the
+    seeded stratified 70/15/15 split of `musicrfm train` / `report` (probes.train.split_indices with `seed`),
+    at the layer with the best validation accuracy (as `musicrfm report` picks it), or at `layer` if given.
+
+    `cache` (a JSON file) remembers the chosen layer for these settings, so a rerun fits one layer, not all.
+    The fit itself is seeded and deterministic."""
+    from tqdm import tqdm
+
+    from musicrfm.probes.extract import FeatureError, load_features
+    from musicrfm.probes.rfm import SearchConfig, fit_multiclass
+    from musicrfm.probes.train import REGRESSION_CONCEPTS, split_indices
+
+    feature_dir = Path(feature_dir)
+    head = load_features(feature_dir, fingerprint, poolings=[])
+    if head.concept in REGRESSION_CONCEPTS:
+        raise FeatureError(f"{feature_dir}: {head.concept} is a regression; it has no multiclass probe")
+    lookup = {c: i for i, c in enumerate(head.classes)}
+    y = torch.tensor([lookup[label] for label in head.labels])
+    tr, va, te = split_indices(head.labels, seed)
+    search = SearchConfig(seed=seed, device=device, **({"trials": trials} if trials else {}))
+    key = {"features": str(feature_dir.resolve()), "seed": seed, "trials": search.trials,
+           "layers": head.layers, "clips": len(head.labels)}
+    cached = None
+    if layer is None and cache is not None and Path(cache).is_file():
+        stored = json.loads(Path(cache).read_text()).get(head.concept)
+        if stored and stored.get("key") == key:
+            cached = stored
+    if layer is not None:
+        if layer not in head.layers:
+            raise FeatureError(f"{feature_dir}: layer {layer} was not extracted (have {head.layers})")
+        candidates, selection = [layer], "layer given"
+    elif cached is not None:
+        candidates, selection = [cached["layer"]], "best validation accuracy over layers (cached)"
+    else:
+        candidates, selection = list(head.layers), "best validation accuracy over layers"
+    fs = load_features(feature_dir, head.fingerprint, layers=candidates, poolings=["mean"])
+    best = None
+    for j, lay in enumerate(tqdm(candidates, desc=f"probe {head.concept}", unit="layer", disable=not progress)):
+        X = fs.features["mean"][:, j]
+        clf = fit_multiclass(X[tr], y[tr], X[va], y[va], len(head.classes), search)
+        if best is None or clf.val_accuracy > best[1].val_accuracy:  # ties: the lower layer, as report
+            best = (lay, clf, X)
+    lay, clf, X = best
+    test = float((clf.predict(X[te]).cpu() == y[te]).float().mean()) if te else float("nan")
+    if layer is None and cache is not None and cached is None:
+        path = Path(cache)
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        data[head.concept] = {"key": key, "layer": lay, "val_accuracy": clf.val_accuracy}
+        path.write_text(json.dumps(data, indent=1) + "\n")
+    return FittedProbe(concept=head.concept, classes=tuple(head.classes), layer=lay, prompt=head.prompt,
+                       classifier=classifier_to_cpu(clf), val_accuracy=float(clf.val_accuracy),
+                       test_accuracy=test, selection=selection)

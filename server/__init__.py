@@ -1,0 +1,1 @@
+"""musicrfm server: live sessions (control state, streams, pacing), WebSocket + OSC transports, recordings."""

@@ -1,0 +1,320 @@
+"""Streaming EnCodec decode against the one-shot reference, input checks, and WAV I/O.
+
+Threshold (docs/streaming-decode.md): with the default settings, the largest figure measured on the two
+random-weight codecs was a max error of 8.4e-6 (relative to the one-shot audio's RMS about its mean;
+float32 round-off); RMS errors and seam steps stayed below 2e-6. 1e-4 leaves >= 12x headroom, and every
+under-provisioned setting measured above it (left_context 5 or 10, hold_back 2, naive chunking).
+"""
+
+from __future__ import annotations
+
+import wave
+
+import numpy as np
+import pytest
+import torch
+
+from musicrfm.engine.audio import (
+    StreamingDecoder,
+    decode_tokens,
+    read_wav,
+    relative_error,
+    seam_discontinuity,
+    write_wav,
+)
+
+MAX_REL_ERROR = 1e-4  # RMS and max error, relative to the one-shot audio's RMS about its mean
+MAX_SEAM_STEP = 1e-4  # worst error step at a seam, relative to the one-shot audio's own jumps
+HOP = 640
+
+
+def _codes(frames: int, vocab: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (4, frames), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def codec(tiny):
+    return tiny.hf.audio_encoder  # load_model seeds random codecs' codebooks (transformers leaves them 0)
+
+
+def _stream(codec, codes: torch.Tensor, chunk: int, **settings) -> tuple[torch.Tensor, list[int]]:
+    """Push codes chunk by chunk; (all audio, sample indices where a non-first segment starts)."""
+    dec = StreamingDecoder(codec, **settings)
+    pieces = [dec.push(codes[:, i : i + chunk]) for i in range(0, codes.shape[1], chunk)] + [dec.flush()]
+    lengths = [len(p) for p in pieces if len(p)]
+    seams = np.cumsum(lengths)[:-1].tolist()
+    return torch.cat(pieces), seams
+
+
+# --- one-shot decode ---------------------------------------------------------------------------------
+
+
+def test_decode_tokens_shapes_and_batch(codec):
+    codes = _codes(30)
+    one = decode_tokens(codec, codes)
+    assert one.shape == (30 * HOP,) and one.dtype == torch.float32
+    batch = decode_tokens(codec, torch.stack([codes, _codes(30, seed=1)]))
+    assert batch.shape == (2, 30 * HOP)
+    torch.testing.assert_close(batch[0], one, rtol=0, atol=1e-5)
+    assert decode_tokens(codec, codes[:, :0]).shape == (0,)
+
+
+def test_audio_depends_on_codes(codec):
+    # Guards the whole file: with all-zero codebooks every comparison below would pass trivially.
+    a, b = decode_tokens(codec, _codes(20)), decode_tokens(codec, _codes(20, seed=1))
+    assert relative_error(a, b)[0] > 0.1
+
+
+# --- streaming: agreement with the reference -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 25])  # 1 and 3 are smaller than the default hold_back (4)
+def test_stream_matches_one_shot(codec, chunk):
+    codes = _codes(110)  # not a multiple of 3, 7 or 25: the last push is short
+    ref = decode_tokens(codec, codes)
+    audio, seams = _stream(codec, codes, chunk)
+    assert audio.shape == ref.shape == (110 * HOP,) and audio.dtype == torch.float32
+    rms, peak = relative_error(audio, ref)
+    assert rms < MAX_REL_ERROR and peak < MAX_REL_ERROR, (rms, peak)
+    step = seam_discontinuity(audio, seams, ref)
+    assert step.worst < MAX_SEAM_STEP, step
+
+
+def test_naive_chunking_fails_the_thresholds(codec):
+    # The same pushes without context, hold-back or fade: what the thresholds exist to catch.
+    codes = _codes(110)
+    ref = decode_tokens(codec, codes)
+    audio, seams = _stream(codec, codes, 10, left_context=0, hold_back=0, crossfade=0)
+    assert audio.shape == ref.shape
+    rms, peak = relative_error(audio, ref)
+    assert rms > 10 * MAX_REL_ERROR and peak > 100 * MAX_REL_ERROR
+    assert seam_discontinuity(audio, seams, ref).mean > 100 * MAX_SEAM_STEP
+
+
+def test_too_little_hold_back_fails(codec):
+    codes = _codes(110)
+    ref = decode_tokens(codec, codes)
+    audio, seams = _stream(codec, codes, 10, hold_back=2)  # the right edge moves when more frames arrive
+    assert seam_discontinuity(audio, seams, ref).mean > 100 * MAX_SEAM_STEP
+
+
+def test_crossfade_turns_a_mismatch_into_a_ramp(codec, monkeypatch):
+    # Make consecutive windows disagree by a DC offset (a stand-in for an LSTM state that has not fully
+    # settled): a plain cut shows it as a step, the equal-gain fade as a ramp without overshoot.
+    real_decode = codec.decode
+
+    def offset_decode(codes, *args, **kwargs):
+        out = real_decode(codes, *args, **kwargs)
+        out.audio_values = out.audio_values + 0.05 * (int(codes[..., 0].sum()) % 5)
+        return out
+
+    codes = _codes(110)
+    ref = decode_tokens(codec, codes)
+    monkeypatch.setattr(codec, "decode", offset_decode)
+    cut, seams = _stream(codec, codes, 10, crossfade=0)
+    faded, seams_faded = _stream(codec, codes, 10, crossfade=160)
+    assert seams == seams_faded
+    step_cut, step_faded = seam_discontinuity(cut, seams, ref), seam_discontinuity(faded, seams, ref)
+    assert step_cut.worst > 0.1
+    assert step_faded.worst < step_cut.worst / 50  # a 160-sample sin^2 ramp: ~pi/320 of the step per sample
+    # Equal gain never leaves the range of the two estimates; equal power overshoots coherent ones.
+    lo, hi = torch.minimum(cut, ref - 0.25) - 1e-6, torch.maximum(cut, ref + 0.25) + 1e-6
+    assert bool(((faded >= lo) & (faded <= hi)).all())
+    power, _ = _stream(codec, codes, 10, crossfade=160, curve="equal_power")
+    assert not bool(((power >= lo) & (power <= hi)).all())
+
+
+@pytest.mark.parametrize("settings", [
+    dict(hold_back=0),  # no lookahead to fade against: plain cuts
+    dict(hold_back=1, crossfade=2000),  # fade longer than the lookahead and than a 1-frame segment
+    dict(left_context=0, hold_back=7, crossfade=1),
+])
+def test_output_length_is_exact_for_any_settings(codec, settings):
+    audio, _ = _stream(codec, _codes(23), 1, **settings)
+    assert audio.shape == (23 * HOP,)
+    audio, _ = _stream(codec, _codes(23), 6, **settings)
+    assert audio.shape == (23 * HOP,)
+
+
+def test_short_stream_held_back_entirely_comes_out_at_flush(codec):
+    dec = StreamingDecoder(codec, hold_back=4)
+    assert dec.push(_codes(3)).numel() == 0
+    tail = dec.flush()
+    torch.testing.assert_close(tail, decode_tokens(codec, _codes(3)), rtol=0, atol=1e-6)
+    assert dec.flush().numel() == 0  # nothing pending after a flush
+
+
+def test_empty_push_is_a_no_op(codec):
+    codes = _codes(40)
+    dec = StreamingDecoder(codec)
+    out = [dec.push(codes[:, :0]), dec.push(codes[:, :20]), dec.push(codes[:, 20:20]), dec.push(codes[:, 20:])]
+    assert out[0].numel() == 0 and out[2].numel() == 0
+    assert dec.last_window_frames == 16 + 4 + 20  # the empty push changed nothing: 16 emitted, 4 held
+    audio = torch.cat(out + [dec.flush()])
+    assert relative_error(audio, decode_tokens(codec, codes))[1] < MAX_REL_ERROR
+
+
+def test_reset_and_flush_start_a_new_stream(codec):
+    codes = _codes(30)
+    dec = StreamingDecoder(codec)
+    first = torch.cat([dec.push(codes), dec.flush()])
+    dec.push(_codes(17, seed=3))
+    dec.reset()
+    again = torch.cat([dec.push(codes), dec.flush()])
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    assert dec.frames_in == 0 and dec.samples_out == 0
+
+
+# --- streaming: cost ---------------------------------------------------------------------------------
+
+
+def test_window_is_bounded_whatever_the_stream_length(codec, monkeypatch):
+    left, hold, chunk = 10, 3, 7
+    decoded = []
+    real_decode = codec.decode
+
+    def spy(codes, *args, **kwargs):  # what reaches the codec: [1, 1, K, frames]
+        decoded.append(codes.shape[-1])
+        return real_decode(codes, *args, **kwargs)
+
+    monkeypatch.setattr(codec, "decode", spy)
+    dec = StreamingDecoder(codec, left_context=left, hold_back=hold)
+    codes = _codes(399)  # 8 s in 57 pushes
+    for i in range(0, 399, chunk):
+        dec.push(codes[:, i : i + chunk])
+        assert dec.last_window_frames == decoded[-1]
+        assert dec._frames.shape[1] <= left + hold  # what is kept between pushes
+    assert max(decoded) <= left + hold + chunk
+    assert decoded[-1] == decoded[len(decoded) // 2] == left + hold + chunk  # steady state, any length
+
+
+# --- input checks ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("codes, message", [
+    (torch.zeros(4, 5), "integer token ids"),
+    (torch.zeros(4, 5, dtype=torch.bool), "integer token ids"),
+    (torch.zeros(20, dtype=torch.long), r"shape \[K, n\]"),
+    (torch.zeros(1, 4, 5, dtype=torch.long), r"shape \[K, n\]"),
+    (torch.zeros(8, 5, dtype=torch.long), "8 codebooks"),
+    (torch.full((4, 5), 64), r"\[0, 64\).*pad/BOS"),
+    (torch.full((4, 5), -1), r"\[0, 64\)"),
+])
+def test_push_rejects_bad_codes(codec, codes, message):
+    with pytest.raises(ValueError, match=message):
+        StreamingDecoder(codec).push(codes)
+
+
+def test_decode_tokens_rejects_bad_codes(codec):
+    with pytest.raises(ValueError, match=r"\[K, T\] or \[B, K, T\]"):
+        decode_tokens(codec, torch.zeros(1, 1, 4, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="lie in"):
+        decode_tokens(codec, torch.full((2, 4, 5), 99))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        decode_tokens(codec, [[1, 2, 3]])
+
+
+def test_codebook_count_cannot_change_mid_stream(codec):
+    dec = StreamingDecoder(codec)
+    dec.push(_codes(2))
+    with pytest.raises(ValueError, match="stream has 4 codebooks"):
+        dec.push(_codes(2)[:3])
+
+
+@pytest.mark.parametrize("kwargs", [dict(left_context=-1), dict(hold_back=1.5), dict(crossfade=True),
+                                    dict(curve="linear")])
+def test_settings_are_checked(codec, kwargs):
+    with pytest.raises(ValueError):
+        StreamingDecoder(codec, **kwargs)
+
+
+# --- a codec with encodec_32khz's architecture -----------------------------------------------------------
+
+
+def test_random_small_codec_streams_within_threshold():
+    # encodec_32khz's layout (2-layer LSTM of 1024 units, 64 filters, 2048-entry codebooks), random
+    # weights; only the codec is built, which is much faster than load_model("random-small").
+    from transformers import EncodecModel
+
+    from musicrfm.engine.model import random_model_config, seed_codebooks
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        codec = EncodecModel(random_model_config("random-small").audio_encoder).eval()
+    seed_codebooks(codec, 0)
+    codes = _codes(60, vocab=2048)
+    ref = decode_tokens(codec, codes)
+    audio, seams = _stream(codec, codes, 20)
+    assert audio.shape == (60 * HOP,)
+    assert max(relative_error(audio, ref)) < MAX_REL_ERROR
+    assert seam_discontinuity(audio, seams, ref).worst < MAX_SEAM_STEP
+
+
+# --- WAV files ---------------------------------------------------------------------------------------
+
+
+def test_wav_round_trip(tmp_path):
+    path = tmp_path / "a.wav"
+    t = torch.linspace(0, 1, 3200)
+    audio = 0.8 * torch.sin(2 * torch.pi * 440 * t)
+    audio[:3] = torch.tensor([1.5, -2.0, 1.0])  # out of range: clipped
+    write_wav(path, audio, 32000)
+    back, rate = read_wav(path)
+    assert rate == 32000 and back.dtype == np.float32 and back.shape == (3200,)
+    expected = audio.clamp(-1, 1).numpy()
+    assert np.abs(back - expected).max() < 1e-4
+    write_wav(path, expected.astype(np.float64), 16000)  # numpy input works as well
+    assert read_wav(path)[1] == 16000
+
+
+def test_stereo_wav_reads_as_mono(tmp_path):
+    path = tmp_path / "stereo.wav"
+    frames = np.array([[16384, -16384], [32767, 32767]], dtype="<i2")
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(2)
+        f.setsampwidth(2)
+        f.setframerate(44100)
+        f.writeframes(frames.tobytes())
+    audio, rate = read_wav(path)
+    assert rate == 44100
+    np.testing.assert_allclose(audio, [0.0, 32767 / 32768], atol=1e-7)
+
+
+@pytest.mark.parametrize("audio, message", [
+    (np.array([0.1, np.nan, 0.2]), "1 NaN or infinite"),
+    (np.array([0.1, np.inf]), "NaN or infinite"),
+    (np.zeros((2, 10)), "mono"),
+    (np.zeros(10, dtype=np.int16), "floating point"),
+])
+def test_write_wav_rejects_bad_audio(tmp_path, audio, message):
+    path = tmp_path / "bad.wav"
+    with pytest.raises(ValueError, match=message):
+        write_wav(path, audio, 32000)
+    assert not path.exists()
+
+
+def test_corrupt_or_unsupported_wav_is_a_value_error(tmp_path):
+    garbage = tmp_path / "garbage.wav"
+    garbage.write_bytes(b"this is not a wav file at all" * 10)
+    with pytest.raises(ValueError, match="garbage.wav"):
+        read_wav(garbage)
+
+    good = tmp_path / "good.wav"
+    write_wav(good, np.zeros(1000, dtype=np.float32), 32000)
+    truncated = tmp_path / "truncated.wav"
+    truncated.write_bytes(good.read_bytes()[:-500])
+    with pytest.raises(ValueError, match="truncated.wav.*truncated"):
+        read_wav(truncated)
+    header_only = tmp_path / "header.wav"
+    header_only.write_bytes(good.read_bytes()[:20])
+    with pytest.raises(ValueError, match="header.wav"):
+        read_wav(header_only)
+
+    wide = tmp_path / "24bit.wav"
+    with wave.open(str(wide), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(3)
+        f.setframerate(48000)
+        f.writeframes(b"\x00" * 30)
+    with pytest.raises(ValueError, match="24bit.wav.*16-bit"):
+        read_wav(wide)

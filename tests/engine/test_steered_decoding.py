@@ -1,0 +1,147 @@
+"""Steering inside the real decode loop on tiny-random: the exact vector, at the right layers, rows and
+steps; nothing anywhere else."""
+
+import pytest
+import torch
+
+from musicrfm.engine import loop as engine_loop
+from musicrfm.engine.bank import DirectionBank, UnknownDirectionError
+from musicrfm.engine.loop import Generator
+from musicrfm.engine.model import ModelFingerprint
+from musicrfm.engine.steering import (DirectionControl, LayerWeighting, Schedule, SteeringPlan, SteeringSpec,
+                             gate_open)
+
+
+@pytest.fixture(scope="module")
+def bank(tiny):
+    g = torch.Generator().manual_seed(0)
+    vecs = torch.randn(3, tiny.num_layers, tiny.hidden_size, generator=g)
+    scores = torch.tensor([[0.5, 0.9, 0.7, 0.6]] * 3)  # layer 1 best, layer 0 worst
+    return DirectionBank.from_arrays("notes", ["C", "D", "E"], vecs, scores, tiny.fingerprint,
+                                     method="test", pooling="mean")
+
+
+def _plan(tiny, bank, **spec):
+    return SteeringPlan.compile(SteeringSpec(**spec), bank, tiny.fingerprint, device=tiny.device, dtype=tiny.dtype)
+
+
+class Recorder:
+    """Replaces engine_loop.apply_steering to see every update the decoder makes."""
+
+    def __init__(self, monkeypatch, gen):
+        self.calls = []
+        self.gen = gen
+        real = engine_loop.apply_steering
+
+        def spy(h, v, rule):
+            out = real(h, v, rule)
+            self.calls.append(dict(step=gen.step, h=h.clone(), v=v.clone(), out=out.clone(), rule=rule))
+            return out
+
+        monkeypatch.setattr(engine_loop, "apply_steering", spy)
+
+
+def test_exact_vectors_at_each_layer_and_both_rows(tiny, bank, monkeypatch):
+    plan = _plan(tiny, bank, controls=(DirectionControl("notes:C", 0.7), DirectionControl("notes:E", -0.2)),
+                 layers=LayerWeighting(mode="topk", k=2))
+    gen = Generator(tiny, "piano", plan=plan, seed=0)
+    rec = Recorder(monkeypatch, gen)
+    gen.run(3)
+    # One update per layer per step: the decoder never skips or repeats a layer.
+    assert len(rec.calls) == 3 * tiny.num_layers
+    top2 = {1, 2}
+    for n, call in enumerate(rec.calls):
+        layer = n % tiny.num_layers
+        expected = torch.zeros(tiny.hidden_size)
+        if layer in top2:
+            expected = 0.7 * bank["notes:C"].vectors[layer] - 0.2 * bank["notes:E"].vectors[layer]
+        torch.testing.assert_close(call["v"], expected)
+        assert call["h"].shape[0] == 2  # both guidance rows went through the update
+        torch.testing.assert_close(call["out"], call["h"] + expected)
+
+
+def test_conditional_row_only(tiny, bank):
+    plan = _plan(tiny, bank, controls=(DirectionControl("notes:D", 1.0),), rows="cond",
+                 layers=LayerWeighting(mode="all"))
+    steered, plain = Generator(tiny, "piano", plan=plan), Generator(tiny, "piano")
+    seen = {"steered": {}, "plain": {}}
+    tokens = steered._inputs(0, 0)
+    steered.decoder.forward(tokens, engine_loop._StepSteering(plan, plan.coefficients_for_steps([0])),
+                            capture=lambda i, h: seen["steered"].__setitem__(i, h.clone()))
+    plain.decoder.forward(tokens, None, capture=lambda i, h: seen["plain"].__setitem__(i, h.clone()))
+    s, p = seen["steered"], seen["plain"]
+    # Row 0 (conditional) moved by exactly the direction at layer 0; row 1 (unconditional) untouched
+    # at every layer.
+    torch.testing.assert_close(s[0][0] - p[0][0], bank["notes:D"].vectors[0][None])
+    for layer in range(tiny.num_layers):
+        torch.testing.assert_close(s[layer][1], p[layer][1])
+    assert not torch.allclose(s[3][0], p[3][0])
+
+
+def test_gate_fires_on_the_right_steps_and_schedule_clock_keeps_running(tiny, bank, monkeypatch):
+    sched = Schedule("linear_rise", length=40)
+    plan = _plan(tiny, bank, controls=(DirectionControl("notes:C", 0.5, sched),), gate_p=0.3, gate_seed=11,
+                 layers=LayerWeighting(mode="all"))
+    gen = Generator(tiny, "piano", plan=plan)
+    rec = Recorder(monkeypatch, gen)
+    gen.run(60)
+    fired = sorted({c["step"] for c in rec.calls})
+    expected = [s for s in range(60) if gate_open(11, s, 0.3) and sched(s) > 0]
+    assert fired == expected and 8 <= len(fired) <= 30
+    for call in rec.calls:  # strength follows the step's schedule value, not a count of gated-in steps
+        layer_vec = bank["notes:C"].vectors
+        scale = call["v"].norm() / layer_vec[0].norm()
+        assert scale.item() == pytest.approx(0.5 * sched(call["step"]), rel=1e-5)
+
+
+def test_attention_site_and_norm_rule(tiny, monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    vecs = torch.randn(1, tiny.num_layers, tiny.hidden_size, generator=g)
+    attn_bank = DirectionBank.from_arrays("timbre", ["flute"], vecs, torch.ones(1, tiny.num_layers),
+                                          tiny.fingerprint, method="linear", pooling="mean",
+                                          injection_point="attention")
+    plan = _plan(tiny, attn_bank, controls=(DirectionControl("timbre:flute", 0.4),), site="attention",
+                 rule="norm", layers=LayerWeighting(mode="all"), rows="cond")
+    gen = Generator(tiny, "piano", plan=plan)
+    rec = Recorder(monkeypatch, gen)
+    gen.run(2)
+    assert len(rec.calls) == 2 * tiny.num_layers and all(c["rule"] == "norm" for c in rec.calls)
+    call = rec.calls[0]
+    h, v = call["h"], call["v"]
+    assert h.shape[0] == 1  # conditional row only
+    expected = (h + h.norm(dim=-1, keepdim=True) * v) / (1 + v.norm())
+    torch.testing.assert_close(call["out"], expected)
+    # With a bank read at the residual stream, an attention-site plan is refused.
+    with pytest.raises(ValueError, match="injection point"):
+        _plan(tiny, DirectionBank.from_arrays("x", ["y"], vecs, torch.ones(1, tiny.num_layers), tiny.fingerprint,
+                                              method="m", pooling="mean"),
+              controls=(DirectionControl("x:y", 0.4),), site="attention")
+
+
+def test_steering_changes_tokens_and_zero_coefficient_does_not(tiny, bank):
+    base = Generator(tiny, "piano", seed=4, total_frames=30)
+    base.run(1000)
+    zero = Generator(tiny, "piano", seed=4, total_frames=30,
+                     plan=_plan(tiny, bank, controls=(DirectionControl("notes:C", 0.0),)))
+    zero.run(1000)
+    strong = Generator(tiny, "piano", seed=4, total_frames=30,
+                       plan=_plan(tiny, bank, controls=(DirectionControl("notes:C", 8.0),),
+                                  layers=LayerWeighting(mode="all")))
+    strong.run(1000)
+    assert torch.equal(base.codes(), zero.codes())
+    assert not torch.equal(base.codes(), strong.codes())
+
+
+def test_bad_controls_are_rejected_with_clear_errors(tiny, bank):
+    with pytest.raises(ValueError, match="notes:C.*coefficient.*finite"):
+        DirectionControl("notes:C", float("nan"))
+    with pytest.raises(ValueError, match="finite"):
+        DirectionControl("notes:C", float("inf"))
+    with pytest.raises(UnknownDirectionError, match="notes:C"):
+        _plan(tiny, bank, controls=(DirectionControl("notes:Q", 0.3),))
+    other = ModelFingerprint("musicgen", 48, 2048)
+    with pytest.raises(Exception, match="48 layers x hidden size 2048"):
+        SteeringPlan.compile(SteeringSpec(controls=(DirectionControl("notes:C", 0.3),)),
+                             DirectionBank.from_arrays("notes", ["C"], torch.randn(1, 48, 2048),
+                                                       torch.ones(1, 48), other, method="m", pooling="mean"),
+                             tiny.fingerprint)

@@ -1,0 +1,292 @@
+"""`musicrfm eval sweep`: presets that follow the paper, seeded units, end-to-end runs on tiny-random (its audio
+is noise, and every output must say so), resume, probe traces, CLAP plumbing, and Ray == local."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from musicrfm.engine.audio import read_wav, write_wav
+from musicrfm.engine.bank import DirectionBank
+from musicrfm.main import main as cli_main
+from musicrfm.engine.steering import LayerWeighting, Schedule, crossfade
+from musicrfm.probes import sweep
+from musicrfm.probes.extract import ExtractionSettings, extract_concept
+from musicrfm.evaluation.sweep import (
+    NOISE_LABEL,
+    REFERENCE,
+    SweepSettings,
+    build_configurations,
+    plan_units,
+    run_sweep,
+    topk_values,
+)
+
+NOTES = ["C", "G", "D"]
+TONES = {"C": 261.63, "G": 392.0, "D": 293.66}
+
+
+@pytest.fixture(scope="module")
+def banks(tiny, tmp_path_factory):
+    """Random unit directions for tiny-random: notes C, G, D and chords major, minor."""
+    fp, g = tiny.fingerprint, torch.Generator().manual_seed(0)
+    root = tmp_path_factory.mktemp("sweep-banks")
+    out = {}
+    for concept, classes in (("notes", NOTES), ("chords", ["major", "minor"])):
+        bank = DirectionBank.from_arrays(concept, classes, torch.randn(len(classes), fp.num_layers, fp.hidden_size,
+                                                                       generator=g),
+                                         torch.rand(len(classes), fp.num_layers, generator=g), fp, method="test",
+                                         pooling="mean")
+        bank.save(root / f"{concept}.safetensors")
+        out[concept] = str(root / f"{concept}.safetensors")
+    return out
+
+
+@pytest.fixture(scope="module")
+def features(tiny, tmp_path_factory):
+    """tiny-random features of pure tones labelled C / G / D (what `musicrfm extract` writes)."""
+    root = tmp_path_factory.mktemp("sweep-features")
+    (root / "audio").mkdir()
+    rng = np.random.default_rng(0)
+    clips, labels = [], []
+    for i in range(18):
+        label = NOTES[i % 3]
+        t = np.arange(16000) / 32000
+        audio = (0.2 + 0.6 * rng.random()) * np.sin(2 * np.pi * TONES[label] * t) + 0.01 * rng.standard_normal(t.size)
+        path = root / "audio" / f"{label}{i}.wav"
+        write_wav(path, audio, 32000)
+        clips.append(path)
+        labels.append(label)
+    extract_concept(tiny, "notes", clips, labels, root / "features", settings=ExtractionSettings(batch_size=6),
+                    classes=NOTES, load_audio=lambda p, r: read_wav(p)[0], progress=False)
+    return str(root / "features")
+
+
+def _rows(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture
+def count_renders(monkeypatch):
+    calls = []
+    real = sweep.render
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("spec"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep, "render", counting)
+    return calls
+
+
+# --- presets as data ---------------------------------------------------------------------------------
+
+
+def test_presets_follow_the_papers_protocols():
+    classes = {"notes": NOTES, "chords": ["major", "minor"], "intervals": ["m2", "M3"], "tempos": ["faster"]}
+    eta = build_configurations("eta", ["notes", "tempos"], classes, 48, 10.0)
+    notes = [c for c in eta if c.name.startswith("notes")]
+    assert [c.controls[0].coefficient for c in notes] == [0.15, 0.30, 0.45, 0.60]
+    assert all(c.gate_p == 0.3 and c.layers == LayerWeighting("exponential", kappa=0.95, w0=1.0) for c in eta)
+    tempos = [c for c in eta if c.name.startswith("tempos")]  # Table 2: +-eta0 averaged into |eta0|
+    assert len(tempos) == 8 and {c.controls[0].group for c in tempos} == {f"tempos |eta0|={e:.2f}"
+                                                                          for e in (0.15, 0.3, 0.45, 0.6)}
+    pairs = build_configurations("pairs", ["notes", "chords", "intervals"], classes, 48, 10.0)
+    assert len(pairs) == 3 * 4  # Table 5: 3 pairs x {0.3, 0.6}^2, grouped by attribute
+    assert {c.controls[0].group for c in pairs} >= {"notes eta0=0.30", "notes eta0=0.60", "chords eta0=0.30"}
+    # Table 6 / App. E at 30 s exactly; shorter clips get the same shapes over their length.
+    sched = {c.name: c.controls[0].schedule for c in build_configurations("schedules", ["notes"], classes, 48, 30.0)}
+    assert sched["notes linear increase"] == Schedule("linear_rise", length=1500)
+    assert sched["notes linear decay"] == Schedule("linear_decay", length=1500)
+    assert sched["notes exponential decay"].lam == pytest.approx(0.998)
+    assert sched["notes logistic increase"] == Schedule("logistic", center=750.0, width=200.0)
+    assert sched["notes sine modulation"] == Schedule("sine", period=1500.0)
+    short = build_configurations("schedules", ["notes"], classes, 48, 10.0)[2].controls[0].schedule
+    assert short.lam ** 500 == pytest.approx(0.998 ** 1500)
+    # Sec. 6.2: n1 decays linearly while n2 rises over the window, eta0 0.45.
+    (xf,) = build_configurations("crossfade", ["notes"], classes, 48, 30.0)
+    a, b = crossfade("notes:C", "notes:G", 0.45, length=1500, curve="linear")
+    assert [t.schedule for t in xf.controls] == [a.schedule, b.schedule]
+    assert [t.coefficient for t in xf.controls] == [0.45, 0.45] and [t.role for t in xf.controls] == ["n1", "n2"]
+    # App. C: the ablations vary one knob from the shared naive row (uniform layers, p = 1).
+    layers = build_configurations("layers", ["notes"], classes, 48, 10.0)
+    assert [c.layers.mode for c in layers] == ["linear", "exponential", "exponential", "exponential", "all"]
+    assert [c.layers.kappa for c in layers[1:4]] == [0.98, 0.95, 0.92] and {c.gate_p for c in layers} == {1.0}
+    topk = build_configurations("topk", ["notes"], classes, 48, 10.0)
+    assert [c.layers.k for c in topk] == [4, 8, 12, 16, 24, 32, 48] and {c.gate_p for c in topk} == {1.0}
+    assert topk_values(24) == [2, 4, 6, 8, 12, 16, 24] and topk_values(4) == [1, 2, 3, 4]
+    gate = build_configurations("gate", ["notes"], classes, 48, 10.0)
+    assert [c.gate_p for c in gate] == [0.15, 0.30, 0.45, 0.6, 0.75, 0.9, 1.0]
+    assert {c.layers.mode for c in gate} == {"all"}
+    with pytest.raises(ValueError, match="not in the bank"):
+        build_configurations("eta", ["scales"], classes, 48, 10.0)
+    with pytest.raises(ValueError, match="two classification concepts"):
+        build_configurations("pairs", ["notes"], classes, 48, 10.0)
+
+
+def test_units_are_seeded_by_sample_index_alone(banks):
+    classes = {"notes": NOTES, "chords": ["major", "minor"]}
+    configs = build_configurations("pairs", ["notes", "chords"], classes, 4, 1.0)
+    two = plan_units(SweepSettings("pairs", (banks["notes"],), "x", samples=2), configs, classes)
+    four = plan_units(SweepSettings("pairs", (banks["notes"],), "x", samples=4), configs, classes)
+    by_key = {u.key: u for u in four}
+    assert all(by_key[u.key] == u for u in two)  # more samples never change the first ones
+    ref = [u for u in four if u.config == REFERENCE]
+    assert len(ref) == 4 and all(u.spec is None for u in ref)
+    for u in four:  # paired design: sample i has one prompt and seed in every configuration
+        assert (u.seed, u.prompt) == (ref[u.sample].seed, ref[u.sample].prompt)
+        if u.spec is not None:
+            assert u.spec.gate_seed == u.seed
+    notes_targets = [u.targets[0]["class"] for u in four if u.config == configs[0].name]
+    assert notes_targets == ["C", "G", "D", "C"]  # the first control cycles through the classes
+    other = SweepSettings("crossfade", (banks["notes"],), "x", samples=6)
+    xf = build_configurations("crossfade", ["notes"], classes, 4, 1.0)
+    for u in plan_units(other, xf, classes)[6:]:
+        assert u.targets[0]["class"] != u.targets[1]["class"]
+
+
+# --- end to end on tiny-random -------------------------------------------------------------------------
+
+
+def test_eta_sweep_end_to_end_and_resume(tiny, banks, tmp_path, count_renders):
+    out = tmp_path / "eta"
+    settings = SweepSettings("eta", (banks["notes"],), str(out), samples=2, seconds=1.0, eta0=(2.0, 4.0),
+                             prompts=("warm piano", "dark drone"), chunk=1)
+    result = run_sweep(settings, model=tiny, progress=False)
+    assert result.generated == 6 and result.skipped == 0 and len(count_renders) == 6
+    rows = _rows(out / "results.csv")
+    assert [r["group"] for r in rows] == ["reference (unsteered)", "notes eta0=2.00", "notes eta0=4.00"]
+    for r in rows:
+        assert r["note"] == NOISE_LABEL and r["embedding"] == "logmel-stats-v1" and r["n_ref"] == "2"
+        assert r["clap"] == "unavailable" and r["probe_acc"] == "unavailable: no --features given"
+        assert r["check"].startswith("pitch class") and 0.0 <= float(r["check_acc"]) <= 1.0
+    for r in rows[1:]:
+        assert float(r["fd"]) >= 0 and np.isfinite(float(r["mmd2"])) and r["n_clips"] == "2"
+    clips = _rows(out / "clips.csv")
+    assert len(clips) == 6 and {c["note"] for c in clips} == {NOISE_LABEL}
+    ref = {c["sample"]: c["tokens_sha256"] for c in clips if c["config"] == REFERENCE}
+    steered = [c for c in clips if c["config"] != REFERENCE]
+    assert {c["class"] for c in steered} == {"C", "G"} and {c["prompt"] for c in steered} == {"warm piano", "dark drone"}
+    assert any(c["tokens_sha256"] != ref[c["sample"]] for c in steered)  # steering changed the clips
+    assert (out / "metrics.png").stat().st_size > 10_000
+    summary = (out / "summary.md").read_text()
+    assert NOISE_LABEL in summary and "logmel-stats-v1" in summary and "Table 2" in summary
+    assert "CLAP score: unavailable" in summary
+    assert json.loads((out / "sweep.json").read_text())["embedder"] == "logmel-stats-v1"
+
+    # A rerun finds every unit done and generates nothing; the outputs are the same.
+    before = (out / "results.csv").read_text()
+    again = run_sweep(settings, model=tiny, progress=False)
+    assert again.generated == 0 and again.skipped == 6 and len(count_renders) == 6
+    assert (out / "results.csv").read_text() == before
+    # An interrupted run (two records lost, the last line cut) redoes exactly those units.
+    lines = (out / "units.jsonl").read_text().splitlines()
+    (out / "units.jsonl").write_text("\n".join(lines[:4]) + "\n" + lines[4][:40])
+    again = run_sweep(settings, model=tiny, progress=False)
+    assert again.generated == 2 and len(count_renders) == 8
+    assert (out / "results.csv").read_text() == before
+    # More samples: only the new sample's units run.
+    more = SweepSettings(**{**settings.__dict__, "samples": 3})
+    assert run_sweep(more, model=tiny, progress=False).generated == 3
+    # Other settings never mix into the same directory.
+    with pytest.raises(ValueError, match="seconds"):
+        run_sweep(SweepSettings(**{**settings.__dict__, "seconds": 2.0}), model=tiny, progress=False)
+
+
+def test_tempo_bank_is_used_apart_and_signs_pool_into_abs_eta(tiny, banks, tmp_path):
+    # Each unit renders with its own concept's bank (a tempo bank is scored by R², the others by AUC).
+    fp = tiny.fingerprint
+    tempo = DirectionBank.from_arrays("tempos", ["faster"], torch.randn(1, fp.num_layers, fp.hidden_size),
+                                      torch.rand(1, fp.num_layers), fp, method="test", pooling="mean", score_name="r2")
+    tempo.save(tmp_path / "tempos.safetensors")
+    out = tmp_path / "eta"
+    settings = SweepSettings("eta", (banks["notes"], str(tmp_path / "tempos.safetensors")), str(out),
+                             concepts=("notes", "tempos"), samples=2, seconds=1.0, eta0=(3.0,))
+    result = run_sweep(settings, model=tiny, progress=False)
+    assert result.generated == 2 * 4
+    rows = {(r["group"], r["concept"]): r for r in _rows(out / "results.csv")}
+    assert set(rows) == {("reference (unsteered)", "notes"), ("reference (unsteered)", "tempos"),
+                         ("notes eta0=3.00", "notes"), ("tempos |eta0|=3.00", "tempos")}
+    pooled = rows[("tempos |eta0|=3.00", "tempos")]
+    assert pooled["configurations"] == "tempos eta0=-3.00;tempos eta0=+3.00" and pooled["n_clips"] == "4"
+    assert pooled["check"] == "none" and pooled["check_acc"] == ""  # no independent check, no probe for tempo
+
+
+def test_schedules_probe_accuracy_and_traces(tiny, banks, features, tmp_path):
+    out = tmp_path / "schedules"
+    settings = SweepSettings("schedules", (banks["notes"],), str(out), samples=2, seconds=2.0, eta0=(3.0,),
+                             features=features, probe_trials=4)
+    run_sweep(settings, model=tiny, progress=False)
+    rows = _rows(out / "results.csv")
+    assert len(rows) == 6 and rows[0]["group"] == "reference (unsteered)"
+    for r in rows:  # the probe was fitted at one layer and applied to features re-extracted from the clips
+        assert 0.0 <= float(r["probe_acc"]) <= 1.0 and r["probe_n"] == "2" and r["probe_layer"] in "0123"
+        assert 0.0 < float(r["probe_p_target"]) < 1.0
+    cached = json.loads((out / "probe.json").read_text())["notes"]
+    assert str(cached["layer"]) == rows[0]["probe_layer"]
+    traces = _rows(out / "traces.csv")
+    configs = {r["config"] for r in traces}
+    assert configs == {REFERENCE} | {r["group"] for r in rows[1:]}
+    for source in ("probe", "check"):  # Fig. 1a: 1 s windows every 0.5 s over the 2 s clips
+        times = sorted({float(r["t"]) for r in traces if r["source"] == source and r["config"] == REFERENCE})
+        assert times == [0.5, 1.0, 1.5]
+    assert all(r["n"] == "2" and r["note"] == NOISE_LABEL for r in traces)
+    assert (out / "traces.png").stat().st_size > 10_000 and (out / "metrics.png").is_file()
+    assert "multiclass RFM probe for notes at layer" in (out / "summary.md").read_text()
+
+
+def test_cli_eval_sweep_with_clap(banks, tmp_path, capsys):
+    from test_metrics import (
+        _save_tiny_clap,  # a random-weight ClapModel saved with save_pretrained
+    )
+
+    (tmp_path / "clap").mkdir()
+    clap = _save_tiny_clap(tmp_path / "clap")
+    out = tmp_path / "gate"
+    code = cli_main(["eval", "sweep", "--preset", "pairs", "--model", "tiny-random", "--bank", banks["notes"],
+                     banks["chords"], "--concept", "notes,chords", "--prompts", "warm piano,dark drone",
+                     "--samples", "2", "--seconds", "1", "--eta0", "3", "--out", str(out), "--clap", str(clap),
+                     "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "4 clips generated" in captured.out and NOISE_LABEL in captured.out
+    rows = _rows(out / "results.csv")
+    # Table 5's layout: reference rows, then one row per (attribute, eta0) pooled over pairings.
+    assert [(r["group"], r["concept"]) for r in rows] == [
+        ("reference (unsteered)", "notes"), ("reference (unsteered)", "chords"),
+        ("notes eta0=3.00", "notes"), ("chords eta0=3.00", "chords")]
+    for r in rows:
+        assert r["embedding"] == f"clap:{clap}" and -1.0 <= float(r["clap"]) <= 1.0
+    assert rows[3]["check"].startswith("chord quality")
+    assert f"CLAP score vs the prompt with `{clap}`" in (out / "summary.md").read_text()
+
+
+def test_ray_run_equals_the_local_run(tiny, banks, features, tmp_path):
+    try:
+        import ray
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install Ray for this test: pip install -e '.[ray]'")
+        pytest.skip("ray is not installed (pip install -e '.[ray]')")
+    common = {"banks": (banks["notes"],), "samples": 3, "seconds": 1.0, "eta0": (3.0,), "features": features,
+              "probe_trials": 4, "chunk": 2, "threads": 1}
+    local = run_sweep(SweepSettings("crossfade", out=str(tmp_path / "local"), **common), model=tiny, progress=False)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        remote = run_sweep(SweepSettings("crossfade", out=str(tmp_path / "ray"), **common), ray="auto",
+                           progress=False)
+    finally:
+        ray.shutdown()
+    assert local.generated == remote.generated == 6
+    for name in ("results.csv", "clips.csv", "traces.csv"):
+        assert (tmp_path / "ray" / name).read_text() == (tmp_path / "local" / name).read_text(), name
+    rows = _rows(tmp_path / "ray" / "results.csv")
+    assert [(r["group"], r["role"]) for r in rows] == [("reference (unsteered)", ""),
+                                                       ("notes crossfade n1->n2", "n1"),
+                                                       ("notes crossfade n1->n2", "n2")]
+    workers = {json.loads(line)["worker"] for line in (tmp_path / "ray" / "units.jsonl").read_text().splitlines()}
+    assert len(workers) == 2  # the work really was split (chunks of 2 samples over 2 workers)

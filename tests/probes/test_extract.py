@@ -1,0 +1,88 @@
+"""Feature extraction: the states generation produces, pooled over valid frames, stored resumably."""
+
+import numpy as np
+import pytest
+import torch
+
+from musicrfm.engine.audio import read_wav, write_wav
+from musicrfm.probes.extract import (ExtractionSettings, FeatureError, decoder_features, encode_audio, extract_concept,
+                            load_features)
+
+
+def _delayed_by_hand(codes, pad):
+    """BOS + delay pattern written out plainly: position p, codebook k holds frame p - k - 1."""
+    b, k, f = codes.shape
+    out = torch.full((b, k, f + 1), pad)
+    for p in range(f + 1):
+        for c in range(k):
+            if 0 <= p - c - 1 < f:
+                out[:, c, p] = codes[:, c, p - c - 1]
+    return out
+
+
+def test_features_are_the_transformers_hidden_states_under_the_delay_pattern(tiny):
+    codes = torch.randint(0, 64, (2, 4, 10), generator=torch.Generator().manual_seed(0))
+    feats = decoder_features(tiny, codes, prompt="piano")
+    inputs = tiny.tokenizer(["piano"] * 2, return_tensors="pt")
+    ids = _delayed_by_hand(codes, tiny.pad_token_id)
+    ref = tiny.hf(**inputs, decoder_input_ids=ids.reshape(8, -1), output_hidden_states=True)
+    for layer in range(tiny.num_layers - 1):  # transformers' last entry is after the final norm
+        h = ref.decoder_hidden_states[layer + 1]  # [2, 11, d]
+        torch.testing.assert_close(feats["mean"][:, layer], h[:, 1:].mean(1))
+        torch.testing.assert_close(feats["last"][:, layer], h[:, -1])
+
+
+def test_shorter_clips_in_a_batch_pool_only_their_own_frames(tiny):
+    codes = torch.randint(0, 64, (2, 4, 12), generator=torch.Generator().manual_seed(1))
+    batch = decoder_features(tiny, codes, frames=torch.tensor([12, 7]))
+    alone = decoder_features(tiny, codes[1:, :, :7])
+    for pooling in ("mean", "last"):
+        torch.testing.assert_close(batch[pooling][1], alone[pooling][0], rtol=1e-4, atol=1e-5)
+
+
+def _tone(freq, seconds=1.0, rate=32000):
+    t = np.arange(int(seconds * rate)) / rate
+    return 0.5 * np.sin(2 * np.pi * freq * t)
+
+
+def test_extract_store_resume_and_refuse_to_mix(tiny, tmp_path):
+    clips, labels = [], []
+    for i, (name, f) in enumerate([("A", 220.0), ("E", 329.6)] * 3):
+        path = tmp_path / "audio" / f"{name}{i}.wav"
+        path.parent.mkdir(exist_ok=True)
+        write_wav(path, _tone(f, seconds=0.5 + 0.1 * i), 32000)
+        clips.append(path)
+        labels.append(name)
+    load = lambda p, rate: read_wav(p)[0]  # noqa: E731
+    settings = ExtractionSettings(batch_size=2, shard_size=4)
+    folder = extract_concept(tiny, "notes", clips, labels, tmp_path / "feat", settings=settings,
+                             classes=["A", "E"], load_audio=load, progress=False)
+    fs = load_features(folder, tiny.fingerprint)
+    assert fs.features["mean"].shape == (6, tiny.num_layers, tiny.hidden_size)
+    assert fs.features["mean"].dtype == torch.float16 and fs.classes == ["A", "E"] and fs.labels == labels
+    # One clip alone gives the same features as inside its batch and shard.
+    audio = torch.from_numpy(read_wav(clips[3])[0])[None]
+    alone = decoder_features(tiny, encode_audio(tiny, audio))
+    torch.testing.assert_close(fs.features["mean"][3].float(), alone["mean"][0], rtol=2e-3, atol=2e-3)
+
+    # Resume: a deleted shard is recomputed, the other is kept untouched.
+    kept = (folder / "part-00000.safetensors").stat().st_mtime_ns
+    (folder / "part-00001.safetensors").unlink()
+    extract_concept(tiny, "notes", clips, labels, tmp_path / "feat", settings=settings, classes=["A", "E"],
+                    load_audio=load, progress=False)
+    assert (folder / "part-00000.safetensors").stat().st_mtime_ns == kept
+    assert torch.equal(load_features(folder).features["mean"], fs.features["mean"])
+
+    # Layer subsets load for training sharded by layer.
+    sub = load_features(folder, layers=[2, 0], poolings=["mean"])
+    assert torch.equal(sub.features["mean"][:, 0], fs.features["mean"][:, 2])
+
+    with pytest.raises(FeatureError, match="prompt"):
+        extract_concept(tiny, "notes", clips, labels, tmp_path / "feat", settings=ExtractionSettings(prompt="x"),
+                        load_audio=load, progress=False)
+    from musicrfm.engine.model import ModelFingerprint
+    with pytest.raises(FeatureError, match="48 layers"):
+        load_features(folder, ModelFingerprint("musicgen", 48, 2048))
+    (folder / "part-00001.safetensors").write_bytes(b"garbage")
+    with pytest.raises(FeatureError, match="part-00001"):
+        load_features(folder)

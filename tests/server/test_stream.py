@@ -1,0 +1,213 @@
+"""The live control state and the stream that applies it at exact steps (no network here)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from musicrfm.engine.bank import DirectionBank
+from musicrfm.engine.steering import Schedule
+from musicrfm.server.offline import end_step, play_messages, run_stream
+from musicrfm.protocol.wire import ProtocolError
+from musicrfm.server.state import ControlState, apply_patch
+from musicrfm.server.stream import Cause, Stream
+
+KEYS = {"notes:C", "notes:G"}
+CAUSE = Cause("test")
+STRONG = 60.0  # tiny-random's hidden states are large: a weak push changes few tokens
+
+
+@pytest.fixture(scope="module")
+def bank(tiny):
+    fp = tiny.fingerprint
+    g = torch.Generator().manual_seed(0)
+    return DirectionBank.from_arrays("notes", ["C", "G"], torch.randn(2, fp.num_layers, fp.hidden_size, generator=g),
+                                     torch.rand(2, fp.num_layers, generator=g), fp, method="test", pooling="mean")
+
+
+# --- the state ---------------------------------------------------------------------------------------
+
+def test_patch_merges_and_round_trips():
+    s = apply_patch(ControlState(), {"prompt": "a", "directions": {"notes:C": {"coefficient": 0.5}},
+                                     "gate": {"p": 0.3}, "layers": "topk:k=2", "sampling": {"top_k": 10}},
+                    step=0, known_keys=KEYS)
+    s = apply_patch(s, {"directions": {"notes:C": {"active": False}, "notes:G": {"coefficient": -1}},
+                        "sampling": {"temperature": 0.5}}, step=0, known_keys=KEYS)
+    assert s.directions["notes:C"].coefficient == 0.5 and s.directions["notes:C"].active is False
+    assert s.directions["notes:G"].coefficient == -1.0
+    assert (s.sampling.top_k, s.sampling.temperature, s.gate_p, s.layers.mode, s.layers.k) == (10, 0.5, 0.3, "topk", 2)
+    assert ControlState.from_dict(s.to_dict(), KEYS) == s
+    removed = apply_patch(s, {"directions": {"notes:C": None}}, step=0, known_keys=KEYS)
+    assert list(removed.directions) == ["notes:G"]
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"directions": {"notes:H": {"coefficient": 1}}}, "unknown direction 'notes:H'"),
+    ({"directions": {"notes:C": {"coefficient": float("nan")}}}, "finite number"),
+    ({"directions": {"notes:C": {"coefficient": float("inf")}}}, "finite number"),
+    ({"directions": {"notes:C": {"schedule": {"kind": "sine"}}}}, "needs a 'coefficient'"),
+    ({"directions": {"notes:C": None}}, "cannot remove"),
+    ({"directions": {"notes:C": {"coefficient": 1, "gain": 2}}}, "unknown field 'gain'"),
+    ({"directions": {"notes:C": {"coefficient": 1, "active": "yes"}}}, "true or false"),
+    ({"directions": {"notes:C": {"coefficient": 1, "schedule": {"kind": "wobble"}}}}, "wobble"),
+    ({"gate": {"p": 1.5}}, "gate p must be in"),
+    ({"gate": 0.3}, "gate must be an object"),
+    ({"layers": "topk:k=-1"}, "layers"),
+    ({"sampling": {"temperature": 0}}, "temperature"),
+    ({"sampling": {"top_k": 2.5}}, "top_k"),
+    ({"volume": 3}, "unknown field 'volume'"),
+    ({"prompt": 7}, "prompt must be a string"),
+    ({"rule": "multiply"}, "rule must be one of"),
+])
+def test_bad_patches_name_the_problem_and_change_nothing(patch, message):
+    s = ControlState()
+    with pytest.raises(ProtocolError, match=message):
+        apply_patch(s, patch, step=0, known_keys=KEYS)
+    assert s == ControlState()
+
+
+def test_a_live_schedule_is_relative_to_the_step_it_applies_at():
+    s = apply_patch(ControlState(), {"directions": {"notes:C": {"coefficient": 1, "schedule": {"kind": "fade_in",
+                                                                                                "length": 100}}}},
+                    step=420, known_keys=KEYS)
+    schedule = s.directions["notes:C"].schedule
+    assert schedule.start == 420 and schedule(420) == 0.0 and schedule(520) == 1.0
+    assert math.isclose(schedule(470), Schedule("fade_in", start=0, length=100)(50))
+
+
+# --- the stream --------------------------------------------------------------------------------------
+
+def drive(stream: Stream, chunk_steps: int) -> tuple[np.ndarray, list]:
+    """Play until the stream stops itself; check the audio is contiguous."""
+    applied, pieces, expected = [], [], 0
+    first = stream.apply_due()
+    applied += first.applied
+    while stream.state.playback == "playing":
+        chunk = stream.generate(chunk_steps)
+        assert chunk.first_sample == expected
+        expected += chunk.audio.shape[0]
+        pieces.append(chunk.audio)
+        applied += chunk.applied
+    return np.concatenate(pieces), applied
+
+
+def scripted(tiny, bank) -> Stream:
+    s = Stream(tiny, bank)
+    s.submit({"type": "set", "directions": {"notes:C": {"coefficient": STRONG}}, "at_step": 20}, CAUSE)
+    s.submit({"type": "set", "directions": {"notes:C": {"coefficient": 0.0}}, "at_step": 45}, CAUSE)  # needs the cue before
+    s.submit({"type": "set", "prompt": "dark drone", "at_step": 50}, CAUSE)
+    s.submit({"type": "transport", "command": "stop", "at_step": 80}, CAUSE)
+    s.submit({"type": "transport", "command": "play"}, CAUSE)
+    return s
+
+
+def test_changes_apply_at_exactly_their_step(tiny, bank):
+    s = scripted(tiny, bank)
+    _, applied = drive(s, 7)
+    assert [(a.step, a.cause.via) for a in applied] == [(0, "test"), (20, "test"), (45, "test"), (50, "test"),
+                                                        (80, "test")]
+    assert [a.version for a in applied] == [1, 2, 3, 4, 5]
+    assert applied[-1].state.playback == "stopped"
+    steered = s.finished_codes
+
+    plain = Stream(tiny, bank)
+    plain.submit({"type": "transport", "command": "stop", "at_step": 80}, CAUSE)
+    plain.submit({"type": "transport", "command": "play"}, CAUSE)
+    drive(plain, 80)
+    unsteered = plain.finished_codes
+    # Step s writes codebook 0 of frame s (and codebook k of frame s - k): before step 20 nothing differs.
+    assert torch.equal(steered[:, :17], unsteered[:, :17])
+    assert not torch.equal(steered[0, 20:45], unsteered[0, 20:45])
+    assert steered.shape[1] == 80 - tiny.num_codebooks + 1
+
+
+def test_tokens_do_not_depend_on_chunking_and_offline_equals_live_driving(tiny, bank):
+    a = scripted(tiny, bank)
+    audio_a, _ = drive(a, 3)
+    b = scripted(tiny, bank)
+    audio_b, _ = drive(b, 17)
+    assert torch.equal(a.finished_codes, b.finished_codes)
+    assert audio_a.shape == audio_b.shape and np.abs(audio_a - audio_b).max() < 1e-5
+
+    frames = a.finished_codes.shape[1]
+    messages = [{"type": "set", "directions": {"notes:C": {"coefficient": STRONG}}, "at_step": 20},
+                {"type": "set", "directions": {"notes:C": {"coefficient": 0.0}}, "at_step": 45},
+                {"type": "set", "prompt": "dark drone", "at_step": 50}]
+    run = play_messages(tiny, bank, messages, frames, progress=False)
+    assert torch.equal(run.codes, a.finished_codes)
+    assert end_step(frames, tiny.num_codebooks) == 80
+
+
+def test_bad_changes_are_refused_at_submit_and_never_queued(tiny, bank):
+    s = Stream(tiny, bank)
+    for message, text in [({"type": "set", "directions": {"notes:X": {"coefficient": 1}}}, "unknown direction"),
+                          ({"type": "set", "gate": {"p": float("nan")}}, "finite"),
+                          ({"type": "set"}, "nothing to change"),
+                          ({"type": "transport", "command": "rewind"}, "transport command"),
+                          ({"type": "transport", "command": "play", "seed": 3}, "only reset"),
+                          ({"type": "set", "prompt": "x", "at_step": -4}, "at_step"),
+                          ({"type": "set", "directions": {"notes:C": {"active": True}}, "at_step": 5}, "coefficient")]:
+        with pytest.raises(ProtocolError, match=text):
+            s.submit(message, CAUSE)
+    assert s.pending == 0
+
+
+def test_pause_holds_the_stream_and_play_resumes_it(tiny, bank):
+    s = Stream(tiny, bank)
+    s.submit({"type": "transport", "command": "play"}, CAUSE)
+    s.apply_due()
+    first = s.generate(10)
+    s.submit({"type": "transport", "command": "pause"}, CAUSE)
+    held = s.generate(10)
+    assert held.steps == (10, 10) and held.audio.size == 0 and s.state.playback == "paused"
+    s.submit({"type": "transport", "command": "play"}, CAUSE)
+    s.apply_due()
+    more = s.generate(10)
+    assert more.steps == (10, 20) and more.epoch == first.epoch == 0
+    assert more.first_sample == first.first_sample + first.audio.size
+
+
+def test_reset_starts_a_new_stream_with_its_seed(tiny, bank):
+    s = Stream(tiny, bank)
+    s.submit({"type": "transport", "command": "play"}, CAUSE)
+    s.apply_due()
+    s.generate(30)
+    s.submit({"type": "transport", "command": "reset", "seed": 9}, CAUSE)
+    ended = s.generate(5)
+    assert ended.ended and ended.epoch == 0 and ended.steps == (30, 30) and ended.audio.size > 0  # the decoder's tail
+    assert s.epoch == 1 and s.step == 0 and s.samples_emitted == 0 and s.state.seed == 9
+    after = s.generate(5)
+    assert after.epoch == 1 and after.first_sample == 0 and after.steps == (0, 5)
+    assert s.generator.seed == 9
+
+
+def test_guidance_cannot_be_switched_on_mid_stream(tiny, bank):
+    s = Stream(tiny, bank, ControlState(sampling=apply_patch(ControlState(), {"sampling": {"guidance_scale": 1.0}},
+                                                             step=0).sampling))
+    s.submit({"type": "transport", "command": "play"}, CAUSE)
+    s.apply_due()
+    with pytest.raises(ProtocolError, match="without guidance"):
+        s.submit({"type": "set", "sampling": {"guidance_scale": 3.0}}, CAUSE)
+
+
+def test_run_stream_needs_frames(tiny, bank):
+    with pytest.raises(ValueError, match="frames"):
+        run_stream(Stream(tiny, bank), 0)
+
+
+def test_a_long_score_queues_in_order_but_out_of_order_changes_are_bounded(tiny, bank):
+    from musicrfm.server.stream import MAX_OUT_OF_ORDER_CHANGES
+
+    s = Stream(tiny, bank)
+    s.submit({"type": "set", "directions": {"notes:C": {"coefficient": 1.0}}, "at_step": 1}, CAUSE)
+    for i in range(300):  # a score's cues: each adjusts the direction an earlier cue added
+        s.submit({"type": "set", "directions": {"notes:C": {"coefficient": i / 100}}, "at_step": 10 + i}, CAUSE)
+    assert s.pending == 301
+    with pytest.raises(ProtocolError, match="out of step order"):
+        s.submit({"type": "set", "prompt": "back in time", "at_step": 5}, CAUSE)
+    t = Stream(tiny, bank)
+    for i in range(MAX_OUT_OF_ORDER_CHANGES):
+        t.submit({"type": "set", "gate": {"p": 0.5}, "at_step": 1000 - i}, CAUSE)
+    with pytest.raises(ProtocolError, match="too many changes"):
+        t.submit({"type": "set", "gate": {"p": 0.5}, "at_step": 10}, CAUSE)
