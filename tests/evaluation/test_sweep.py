@@ -13,7 +13,7 @@ from musicrfm.engine.audio import read_wav, write_wav
 from musicrfm.engine.bank import DirectionBank
 from musicrfm.main import main as cli_main
 from musicrfm.engine.steering import LayerWeighting, Schedule, crossfade
-from musicrfm.probes import sweep
+from musicrfm.evaluation import sweep
 from musicrfm.probes.extract import ExtractionSettings, extract_concept
 from musicrfm.evaluation.sweep import (
     NOISE_LABEL,
