@@ -73,13 +73,13 @@ def _rows(path):
 @pytest.fixture
 def count_renders(monkeypatch):
     calls = []
-    real = sweep.render
+    real = sweep.generate
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("spec"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sweep, "render", counting)
+    monkeypatch.setattr(sweep, "generate", counting)
     return calls
 
 
