@@ -1,4 +1,4 @@
-"""Accuracy of the independent concept checks (evaluation/checks.py) on rendered SynTheory clips.
+"""Accuracy of the independent concept checks (evaluation/audio_checks.py) on rendered SynTheory clips.
 
     python bench/bench_checks.py --notes 500 --chords 400 --tempos 150 --seed 123
 
@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from musicrfm.evaluation import checks
+from musicrfm.evaluation import audio_checks
 from musicrfm.probes import syntheory as st
 
 
@@ -62,7 +62,7 @@ def main() -> None:
     by_octave = collections.defaultdict(list)
     for clip, audio in rendered("notes", args.notes, args.seed, silent):
         columns = dict(clip.columns)
-        predicted, _ = checks.estimate_pitch_class(audio, st.SAMPLE_RATE)
+        predicted, _ = audio_checks.estimate_pitch_class(audio, st.SAMPLE_RATE)
         hit = predicted == columns["root_note_pitch_class"]
         octave = columns["octave"]
         low, high = st.PITCH_NAMES[0] + str(octave - 1), st.PITCH_NAMES[11] + str(octave - 1)
@@ -76,7 +76,7 @@ def main() -> None:
     root_hits = []
     for clip, audio in rendered("chords", args.chords, args.seed, silent):
         columns = dict(clip.columns)
-        quality, root, _ = checks.estimate_chord_quality(audio, st.SAMPLE_RATE)
+        quality, root, _ = audio_checks.estimate_chord_quality(audio, st.SAMPLE_RATE)
         hit = quality == columns["chord_type"]
         by_kind[f"quality {columns['chord_type']}"].append(hit)
         by_kind[f"inversion {columns['inversion']}"].append(hit)
@@ -95,8 +95,8 @@ def main() -> None:
     exact = []
     for clip, audio in rendered("tempos", args.tempos, args.seed, silent):
         bpm = float(clip.label)
-        estimate = checks.estimate_tempo(audio, st.SAMPLE_RATE)
-        hit = checks.tempo_matches(estimate, bpm)
+        estimate = audio_checks.estimate_tempo(audio, st.SAMPLE_RATE)
+        hit = audio_checks.tempo_matches(estimate, bpm)
         by_setup[dict(clip.columns)["click_config_name"]].append(hit)
         by_setup["all"].append(hit)
         exact.append(abs(estimate - bpm) <= 0.04 * bpm)

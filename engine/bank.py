@@ -38,6 +38,7 @@ from .model import ModelFingerprint
 __all__ = [
     "Direction",
     "DirectionBank",
+    "Provenance",
     "BankError",
     "BankFormatError",
     "BankMismatchError",
@@ -201,6 +202,25 @@ def _describe_value(x: object) -> str:
 # --- DirectionBank ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Provenance:
+    """How one concept's directions were made: the method that found them and what their per-layer scores
+    measure ("auc"; "r2" for a regression such as tempo). A bank's header holds one of each; a merged bank
+    whose concepts were made differently reads "mixed" there and keeps each concept's own Provenance under
+    metadata["provenance"] (docs/formats.md). The one place that shape is built or read."""
+
+    method: str
+    score_name: str = "auc"
+
+    def to_dict(self) -> dict[str, str]:
+        return {"method": self.method, "score_name": self.score_name}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Provenance":
+        return cls(str(d["method"]), str(d["score_name"]))
+
+
+
 @dataclass(eq=False)
 class DirectionBank:
     """Unit directions keyed "concept:class" for one model; see the module docstring for the invariants."""
@@ -292,6 +312,13 @@ class DirectionBank:
         available = "; ".join(f"{c}: {' '.join(classes)}" for c, classes in self.concepts.items())
         return f"no direction {key!r} in the bank{hint} (available: {available})"
 
+    @property
+    def provenance(self) -> dict[str, Provenance]:
+        """concept -> how its directions were made: as a mixed merge stored it, else the header's."""
+        stored = self.metadata.get("provenance") or {}
+        return {c: Provenance.from_dict(stored[c]) if c in stored else Provenance(self.method, self.score_name)
+                for c in self.concepts}
+
     def describe(self) -> str:
         counts = ", ".join(f"{c} [{len(v)}]" for c, v in self.concepts.items()) or "no directions"
         return (f"{self.method} directions ({self.pooling} pooling, {self.injection_point}) for "
@@ -325,11 +352,8 @@ class DirectionBank:
         method = self.method if self.method == other.method else "mixed"
         score_name = self.score_name if self.score_name == other.score_name else "mixed"
         if "mixed" in (method, score_name):
-            provenance = {}
-            for bank in (self, other):
-                provenance.update(bank.metadata.get("provenance") or {
-                    concept: {"method": bank.method, "score_name": bank.score_name} for concept in bank.concepts})
-            metadata["provenance"] = provenance
+            metadata["provenance"] = {concept: p.to_dict() for bank in (self, other)
+                                      for concept, p in bank.provenance.items()}
         return DirectionBank({**self.directions, **other.directions}, self.fingerprint, method,
                              self.pooling, score_name, self.injection_point, metadata)
 

@@ -23,6 +23,8 @@ __all__ = [
     "MusicModel",
     "ModelLoadError",
     "RANDOM_MODELS",
+    "NOISE_LABEL",
+    "is_random_model",
     "BUNDLED_MODELS",
     "bundled_model_dir",
     "bundled_model_folder",
@@ -36,6 +38,9 @@ __all__ = [
 ]
 
 NOISE_WARNING = "random weights: this audio is noise, not music"
+# NOISE_WARNING cut to fit a table cell: the `note` of a sweep's CSV rows, its summary and plot titles
+# (docs/evaluation.md quotes it). Defined here, beside the warning, so that both change together.
+NOISE_LABEL = "random weights: noise"
 
 
 class ModelLoadError(RuntimeError):
@@ -148,6 +153,12 @@ _MUSICGEN_SIZES = {
     "large": (48, 2048, 32, 8192),
 }
 RANDOM_MODELS = ("tiny-random", *(f"random-{s}" for s in _MUSICGEN_SIZES))
+
+
+def is_random_model(name: str) -> bool:
+    """Does `name` load a random-weight model (its audio is noise)? Known before any weights are read, so
+    callers that plan work without loading the model (a sweep's driver) can say so up front."""
+    return name in RANDOM_MODELS
 
 
 def _char_tokenizer():
@@ -315,7 +326,7 @@ def load_model(name: str = "musicgen-mini", device: str | None = None, dtype: st
     local directory."""
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
-    if name in RANDOM_MODELS:
+    if is_random_model(name):
         hf, tok = build_random_model(name, seed=seed, max_positions=max_positions)
         is_random = True
     else:

@@ -16,11 +16,11 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
 
 
 def cmd_eval_sweep(args) -> int:
+    from musicrfm.engine.model import NOISE_LABEL, bundled_banks, bundled_prompts
     from musicrfm.engine.sampling import SamplingConfig
 
-    from musicrfm.engine.model import bundled_banks, bundled_prompts
-
-    from .sweep import NOISE_LABEL, PAPER, SweepSettings, run_sweep
+    from .presets import PAPER, SweepSettings
+    from .run import run_sweep
 
     prompts = tuple(p.strip() for p in args.prompts.split(",") if p.strip()) if args.prompts else ()
     if args.prompts_file:

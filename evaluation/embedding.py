@@ -23,7 +23,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from musicrfm.evaluation.checks import mono_signal, pitch_class_profile
+from musicrfm.evaluation.audio_checks import mono_signal, pitch_class_profile
 from musicrfm.probes.dataset import resample
 
 __all__ = [
@@ -107,7 +107,7 @@ class LogMelStatsEmbedder:
         30 Hz-8 kHz, power in dB (10 log10, floored at -100 dB);
       - the mean and the standard deviation of each band over time (64 + 64 values: the
         long-term spectral envelope and how much each band moves);
-      - the clip's 12-bin pitch-class profile (`musicrfm.evaluation.checks.pitch_class_profile`, sums to 1),
+      - the clip's 12-bin pitch-class profile (`musicrfm.evaluation.audio_checks.pitch_class_profile`, sums to 1),
         scaled by 10 so it is not drowned by the dB statistics.
     Output: float64 [n, 140]. Deterministic (numpy only, no randomness, no weights).
 

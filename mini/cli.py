@@ -89,7 +89,7 @@ def cmd_lm(args) -> int:
 def cmd_export(args) -> int:
     import torch
 
-    from .check import CAPTIONS
+    from .health import CAPTIONS
     from .corpus import load_corpus
     from .lm import LMSettings, build_mini, build_tokenizer, export_mini
     from .training import load_checkpoint
@@ -128,7 +128,7 @@ def cmd_export(args) -> int:
 def cmd_check(args) -> int:
     from musicrfm.engine.model import load_model
 
-    from .check import activation_scale, check_codec, check_generation
+    from .health import activation_scale, check_codec, check_generation
 
     model = load_model(args.model, device="cpu", dtype="float32")
     result = {"model": model.describe()}

@@ -173,9 +173,9 @@ class ResidualVQTrainer:
 
 @torch.no_grad()
 def pitch_agreement(codec, corpus: Corpus, indices: np.ndarray, *, quantized: bool = True) -> dict:
-    """Share of clips whose encode -> decode keeps the labelled pitch class (musicrfm.evaluation.checks), next to
+    """Share of clips whose encode -> decode keeps the labelled pitch class (musicrfm.evaluation.audio_checks), next to
     the share the originals get (the check's own ceiling on these clips)."""
-    from musicrfm.evaluation.checks import estimate_pitch_class
+    from musicrfm.evaluation.audio_checks import estimate_pitch_class
 
     was_training = codec.training
     codec.eval()

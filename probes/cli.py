@@ -66,7 +66,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import classification_report
+    from .classification import classification_report
 
     rows = classification_report(args.features, args.concepts.split(","), args.out, trials=args.trials,
                                  seed=args.seed, layers=_layer_list(args.layers), progress=not args.quiet)

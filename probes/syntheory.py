@@ -65,7 +65,7 @@ __all__ = [
     "ClipSpec",
     "Note",
     "Preset",
-    "Score",
+    "MidiScore",
     "SoundfontNotFoundError",
     "plan_clips",
     "render_clip",
@@ -305,7 +305,7 @@ class Note:
 
 
 @dataclass(frozen=True)
-class Score:
+class MidiScore:
     """Everything one single-track MIDI file holds."""
 
     track_name: str
@@ -338,7 +338,7 @@ class ClipSpec:
     midi_stem: str  # <midi_stem>.mid
     label: str
     columns: tuple[tuple[str, InfoValue], ...]  # info.csv columns except row_id, synth_soundfont, is_silent
-    score: Score
+    score: MidiScore
     source_seconds: float  # the render is cut (or padded) to this length before cropping
     crop_start: int = 0
 
@@ -425,8 +425,8 @@ def _timed(groups: Iterable[Sequence[int]], beats: float, velocity: int = TONAL_
     return tuple(notes)
 
 
-def _tonal_score(program: Program, notes: tuple[Note, ...]) -> Score:
-    return Score(
+def _tonal_score(program: Program, notes: tuple[Note, ...]) -> MidiScore:
+    return MidiScore(
         track_name=program.name,
         program=program.number,
         channel=TONAL_CHANNEL,
@@ -436,7 +436,7 @@ def _tonal_score(program: Program, notes: tuple[Note, ...]) -> Score:
     )
 
 
-def _click_score(setup: ClickSetup, bpm: int, time_signature: tuple[int, int], clicks: int, reverb: int) -> Score:
+def _click_score(setup: ClickSetup, bpm: int, time_signature: tuple[int, int], clicks: int, reverb: int) -> MidiScore:
     beats_per_bar, unit = time_signature
     # Compound meters (3/8, 6/8, 9/8, 12/8 here) click every eighth note at the quarter-note tempo;
     # simple meters click once per notated beat (a half note in 2/2, a quarter in 3/4). Like the
@@ -454,7 +454,7 @@ def _click_score(setup: ClickSetup, bpm: int, time_signature: tuple[int, int], c
                 setup.downbeat_velocity if downbeat else setup.offbeat_velocity,
             )
         )
-    return Score(
+    return MidiScore(
         track_name="click",
         program=setup.program,
         channel=setup.channel,
@@ -614,7 +614,7 @@ def _crop_start(seed: int, concept: str, stem: str, source_seconds: float) -> in
     return int.from_bytes(digest[:8], "big") % (latest + 1)
 
 
-def _crops(concept: str, seed: int, midi_stem: str, count: int, source_seconds: float, score: Score,
+def _crops(concept: str, seed: int, midi_stem: str, count: int, source_seconds: float, score: MidiScore,
            label: str, head: tuple[tuple[str, InfoValue], ...],
            tail: tuple[tuple[str, InfoValue], ...]) -> Iterator[ClipSpec]:  # fmt: skip
     for i in range(count):
@@ -703,7 +703,7 @@ def _require(module: str, pip_name: str):
         ) from error
 
 
-def score_to_midi(score: Score) -> bytes:
+def score_to_midi(score: MidiScore) -> bytes:
     """The score as a type-1 MIDI file (480 ticks per beat), message for message as the original
     wrote it: meta events, program change, optional reverb, then the notes."""
     mido = _require("mido", "mido")
@@ -752,7 +752,7 @@ def _soundfont_bytes(path: str) -> bytes:
     return Path(path).read_bytes()
 
 
-def render_score(score: Score, soundfont: str | os.PathLike = DEFAULT_SOUNDFONT) -> np.ndarray:
+def render_score(score: MidiScore, soundfont: str | os.PathLike = DEFAULT_SOUNDFONT) -> np.ndarray:
     """Render a score: float32 mono at 32 kHz, as long as the MIDI (to its last note-off)."""
     return _render_midi(score_to_midi(score), _check_soundfont(soundfont))
 

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from musicrfm.engine.bank import DirectionBank
+from musicrfm.engine.bank import DirectionBank, Provenance
 from musicrfm.engine.model import pick_device
 
 from .extract import FeatureError, load_features
@@ -74,11 +74,10 @@ def split_indices(labels: Sequence[str], seed: int, fractions=(0.7, 0.15, 0.15))
 @dataclass
 class TrainResult:
     concept: str
-    method: str
+    provenance: Provenance  # the method and what `scores` measure, as the bank records them
     classes: list[str]
     layers: list[int]
     scores: torch.Tensor  # [C, L'] validation score per class and trained layer
-    score_name: str
     bank_path: Path | None  # None until every layer of the model is trained
     csv_path: Path
     plot_path: Path | None
@@ -87,8 +86,9 @@ class TrainResult:
     def summary(self) -> str:
         best = self.scores.mean(0)
         top = int(best.argmax())
-        text = (f"{self.concept} [{self.method}]: {len(self.classes)} classes x {len(self.layers)} layers; best layer "
-                f"{self.layers[top]} (mean {self.score_name} {float(best[top]):.3f}); scores in {self.csv_path}")
+        p = self.provenance
+        text = (f"{self.concept} [{p.method}]: {len(self.classes)} classes x {len(self.layers)} layers; best layer "
+                f"{self.layers[top]} (mean {p.score_name} {float(best[top]):.3f}); scores in {self.csv_path}")
         if self.bank_path is not None:
             return text + f"; bank {self.bank_path}"
         return text + f"; bank not written yet: layers {self.missing_layers} still to train"
@@ -167,7 +167,8 @@ def train_concept(feature_dir: str | Path, out_dir: str | Path, settings: TrainS
             dirs.append(f.get_tensor("directions"))
             scores.append(f.get_tensor("scores"))
     D, S = torch.stack(dirs, 1), torch.stack(scores, 1)  # [C, L', d], [C, L']
-    score_name = "r2" if regression else "auc"
+    provenance = Provenance(settings.method, "r2" if regression else "auc")
+    score_name = provenance.score_name
     csv_path = out_dir / f"{name}.scores.csv"
     with csv_path.open("w", newline="") as fh:
         w = csv.writer(fh)
@@ -175,25 +176,24 @@ def train_concept(feature_dir: str | Path, out_dir: str | Path, settings: TrainS
         for j, layer in enumerate(done):
             for c, cls in enumerate(classes):
                 w.writerow([layer, cls, f"{float(S[c, j]):.6f}"])
-    plot_path = _plot_scores(out_dir / f"{name}.scores.png", concept, settings.method, done, S, score_name)
+    plot_path = _plot_scores(out_dir / f"{name}.scores.png", concept, provenance, done, S)
     all_layers = list(range(head.fingerprint.num_layers))
     missing_layers = [i for i in all_layers if i not in done]
     bank_path = None
     if not missing_layers:
         bank = DirectionBank.from_arrays(
-            concept, classes, D, S, head.fingerprint, method=settings.method, pooling=settings.pooling,
-            score_name=score_name,
+            concept, classes, D, S, head.fingerprint, method=provenance.method, pooling=settings.pooling,
+            score_name=provenance.score_name,
             metadata={"prompt": head.prompt, "split": "stratified 70/15/15", "seed": settings.seed,
                       "search": meta["search"], "features": str(feature_dir)},
         )
         bank_path = out_dir / f"{name}.safetensors"
         bank.save(bank_path)
-    return TrainResult(concept, settings.method, classes, done, S, score_name, bank_path, csv_path, plot_path,
-                       missing_layers)
+    return TrainResult(concept, provenance, classes, done, S, bank_path, csv_path, plot_path, missing_layers)
 
 
-def _plot_scores(path: Path, concept: str, method: str, layers: list[int], scores: torch.Tensor,
-                 score_name: str) -> Path | None:
+def _plot_scores(path: Path, concept: str, provenance: Provenance, layers: list[int],
+                 scores: torch.Tensor) -> Path | None:
     """Per-layer score: mean over classes with the min-max band (a picture of where the concept lives)."""
     try:
         import matplotlib
@@ -208,8 +208,8 @@ def _plot_scores(path: Path, concept: str, method: str, layers: list[int], score
     if s.shape[0] > 1:
         ax.fill_between(layers, s.min(0).values, s.max(0).values, alpha=0.25, label="min-max over classes")
     ax.set_xlabel("decoder layer (residual stream after the block)")
-    ax.set_ylabel(f"validation {score_name}")
-    ax.set_title(f"{concept}: {method} probes per layer")
+    ax.set_ylabel(f"validation {provenance.score_name}")
+    ax.set_title(f"{concept}: {provenance.method} probes per layer")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()

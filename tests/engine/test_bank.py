@@ -14,6 +14,7 @@ from musicrfm.engine.bank import (
     BankNotFoundError,
     Direction,
     DirectionBank,
+    Provenance,
     UnknownDirectionError,
 )
 from musicrfm.engine.model import ModelFingerprint
@@ -145,6 +146,10 @@ def test_merge_combines_and_refuses_conflicts(tmp_path):
     mixed.save(tmp_path / "mixed.safetensors")
     again = DirectionBank.load(tmp_path / "mixed.safetensors")
     assert again.metadata["provenance"] == mixed.metadata["provenance"] and again.score_name == "mixed"
+    # Every bank answers "how was this concept made?" the same way, merged or not.
+    assert again.provenance == {"notes": Provenance("rfm", "auc"), "tempos": Provenance("rfm", "r2"),
+                                "chords": Provenance("linear", "auc")}
+    assert tempos.provenance == {"tempos": Provenance("rfm", "r2")}
     other_model = DirectionBank({}, ModelFingerprint("musicgen", 2, D), "rfm", "mean")
     with pytest.raises(BankMismatchError, match="2 layers"):
         notes.merge(other_model)

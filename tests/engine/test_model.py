@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from musicrfm.engine.model import ModelLoadError, build_random_model, load_model, pick_dtype
+from musicrfm.engine.model import (
+    RANDOM_MODELS,
+    ModelLoadError,
+    build_random_model,
+    is_random_model,
+    load_model,
+    pick_dtype,
+)
 
 
 def test_local_directory_loads_through_transformers(tmp_path):
@@ -42,3 +49,10 @@ def test_bad_directories_and_names(tmp_path):
 
 def test_cpu_defaults_to_float32():
     assert pick_dtype(torch.device("cpu")) == torch.float32
+
+
+def test_random_models_are_known_by_name_before_loading():
+    assert all(is_random_model(name) for name in RANDOM_MODELS)
+    assert not is_random_model("musicgen-mini") and not is_random_model("facebook/musicgen-small")
+    assert not is_random_model("random-huge")  # not a model load_model builds
+    assert load_model("tiny-random").is_random == is_random_model("tiny-random")

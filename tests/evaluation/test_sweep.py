@@ -13,17 +13,11 @@ from musicrfm.engine.audio import read_wav, write_wav
 from musicrfm.engine.bank import DirectionBank
 from musicrfm.main import main as cli_main
 from musicrfm.engine.steering import LayerWeighting, Schedule, crossfade
-from musicrfm.evaluation import sweep
+from musicrfm.engine.model import NOISE_LABEL
+from musicrfm.evaluation import run
+from musicrfm.evaluation.presets import REFERENCE, SweepSettings, build_configurations, plan_units, topk_values
+from musicrfm.evaluation.run import run_sweep
 from musicrfm.probes.extract import ExtractionSettings, extract_concept
-from musicrfm.evaluation.sweep import (
-    NOISE_LABEL,
-    REFERENCE,
-    SweepSettings,
-    build_configurations,
-    plan_units,
-    run_sweep,
-    topk_values,
-)
 
 NOTES = ["C", "G", "D"]
 TONES = {"C": 261.63, "G": 392.0, "D": 293.66}
@@ -71,15 +65,15 @@ def _rows(path):
 
 
 @pytest.fixture
-def count_renders(monkeypatch):
+def count_generations(monkeypatch):
     calls = []
-    real = sweep.generate
+    real = run.generate
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("spec"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sweep, "generate", counting)
+    monkeypatch.setattr(run, "generate", counting)
     return calls
 
 
@@ -152,12 +146,12 @@ def test_units_are_seeded_by_sample_index_alone(banks):
 # --- end to end on tiny-random -------------------------------------------------------------------------
 
 
-def test_eta_sweep_end_to_end_and_resume(tiny, banks, tmp_path, count_renders):
+def test_eta_sweep_end_to_end_and_resume(tiny, banks, tmp_path, count_generations):
     out = tmp_path / "eta"
     settings = SweepSettings("eta", (banks["notes"],), str(out), samples=2, seconds=1.0, eta0=(2.0, 4.0),
                              prompts=("warm piano", "dark drone"), chunk=1)
     result = run_sweep(settings, model=tiny, progress=False)
-    assert result.generated == 6 and result.skipped == 0 and len(count_renders) == 6
+    assert result.generated == 6 and result.skipped == 0 and len(count_generations) == 6
     rows = _rows(out / "results.csv")
     assert [r["group"] for r in rows] == ["reference (unsteered)", "notes eta0=2.00", "notes eta0=4.00"]
     for r in rows:
@@ -181,13 +175,13 @@ def test_eta_sweep_end_to_end_and_resume(tiny, banks, tmp_path, count_renders):
     # A rerun finds every unit done and generates nothing; the outputs are the same.
     before = (out / "results.csv").read_text()
     again = run_sweep(settings, model=tiny, progress=False)
-    assert again.generated == 0 and again.skipped == 6 and len(count_renders) == 6
+    assert again.generated == 0 and again.skipped == 6 and len(count_generations) == 6
     assert (out / "results.csv").read_text() == before
     # An interrupted run (two records lost, the last line cut) redoes exactly those units.
     lines = (out / "units.jsonl").read_text().splitlines()
     (out / "units.jsonl").write_text("\n".join(lines[:4]) + "\n" + lines[4][:40])
     again = run_sweep(settings, model=tiny, progress=False)
-    assert again.generated == 2 and len(count_renders) == 8
+    assert again.generated == 2 and len(count_generations) == 8
     assert (out / "results.csv").read_text() == before
     # More samples: only the new sample's units run.
     more = SweepSettings(**{**settings.__dict__, "samples": 3})
@@ -198,7 +192,7 @@ def test_eta_sweep_end_to_end_and_resume(tiny, banks, tmp_path, count_renders):
 
 
 def test_tempo_bank_is_used_apart_and_signs_pool_into_abs_eta(tiny, banks, tmp_path):
-    # Each unit renders with its own concept's bank (a tempo bank is scored by R², the others by AUC).
+    # Each unit generates with its own concept's bank (a tempo bank is scored by R², the others by AUC).
     fp = tiny.fingerprint
     tempo = DirectionBank.from_arrays("tempos", ["faster"], torch.randn(1, fp.num_layers, fp.hidden_size),
                                       torch.rand(1, fp.num_layers), fp, method="test", pooling="mean", score_name="r2")

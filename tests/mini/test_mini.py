@@ -63,7 +63,7 @@ def test_bundled_model_is_small_documented_and_has_banks(mini):
 
 @needs_soundfont
 def test_codec_keeps_the_pitch_class_of_held_out_clips(mini):
-    from musicrfm.mini.check import check_codec
+    from musicrfm.mini.health import check_codec
 
     result = check_codec(mini, clips=60, seed=1, progress=False)  # the clips docs/musicgen-mini.md reports
     assert result["originals_agreement"] >= 0.95  # the check itself reads these clips
@@ -71,7 +71,7 @@ def test_codec_keeps_the_pitch_class_of_held_out_clips(mini):
 
 
 def test_generations_are_clear_tones_of_any_pitch_class(mini):
-    from musicrfm.mini.check import check_generation
+    from musicrfm.mini.health import check_generation
 
     result = check_generation(mini, samples=12, seconds=3.0, seed=2, progress=False)
     # a dominant class: well above a flat profile's 1/12 (the codec's own renders of notes reach ~0.37)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from musicrfm.probes import syntheory as st
-from musicrfm.evaluation.checks import beat_period, fft_chroma
+from musicrfm.evaluation.audio_checks import beat_period, fft_chroma
 from musicrfm.probes.dataset import LABEL_COLUMNS, InfoCsvError, decode_wav, load_audio, load_concept, resample
 
 needs_soundfont = pytest.mark.skipif(
@@ -199,7 +199,7 @@ def test_missing_soundfont_is_a_clear_error(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------
-# Renders (independent checks from musicrfm.evaluation.checks: FFT chroma, onset autocorrelation; a direct
+# Renders (independent checks from musicrfm.evaluation.audio_checks: FFT chroma, onset autocorrelation; a direct
 # render of the track)
 
 SMALL = st.Preset(

@@ -8,7 +8,7 @@ from musicrfm.engine.audio import read_wav, write_wav
 from musicrfm.engine.bank import DirectionBank
 from musicrfm.probes.extract import ExtractionSettings, FeatureError, extract_concept
 from musicrfm.probes.baselines import fit_linear_regression
-from musicrfm.probes.report import classification_report
+from musicrfm.probes.classification import classification_report
 from musicrfm.probes.train import TrainSettings, split_indices, train_concept
 
 

@@ -1,4 +1,4 @@
-"""Independent concept checks (evaluation/checks.py): synthetic signals with known answers, then real
+"""Independent concept checks (evaluation/audio_checks.py): synthetic signals with known answers, then real
 SynTheory clips rendered with the TimGM6mb soundfont (skipped without it).
 
 Rendered samples are seeded draws from the *full* plans (all 92 programs; all roots, inversions,
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from musicrfm.evaluation import checks
+from musicrfm.evaluation import audio_checks
 from musicrfm.probes import syntheory as st
 
 SR = 32_000
@@ -44,29 +44,29 @@ def test_fundamental_class_beats_a_loud_third_harmonic():
     # A2 whose 3rd harmonic (E4) is the loudest partial: the raw FFT chroma names E, the
     # harmonic-sum profile names A
     tone = _harmonic(_midi_hz(45), [0.5, 0.6, 1.0, 0.4, 0.3, 0.2])
-    assert int(np.argmax(checks.fft_chroma(tone, SR))) == 4  # E: the raw chroma is fooled
-    pitch_class, confidence = checks.estimate_pitch_class(tone, SR)
+    assert int(np.argmax(audio_checks.fft_chroma(tone, SR))) == 4  # E: the raw chroma is fooled
+    pitch_class, confidence = audio_checks.estimate_pitch_class(tone, SR)
     assert pitch_class == 9 and 1 / 12 < confidence <= 1.0
-    profile = checks.pitch_class_profile(tone, SR)
+    profile = audio_checks.pitch_class_profile(tone, SR)
     assert profile.shape == (12,) and profile.sum() == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("midi", [28, 43, 55, 61, 70, 84, 96])
 def test_pitch_class_of_synthetic_tones(midi):
-    assert checks.estimate_pitch_class(_harmonic(_midi_hz(midi), [1.0, 0.5, 0.33, 0.25, 0.2]), SR)[0] == midi % 12
+    assert audio_checks.estimate_pitch_class(_harmonic(_midi_hz(midi), [1.0, 0.5, 0.33, 0.25, 0.2]), SR)[0] == midi % 12
     # missing fundamental (partials 2-6 only) and a 30-cent detuning: still the same class
-    assert checks.estimate_pitch_class(_harmonic(_midi_hz(midi), [0, 1.0, 0.8, 0.6, 0.4, 0.3]), SR)[0] == midi % 12
-    assert checks.estimate_pitch_class(_harmonic(_midi_hz(midi + 0.3), [1.0, 0.5, 0.33]), SR)[0] == midi % 12
+    assert audio_checks.estimate_pitch_class(_harmonic(_midi_hz(midi), [0, 1.0, 0.8, 0.6, 0.4, 0.3]), SR)[0] == midi % 12
+    assert audio_checks.estimate_pitch_class(_harmonic(_midi_hz(midi + 0.3), [1.0, 0.5, 0.33]), SR)[0] == midi % 12
     # any sample rate
-    assert checks.estimate_pitch_class(_harmonic(_midi_hz(midi), [1.0, 0.5], sr=44_100), 44_100)[0] == midi % 12
+    assert audio_checks.estimate_pitch_class(_harmonic(_midi_hz(midi), [1.0, 0.5], sr=44_100), 44_100)[0] == midi % 12
 
 
-@pytest.mark.parametrize("quality", checks.CHORD_QUALITIES)
+@pytest.mark.parametrize("quality", audio_checks.CHORD_QUALITIES)
 def test_chord_quality_of_synthetic_triads(quality):
     for root in (0, 5, 10):
-        midi = [57 + root + i for i in checks.CHORD_TEMPLATES[quality]]
+        midi = [57 + root + i for i in audio_checks.CHORD_TEMPLATES[quality]]
         audio = sum(_harmonic(_midi_hz(m), [1.0, 0.5, 0.3, 0.2]) for m in midi)
-        found, found_root, score = checks.estimate_chord_quality(audio, SR)
+        found, found_root, score = audio_checks.estimate_chord_quality(audio, SR)
         assert found == quality
         assert (found_root - (57 + root)) % (4 if quality == "aug" else 12) == 0
         assert 0.5 < score <= 1.0
@@ -85,39 +85,39 @@ def _clicks(bpm: float, seconds: float = 8.0, sr: int = SR, accent: int = 4) -> 
 
 @pytest.mark.parametrize("bpm", [50, 72, 97, 120, 150, 203])
 def test_tempo_of_synthetic_click_tracks(bpm):
-    estimate = checks.estimate_tempo(_clicks(bpm), SR)
-    assert checks.tempo_matches(estimate, bpm), estimate
+    estimate = audio_checks.estimate_tempo(_clicks(bpm), SR)
+    assert audio_checks.tempo_matches(estimate, bpm), estimate
 
 
 def test_tempo_matches_accepts_octave_errors_only():
-    assert checks.tempo_matches(120, 120) and checks.tempo_matches(240, 120) and checks.tempo_matches(60, 120)
-    assert checks.tempo_matches(124.7, 120) and checks.tempo_matches(249, 120) and checks.tempo_matches(57.7, 120)
-    assert not checks.tempo_matches(125.0, 120)  # 4.2 % off
-    assert not checks.tempo_matches(180, 120) and not checks.tempo_matches(360, 120)  # x1.5, x3
-    assert not checks.tempo_matches(40, 120) and not checks.tempo_matches(float("nan"), 120)
-    assert checks.tempo_matches(125.0, 120, tol=0.05)
+    assert audio_checks.tempo_matches(120, 120) and audio_checks.tempo_matches(240, 120) and audio_checks.tempo_matches(60, 120)
+    assert audio_checks.tempo_matches(124.7, 120) and audio_checks.tempo_matches(249, 120) and audio_checks.tempo_matches(57.7, 120)
+    assert not audio_checks.tempo_matches(125.0, 120)  # 4.2 % off
+    assert not audio_checks.tempo_matches(180, 120) and not audio_checks.tempo_matches(360, 120)  # x1.5, x3
+    assert not audio_checks.tempo_matches(40, 120) and not audio_checks.tempo_matches(float("nan"), 120)
+    assert audio_checks.tempo_matches(125.0, 120, tol=0.05)
     with pytest.raises(ValueError, match="positive tempo"):
-        checks.tempo_matches(120, 0)
+        audio_checks.tempo_matches(120, 0)
 
 
 def test_bad_input_and_silence():
     with pytest.raises(ValueError, match="1-D mono"):
-        checks.estimate_pitch_class(np.zeros((2, 100)), SR)
+        audio_checks.estimate_pitch_class(np.zeros((2, 100)), SR)
     with pytest.raises(ValueError, match="NaN"):
-        checks.estimate_tempo(np.array([0.0, np.nan] * 1000), SR)
+        audio_checks.estimate_tempo(np.array([0.0, np.nan] * 1000), SR)
     with pytest.raises(ValueError, match="sample rate"):
-        checks.pitch_class_profile(np.zeros(100), 0)
+        audio_checks.pitch_class_profile(np.zeros(100), 0)
     with pytest.raises(ValueError, match="empty"):
-        checks.estimate_chord_quality(np.zeros(0), SR)
+        audio_checks.estimate_chord_quality(np.zeros(0), SR)
     with pytest.raises(ValueError, match="too short"):
-        checks.estimate_tempo(np.zeros(SR // 4), SR)
+        audio_checks.estimate_tempo(np.zeros(SR // 4), SR)
     silence = np.zeros(SR)
-    assert np.isnan(checks.estimate_tempo(silence, SR))  # no onsets: no tempo, and no match
+    assert np.isnan(audio_checks.estimate_tempo(silence, SR))  # no onsets: no tempo, and no match
     steady = np.sin(2 * np.pi * 440.0 * np.arange(2 * SR) / SR)
-    assert np.isnan(checks.estimate_tempo(steady, SR)) and not checks.tempo_matches(np.nan, 120)
-    assert checks.estimate_pitch_class(silence, SR) == (0, 0.0)
-    assert not checks.pitch_class_profile(silence, SR).any()
-    assert checks.estimate_chord_quality(silence, SR)[2] == 0.0
+    assert np.isnan(audio_checks.estimate_tempo(steady, SR)) and not audio_checks.tempo_matches(np.nan, 120)
+    assert audio_checks.estimate_pitch_class(silence, SR) == (0, 0.0)
+    assert not audio_checks.pitch_class_profile(silence, SR).any()
+    assert audio_checks.estimate_chord_quality(silence, SR)[2] == 0.0
 
 
 # ------------------------------------------------------------------------------------------
@@ -153,7 +153,7 @@ def rendered_sample():
 def test_pitch_class_on_rendered_notes(rendered_sample):
     results = []
     for clip, audio in rendered_sample["notes"]:
-        predicted, _ = checks.estimate_pitch_class(audio, st.SAMPLE_RATE)
+        predicted, _ = audio_checks.estimate_pitch_class(audio, st.SAMPLE_RATE)
         results.append((predicted == dict(clip.columns)["root_note_pitch_class"], clip.stem))
     accuracy = np.mean([hit for hit, _ in results])
     print(f"pitch class accuracy on {len(results)} rendered notes clips: {accuracy:.3f}")
@@ -167,7 +167,7 @@ def test_chord_quality_on_rendered_chords(rendered_sample):
     results, roots = [], []
     for clip, audio in rendered_sample["chords"]:
         columns = dict(clip.columns)
-        quality, root, _ = checks.estimate_chord_quality(audio, st.SAMPLE_RATE)
+        quality, root, _ = audio_checks.estimate_chord_quality(audio, st.SAMPLE_RATE)
         results.append((quality == columns["chord_type"], clip.stem, quality))
         if quality == columns["chord_type"]:
             roots.append((root - columns["root_note_pitch_class"]) % (4 if quality == "aug" else 12) == 0)
@@ -181,8 +181,8 @@ def test_chord_quality_on_rendered_chords(rendered_sample):
 def test_tempo_on_rendered_click_tracks(rendered_sample):
     results = []
     for clip, audio in rendered_sample["tempos"]:
-        estimate = checks.estimate_tempo(audio, st.SAMPLE_RATE)
-        results.append((checks.tempo_matches(estimate, float(clip.label)), clip.stem, round(estimate, 1)))
+        estimate = audio_checks.estimate_tempo(audio, st.SAMPLE_RATE)
+        results.append((audio_checks.tempo_matches(estimate, float(clip.label)), clip.stem, round(estimate, 1)))
     accuracy = np.mean([hit for hit, *_ in results])
     print(f"tempo accuracy (4 % or an octave) on {len(results)} rendered tempo clips: {accuracy:.3f}")
     assert accuracy >= 0.9, (accuracy, [(stem, e) for hit, stem, e in results if not hit])

@@ -1,4 +1,5 @@
-"""The paper's Table 1 protocol on extracted features: how well each concept can be read off MusicGen.
+"""`musicrfm report`: the probes' classification report, the paper's Table 1 protocol on extracted features:
+how well each concept can be read off MusicGen (not how steered audio sounds: that is evaluation/).
 
 Per concept and probe (RFM on mean-pooled features, RFM on the last position, linear probe on mean-pooled
 features): on the same seeded stratified 70/15/15 split as `train`, a multiclass probe per layer (a

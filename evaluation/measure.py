@@ -1,4 +1,4 @@
-"""Per-clip evaluation of generated audio: independent checks, multiclass probe read-outs, traces over time.
+"""Per-clip measurements of generated audio: independent checks, multiclass probe read-outs, traces over time.
 
   check_name(concept)                     the independent check a concept has (None: none)
   check_clip(concept, cls, audio, sr)     {"pred", "correct", "score"} for notes / chords, else None
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checks import estimate_chord_quality, estimate_pitch_class, pitch_class_profile
+from .audio_checks import estimate_chord_quality, estimate_pitch_class, pitch_class_profile
 from musicrfm.probes.syntheory import PITCH_NAMES
 
 __all__ = [
@@ -38,10 +38,15 @@ __all__ = [
     "window_bounds",
 ]
 
+def _named(what: str, check) -> str:
+    """"pitch class (musicrfm.evaluation.audio_checks.estimate_pitch_class)": the outputs name the function."""
+    return f"{what} ({check.__module__}.{check.__qualname__})"
+
+
 # concept -> the independent check (signal processing only, no MusicGen, no probe) that judges it
 CHECKS = {
-    "notes": "pitch class (musicrfm.evaluation.checks.estimate_pitch_class)",
-    "chords": "chord quality (musicrfm.evaluation.checks.estimate_chord_quality)",
+    "notes": _named("pitch class", estimate_pitch_class),
+    "chords": _named("chord quality", estimate_chord_quality),
 }
 
 

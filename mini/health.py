@@ -1,4 +1,5 @@
-"""What musicgen-mini must do, measured with the independent pitch check (musicrfm.evaluation.checks):
+"""`musicrfm mini check`: the bundled model's own health checks, what musicgen-mini must do, measured with
+the independent pitch check (musicrfm.evaluation.audio_checks):
 
   check_codec       fresh renders of held-out note clips -> encode -> decode: does the pitch class survive?
   check_generation  unsteered generations: is there a clear dominant pitch class, and which classes come out?
@@ -41,7 +42,7 @@ def heldout_note_clips(count: int, seed: int = 0, settings: CorpusSettings = Cor
 def check_codec(model: MusicModel, clips: int = 60, seed: int = 0, progress: bool = True) -> dict:
     from tqdm import tqdm
 
-    from musicrfm.evaluation.checks import estimate_pitch_class
+    from musicrfm.evaluation.audio_checks import estimate_pitch_class
     from musicrfm.probes.dataset import resample
     from musicrfm.probes.syntheory import SAMPLE_RATE, render_clip
 
@@ -70,7 +71,7 @@ def check_generation(model: MusicModel, samples: int = 24, seconds: float = 4.0,
     from tqdm import tqdm
 
     from musicrfm.engine.generation import generate
-    from musicrfm.evaluation.checks import estimate_pitch_class
+    from musicrfm.evaluation.audio_checks import estimate_pitch_class
 
     classes, confidence = [], []
     for i in tqdm(range(samples), disable=not progress, desc="generation check"):

@@ -4,7 +4,7 @@ These checks read the waveform with plain signal processing (numpy FFTs, no lear
 MusicGen, no project probe), so they can judge whether steering toward "C" or "minor" or a tempo
 actually moved the *sound*, not just the probe that produced the direction. They are deliberately
 simple and their limits are stated per function; docs/evaluation.md lists the accuracy each reaches
-on clips rendered by `musicrfm.probes.syntheory` (tests/evaluation/test_checks.py measures it).
+on clips rendered by `musicrfm.probes.syntheory` (tests/evaluation/test_audio_checks.py measures it).
 
   pitch_class_profile(audio, sr)    12-bin profile from a harmonic-sum pitch salience (0 = C)
   estimate_pitch_class(audio, sr)   -> (class 0..11, confidence)

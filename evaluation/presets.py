@@ -1,0 +1,368 @@
+"""The paper's steering evaluations as data: presets, the sweep's settings, and how a preset expands into units.
+
+A preset is a name -> a list of named configurations, each a SteeringSpec template (controls with a
+coefficient, schedule, layer weighting, gate) whose target classes are filled in per sample.
+
+  eta        single direction over eta0 in {0.15, 0.30, 0.45, 0.60}, p = 0.3, exponential kappa 0.95 (Table 2, Fig. 2)
+  pairs      every pair of concepts, eta0 in {0.3, 0.6}^2, grouped by attribute (Table 5)
+  schedules  linear rise / decay, exponential decay, logistic rise, sine (Table 6, Fig. 1a)
+  crossfade  n1 -> n2 over the whole clip, eta0 0.45 (Sec. 6.2, Fig. 1b)
+  layers     linear, exponential kappa 0.98 / 0.95 / 0.92, uniform; p = 1 (Table 8)
+  topk       top-K layers, K in {4, 8, 12, 16, 24, 32, 48} scaled to the model's depth; p = 1 (Table 9)
+  gate       p in {0.15, 0.30, 0.45, 0.6, 0.75, 0.9, 1.0}, uniform layers (Table 10)
+
+The unit of work is one (configuration, sample): sample i has its own prompt (prompts[i % len]), seed
+(derived from the sweep seed and i only, so it does not matter which worker runs it) and target classes;
+the unsteered reference set is the configuration "reference" with the same prompts and seeds.
+`evaluation.run` generates and measures the units; `evaluation.report` aggregates them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from musicrfm.engine.generation import file_sha256
+from musicrfm.engine.sampling import SamplingConfig
+from musicrfm.engine.steering import DirectionControl, LayerWeighting, Schedule, SteeringSpec
+from musicrfm.probes.train import REGRESSION_CONCEPTS
+
+__all__ = [
+    "PRESETS",
+    "PAPER",
+    "PAPER_STEPS",
+    "PAPER_FRAME_RATE",
+    "REFERENCE",
+    "REFERENCE_GROUP",
+    "ControlTemplate",
+    "Configuration",
+    "SweepSettings",
+    "Unit",
+    "build_configurations",
+    "derive_seed",
+    "plan_units",
+    "scaled_schedules",
+    "topk_values",
+]
+
+FORMAT = "musicrfm.sweep"
+VERSION = 1
+PRESETS = ("eta", "pairs", "schedules", "crossfade", "layers", "topk", "gate")
+PAPER = {
+    "eta": "Table 2 and Fig. 2 (single direction over eta0)",
+    "pairs": "Table 5 (pairwise multi-direction, grouped by attribute)",
+    "schedules": "Table 6 and Fig. 1a (time schedules)",
+    "crossfade": "Sec. 6.2 and Fig. 1b (two-class crossfade)",
+    "layers": "Table 8 (layer weighting)",
+    "topk": "Table 9 (top-K layer selection)",
+    "gate": "Table 10 (gate probability p)",
+}
+REFERENCE = "reference"  # the unsteered configuration
+REFERENCE_GROUP = "reference (unsteered)"
+DEFAULT_PROMPTS = ("lofi hip hop beat with warm piano", "slow dreamy ambient synth pad",
+                   "acoustic guitar folk song", "upbeat jazz trio with double bass")
+# App. E defines the schedules over 1500 steps (30 s): the clock of the paper's protocols is MusicGen's
+# 50 steps per second. Presets are planned on it before any model is loaded (a Ray driver never loads one);
+# the model that runs the units must share it (evaluation.run checks its `frame_rate`).
+PAPER_STEPS = 1500
+PAPER_SECONDS = 30.0
+PAPER_FRAME_RATE = PAPER_STEPS / PAPER_SECONDS
+
+# The paper's settings. "Optimal" (Sec. 5.1): gate p = 0.3, exponential layer weighting w0 = 1, kappa = 0.95.
+OPTIMAL_GATE = 0.3
+OPTIMAL_LAYERS = LayerWeighting("exponential", kappa=0.95, w0=1.0)
+# The ablations (App. C) share one "naive" row in Tables 8, 9 and 10 (uniform layers, K = 48, p = 1.0, all
+# with FD 0.599): each varies one knob from uniform weighting with the gate always open.
+NAIVE_LAYERS = LayerWeighting("all", w0=1.0)
+ETA_LEVELS = (0.15, 0.30, 0.45, 0.60)
+PAIR_LEVELS = (0.3, 0.6)
+DEFAULT_ETA0 = 0.45  # schedules / crossfade (Sec. 6.2's value); the ablations do not state theirs
+TOPK_PAPER = (4, 8, 12, 16, 24, 32, 48)  # of 48 layers
+GATE_LEVELS = (0.15, 0.30, 0.45, 0.6, 0.75, 0.9, 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Presets as data
+
+
+@dataclass(frozen=True)
+class ControlTemplate:
+    """One control of a configuration; its class is chosen per sample.
+
+    pick: "cycle" = classes[i % C] (every class equally often, for the per-class mean); "random" = a seeded
+    draw from (sweep seed, sample, concept); "other" = a seeded draw among the classes other than the previous
+    control's (crossfade n2). `window` (fractions of the clip) is where the check and the probe judge it;
+    `group` names the results row it counts toward (None: the configuration's name)."""
+
+    concept: str
+    coefficient: float
+    schedule: Schedule = field(default_factory=Schedule)
+    pick: str = "cycle"
+    role: str = ""
+    window: tuple[float, float] = (0.0, 1.0)
+    group: str | None = None
+    x: float | None = None
+
+
+@dataclass(frozen=True)
+class Configuration:
+    name: str
+    controls: tuple[ControlTemplate, ...]
+    gate_p: float = OPTIMAL_GATE
+    layers: LayerWeighting = OPTIMAL_LAYERS
+    trace: bool = False  # probe / check traces over time (schedules, crossfade)
+
+    def describe(self) -> str:
+        parts = [f"{c.concept}{'(' + c.role + ')' if c.role else ''}={c.coefficient:g}"
+                 + ("" if c.schedule.kind == "constant" else f"@{c.schedule.kind}") for c in self.controls]
+        return f"{' + '.join(parts)}, gate p={self.gate_p:g}, layers {self.layers}"
+
+
+def _eta_list(eta0: Sequence[float] | None, default: Sequence[float]) -> tuple[float, ...]:
+    return tuple(float(e) for e in (eta0 if eta0 else default))
+
+
+def _single_eta(preset: str, eta0: Sequence[float] | None) -> float:
+    if eta0 and len(eta0) > 1:
+        raise ValueError(f"preset {preset!r} takes one --eta0 value, got {list(eta0)}")
+    return float(eta0[0]) if eta0 else DEFAULT_ETA0
+
+
+def scaled_schedules(steps: int) -> list[tuple[str, Schedule]]:
+    """App. E's schedules stretched from 1500 steps to `steps` (exactly the paper's at 30 s): the same shape
+    over the clip, whatever its length. exp decay keeps 0.998**1500 ~ 0.05 at the end."""
+    r = steps / PAPER_STEPS
+    return [
+        ("linear increase", Schedule("linear_rise", start=0, length=steps)),
+        ("linear decay", Schedule("linear_decay", start=0, length=steps)),
+        ("exponential decay", Schedule("exp_decay", start=0, lam=0.998 ** (1.0 / r))),
+        ("logistic increase", Schedule("logistic", center=750.0 * r, width=200.0 * r)),
+        ("sine modulation", Schedule("sine", period=float(steps))),
+    ]
+
+
+def topk_values(num_layers: int) -> list[int]:
+    """The paper's K (of 48 layers) scaled to the model's depth, rounded, at least 1, without repeats."""
+    out: list[int] = []
+    for k in TOPK_PAPER:
+        v = max(1, min(num_layers, round(k * num_layers / 48)))
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def build_configurations(preset: str, concepts: Sequence[str], classes: dict[str, list[str]], num_layers: int,
+                         seconds: float, eta0: Sequence[float] | None = None) -> list[Configuration]:
+    """The configurations of a preset (the reference is not among them). `classes`: concept -> class names
+    from the bank; `num_layers` scales top-K; `seconds` scales schedules and the crossfade."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    concepts = list(dict.fromkeys(concepts))
+    if not concepts:
+        raise ValueError("name at least one concept (--concept notes)")
+    for c in concepts:
+        if c not in classes:
+            raise ValueError(f"concept {c!r} is not in the bank(s) (they hold: {', '.join(classes) or 'nothing'})")
+    steps = max(1, round(seconds * PAPER_FRAME_RATE))
+    configs: list[Configuration] = []
+    if preset == "eta":
+        for c in concepts:
+            for eta in _eta_list(eta0, ETA_LEVELS):
+                if c in REGRESSION_CONCEPTS:  # Table 2: -eta and +eta are averaged into the |eta| column
+                    for sign in (-1.0, 1.0):
+                        configs.append(Configuration(f"{c} eta0={sign * eta:+.2f}", (ControlTemplate(
+                            c, sign * eta, group=f"{c} |eta0|={eta:.2f}", x=eta),)))
+                else:
+                    configs.append(Configuration(f"{c} eta0={eta:.2f}", (ControlTemplate(c, eta, x=eta),)))
+    elif preset == "pairs":
+        usable = [c for c in concepts if c not in REGRESSION_CONCEPTS]
+        if len(usable) < 2:
+            raise ValueError("the pairs preset needs at least two classification concepts "
+                             "(--concept notes,chords,intervals as in Table 5)")
+        levels = _eta_list(eta0, PAIR_LEVELS)
+        for a, b in itertools.combinations(usable, 2):
+            for ea, eb in itertools.product(levels, levels):
+                configs.append(Configuration(f"{a}+{b} eta0={ea:.2f}/{eb:.2f}", (
+                    ControlTemplate(a, ea, pick="cycle", group=f"{a} eta0={ea:.2f}", x=ea),
+                    ControlTemplate(b, eb, pick="random", group=f"{b} eta0={eb:.2f}", x=eb))))
+    elif preset == "schedules":
+        eta = _single_eta(preset, eta0)
+        for c in concepts:
+            for label, schedule in scaled_schedules(steps):
+                configs.append(Configuration(f"{c} {label}", (ControlTemplate(c, eta, schedule),), trace=True))
+    elif preset == "crossfade":
+        eta = _single_eta(preset, eta0)
+        for c in concepts:
+            if c in REGRESSION_CONCEPTS or len(classes[c]) < 2:
+                raise ValueError(f"a crossfade needs two classes of one concept; {c!r} has {classes[c]}")
+            # Sec. 6.2: n1 decays linearly from eta0 to 0 while n2 rises from 0 to eta0 over the window (the
+            # paper's 0-1500 steps; here the whole clip). = engine.steering.crossfade(n1, n2, eta0, curve="linear")
+            configs.append(Configuration(f"{c} crossfade n1->n2", (
+                ControlTemplate(c, eta, Schedule("fade_out", start=0, length=steps, curve="linear"), pick="cycle",
+                                role="n1", window=(0.0, 0.25)),
+                ControlTemplate(c, eta, Schedule("fade_in", start=0, length=steps, curve="linear"), pick="other",
+                                role="n2", window=(0.75, 1.0))), trace=True))
+    elif preset == "layers":
+        eta = _single_eta(preset, eta0)
+        schemes = [("linear", LayerWeighting("linear", w0=1.0)),
+                   ("exponential kappa=0.98", LayerWeighting("exponential", kappa=0.98, w0=1.0)),
+                   ("exponential kappa=0.95", LayerWeighting("exponential", kappa=0.95, w0=1.0)),
+                   ("exponential kappa=0.92", LayerWeighting("exponential", kappa=0.92, w0=1.0)),
+                   ("uniform (naive)", NAIVE_LAYERS)]
+        for c in concepts:
+            for label, weighting in schemes:
+                configs.append(Configuration(f"{c} {label}", (ControlTemplate(c, eta),), gate_p=1.0, layers=weighting))
+    elif preset == "topk":
+        eta = _single_eta(preset, eta0)
+        for c in concepts:
+            for k in topk_values(num_layers):
+                configs.append(Configuration(f"{c} K={k}", (ControlTemplate(c, eta, x=float(k)),), gate_p=1.0,
+                                             layers=LayerWeighting("topk", k=k, w0=1.0)))
+    else:  # gate
+        eta = _single_eta(preset, eta0)
+        for c in concepts:
+            for p in GATE_LEVELS:
+                configs.append(Configuration(f"{c} p={p:.2f}", (ControlTemplate(c, eta, x=p),), gate_p=p,
+                                             layers=NAIVE_LAYERS))
+    names = [c.name for c in configs]
+    assert len(set(names)) == len(names) and REFERENCE not in names
+    return configs
+
+
+# --------------------------------------------------------------------------------------------
+# Settings and units
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    preset: str
+    banks: tuple[str, ...]
+    out: str
+    model: str = "tiny-random"
+    concepts: tuple[str, ...] = ("notes",)
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    samples: int = 8
+    seconds: float = 10.0
+    seed: int = 0
+    eta0: tuple[float, ...] | None = None  # None: the preset's own levels
+    device: str | None = None
+    dtype: str | None = None
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    features: str | None = None  # root of `musicrfm extract` output (<root>/<concept>/)
+    clap: str | None = None  # CLAP weights (HF id in the local cache, or a directory)
+    probe_layer: int | None = None
+    probe_trials: int | None = None  # None: the search's default (the paper's 100)
+    probe_seed: int = 0  # the split / search seed of `musicrfm train` / `report`
+    probe_device: str = "auto"  # where the probe is fitted (as `musicrfm train --device`)
+    window: float = 1.0  # trace windows, seconds
+    hop: float = 0.5
+    chunk: int = 4  # samples per unit of work sent to a worker
+    save_audio: bool = False
+    threads: int | None = None  # torch threads where units run (Ray workers: this or 1)
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if not self.banks:
+            raise ValueError("a sweep steers: give at least one direction bank (--bank FILE)")
+        if self.samples < 2:
+            raise ValueError(f"FD and MMD need at least 2 samples per configuration, got --samples {self.samples}")
+        if not (math.isfinite(self.seconds) and self.seconds > 0):
+            raise ValueError(f"seconds must be > 0, got {self.seconds}")
+        if not self.prompts or any(not isinstance(p, str) for p in self.prompts):
+            raise ValueError("give at least one prompt")
+        if self.chunk < 1:
+            raise ValueError(f"chunk must be >= 1 sample, got {self.chunk}")
+        if self.samples > 2**20:
+            raise ValueError(f"too many samples: {self.samples}")
+
+    @property
+    def embedder_name(self) -> str:
+        if self.clap:
+            return f"clap:{self.clap}"
+        from .embedding import LogMelStatsEmbedder
+
+        return LogMelStatsEmbedder.name
+
+    def manifest(self) -> dict:
+        """What decides the records: a rerun into the same directory must agree on all of it. (`samples`
+        may grow or shrink: each sample's seed depends on its index only.)"""
+        return {"format": FORMAT, "version": VERSION, "preset": self.preset, "model": self.model,
+                "device": self.device or "auto", "dtype": self.dtype or "auto",
+                "banks": sorted(file_sha256(b) for b in self.banks), "concepts": list(self.concepts),
+                "prompts": list(self.prompts), "seconds": self.seconds, "seed": self.seed,
+                "eta0": list(self.eta0) if self.eta0 else None, "sampling": self.sampling.to_dict(),
+                "embedder": self.embedder_name, "clap": self.clap,
+                "features": str(Path(self.features).resolve()) if self.features else None,
+                "probe": {"layer": self.probe_layer, "trials": self.probe_trials, "seed": self.probe_seed},
+                "window": self.window, "hop": self.hop}
+
+
+def derive_seed(seed: int, *parts) -> int:
+    """A 32-bit seed from the sweep seed and names/indices: the same on every machine and worker."""
+    digest = hashlib.sha256(json.dumps([int(seed), *parts]).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One (configuration, sample): everything a worker needs to generate and measure one clip."""
+
+    config: str
+    sample: int
+    prompt: str
+    seed: int
+    spec: SteeringSpec | None  # None: the unsteered reference
+    targets: tuple[dict, ...]  # {"concept", "class", "coefficient", "role", "window", "group", "x"}
+    trace: bool
+
+    @property
+    def key(self) -> str:
+        return f"{self.config}#{self.sample}"
+
+
+def _pick(template: ControlTemplate, classes: list[str], seed: int, sample: int, previous: str | None) -> str:
+    if template.pick == "cycle":
+        return classes[sample % len(classes)]
+    rng = np.random.default_rng(derive_seed(seed, "class", sample, template.concept, template.pick))
+    if template.pick == "random":
+        return classes[int(rng.integers(len(classes)))]
+    others = [c for c in classes if c != previous]
+    return others[int(rng.integers(len(others)))]
+
+
+def plan_units(settings: SweepSettings, configs: Sequence[Configuration],
+               classes: dict[str, list[str]]) -> list[Unit]:
+    """Every unit of the sweep, reference first, in a fixed order."""
+    units: list[Unit] = []
+    trace = any(c.trace for c in configs)
+    for i in range(settings.samples):
+        prompt = settings.prompts[i % len(settings.prompts)]
+        seed = derive_seed(settings.seed, "sample", i)
+        # The reference is judged against the targets sample i gets (the cycled class of each concept): the
+        # accuracy an unsteered clip reaches by chance, the baseline of every row.
+        targets = tuple({"concept": c, "class": classes[c][i % len(classes[c])], "coefficient": 0.0, "role": "",
+                         "window": [0.0, 1.0], "group": REFERENCE_GROUP, "x": None}
+                        for c in dict.fromkeys(t.concept for cfg in configs for t in cfg.controls))
+        units.append(Unit(REFERENCE, i, prompt, seed, None, targets, trace))
+    for cfg in configs:
+        for i in range(settings.samples):
+            seed = derive_seed(settings.seed, "sample", i)
+            controls, targets, previous = [], [], None
+            for t in cfg.controls:
+                cls = _pick(t, classes[t.concept], settings.seed, i, previous)
+                previous = cls
+                controls.append(DirectionControl(f"{t.concept}:{cls}", t.coefficient, t.schedule))
+                targets.append({"concept": t.concept, "class": cls, "coefficient": t.coefficient, "role": t.role,
+                                "window": list(t.window), "group": t.group or cfg.name, "x": t.x})
+            spec = SteeringSpec(controls=tuple(controls), gate_p=cfg.gate_p, gate_seed=seed, layers=cfg.layers)
+            units.append(Unit(cfg.name, i, settings.prompts[i % len(settings.prompts)], seed, spec, tuple(targets),
+                              cfg.trace))
+    return units

@@ -1,0 +1,330 @@
+"""A sweep's outputs from its stored records: results per group (FD, MMD², CLAP, check and probe accuracy),
+per-clip rows, mean traces, and the files `results.csv`, `clips.csv`, `traces.csv`, `metrics.png`,
+`traces.png` and `summary.md` (docs/evaluation.md). Reads records only, so a rerun rewrites the same files.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from musicrfm.engine.model import NOISE_LABEL
+
+from .measure import CHECKS, FittedProbe, check_name
+from .presets import PAPER, REFERENCE, REFERENCE_GROUP, Configuration, SweepSettings
+
+__all__ = ["CLIP_COLUMNS", "RESULT_COLUMNS", "SweepReport", "aggregate"]
+
+
+@dataclass
+class SweepReport:
+    out: Path
+    rows: list[dict]  # results.csv
+    clip_rows: list[dict]  # clips.csv
+    files: dict[str, Path]
+    random_weights: bool
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.6g}"
+    return str(value)
+
+
+def _per_class_mean(pairs: list[tuple[str, bool]]) -> float | None:
+    """Mean over classes of the per-class accuracy (the paper's "mean per-class")."""
+    if not pairs:
+        return None
+    by: dict[str, list[bool]] = {}
+    for cls, ok in pairs:
+        by.setdefault(cls, []).append(ok)
+    return float(np.mean([np.mean(v) for v in by.values()]))
+
+
+RESULT_COLUMNS = ["preset", "group", "concept", "role", "x", "configurations", "n_clips", "embedding", "n_ref",
+                  "fd", "mmd2", "mmd_bandwidth", "clap", "check", "check_acc", "check_n", "probe_acc",
+                  "probe_p_target", "probe_layer", "probe_n", "note"]
+CLIP_COLUMNS = ["preset", "config", "sample", "prompt", "seed", "concept", "class", "coefficient", "role", "window",
+                "check_pred", "check_correct", "probe_pred", "probe_correct", "probe_p_target", "clap",
+                "tokens_sha256", "note"]
+
+
+def aggregate(settings: SweepSettings, configs: Sequence[Configuration], records: dict[str, dict],
+              probes: dict[str, FittedProbe], probe_missing: dict[str, str]) -> SweepReport:
+    """Results per (group, concept, role) from the stored records, then every output file."""
+    from .metrics import RBFKernel, frechet_distance, mmd2_unbiased
+
+    out = Path(settings.out)
+    order = {REFERENCE: -1, **{c.name: i for i, c in enumerate(configs)}}
+    recs = sorted((r for r in records.values() if r["config"] in order and r["sample"] < settings.samples),
+                  key=lambda r: (order[r["config"]], r["sample"]))
+    random_weights = any(r["random_weights"] for r in recs)
+    note = NOISE_LABEL if random_weights else ""
+    ref = [r for r in recs if r["config"] == REFERENCE]
+    ref_emb = np.array([r["embedding"] for r in ref]) if ref else None
+    kernel = RBFKernel.from_reference(ref_emb) if ref_emb is not None and len(ref_emb) >= 2 else None
+    embedder = settings.embedder_name
+
+    groups: dict[tuple[str, str, str], dict] = {}
+    for r in recs:
+        for t in r["targets"]:
+            key = (t["group"], t["concept"], t["role"])
+            g = groups.setdefault(key, {"x": t["x"], "configs": [], "records": {}, "targets": []})
+            if r["config"] not in g["configs"]:
+                g["configs"].append(r["config"])
+            g["records"][r["unit"]] = r
+            g["targets"].append(t)
+    keys = list(groups)
+    if settings.preset == "pairs":  # Table 5's layout: by attribute, then eta0
+        concept_order = {c: i for i, c in enumerate(dict.fromkeys(k[1] for k in keys))}
+        keys.sort(key=lambda k: (k[0] != REFERENCE_GROUP, concept_order[k[1]], _num(groups[k]["x"])))
+    rows = []
+    for key in keys:
+        (group, concept, role), g = key, groups[key]
+        clips = list(g["records"].values())
+        emb = np.array([r["embedding"] for r in clips])
+        fd = mmd = None
+        if group != REFERENCE_GROUP and kernel is not None and len(emb) >= 2:
+            fd = frechet_distance(ref_emb, emb)
+            mmd = mmd2_unbiased(ref_emb, emb, kernel)
+        claps = [r["clap"] for r in clips if r["clap"] is not None]
+        checks = [(t["class"], t["check"]["correct"]) for t in g["targets"] if t["check"] is not None]
+        probed = [t for t in g["targets"] if t["probe"] is not None]
+        probe = probes.get(concept)
+        rows.append({
+            "preset": settings.preset, "group": group, "concept": concept, "role": role, "x": g["x"],
+            "configurations": ";".join(g["configs"]), "n_clips": len(clips), "embedding": embedder,
+            "n_ref": len(ref), "fd": fd, "mmd2": mmd, "mmd_bandwidth": kernel.bandwidth if kernel else None,
+            "clap": float(np.mean(claps)) if claps else "unavailable",
+            "check": check_name(concept) or "none", "check_acc": _per_class_mean(checks), "check_n": len(checks),
+            "probe_acc": (_per_class_mean([(t["class"], t["probe"]["correct"]) for t in probed]) if probed
+                          else probe_missing.get(concept, "unavailable")),
+            "probe_p_target": float(np.mean([t["probe"]["p_target"] for t in probed])) if probed else None,
+            "probe_layer": probe.layer if probe is not None else None, "probe_n": len(probed), "note": note,
+        })
+    clip_rows = []
+    for r in recs:
+        for t in r["targets"]:
+            c, p = t["check"], t["probe"]
+            clip_rows.append({
+                "preset": settings.preset, "config": r["config"], "sample": r["sample"], "prompt": r["prompt"],
+                "seed": r["seed"], "concept": t["concept"], "class": t["class"], "coefficient": t["coefficient"],
+                "role": t["role"], "window": "-".join(_fmt(float(w)) for w in t["window"]),
+                "check_pred": c["pred"] if c else "", "check_correct": c["correct"] if c else None,
+                "probe_pred": p["pred"] if p else "", "probe_correct": p["correct"] if p else None,
+                "probe_p_target": p["p_target"] if p else None, "clap": r["clap"] if r["clap"] is not None else "unavailable",
+                "tokens_sha256": r["tokens_sha256"], "note": note})
+    traces = _mean_traces(recs)
+    files = {"results": out / "results.csv", "clips": out / "clips.csv", "summary": out / "summary.md"}
+    _write_csv(files["results"], RESULT_COLUMNS, rows)
+    _write_csv(files["clips"], CLIP_COLUMNS, clip_rows)
+    if traces:
+        files["traces"] = out / "traces.csv"
+        _write_csv(files["traces"], ["preset", "config", "source", "series", "t", "mean", "n", "note"],
+                   [{"preset": settings.preset, "note": note, **row} for row in traces])
+    plot = _plot_metrics(out / "metrics.png", settings, rows, note)
+    if plot:
+        files["metrics_png"] = plot
+    if traces:
+        tplot = _plot_traces(out / "traces.png", settings, traces, note, probes)
+        if tplot:
+            files["traces_png"] = tplot
+    _write_summary(files["summary"], settings, configs, rows, probes, probe_missing, note, files,
+                   done=len(recs), total=settings.samples * (len(configs) + 1),
+                   dim=len(recs[0]["embedding"]) if recs else None)
+    return SweepReport(out, rows, clip_rows, files, random_weights)
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(columns)
+        for row in rows:
+            w.writerow([_fmt(row.get(c)) for c in columns])
+    os.replace(tmp, path)
+
+
+def _mean_traces(recs: list[dict]) -> list[dict]:
+    """Mean trace over samples per (configuration, source, series) at each window time."""
+    acc: dict[tuple[str, str, str], dict[float, list[float]]] = {}
+    for r in recs:
+        tr = r.get("trace")
+        if not tr:
+            continue
+        for source in ("probe", "check"):
+            for series, values in tr[source].items():
+                slot = acc.setdefault((r["config"], source, series), {})
+                for t, v in zip(tr["t"], values):
+                    slot.setdefault(t, []).append(v)
+    rows = []
+    for (config, source, series), by_t in acc.items():
+        for t in sorted(by_t):
+            rows.append({"config": config, "source": source, "series": series, "t": t,
+                         "mean": float(np.mean(by_t[t])), "n": len(by_t[t])})
+    return rows
+
+
+def _matplotlib():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        return plt
+    except ImportError:  # plots are a convenience; the CSVs hold the same numbers
+        return None
+
+
+def _num(v) -> float:
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None else float("nan")
+
+
+def _plot_metrics(path: Path, settings: SweepSettings, rows: list[dict], note: str) -> Path | None:
+    """FD, MMD², CLAP and accuracy per group: against eta0 (the paper's Fig. 2) or K or p where the preset
+    has a numeric axis, else one point per configuration."""
+    plt = _matplotlib()
+    if plt is None:
+        return None
+    steered = [r for r in rows if r["group"] != REFERENCE_GROUP]
+    numeric = all(r["x"] is not None for r in steered)
+    xlabel = {"eta": "control coefficient eta0 (|eta0| for tempos)", "pairs": "eta0 of the attribute",
+              "topk": "K (layers steered)", "gate": "gate probability p"}.get(settings.preset, "configuration")
+    labels = list(dict.fromkeys(r["group"] for r in steered))
+    use_probe = any(isinstance(r["probe_acc"], float) for r in steered)
+    panels = [("fd", f"FD ({settings.embedder_name}) lower = closer"), ("mmd2", "MMD² (unbiased) lower = closer"),
+              ("clap", "CLAP score vs prompt"),
+              ("probe_acc" if use_probe else "check_acc",
+               "probe accuracy (mean per class)" if use_probe else "independent check accuracy (mean per class)")]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), dpi=110)
+    for ax, (key, title) in zip(axes.flat, panels):
+        series: dict[str, list[tuple[float, float]]] = {}
+        for r in steered:
+            name = r["concept"] + (f" ({r['role']})" if r["role"] else "")
+            x = r["x"] if numeric else labels.index(r["group"])
+            series.setdefault(name, []).append((x, _num(r[key])))
+        for name, pts in list(series.items()):
+            if all(math.isnan(p[1]) for p in pts):
+                del series[name]
+                continue
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        ref_rows = [r for r in rows if r["group"] == REFERENCE_GROUP]
+        if key in ("clap", "check_acc", "probe_acc"):
+            for r in ref_rows:
+                if isinstance(r[key], float):
+                    ax.axhline(r[key], ls="--", lw=1, color="grey")
+        if key == "clap" and not any(isinstance(r["clap"], float) for r in steered):
+            ax.text(0.5, 0.5, "CLAP unavailable:\nno CLAP weights supplied", ha="center", va="center",
+                    transform=ax.transAxes)
+        ax.set_title(title, fontsize=9)
+        if not numeric:
+            ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
+        else:
+            ax.set_xlabel(xlabel, fontsize=8)
+        ax.grid(alpha=0.3)
+        if series:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"musicrfm sweep {settings.preset}: {PAPER[settings.preset]}; {settings.model}, "
+                 f"{settings.samples} samples x {settings.seconds:g} s" + (f"\n[{note}]" if note else "")
+                 + "\n(dashed: unsteered reference)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _plot_traces(path: Path, settings: SweepSettings, traces: list[dict], note: str,
+                 probes: dict[str, FittedProbe]) -> Path | None:
+    """Fig. 1: the probe softmax of the target class over time per schedule (a), or of n1 and n2 for the
+    crossfade (b); beside it the independent check's pitch-class share (notes)."""
+    plt = _matplotlib()
+    if plt is None:
+        return None
+    sources = [s for s in ("probe", "check") if any(t["source"] == s for t in traces)]
+    fig, axes = plt.subplots(1, len(sources), figsize=(6 * len(sources), 4), dpi=110, squeeze=False)
+    for ax, source in zip(axes[0], sources):
+        lines: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        for t in traces:
+            if t["source"] == source:
+                lines.setdefault((t["config"], t["series"]), []).append((t["t"], t["mean"]))
+        for (config, series), pts in lines.items():
+            style = {"ls": "--", "color": "grey"} if config == REFERENCE else {}
+            label = config if series == "target" else f"{config}: {series}"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
+        if source == "probe":
+            layers = ", ".join(f"{c} layer {p.layer}" for c, p in probes.items())
+            ax.set_title(f"probe softmax of the steered class ({layers})", fontsize=9)
+            ax.set_ylabel("probability")
+        else:
+            ax.set_title("independent check: pitch-class share of the steered class", fontsize=9)
+            ax.set_ylabel("share of the pitch-class profile")
+        ax.set_xlabel(f"time (s), {settings.window:g} s windows every {settings.hop:g} s")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"musicrfm sweep {settings.preset}: {PAPER[settings.preset]}; mean of {settings.samples} samples"
+                 + (f" [{note}]" if note else ""), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _md(value) -> str:
+    if value is None or value == "":
+        return "–"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def _write_summary(path: Path, settings: SweepSettings, configs: Sequence[Configuration], rows: list[dict],
+                   probes: dict[str, FittedProbe], probe_missing: dict[str, str], note: str,
+                   files: dict[str, Path], done: int, total: int, dim: int | None) -> None:
+    lines = [f"# Sweep `{settings.preset}`: {PAPER[settings.preset]}", ""]
+    if note:
+        lines += [(f"**{note}.** The model ({settings.model}) has random weights: every clip is noise, and these "
+                   "numbers test the pipeline, not steering."), ""]
+    clap = f"CLAP score vs the prompt with `{settings.clap}`" if settings.clap else \
+        "CLAP score: unavailable (no CLAP weights supplied; never estimated from another embedding)"
+    lines += [
+        (f"- model `{settings.model}`; banks {', '.join(f'`{Path(b).name}`' for b in settings.banks)}; "
+         f"concepts {', '.join(settings.concepts)}"),
+        f"- {settings.samples} samples per configuration x {settings.seconds:g} s; prompts cycled: "
+        + "; ".join(f"\"{p}\"" for p in settings.prompts) + f"; seed {settings.seed}",
+        f"- units stored: {done} of {total}",
+        f"- FD and unbiased MMD² against the unsteered reference (same prompts and seeds), embedding "
+        f"**{settings.embedder_name}**, RBF bandwidth frozen from the reference (median heuristic)"
+        + ("; this embedding is not CLAP: values are comparable only within this embedding" if not settings.clap else ""),
+        f"- {clap}",
+    ]
+    for c, p in probes.items():
+        lines.append(f"- probe accuracy ({c}): {p.describe()}; features re-extracted from the generated audio")
+    for c, reason in probe_missing.items():
+        lines.append(f"- probe accuracy ({c}): {reason}")
+    lines.append("- independent checks: " + "; ".join(f"{c}: {n}" for c, n in CHECKS.items())
+                 + "; other concepts have none")
+    if dim is not None and settings.samples <= dim:
+        lines.append(f"- FD with n = {settings.samples} clips per set in d = {dim} dimensions: the covariance is "
+                     f"singular for n <= d and FD is then mostly bias; compare rows at equal n only")
+    lines += ["", "| group | concept | role | n | FD | MMD² | CLAP | check acc | probe acc | note |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_md(r[k]) for k in ("group", "concept", "role", "n_clips", "fd", "mmd2", "clap",
+                                                           "check_acc", "probe_acc", "note")) + " |")
+    lines += ["", "Configurations:", ""]
+    lines += [f"- `{c.name}`: {c.describe()}" for c in configs]
+    lines += ["", "Files: " + ", ".join(f"`{p.name}`" for p in files.values() if p != path) + ", `units.jsonl` "
+              "(one record per finished clip), `sweep.json` (the settings)."]
+    path.write_text("\n".join(lines) + "\n")
