@@ -49,8 +49,10 @@ __all__ = [
     "SpeakerClient",
 ]
 
+
 class ListenError(RuntimeError):
-    """An expected failure (unreachable server, refused handshake, no hello): the text is the whole story."""
+    """An expected failure (unreachable server, refused handshake, no hello: the connection's `ConnectError`;
+    no sound output): the text is the whole story."""
 
 
 class AudioUnavailable(ListenError):
@@ -527,7 +529,8 @@ class _Console:
 
 
 class SpeakerClient:
-    """One listening connection: hello, then audio into a jitter buffer that the output drains.
+    """The speaker client (`musicrfm listen`): one `Connection`, its audio into a jitter buffer that the
+    output drains. (Not to be confused with the server's `Listener`, anything a session sends to.)
 
     `output`: an `AudioOutput` (opened once the hello tells the stream's rate). `seconds`: stop after that
     much audio has been received, then let the output play out what is queued. `play`: send `play` after the

@@ -33,7 +33,6 @@ from pythonosc.osc_message import OscMessage
 from pythonosc.parsing import osc_types
 
 from musicrfm.protocol.wire import MAX_MESSAGE_BYTES, ProtocolError, is_loopback, valid_session_name
-
 from .limits import RateLimitedLog
 from .stream import Cause
 
