@@ -30,8 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-from musicrfm.protocol.wire import decode_message, encode_message, is_audio_frame, unpack_audio  # noqa: E402
+from musicrfm.protocol.connection import AudioFrame, Connection
 
 
 def make_bank(model_name: str, path: Path) -> None:
@@ -67,14 +66,10 @@ def start_server(args, bank: Path, record_dir: Path) -> tuple[subprocess.Popen, 
 
 
 async def knob_latency(address: str, knobs: int, seed: int) -> dict:
-    from websockets.asyncio.client import connect
-
     rng = random.Random(seed)
-    async with connect(f"ws://{address}/ws?session=latency&encoding=msgpack", max_size=None,
-                       compression=None) as ws:
-        hello = decode_message(await ws.recv())
-        hop = int(hello["hop"])
-        await ws.send(encode_message({"type": "transport", "command": "play"}, "msgpack"))
+    async with await Connection.open(address, session="latency", max_size=None) as conn:
+        hop = int(conn.hello["hop"])
+        await conn.send({"type": "transport", "command": "play"})
         received = 0  # one past the last sample received
         waiting: dict[str, float] = {}  # id -> send time, until its state arrives
         targets: list[tuple[str, float, int]] = []  # (id, send time, first affected sample)
@@ -83,16 +78,14 @@ async def knob_latency(address: str, knobs: int, seed: int) -> dict:
 
         async def reader():
             nonlocal received
-            async for frame in ws:
+            async for message in conn:
                 now = time.perf_counter()
-                if is_audio_frame(frame):
-                    header, _ = unpack_audio(frame)
-                    received = header.first_sample + header.num_samples
+                if isinstance(message, AudioFrame):
+                    received = message.header.first_sample + message.header.num_samples
                     for item in [t for t in targets if received > t[2]]:
                         targets.remove(item)
                         latencies.append(now - item[1])
                     continue
-                message = decode_message(frame)
                 if message["type"] == "state" and message.get("cause") and message["cause"].get("id") in waiting:
                     sent = waiting.pop(message["cause"]["id"])
                     targets.append((message["cause"]["id"], sent, message["step"] * hop))
@@ -105,8 +98,8 @@ async def knob_latency(address: str, knobs: int, seed: int) -> dict:
         for i in range(knobs):
             key = f"k{i}"
             waiting[key] = time.perf_counter()
-            await ws.send(encode_message({"type": "set", "id": key,
-                                          "directions": {"notes:C": {"coefficient": rng.uniform(0, 2)}}}, "msgpack"))
+            await conn.send({"type": "set", "id": key,
+                             "directions": {"notes:C": {"coefficient": rng.uniform(0, 2)}}})
             await asyncio.sleep(rng.uniform(0.1, 0.3))  # a hand on a knob, a few changes a second
         deadline = time.perf_counter() + 5
         while (waiting or targets) and time.perf_counter() < deadline:
@@ -119,33 +112,27 @@ async def knob_latency(address: str, knobs: int, seed: int) -> dict:
 
 
 async def concurrent_sessions(address: str, n: int, seconds: float) -> list[dict]:
-    from websockets.asyncio.client import connect
-
     async def one(i: int) -> dict:
-        async with connect(f"ws://{address}/ws?session=load{n}-{i}&encoding=msgpack", max_size=None,
-                           compression=None) as ws:
-            await ws.recv()  # hello
-            await ws.send(encode_message({"type": "transport", "command": "play"}, "msgpack"))
+        async with await Connection.open(address, session=f"load{n}-{i}", max_size=None) as conn:
+            await conn.send({"type": "transport", "command": "play"})
             samples, start, first_underruns, underruns, rate = 0, None, None, 0, 32000
             end = time.perf_counter() + seconds + 1.0
-            async for frame in ws:
+            async for message in conn:
                 now = time.perf_counter()
-                if is_audio_frame(frame):
-                    header, _ = unpack_audio(frame)
+                if isinstance(message, AudioFrame):
+                    header = message.header
                     rate = header.sample_rate
                     if start is None and now > end - seconds:  # one second of warm-up first
                         start, samples = now, 0
                     elif start is not None:
                         samples += header.num_samples
-                else:
-                    m = decode_message(frame)
-                    if m["type"] == "stats":
-                        underruns = m["underruns"]
-                        if start is not None and first_underruns is None:
-                            first_underruns = underruns
+                elif message["type"] == "stats":
+                    underruns = message["underruns"]
+                    if start is not None and first_underruns is None:
+                        first_underruns = underruns
                 if now > end:
                     break
-            await ws.send(encode_message({"type": "transport", "command": "stop"}, "msgpack"))
+            await conn.send({"type": "transport", "command": "stop"})
         elapsed = time.perf_counter() - start
         return {"audio_per_second": samples / rate / elapsed,
                 "new_underruns": underruns - (first_underruns if first_underruns is not None else 0)}

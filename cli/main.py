@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from musicrfm import __version__
+from musicrfm import __version__, perform
 from musicrfm.clients import cli as clients_cli
 from musicrfm.engine import cli as engine_cli
 from musicrfm.evaluation import cli as evaluation_cli
@@ -20,10 +20,10 @@ from musicrfm.mini import cli as mini_cli
 from musicrfm.probes import cli as probes_cli
 from musicrfm.server import cli as server_cli
 
-# engine: generate; probes: data, extract, train, report; evaluation: eval; mini: mini;
-# server: serve, replay, perform; clients: listen.
+# engine: generate; probes: data, extract, train, report; evaluation: eval; mini: mini; server: serve,
+# replay; clients: listen; the root: perform (offline = the server's Stream, live = a client: musicrfm.perform).
 REGISTRARS = (engine_cli.register, probes_cli.register, evaluation_cli.register, mini_cli.register,
-              server_cli.register, clients_cli.register)
+              server_cli.register, clients_cli.register, perform.register)
 
 # What a command raises for bad settings, missing files or weights, bad banks: one clear line, no traceback.
 # Every package's own errors derive from one of these (BankError's kinds, ProtocolError, ScoreError,

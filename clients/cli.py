@@ -1,5 +1,7 @@
-"""Client subcommands of `musicrfm` (registered by engine/cli.py through COMMAND_MODULES). Each command has
-its own `_register_NAME(sub)`; `register` calls them all. Heavy imports wait until a command runs."""
+"""Client subcommands of `musicrfm` (musicrfm.main gathers every package's `register`): `listen`. Each
+command has its own `_register_NAME(sub)`; `register` calls them all. Heavy imports wait until a command
+runs. `perform` spans the server (offline) and the clients (live), so the root registers it
+(musicrfm.perform); it uses `positive_float` from here."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import sys
 from pathlib import Path
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -30,11 +32,11 @@ def _nonnegative_float(text: str) -> float:
 
 
 def _latency(text: str) -> str | float:
-    return text if text in ("low", "high") else _positive_float(text)
+    return text if text in ("low", "high") else positive_float(text)
 
 
 def cmd_listen(args) -> int:
-    from .listen import FakeOutput, Listener, ListenError, SoundDeviceOutput, _Console, list_devices
+    from .listen import FakeOutput, ListenError, SpeakerClient, SoundDeviceOutput, _Console, list_devices
 
     if args.list_devices:
         print(list_devices())
@@ -46,11 +48,11 @@ def cmd_listen(args) -> int:
     else:
         output = SoundDeviceOutput(args.device, rate=args.output_rate, latency=args.latency)
     console = _Console(status=not args.quiet)
-    listener = Listener(args.url, output, session=args.session, token=args.token, prebuffer=args.prebuffer,
-                        max_seconds=args.max_buffer, play=args.play, out=args.out, seconds=args.seconds,
-                        console=console, handle_sigint=True)
+    client = SpeakerClient(args.url, output, session=args.session, token=args.token, prebuffer=args.prebuffer,
+                           max_seconds=args.max_buffer, play=args.play, out=args.out, seconds=args.seconds,
+                           console=console, handle_sigint=True)
     try:
-        result = asyncio.run(listener.run())
+        result = asyncio.run(client.run())
     except KeyboardInterrupt:  # a second Ctrl-C
         print("interrupted", file=sys.stderr)
         return 130
@@ -94,64 +96,15 @@ def _register_listen(sub) -> None:
     p.add_argument("--no-audio", action="store_true", help="no sound card: receive (and --out) only")
     p.add_argument("--prebuffer", type=_nonnegative_float, default=0.2, metavar="SECONDS",
                    help="audio queued before playback starts, and after an underrun (default 0.2)")
-    p.add_argument("--max-buffer", type=_positive_float, default=2.0, metavar="SECONDS",
+    p.add_argument("--max-buffer", type=positive_float, default=2.0, metavar="SECONDS",
                    help="most audio queued; beyond it the oldest is dropped (default 2)")
     p.add_argument("--play", action="store_true", help="send play once connected (start or resume the session)")
     p.add_argument("--out", type=Path, default=None, metavar="FILE.wav", help="also write the received audio")
-    p.add_argument("--seconds", type=_positive_float, default=None,
+    p.add_argument("--seconds", type=positive_float, default=None,
                    help="stop after this much audio (default: until Ctrl-C or the server closes)")
     p.add_argument("--quiet", action="store_true", help="no status line")
     p.set_defaults(func=cmd_listen)
 
 
-def cmd_perform(args) -> int:
-    from .perform import PerformError, perform_live, perform_offline, write_result
-    from musicrfm.protocol.score import load_score
-
-    if args.url is None and args.out is None:
-        raise ValueError("perform needs --out FILE.wav (render offline) and/or --url URL (play on a server)")
-    if args.url is not None:
-        score = load_score(args.score)  # checked here first; recompiled for the server's frame rate
-        try:
-            perf = asyncio.run(perform_live(args.score, args.url, session=args.session, token=args.token,
-                                            timeout=args.timeout))
-        except PerformError as exc:
-            print(f"musicrfm: error: {exc}", file=sys.stderr)
-            return 2
-        print(f"performed {perf.frames} frames on {args.url}; the server recorded {perf.recording['wav']}")
-        mode = "live"
-    else:
-        score = load_score(args.score)
-        perf = perform_offline(score, model_name=args.model, device=args.device, dtype=args.dtype,
-                               banks=args.bank or None, progress=not args.quiet)
-        mode = "offline"
-    if args.out is not None:
-        write_result(args.out, perf, score, mode)
-        print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
-    print(f"tokens sha256 {perf.tokens_sha256}")
-    return 0
-
-
-def _register_perform(sub) -> None:
-    from musicrfm.engine.cli import add_model_args
-
-    p = sub.add_parser("perform", help="play a score (TOML of timed cues) offline to a WAV, or on a live server",
-                       description="Offline (--out): render the score here. Live (--url): play it on a running "
-                                   "`musicrfm serve`; the server records it. Same score and seed, same tokens.")
-    p.add_argument("score", type=Path, help="score file (TOML); see docs/scores.md")
-    add_model_args(p)
-    p.set_defaults(model=None)  # offline: the score's model unless given
-    p.add_argument("--bank", action="append", type=Path, default=[], metavar="FILE",
-                   help="offline: direction banks (default: the score's banks)")
-    p.add_argument("--out", type=Path, default=None, metavar="FILE.wav", help="write the audio (+ a .json sidecar)")
-    p.add_argument("--url", default=None, help="play on this server (ws://HOST:PORT/ws or HOST:PORT) instead")
-    p.add_argument("--session", default=None, help="live: session name (default: a new perform-XXXX session)")
-    p.add_argument("--token", default=None)
-    p.add_argument("--timeout", type=_positive_float, default=600.0, help="live: give up after this many seconds")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_perform)
-
-
 def register(sub) -> None:
     _register_listen(sub)
-    _register_perform(sub)

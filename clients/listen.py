@@ -12,7 +12,7 @@ The parts, each usable on its own:
   than `max_seconds` queued drops the oldest (counted).
 - `AudioOutput`: where samples go. `SoundDeviceOutput` is a PortAudio stream (sounddevice, imported only
   when used); `FakeOutput` pulls blocks at real-time pace on a thread and keeps them (tests, `--no-audio`).
-- `Listener`: the asyncio WebSocket client tying them together.
+- `SpeakerClient`: the client tying them to a `protocol.connection.Connection`.
 """
 
 from __future__ import annotations
@@ -24,21 +24,20 @@ import signal
 import sys
 import threading
 import time
-import wave
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, TextIO
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 
-from musicrfm.protocol.wire import (DEFAULT_WS_PORT, PROTOCOL_VERSION, ProtocolError, decode_message, encode_message,
-                             is_audio_frame, is_loopback, unpack_audio, valid_session_name)
+from musicrfm.protocol.connection import (Closed, ConnectError, Connection, describe_close, normalize_url,
+                                         redact)
+from musicrfm.protocol.wav import WavWriter
+from musicrfm.protocol.wire import PROTOCOL_VERSION, ProtocolError, decode_message, is_audio_frame, unpack_audio
 
 __all__ = [
     "ListenError",
     "AudioUnavailable",
-    "normalize_url",
     "LinearResampler",
     "BufferStats",
     "JitterBuffer",
@@ -47,84 +46,17 @@ __all__ = [
     "SoundDeviceOutput",
     "list_devices",
     "ListenResult",
-    "Listener",
+    "SpeakerClient",
 ]
-
-RANDOM_WEIGHTS_NOTE = "random weights: this audio is noise, not music"
-MAX_FRAME_BYTES = 16 * 1024 * 1024  # an audio frame of 1 s at 32 kHz is 128 KiB; leave plenty of room
 
 
 class ListenError(RuntimeError):
-    """An expected failure (unreachable server, refused handshake, no hello): the text is the whole story."""
+    """An expected failure (unreachable server, refused handshake, no hello: the connection's `ConnectError`;
+    no sound output): the text is the whole story."""
 
 
 class AudioUnavailable(ListenError):
     """No sound output: PortAudio or sounddevice missing, or no usable device."""
-
-
-# --- URLs -------------------------------------------------------------------------------------------
-
-
-def normalize_url(url: str, *, session: str | None = None, token: str | None = None,
-                  encoding: str = "msgpack") -> str:
-    """Any reasonable way of naming a server -> its `ws://HOST:PORT/ws?session=...` URL.
-
-    Accepts `ws://host:port/ws?session=x`, `wss://...`, the page's `http(s)://host:port/?session=x` and a bare
-    `host[:port]` (port 8765 if none). `session` and `token` override the URL's; `encoding` is always set.
-    """
-    text = url.strip()
-    if not text:
-        raise ValueError("empty URL; expected ws://HOST:PORT/ws?session=NAME or HOST:PORT")
-    bare = "://" not in text
-    parts = urlsplit(text if not bare else "ws://" + text)
-    scheme = parts.scheme.lower()
-    schemes = {"ws": "ws", "wss": "wss", "http": "ws", "https": "wss"}
-    if scheme not in schemes:
-        raise ValueError(f"URL {url!r}: scheme {parts.scheme!r} is not one of ws, wss, http, https")
-    if not parts.hostname:
-        raise ValueError(f"URL {url!r} names no host")
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"URL {url!r}: bad port") from None
-    netloc = parts.netloc
-    if bare and port is None:
-        netloc = f"{netloc}:{DEFAULT_WS_PORT}"
-    path = parts.path
-    if path in ("", "/"):
-        path = "/ws"
-    elif scheme in ("http", "https") and not path.rstrip("/").endswith("/ws"):
-        path = path.rstrip("/") + "/ws"  # the page at .../ -> its socket at .../ws
-    query = dict(parse_qsl(parts.query, keep_blank_values=True))
-    if session is not None:
-        query["session"] = session
-    query.setdefault("session", "main")
-    if not valid_session_name(query["session"]):
-        raise ValueError(f"session name {query['session']!r}: use letters, digits, '-' and '_' (at most 64)")
-    if token is not None:
-        query["token"] = token
-    query["encoding"] = encoding
-    return urlunsplit((schemes[scheme], netloc, path, urlencode(query), ""))
-
-
-def _redact(url: str) -> str:
-    """The URL without its token (for printing)."""
-    parts = urlsplit(url)
-    query = [(k, "..." if k == "token" else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query, safe="."), ""))
-
-
-def _is_loopback(url: str) -> bool:
-    return is_loopback(urlsplit(url).hostname or "")
-
-
-def _proxy_arg(connect, url: str) -> dict:
-    """websockets >= 15 follows HTTP(S)_PROXY by default; never for a server on this machine."""
-    import inspect
-
-    if "proxy" in inspect.signature(connect.__init__).parameters and _is_loopback(url):
-        return {"proxy": None}
-    return {}
 
 
 # --- resampling and the jitter buffer ---------------------------------------------------------------
@@ -596,35 +528,9 @@ class _Console:
         self._clear()
 
 
-class _WavSink:
-    """16-bit mono WAV written as the audio arrives (the header is completed on close)."""
-
-    def __init__(self, path: Path, rate: int):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._w = wave.open(str(path), "wb")
-        self._w.setnchannels(1)
-        self._w.setsampwidth(2)
-        self._w.setframerate(int(rate))
-
-    def write(self, pcm: np.ndarray) -> None:
-        self._w.writeframes(np.round(np.clip(pcm, -1.0, 1.0) * 32767.0).astype("<i2").tobytes())
-
-    def close(self) -> None:
-        self._w.close()
-
-
-def _describe_close(code: int | None, reason: str) -> str:
-    names = {1000: "normal", 1001: "going away", 1006: "connection lost", 1008: "policy violation",
-             1009: "message too big", 1011: "server error", 1013: "try again later: this client fell behind"}
-    if code is None:
-        return "connection lost"
-    text = f"code {code}" + (f" ({names[code]})" if code in names else "")
-    return text + (f": {reason}" if reason else "")
-
-
-class Listener:
-    """One listening connection: hello, then audio into a jitter buffer that the output drains.
+class SpeakerClient:
+    """The speaker client (`musicrfm listen`): one `Connection`, its audio into a jitter buffer that the
+    output drains. (Not to be confused with the server's `Listener`, anything a session sends to.)
 
     `output`: an `AudioOutput` (opened once the hello tells the stream's rate). `seconds`: stop after that
     much audio has been received, then let the output play out what is queued. `play`: send `play` after the
@@ -656,7 +562,7 @@ class Listener:
         self._server_stats: dict = {}
         self._playback = "?"
         self._kept: list[np.ndarray] = []
-        self._sink: _WavSink | None = None
+        self._sink: WavWriter | None = None
         self._received = 0
         self._rate = 0
         self._bad_frames = 0
@@ -694,10 +600,7 @@ class Listener:
     # -- the connection
 
     async def run(self) -> ListenResult:
-        from websockets.asyncio.client import connect
-        from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
-
-        result = ListenResult(url=_redact(self.url))
+        result = ListenResult(url=redact(self.url))
         loop = asyncio.get_running_loop()
         self._main = asyncio.current_task()
         sigint = False
@@ -709,39 +612,26 @@ class Listener:
                 pass
         try:
             try:
-                ws = await connect(self.url, open_timeout=self.open_timeout, max_size=MAX_FRAME_BYTES,
-                                   compression=None, **_proxy_arg(connect, self.url))
-            except InvalidStatus as exc:
-                status = exc.response.status_code
-                hint = {401: " (a token is needed: --token)", 403: " (a token is needed or wrong: --token)",
-                        404: " (is the path /ws?)"}.get(status, "")
-                raise ListenError(f"{result.url}: the server refused the WebSocket: HTTP {status}{hint}") from None
-            except InvalidURI as exc:
-                raise ListenError(f"bad URL {result.url}: {exc}") from None
-            except (OSError, asyncio.TimeoutError, InvalidHandshake) as exc:
-                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc) or type(exc).__name__)
-                if isinstance(exc, ConnectionRefusedError):
-                    why = "connection refused (is `musicrfm serve` running there?)"
-                elif isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-                    why = f"no answer within {self.open_timeout:g} s"
-                raise ListenError(f"cannot connect to {result.url}: {why}") from None
+                conn = await Connection.open(self.url, open_timeout=self.open_timeout, hello_timeout=self.hello_timeout)
+            except ConnectError as exc:
+                raise ListenError(str(exc)) from None
             except asyncio.CancelledError:
                 if self._stop_cause != "interrupted":
                     raise
-                raise KeyboardInterrupt from None  # Ctrl-C while connecting
+                raise KeyboardInterrupt from None  # Ctrl-C while connecting or waiting for the hello
             try:
-                await self._session(ws, result)
-            except ConnectionClosed:
+                await self._session(conn, result)
+            except Closed:
                 pass
             except asyncio.CancelledError:
                 if self._stop_cause != "interrupted":
                     raise
-                raise KeyboardInterrupt from None  # Ctrl-C before the hello came
+                raise KeyboardInterrupt from None  # Ctrl-C before the stream started
             finally:
-                if ws.close_code is None:
-                    await ws.close(1000)
+                if conn.close_code is None:
+                    await conn.close()
                     result.closed_by = result.closed_by or "client"
-                result.close_code, result.close_reason = ws.close_code, ws.close_reason or ""
+                result.close_code, result.close_reason = conn.close_code, conn.close_reason
         finally:
             if sigint:
                 loop.remove_signal_handler(signal.SIGINT)
@@ -758,38 +648,8 @@ class Listener:
         except Exception:  # pragma: no cover
             pass
 
-    async def _recv_hello(self, ws) -> dict:
-        from websockets.exceptions import ConnectionClosed
-
-        deadline = time.monotonic() + self.hello_timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ListenError(f"{_redact(self.url)}: no hello from the server within {self.hello_timeout:g} s "
-                                  "(is this a musicrfm server?)")
-            try:
-                frame = await asyncio.wait_for(ws.recv(), timeout=left)
-            except asyncio.TimeoutError:
-                continue
-            except ConnectionClosed:
-                raise ListenError(f"{_redact(self.url)}: the server closed the connection before its hello: "
-                                  f"{_describe_close(ws.close_code, ws.close_reason)}") from None
-            if is_audio_frame(frame):
-                continue  # audio before the hello: we do not know the stream yet
-            try:
-                message = decode_message(frame)
-            except ProtocolError as exc:
-                raise ListenError(f"{_redact(self.url)}: the server's first message is not a hello ({exc})") from None
-            if message["type"] == "error":
-                raise ListenError(f"the server refused: {message.get('message', message)}")
-            if message["type"] != "hello":
-                raise ListenError(f"{_redact(self.url)}: expected a hello first, got {message['type']!r}")
-            return message
-
-    async def _session(self, ws, result: ListenResult) -> None:
-        from websockets.exceptions import ConnectionClosed
-
-        hello = await self._recv_hello(ws)
+    async def _session(self, conn: Connection, result: ListenResult) -> None:
+        hello = conn.hello
         result.hello = hello
         if hello.get("protocol") != PROTOCOL_VERSION:
             self.console.warn(f"warning: the server speaks protocol {hello.get('protocol')!r}, this client "
@@ -802,23 +662,24 @@ class Listener:
         self.console.info(f"session {hello.get('session', '?')!r} at {result.url}: model {model}, "
                           f"{self._rate} Hz mono, epoch {hello.get('epoch')}, step {hello.get('step')}, "
                           f"{self._playback}")
-        if hello.get("random_weights"):
-            self.console.info(hello.get("note") or RANDOM_WEIGHTS_NOTE)
+        if hello.get("random_weights") and hello.get("note"):
+            self.console.info(hello["note"])  # the server's own words: random weights make noise, not music
         out_rate = int(self.output.open(self._rate))
         result.output_rate = out_rate
         self._buffer = JitterBuffer(self._rate, out_rate, prebuffer=self.prebuffer, max_seconds=self.max_seconds)
         if self.out is not None:
-            self._sink = _WavSink(self.out, self._rate)
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self._sink = WavWriter(self.out, self._rate)
         resample = f", resampled {self._rate} -> {out_rate} Hz" if out_rate != self._rate else ""
         self.console.info(f"output: {self.output.describe()}{resample}; prebuffer {self.prebuffer:g} s")
         self.output.start(self._pull)
         if self.play:
-            await ws.send(encode_message({"type": "transport", "command": "play", "id": "listen-play"}))
+            await conn.send({"type": "transport", "command": "play", "id": "listen-play"})
         elif self._playback != "playing":
             self.console.info(f"the session is {self._playback}: nothing plays until a client sends play "
                               "(or listen with --play)")
 
-        receiver = asyncio.create_task(self._receive(ws, result))
+        receiver = asyncio.create_task(self._receive(conn, result))
         status = asyncio.create_task(self._status_loop())
         stopper = asyncio.create_task(self._stop.wait())
         try:
@@ -829,15 +690,15 @@ class Listener:
         if self._stop.is_set():  # --seconds reached, Ctrl-C or stop(): we close
             receiver.cancel()
             result.closed_by = "client"
-            await ws.close(1000)
+            await conn.close()
             if self._stop_cause == "seconds":
                 await self._drain()
         else:
             exc = receiver.exception()
-            if exc is not None and not isinstance(exc, ConnectionClosed):
+            if exc is not None:
                 raise exc
             result.closed_by = "server"
-            self.console.warn(f"the server closed the connection: {_describe_close(ws.close_code, ws.close_reason)}")
+            self.console.warn(f"the server closed the connection: {describe_close(conn.close_code, conn.close_reason)}")
             await self._drain()
 
     async def _drain(self) -> None:
@@ -857,8 +718,13 @@ class Listener:
             await asyncio.sleep(self.console.interval)
             self.console.status(self._status_line())
 
-    async def _receive(self, ws, result: ListenResult) -> None:
-        async for frame in ws:
+    async def _receive(self, conn: Connection, result: ListenResult) -> None:
+        """Frames until the connection ends (a bad frame is dropped with a warning, not the connection)."""
+        while True:
+            try:
+                frame = await conn.recv_frame()
+            except Closed:
+                return
             if is_audio_frame(frame):
                 self._on_audio(frame)
                 if self._stop.is_set():

@@ -1,9 +1,10 @@
-"""`musicrfm perform score.toml`: play a score offline (render a WAV) or against a running server.
+"""`musicrfm perform score.toml --url URL`: play a score on a running server (the live half of `perform`).
 
-Both ways send the score's messages to a stopped stream: the initial state, every cue with its `at_step`,
-a `stop` at the step where the last frame is complete, then `play`. Offline, they go to a `server.stream.
-Stream` in this process; live, over the WebSocket protocol, with the server recording the stream so the
-tokens can be compared (`tokens_sha256` of the recorded frames).
+The score's messages go to a stopped stream: the initial state, every cue with its `at_step`, a `stop`
+at the step where the last frame is complete, then `play`, with the server recording the stream so the
+tokens can be compared (`tokens_sha256` of the recorded frames). The offline half (`--out` alone) plays
+the same messages on a `Stream` in this process: `musicrfm.server.offline.perform_score`. The command
+line that picks between them is the root's (`musicrfm.perform`), since clients never import the server.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from musicrfm.protocol.wire import decode_message, encode_message, end_step, is_audio_frame, unpack_audio
-
-from musicrfm.protocol.score import Score, ScoreError
+from musicrfm.protocol.connection import AudioFrame, Closed, ConnectError, Connection, describe_close
+from musicrfm.protocol.score import Score, load_score
+from musicrfm.protocol.wav import write_wav
+from musicrfm.protocol.wire import end_step
 
 
 @dataclass
@@ -30,26 +32,6 @@ class Performance:
     recording: dict | None = None  # live: the server's `recording` message
 
 
-def perform_offline(score: Score, *, model_name: str | None = None, device: str | None = None,
-                    dtype: str | None = None, banks: list[Path] | None = None, progress: bool = True) -> Performance:
-    from musicrfm.engine.cli import DEFAULT_MODEL
-    from musicrfm.engine.model import bundled_banks, load_model
-    from musicrfm.engine.generation import load_banks, tokens_sha256
-    from musicrfm.server.offline import play_messages
-    from musicrfm.protocol.wire import ProtocolError
-
-    model = load_model(model_name or score.model or DEFAULT_MODEL, device=device, dtype=dtype)
-    if model.frame_rate != score.frame_rate:
-        raise ScoreError(f"the score was compiled for {score.frame_rate} frames/s, the model runs at {model.frame_rate}")
-    # Named banks first (the command line's, then the score's); otherwise a bundled model's own.
-    bank = load_banks(list(banks if banks is not None else score.banks or bundled_banks(model.name)))
-    try:
-        run = play_messages(model, bank, score.messages(), score.frames, progress=progress)
-    except ProtocolError as exc:
-        raise ScoreError(f"{score.path or 'score'}: {exc}") from None
-    return Performance(run.audio, run.sample_rate, score.frames, tokens_sha256(run.codes))
-
-
 class PerformError(RuntimeError):
     pass
 
@@ -57,22 +39,13 @@ class PerformError(RuntimeError):
 async def perform_live(score_path: Path, url: str, *, session: str | None = None, token: str | None = None,
                        timeout: float = 600.0, log=print) -> Performance:
     """Play a score on a server: a fresh stream in `session` (default: a new session of its own)."""
-    from websockets.asyncio.client import connect
-    from websockets.exceptions import ConnectionClosed
-
-    from .listen import normalize_url
-    from musicrfm.protocol.score import load_score
-
     session = session or f"perform-{secrets.token_hex(4)}"
-    ws_url = normalize_url(url, session=session, token=token, encoding="msgpack")
     try:
-        ws = await connect(ws_url, max_size=16 * 1024 * 1024, compression=None)
-    except (OSError, asyncio.TimeoutError) as exc:
-        raise PerformError(f"cannot reach {ws_url}: {exc}") from None
-    async with ws:
-        hello = decode_message(await ws.recv())
-        if hello.get("type") != "hello":
-            raise PerformError(f"expected a hello from the server, got {hello.get('type')!r}")
+        conn = await Connection.open(url, session=session, token=token, encoding="msgpack")
+    except ConnectError as exc:
+        raise PerformError(str(exc)) from None
+    async with conn:
+        hello = conn.hello
         score = load_score(score_path, frame_rate=float(hello["frame_rate"]))
         if score.model and score.model != hello["model"]:
             log(f"note: the score names model {score.model}, the server runs {hello['model']}")
@@ -94,21 +67,21 @@ async def perform_live(score_path: Path, url: str, *, session: str | None = None
                      {"type": "record", "command": "start"},  # armed: records the stream from its first frame
                      {"type": "transport", "command": "play"}]
         for i, message in enumerate(messages):
-            await ws.send(encode_message({**message, "id": f"score-{i}"}, "msgpack"))
+            await conn.send({**message, "id": f"score-{i}"})
         pieces: list[np.ndarray] = []
         recording = None
         expected = 0
         try:
             async with asyncio.timeout(timeout):
-                async for frame in ws:
-                    if is_audio_frame(frame):
-                        header, pcm = unpack_audio(frame)
+                while True:
+                    message = await conn.recv()
+                    if isinstance(message, AudioFrame):
+                        header = message.header
                         if header.first_sample != expected:
                             raise PerformError(f"audio gap: expected sample {expected}, got {header.first_sample}")
                         expected += header.num_samples
-                        pieces.append(pcm)
+                        pieces.append(message.pcm)
                         continue
-                    message = decode_message(frame)
                     if message["type"] == "error":
                         raise PerformError(f"the server refused {message.get('id')}: {message['message']}")
                     if message["type"] == "warning":
@@ -116,8 +89,8 @@ async def perform_live(score_path: Path, url: str, *, session: str | None = None
                     if message["type"] == "recording" and message["status"] == "stopped":
                         recording = message
                         break
-        except ConnectionClosed as exc:
-            raise PerformError(f"the server closed the connection: {exc}") from None
+        except Closed as exc:
+            raise PerformError(f"the server closed the connection: {describe_close(exc.code, exc.reason)}") from None
         except TimeoutError:
             raise PerformError(f"the performance did not finish within {timeout:g} s") from None
     audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
@@ -128,8 +101,7 @@ async def perform_live(score_path: Path, url: str, *, session: str | None = None
 
 
 def write_result(out: Path, perf: Performance, score: Score, mode: str) -> None:
-    from musicrfm.engine.audio import write_wav
-
+    """The performance's WAV and its .json sidecar (the same for both halves; `mode` says which)."""
     write_wav(out, perf.audio, perf.sample_rate)
     sidecar = {"format": "musicrfm.performance", "version": 1, "score": str(score.path), "mode": mode,
                "frames": perf.frames, "seconds": score.seconds, "seed": score.seed,

@@ -1,4 +1,5 @@
-"""EnCodec tokens to audio: one-shot decode, streaming decode of a growing token stream, 16-bit WAV I/O.
+"""EnCodec tokens to audio: one-shot decode, streaming decode of a growing token stream, and the WAV
+names (protocol.wav's, `write_wav` taking tensors too).
 
 Why streaming needs care: MusicGen's codec (encodec_32khz) decodes with non-causal convolutions and an
 LSTM. The convolutions look a few frames ahead, so the last samples of a decode change once more frames
@@ -20,12 +21,14 @@ from __future__ import annotations
 
 import math
 import os
-import wave
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
+
+from musicrfm.protocol.wav import read_wav
+from musicrfm.protocol.wav import write_wav as _write_wav
 
 __all__ = [
     "CodecInfo",
@@ -289,43 +292,7 @@ def seam_discontinuity(audio: torch.Tensor, seams: list[int], reference: torch.T
 
 
 def write_wav(path: str | os.PathLike, audio: torch.Tensor | np.ndarray, sample_rate: int) -> None:
-    """Write mono float audio in [-1, 1] as 16-bit PCM (values outside are clipped)."""
+    """protocol.wav's `write_wav` (mono float in [-1, 1] -> 16-bit PCM), taking a tensor as well."""
     if isinstance(audio, torch.Tensor):
         audio = audio.detach().float().cpu().numpy()
-    audio = np.asarray(audio)
-    if not np.issubdtype(audio.dtype, np.floating):
-        # Integer input is ambiguous (int16 PCM? 0/1?): refuse rather than write silence or full-scale noise.
-        raise ValueError(f"audio must be floating point in [-1, 1], got dtype {audio.dtype}")
-    if audio.ndim != 1:
-        raise ValueError(f"audio must be mono, shape [samples], got {audio.shape}")
-    if not np.isfinite(audio).all():
-        bad = int(np.count_nonzero(~np.isfinite(audio)))
-        raise ValueError(f"audio has {bad} NaN or infinite samples; refusing to write {os.fspath(path)}")
-    if not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
-        raise ValueError(f"sample_rate must be a positive int, got {sample_rate!r}")
-    pcm = np.round(np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2")
-    with wave.open(os.fspath(path), "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(int(sample_rate))
-        f.writeframes(pcm.tobytes())
-
-
-def read_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
-    """Read a 16-bit PCM WAV file as float32 mono in [-1, 1) (channels averaged) and its sample rate."""
-    name = os.fspath(path)
-    try:
-        with wave.open(name, "rb") as f:
-            channels, width, rate, frames = f.getnchannels(), f.getsampwidth(), f.getframerate(), f.getnframes()
-            data = f.readframes(frames)
-    except (wave.Error, EOFError) as exc:  # bad header, not RIFF, compressed formats
-        raise ValueError(f"{name} is not a readable WAV file: {exc}") from exc
-    if width != 2:
-        raise ValueError(f"{name}: only 16-bit PCM WAV is supported, this file has {8 * width}-bit samples")
-    if channels < 1 or rate <= 0:
-        raise ValueError(f"{name}: invalid WAV header ({channels} channels, {rate} Hz)")
-    if len(data) != frames * channels * width:
-        raise ValueError(f"{name}: WAV data is truncated ({len(data)} bytes, header promises "
-                         f"{frames * channels * width})")
-    pcm = np.frombuffer(data, dtype="<i2").reshape(frames, channels)
-    return (pcm.astype(np.float32) / 32768.0).mean(axis=1, dtype=np.float32), rate
+    _write_wav(path, audio, sample_rate)

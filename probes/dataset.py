@@ -6,9 +6,9 @@ write it): both have the same columns, and the clip of a row is `offset_file_pat
 concept has crops (tempos, time signatures) and `synth_file_path` otherwise, as in the original's
 embedding extraction.
 
-The WAV reader and the resampler are plain numpy, because the original files are 44.1 kHz stereo
-32-bit float WAVs (which the stdlib `wave` module cannot read) and because the project must not
-grow a dependency for one polyphase filter.
+The WAV reader (protocol.wav's `decode_wav`) and the resampler are plain numpy, because the original
+files are 44.1 kHz stereo 32-bit float WAVs (which the stdlib `wave` module cannot read) and because
+the project must not grow a dependency for one polyphase filter.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import csv
 import functools
 import math
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -25,11 +24,12 @@ from typing import Mapping
 
 import numpy as np
 
+from musicrfm.protocol.wav import decode_wav
+
 __all__ = [
     "LABEL_COLUMNS",
     "ConceptData",
     "InfoCsvError",
-    "decode_wav",
     "downmix",
     "load_audio",
     "load_concept",
@@ -194,56 +194,6 @@ def load_concept(root: str | os.PathLike, concept: str, *, check_files: bool = T
 
 # --------------------------------------------------------------------------------------------
 # Audio
-
-
-def decode_wav(data: bytes, *, where: str = "WAV data") -> tuple[np.ndarray, int]:
-    """Parse a RIFF/WAVE file: returns (float32 samples [frames, channels] in [-1, 1], rate).
-
-    Handles integer PCM (8, 16, 24, 32 bit), IEEE float (32, 64 bit) and WAVE_FORMAT_EXTENSIBLE.
-    """
-    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
-        raise ValueError(f"{where}: not a RIFF/WAVE file")
-    fmt = None
-    payload = None
-    pos = 12
-    while pos + 8 <= len(data):
-        chunk_id, size = data[pos : pos + 4], struct.unpack_from("<I", data, pos + 4)[0]
-        body = pos + 8
-        if chunk_id == b"fmt ":
-            fmt = data[body : body + size]
-        elif chunk_id == b"data":
-            # 0xFFFFFFFF (or a size past the end) is what streaming writers leave: take the rest,
-            # but only a whole number of frames
-            payload = data[body : body + size] if size != 0xFFFFFFFF else data[body:]
-            break
-        pos = body + size + (size & 1)  # chunks are word-aligned
-    if fmt is None or len(fmt) < 16:
-        raise ValueError(f"{where}: no usable 'fmt ' chunk")
-    if payload is None:
-        raise ValueError(f"{where}: no 'data' chunk")
-    tag, channels, rate, _, block_align, bits = struct.unpack_from("<HHIIHH", fmt)
-    if tag == 0xFFFE and len(fmt) >= 26:  # WAVE_FORMAT_EXTENSIBLE: the real tag opens the GUID
-        tag = struct.unpack_from("<H", fmt, 24)[0]
-    if channels < 1 or rate < 1 or block_align != channels * (bits // 8):
-        raise ValueError(f"{where}: inconsistent format (channels={channels}, rate={rate}, bits={bits})")
-    frames = len(payload) // block_align
-    raw = payload[: frames * block_align]
-    if tag == 1 and bits == 8:
-        samples = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
-    elif tag == 1 and bits == 16:
-        samples = np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
-    elif tag == 1 and bits == 24:
-        triples = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
-        value = triples[:, 0] | (triples[:, 1] << 8) | (triples[:, 2] << 16)
-        value = np.where(value >= 1 << 23, value - (1 << 24), value)
-        samples = value.astype(np.float32) / float(1 << 23)
-    elif tag == 1 and bits == 32:
-        samples = (np.frombuffer(raw, "<i4").astype(np.float64) / 2.0**31).astype(np.float32)
-    elif tag == 3 and bits in (32, 64):
-        samples = np.frombuffer(raw, "<f4" if bits == 32 else "<f8").astype(np.float32)
-    else:
-        raise ValueError(f"{where}: unsupported sample format (format tag {tag}, {bits} bit)")
-    return samples.reshape(frames, channels), rate
 
 
 @functools.lru_cache(maxsize=8)

@@ -40,7 +40,6 @@ import io
 import json
 import os
 import secrets
-import wave
 from bisect import bisect
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -52,7 +51,8 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from musicrfm.probes.dataset import decode_wav, downmix, resample
+from musicrfm.probes.dataset import downmix, resample
+from musicrfm.protocol.wav import decode_wav, encode_wav
 
 __all__ = [
     "CLICK_SETUPS",
@@ -805,13 +805,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def _wav_bytes(pcm: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(SAMPLE_RATE)
-        out.writeframes(pcm.tobytes())
-    return buffer.getvalue()
+    return encode_wav(pcm, SAMPLE_RATE)
 
 
 _WAV_SIZE = len(_wav_bytes(np.zeros(CLIP_SAMPLES, dtype="<i2")))

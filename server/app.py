@@ -16,7 +16,6 @@ import mimetypes
 import secrets
 import signal
 import socket
-import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from importlib.resources import files
@@ -33,6 +32,7 @@ from musicrfm.engine.model import NOISE_WARNING, MusicModel
 
 from musicrfm.protocol.wire import (MAX_MESSAGE_BYTES, PROTOCOL_VERSION, AUDIO_HEADER_BYTES, ProtocolError, decode_message,
                        encode_message, is_loopback, valid_session_name)
+from .limits import TokenBucket
 from .session import Cause, Session, SessionConfig
 from .state import ControlState
 from .stream import Stream
@@ -107,23 +107,6 @@ class Hub:
 
     async def close(self) -> None:
         await asyncio.gather(*(s.close() for s in self.sessions.values()))
-
-
-class _RateLimit:
-    """Token bucket: `rate` messages a second, bursts of `burst`."""
-
-    def __init__(self, rate: float, burst: int):
-        self.rate, self.burst = rate, burst
-        self.tokens, self.stamp = float(burst), time.monotonic()
-
-    def allow(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        return False
 
 
 def _valid_id(value) -> bool:
@@ -257,11 +240,11 @@ class Server:
         client = WebSocketClient(ws, client_id, encoding, int(self.config.send_queue_seconds * rate))
         client.send_message(self.hub.hello(session, client_id))
         session.add_listener(client)
-        limit = _RateLimit(self.config.messages_per_second, self.config.message_burst)
+        limit = TokenBucket(self.config.messages_per_second, self.config.message_burst)
         log.info("client %s joined session %s", client_id, name)
         try:
             async for frame in ws:
-                if not limit.allow():
+                if not limit.take():
                     client.send_message({"type": "error", "id": None,
                                          "message": f"rate limit: at most {self.config.messages_per_second:g} "
                                                     "messages a second; this one was dropped"})

@@ -1,9 +1,14 @@
 """Offline runs of a live stream: a score's messages (`musicrfm perform --out`) or a recording's states
-(`musicrfm replay`) through the same `Stream` a live session uses, as fast as the machine allows."""
+(`musicrfm replay`) through the same `Stream` a live session uses, as fast as the machine allows.
+
+An offline performance is a live one without the sockets: the score's messages go to a stopped `Stream`
+in this process, exactly as `perform --url` sends them to a server's.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,7 +17,8 @@ from tqdm import tqdm
 from musicrfm.engine.bank import DirectionBank
 from musicrfm.engine.model import MusicModel
 
-from musicrfm.protocol.wire import end_step
+from musicrfm.protocol.score import Score, ScoreError
+from musicrfm.protocol.wire import ProtocolError, end_step
 from .state import ControlState
 from .stream import Cause, Stream
 
@@ -54,3 +60,22 @@ def play_messages(model: MusicModel, bank: DirectionBank | None, messages: list[
     for message in messages:
         stream.submit(message, cause)
     return run_stream(stream, frames, chunk_steps=chunk_steps, progress=progress)
+
+
+def perform_score(score: Score, *, model_name: str | None = None, device: str | None = None,
+                  dtype: str | None = None, banks: list[Path] | None = None, progress: bool = True) -> OfflineRun:
+    """A score played here (`musicrfm perform --out` without `--url`): its model (or `model_name`), the
+    named banks (the command line's, then the score's) or a bundled model's own, its messages on a fresh
+    stream until its last frame is complete."""
+    from musicrfm.engine.cli import DEFAULT_MODEL
+    from musicrfm.engine.generation import load_banks
+    from musicrfm.engine.model import bundled_banks, load_model
+
+    model = load_model(model_name or score.model or DEFAULT_MODEL, device=device, dtype=dtype)
+    if model.frame_rate != score.frame_rate:
+        raise ScoreError(f"the score was compiled for {score.frame_rate} frames/s, the model runs at {model.frame_rate}")
+    bank = load_banks(list(banks if banks is not None else score.banks or bundled_banks(model.name)))
+    try:
+        return play_messages(model, bank, score.messages(), score.frames, progress=progress)
+    except ProtocolError as exc:
+        raise ScoreError(f"{score.path or 'score'}: {exc}") from None

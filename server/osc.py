@@ -33,6 +33,7 @@ from pythonosc.osc_message import OscMessage
 from pythonosc.parsing import osc_types
 
 from musicrfm.protocol.wire import MAX_MESSAGE_BYTES, ProtocolError, is_loopback, valid_session_name
+from .limits import RateLimitedLog
 from .stream import Cause
 
 log = logging.getLogger("musicrfm.osc")
@@ -377,31 +378,6 @@ def bundle_packets(messages: list[bytes], limit: int = MAX_REPLY_BYTES) -> list[
     return packets
 
 
-# --- logging ----------------------------------------------------------------------------------------
-
-
-class _RateLimitedLog:
-    """At most `burst` warnings per `window` seconds; the rest are counted and summarised later."""
-
-    def __init__(self, burst: int = 20, window: float = 10.0):
-        self.burst, self.window = burst, window
-        self.start = -math.inf
-        self.count = 0
-        self.suppressed = 0
-
-    def warning(self, text: str, *args: Any, exc_info: bool = False) -> None:
-        now = time.monotonic()
-        if now - self.start >= self.window:
-            if self.suppressed:
-                log.warning("%d more OSC warnings suppressed in the last %.0f s", self.suppressed, self.window)
-            self.start, self.count, self.suppressed = now, 0, 0
-        if self.count < self.burst:
-            self.count += 1
-            log.warning(text, *args, exc_info=exc_info)
-        else:
-            self.suppressed += 1
-
-
 # --- the server -------------------------------------------------------------------------------------
 
 
@@ -445,7 +421,7 @@ class OscServer:
         self._pending: dict[Address, collections.deque] = {}
         self._workers: dict[Address, asyncio.Task] = {}
         self._subscriptions: dict[str, _Subscription] = {}
-        self._log = _RateLimitedLog()
+        self._log = RateLimitedLog(log, "OSC warnings")
         self._error_tokens = 2.0 * ERROR_REPLIES_PER_SECOND
         self._error_time = time.monotonic()
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import wave
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,34 +18,13 @@ import torch
 from musicrfm.engine.model import MusicModel, load_model
 from musicrfm.engine.generation import check_bank_hashes, file_sha256, load_banks, tokens_sha256
 
+from musicrfm.protocol.wav import WavWriter
 from musicrfm.protocol.wire import ProtocolError
 from .state import ControlState
 from .offline import run_stream  # one loop for live, perform and replay
 from .stream import Applied, Cause, Stream
 
 LOG_FORMAT = "musicrfm.session-log"
-
-
-class WavStream:
-    """A mono 16-bit WAV written as audio arrives; the file is valid after every `write`."""
-
-    def __init__(self, path: str | os.PathLike, sample_rate: int):
-        self.path = Path(path)
-        self._file = wave.open(os.fspath(self.path), "wb")
-        self._file.setnchannels(1)
-        self._file.setsampwidth(2)
-        self._file.setframerate(int(sample_rate))
-        self.samples = 0
-
-    def write(self, audio: np.ndarray) -> None:
-        if audio.size:
-            pcm = np.round(np.clip(np.nan_to_num(audio), -1.0, 1.0) * 32767.0).astype("<i2")
-            self._file.writeframes(pcm.tobytes())  # the wave module patches the header's sizes each time
-            self._file._file.flush()
-            self.samples += int(audio.size)
-
-    def close(self) -> None:
-        self._file.close()
 
 
 class Recorder:
@@ -60,7 +38,7 @@ class Recorder:
         self.first_sample = stream.samples_emitted
         self.first_frame = -(-self.first_sample // self.hop)  # ceil: the WAV starts at a frame boundary
         self._skip = self.first_frame * self.hop - self.first_sample  # samples of a partial first frame
-        self.wav = WavStream(self.wav_path, model.sample_rate)
+        self.wav = WavWriter(self.wav_path, model.sample_rate)
         self._log = open(self.log_path, "w", encoding="utf-8")
         gen = stream.generator
         self._line({

@@ -1,22 +1,24 @@
-"""A test client of the live protocol (docs/protocol.md) over a real WebSocket, for tests against the
-`live_server` fixture: a reader thread keeps every control message and every audio frame's header (with
-the time it arrived), so a test can wait for what it expects without losing anything else."""
+"""A blocking test client of the live protocol over a real WebSocket, for tests against the `live_server`
+fixture: `protocol.connection.Connection` on an event loop of its own thread, whose reader keeps every
+control message (decoded, and as it came) and every audio frame's header (with the time it arrived), so
+a test can wait for what it expects without losing anything else."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
-from contextlib import ExitStack
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import msgpack
 import numpy as np
-from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import connect
 
-from musicrfm.protocol.wire import AudioHeader, is_audio_frame, unpack_audio
+from musicrfm.protocol.connection import AudioFrame, Closed, Connection, parse_frame
+from musicrfm.protocol.wire import AudioHeader
 
 
 @dataclass
@@ -27,43 +29,56 @@ class Audio:
 
 
 class LiveClient:
-    def __init__(self, url: str, *, encoding: str = "json", keep_pcm: bool = False, timeout: float = 30.0,
-                 **connect_options: Any):
+    """Joins `url` as it is (no encoding added: the server's default is JSON); `encoding` is how `send`
+    encodes dicts. A refused handshake raises `HandshakeRefused` (with the HTTP status)."""
+
+    def __init__(self, url: str, *, encoding: str = "json", keep_pcm: bool = False, timeout: float = 30.0):
         self.url, self.encoding, self.keep_pcm = url, encoding, keep_pcm
-        self._stack = ExitStack()
-        options = dict(proxy=None, open_timeout=timeout, max_size=None, max_queue=None, compression=None)
-        self.ws = self._stack.enter_context(connect(url, **{**options, **connect_options}))
-        self.messages: list[dict] = []  # control messages, decoded, in arrival order
-        self.control_frames: list[bytes | str] = []  # the same, as they came (text or binary)
-        self.audio_at: list[int] = []  # for each control message, how many audio frames had arrived before it
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, daemon=True, name=f"client {url}")
+        self._loop_thread.start()
+        try:
+            self.connection = self._call(Connection.open(url, encoding=None, open_timeout=timeout,
+                                                         hello_timeout=timeout, max_size=None, max_queue=None))
+        except BaseException:
+            self._stop_loop()
+            raise
+        self.hello = self.connection.hello
+        self.messages: list[dict] = [self.hello]  # control messages, decoded, in arrival order
+        self.control_frames: list[bytes | str] = [self.connection.hello_frame]  # the same, as they came
+        self.audio_at: list[int] = [0]  # for each control message, how many audio frames had arrived before it
         self.audio: list[Audio] = []
-        self.closed: ConnectionClosed | None = None  # how the connection ended, once it has
+        self.closed: Closed | None = None  # how the connection ended, once it has
         self.error: BaseException | None = None  # anything else the reader met (a bad frame)
         self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._read, daemon=True, name=f"client {url}")
-        self._thread.start()
-        self.hello = self.wait(lambda m: m["type"] == "hello", timeout=timeout)
+        self._reader: Future = asyncio.run_coroutine_threadsafe(self._read(), self._loop)
+
+    def _call(self, coroutine, timeout: float | None = None) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop_thread.join(10)
+        if not self._loop_thread.is_alive():
+            self._loop.close()
 
     # --- reading --------------------------------------------------------------------------------------
 
-    def _read(self) -> None:
+    async def _read(self) -> None:
         try:
             while True:
-                frame = self.ws.recv()
+                frame = await self.connection.recv_frame()
                 now = time.monotonic()
-                if is_audio_frame(frame):
-                    header, pcm = unpack_audio(frame)
-                    with self._cond:
-                        self.audio.append(Audio(now, header, pcm if self.keep_pcm else None))
-                        self._cond.notify_all()
-                    continue
-                message = json.loads(frame) if isinstance(frame, str) else msgpack.unpackb(frame, raw=False)
+                item = parse_frame(frame)
                 with self._cond:
-                    self.audio_at.append(len(self.audio))
-                    self.control_frames.append(frame)
-                    self.messages.append(message)
+                    if isinstance(item, AudioFrame):
+                        self.audio.append(Audio(now, item.header, item.pcm if self.keep_pcm else None))
+                    else:
+                        self.audio_at.append(len(self.audio))
+                        self.control_frames.append(frame)
+                        self.messages.append(item)
                     self._cond.notify_all()
-        except ConnectionClosed as exc:
+        except Closed as exc:
             self.closed = exc
         except BaseException as exc:  # noqa: BLE001 - reported by the test that looks at it
             self.error = exc
@@ -73,7 +88,7 @@ class LiveClient:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return not self._reader.done()
 
     def mark(self) -> int:
         """The index the next control message will have (wait(..., since=mark) looks from there)."""
@@ -95,7 +110,7 @@ class LiveClient:
                         return self.messages[i]
                     i += 1
                 left = deadline - time.monotonic()
-                if left <= 0 or not self._thread.is_alive():
+                if left <= 0 or not self.alive:
                     recent = [json.dumps(m)[:200] for m in self.messages[since:][-8:]]
                     raise AssertionError(f"no matching message within {timeout} s (connection: "
                                          f"{self.closed or self.error or 'open'}); the last ones:\n"
@@ -108,26 +123,27 @@ class LiveClient:
         with self._cond:
             while len(self.audio) < since + count:
                 left = deadline - time.monotonic()
-                if left <= 0 or not self._thread.is_alive():
+                if left <= 0 or not self.alive:
                     raise AssertionError(f"{len(self.audio) - since} of {count} audio frames within {timeout} s "
                                          f"(connection: {self.closed or self.error or 'open'})")
                 self._cond.wait(min(left, 0.5))
             return self.audio[since:since + count]
 
-    def wait_closed(self, timeout: float = 30.0) -> ConnectionClosed | None:
-        self._thread.join(timeout)
+    def wait_closed(self, timeout: float = 30.0) -> Closed | None:
+        wait_futures([self._reader], timeout)
         return self.closed
 
     # --- sending --------------------------------------------------------------------------------------
 
     def send(self, message: dict | str | bytes, encoding: str | None = None) -> None:
-        """A dict goes as JSON text (or a msgpack binary frame); str and bytes go as they are."""
+        """A dict goes as JSON text (NaN literals allowed: tests send what a careless client would) or a
+        msgpack binary frame; str and bytes go as they are. Closed if the connection has ended."""
         if isinstance(message, dict):
             if (encoding or self.encoding) == "msgpack":
                 message = msgpack.packb(message, use_bin_type=True)
             else:
                 message = json.dumps(message)
-        self.ws.send(message)
+        self._call(self.connection.send_frame(message), 30)
 
     def request(self, message: dict, *, timeout: float = 20.0) -> dict:
         """Send a message with an id and wait for the `state` or `error` that echoes the id."""
@@ -144,10 +160,11 @@ class LiveClient:
 
     def close(self) -> None:
         try:
-            self._stack.close()
+            self._call(self.connection.close(), 30)
         except Exception:  # noqa: BLE001 - the server may have closed first
             pass
-        self._thread.join(10)
+        wait_futures([self._reader], 10)
+        self._stop_loop()
 
     def __enter__(self) -> "LiveClient":
         return self

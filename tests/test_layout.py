@@ -83,7 +83,8 @@ def test_installed_namespace_only(tmp_path):
 
 
 def test_protocol_and_client_commands_need_no_torch(tmp_path):
-    code = ("import sys, musicrfm.protocol.wire, musicrfm.protocol.score, musicrfm.main\n"
+    code = ("import sys, musicrfm.protocol.wire, musicrfm.protocol.score, musicrfm.protocol.connection\n"
+            "import musicrfm.protocol.wav, musicrfm.clients.listen, musicrfm.clients.perform, musicrfm.main\n"
             "from musicrfm.main import build_parser; build_parser()\n"
             "print(sorted(m for m in ('torch', 'transformers', 'numpy.fft') if m in sys.modules))")
     r = _run(code, tmp_path)

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from musicrfm.clients.listen import (AudioUnavailable, FakeOutput, JitterBuffer, LinearResampler, Listener, _Console,
-                            _import_sounddevice, normalize_url)
+from musicrfm.clients.listen import (AudioUnavailable, FakeOutput, JitterBuffer, LinearResampler, SpeakerClient,
+                                     _Console, _import_sounddevice)
+from musicrfm.protocol.connection import normalize_url
 from musicrfm.protocol.wire import AudioHeader, decode_message, encode_message, pack_audio
 
 CLI = [shutil.which("musicrfm")] if shutil.which("musicrfm") else [sys.executable, "-m", "musicrfm"]
@@ -343,7 +344,7 @@ def run_scripted(server, **listener_kwargs):
     async def main():
         async with serve(server.handler, "127.0.0.1", 0) as srv:
             port = srv.sockets[0].getsockname()[1]
-            listener = Listener(f"127.0.0.1:{port}", session="t", **listener_kwargs)
+            listener = SpeakerClient(f"127.0.0.1:{port}", session="t", **listener_kwargs)
             if stop_after is not None:
                 asyncio.get_running_loop().call_later(stop_after, listener.stop, "interrupted")
             result = await listener.run()
@@ -423,7 +424,7 @@ def test_refused_handshake_and_early_close_are_clear_errors():
         async with serve(close_at_once, "127.0.0.1", 0, **kwargs) as srv:
             port = srv.sockets[0].getsockname()[1]
             console, _, _ = quiet_console()
-            await Listener(f"127.0.0.1:{port}", FakeOutput(keep=False), console=console).run()
+            await SpeakerClient(f"127.0.0.1:{port}", FakeOutput(keep=False), console=console).run()
 
     with pytest.raises(ListenError, match="HTTP 403.*--token"):
         asyncio.run(attempt(process_request=forbid))
@@ -456,7 +457,7 @@ def interior_silence(played):
 def test_listen_to_the_live_server(live_server, tmp_path):
     fake = FakeOutput(blocksize=512)
     console, out, err = quiet_console()
-    listener = Listener(live_server.ws_url("listen-fake"), fake, play=True, seconds=2.0, keep_audio=True,
+    listener = SpeakerClient(live_server.ws_url("listen-fake"), fake, play=True, seconds=2.0, keep_audio=True,
                         out=tmp_path / "heard.wav", console=console)
     result = asyncio.run(listener.run())
     assert result.clean and result.closed_by == "client" and result.close_code == 1000, "".join(err.text)
@@ -517,7 +518,7 @@ pcm.musicrfm_null {{
 
 NULL_DEVICE_RUN = """\
 import asyncio, json, sys
-from musicrfm.clients.listen import AudioUnavailable, Listener, SoundDeviceOutput, _Console, _import_sounddevice
+from musicrfm.clients.listen import AudioUnavailable, SpeakerClient, SoundDeviceOutput, _Console, _import_sounddevice
 try:
     sd = _import_sounddevice()
 except AudioUnavailable as exc:
@@ -526,7 +527,7 @@ names = [d["name"] for d in sd.query_devices()]
 if "musicrfm_null" not in names:
     print(json.dumps({"skip": f"PortAudio does not list the ALSA pcm musicrfm_null (it lists {names})"})); sys.exit(0)
 out = SoundDeviceOutput("musicrfm_null", rate=48000)
-r = asyncio.run(Listener(sys.argv[1], out, play=True, seconds=2.0, console=_Console(status=False)).run())
+r = asyncio.run(SpeakerClient(sys.argv[1], out, play=True, seconds=2.0, console=_Console(status=False)).run())
 print(json.dumps({"clean": r.clean, "code": r.close_code, "rate": r.output_rate, "seconds": r.stream_seconds,
                   "played": r.stats.played_samples, "gaps": r.stats.gaps, "callbacks": out.callbacks,
                   "frames": out.frames, "nonzero_frames": out.nonzero_frames, "device": out.describe()}))

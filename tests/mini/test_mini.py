@@ -104,15 +104,15 @@ def test_default_model_generates_and_steers_out_of_the_box(tmp_path):
 
 
 def test_default_server_offers_the_bundled_knobs(tmp_path):
-    from websockets.asyncio.client import connect
+    from musicrfm.protocol.connection import Connection
 
     server = start_server(None, tmp_path, model=None)
     try:
         assert any("banks:" in line and "notes.safetensors" in line for line in server.output)
 
         async def hello():
-            async with connect(server.ws_url()) as ws:
-                return json.loads(await ws.recv())
+            async with await Connection.open(server.ws_url()) as conn:
+                return conn.hello
 
         message = asyncio.run(hello())
         assert message["model"] == "musicgen-mini" and message["random_weights"] is False

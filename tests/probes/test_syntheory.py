@@ -21,7 +21,8 @@ import pytest
 
 from musicrfm.probes import syntheory as st
 from musicrfm.evaluation.audio_checks import beat_period, fft_chroma
-from musicrfm.probes.dataset import LABEL_COLUMNS, InfoCsvError, decode_wav, load_audio, load_concept, resample
+from musicrfm.probes.dataset import LABEL_COLUMNS, InfoCsvError, load_audio, load_concept, resample
+from musicrfm.protocol.wav import decode_wav
 
 needs_soundfont = pytest.mark.skipif(
     not Path(st.DEFAULT_SOUNDFONT).is_file(),

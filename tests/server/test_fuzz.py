@@ -296,7 +296,7 @@ def run_attacker(server, attacker: Attacker, stop_at: float) -> None:
             client.wait_closed(10)
             attacker.errors += [m for m in client.messages if m["type"] == "error"]
             attacker.frame_kinds |= {type(f) for f in client.control_frames}
-            attacker.closes.append(client.closed.rcvd.code if client.closed and client.closed.rcvd else None)
+            attacker.closes.append(client.closed.code if client.closed and client.closed.code != 1006 else None)
             client.close()
         client = LiveClient(server.ws_url(attacker.session, encoding=attacker.encoding))
         return client

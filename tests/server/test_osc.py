@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import json
 import logging
 import math
 import socket
@@ -28,6 +27,8 @@ from pythonosc.udp_client import SimpleUDPClient
 
 from musicrfm.server.osc import MAX_BUNDLE_DEPTH, OscServer, float32_decimal, key_from_osc, key_to_osc, parse_packet
 from musicrfm.protocol.wire import ProtocolError
+
+from live_client import LiveClient
 
 KEYS = ["notes:C", "notes:C#", "notes:G", "chords:major", "chords:C#maj", "weird:Es", "weird:E#", "tempos:faster"]
 COEFFICIENT_MAX = 2.0
@@ -603,28 +604,17 @@ def test_live_server_osc_changes_what_websocket_clients_see(live_server):
     """`musicrfm serve` (tiny-random model, a bank with notes:C and notes:G): an OSC packet changes the
     state that a WebSocket client of the session sees, and the OSC sender gets the echo bundle; a change
     made over the WebSocket is echoed to the OSC sender too."""
-    from websockets.sync.client import connect
-
     def coefficient(msg: dict, key: str):
         return ((msg.get("state") or {}).get("directions") or {}).get(key, {}).get("coefficient")
 
-    deadline = time.monotonic() + 60
-
-    def next_message(ws) -> dict:
-        while True:
-            frame = ws.recv(timeout=max(deadline - time.monotonic(), 0.01))
-            if isinstance(frame, str):  # binary frames are audio
-                return json.loads(frame)
-
-    with connect(live_server.ws_url("main"), open_timeout=30) as ws:
-        assert next_message(ws)["type"] == "hello"
+    with LiveClient(live_server.ws_url("main")) as ws:
+        assert ws.hello["type"] == "hello"
+        mark = ws.mark()
         osc_client = Client(live_server.osc_port)
         osc_client.send("/musicrfm/main/direction/notes:C/coefficient", ("f", 0.4))
-        while True:
-            msg = next_message(ws)
-            assert msg["type"] != "error", msg
-            if msg["type"] == "state" and coefficient(msg, "notes:C") == 0.4:
-                break
+        msg = ws.wait(lambda m: m["type"] == "error" or (m["type"] == "state" and coefficient(m, "notes:C") == 0.4),
+                      since=mark, timeout=60)
+        assert msg["type"] != "error", msg
         assert msg["cause"]["via"] == "osc" and msg["cause"]["client_id"] == osc_client.id
         echo = dict(osc_client.until(lambda ms: ms[0][0] == "/musicrfm/main/version", timeout=30))
         assert echo["/musicrfm/main/version"] == [msg["version"]]
@@ -634,7 +624,7 @@ def test_live_server_osc_changes_what_websocket_clients_see(live_server):
         assert echo["/musicrfm/main/direction/notes:C/knob"] == [pytest.approx(0.2)]  # coefficient_max 2
         assert echo["/musicrfm/main/direction/notes:C/active"] == [1]
 
-        ws.send(json.dumps({"type": "set", "directions": {"notes:G": {"coefficient": 0.25}}}))
+        ws.send({"type": "set", "directions": {"notes:G": {"coefficient": 0.25}}})
         echo = dict(osc_client.until(lambda ms: ("/musicrfm/main/direction/notes:G/coefficient", [0.25]) in ms,
                                      timeout=30))
         assert echo["/musicrfm/main/direction/notes:C/coefficient"] == [pytest.approx(0.4)]

@@ -17,12 +17,12 @@ import time
 import numpy as np
 import pytest
 from websockets.client import ClientProtocol
-from websockets.exceptions import InvalidStatus
 from websockets.frames import Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
 from musicrfm.engine.audio import read_wav
+from musicrfm.protocol.connection import HandshakeRefused
 from musicrfm.protocol.wire import AUDIO_MAGIC, MAX_MESSAGE_BYTES, is_audio_frame
 from musicrfm.server.recording import read_log
 
@@ -463,8 +463,8 @@ def ws_status(url: str) -> int | None:
     try:
         with LiveClient(url, timeout=10):
             return None
-    except InvalidStatus as exc:
-        return exc.response.status_code
+    except HandshakeRefused as exc:
+        return exc.status
 
 
 def test_binding_beyond_loopback_needs_a_token(test_bank_path, tmp_path):
@@ -509,7 +509,7 @@ def test_sigint_closes_clients_with_1001_and_finishes_the_recording(test_bank_pa
             c.wait_audio(15)
             server.process.send_signal(signal.SIGINT)
             closed = c.wait_closed(30)
-            assert closed is not None and closed.rcvd is not None and closed.rcvd.code == 1001, closed
+            assert closed is not None and closed.code == 1001, closed
         assert server.process.wait(30) == 0
     finally:
         if server.process.poll() is None:
