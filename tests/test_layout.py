@@ -4,6 +4,7 @@ protocol, and a wheel that installs nothing but `musicrfm` (docs/architecture.md
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -123,8 +124,13 @@ def test_expected_errors_cover_every_package_error():
 def test_regular_wheel_layout(tmp_path):
     """A regular (non-editable) install: the wheel holds musicrfm/... only, with the page, the example
     scores and the bundled model as package data."""
+    # Built from a copy: setuptools builds in the source tree (build/), and a build/ left there by an
+    # earlier run would put modules deleted since into the wheel.
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__",
+                                                               ".pytest_cache", ".venv", "tests", "docs", "bench"))
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
-                        str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=600)
+                        str(tmp_path), str(source)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     (wheel,) = tmp_path.glob("musicrfm-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
