@@ -36,6 +36,7 @@ __all__ = [
 ]
 
 NOISE_WARNING = "random weights: this audio is noise, not music"
+NOISE_PROGRESS = " (noise: random weights)"  # after a progress bar's label: generating, performing
 
 
 class ModelLoadError(RuntimeError):
@@ -56,6 +57,10 @@ class ModelFingerprint:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelFingerprint":
         return cls(str(d["architecture"]), int(d["num_layers"]), int(d["hidden_size"]))
+
+    def progress_label(self, what: str) -> str:
+        """A progress bar's label: `what`, marked as noise when the weights are random."""
+        return what + NOISE_PROGRESS if self.is_random else what
 
     def describe(self) -> str:
         return f"{self.architecture} with {self.num_layers} layers x hidden size {self.hidden_size}"
@@ -112,6 +117,10 @@ class MusicModel:
     @property
     def fingerprint(self) -> ModelFingerprint:
         return ModelFingerprint("musicgen", self.num_layers, self.hidden_size)
+
+    def progress_label(self, what: str) -> str:
+        """A progress bar's label: `what`, marked as noise when the weights are random."""
+        return what + NOISE_PROGRESS if self.is_random else what
 
     def describe(self) -> str:
         text = f"{self.name} ({self.fingerprint.describe()}, {self.device.type}, {str(self.dtype).replace('torch.', '')})"

@@ -36,7 +36,7 @@ def test_patch_merges_and_round_trips():
                         "sampling": {"temperature": 0.5}}, step=0, known_keys=KEYS)
     assert s.directions["notes:C"].coefficient == 0.5 and s.directions["notes:C"].active is False
     assert s.directions["notes:G"].coefficient == -1.0
-    assert (s.sampling.top_k, s.sampling.temperature, s.gate_p, s.layers.mode, s.layers.k) == (10, 0.5, 0.3, "topk", 2)
+    assert (s.sampling.top_k, s.sampling.temperature, s.steering.gate_p, s.steering.layers.mode, s.steering.layers.k) == (10, 0.5, 0.3, "topk", 2)
     assert ControlState.from_dict(s.to_dict(), KEYS) == s
     removed = apply_patch(s, {"directions": {"notes:C": None}}, step=0, known_keys=KEYS)
     assert list(removed.directions) == ["notes:G"]
@@ -44,14 +44,14 @@ def test_patch_merges_and_round_trips():
 
 @pytest.mark.parametrize("patch, message", [
     ({"directions": {"notes:H": {"coefficient": 1}}}, "unknown direction 'notes:H'"),
-    ({"directions": {"notes:C": {"coefficient": float("nan")}}}, "finite number"),
-    ({"directions": {"notes:C": {"coefficient": float("inf")}}}, "finite number"),
+    ({"directions": {"notes:C": {"coefficient": float("nan")}}}, "must be finite"),
+    ({"directions": {"notes:C": {"coefficient": float("inf")}}}, "must be finite"),
     ({"directions": {"notes:C": {"schedule": {"kind": "sine"}}}}, "needs a 'coefficient'"),
     ({"directions": {"notes:C": None}}, "cannot remove"),
     ({"directions": {"notes:C": {"coefficient": 1, "gain": 2}}}, "unknown field 'gain'"),
     ({"directions": {"notes:C": {"coefficient": 1, "active": "yes"}}}, "true or false"),
     ({"directions": {"notes:C": {"coefficient": 1, "schedule": {"kind": "wobble"}}}}, "wobble"),
-    ({"gate": {"p": 1.5}}, "gate p must be in"),
+    ({"gate": {"p": 1.5}}, "gate_p is a probability in"),
     ({"gate": 0.3}, "gate must be an object"),
     ({"layers": "topk:k=-1"}, "layers"),
     ({"sampling": {"temperature": 0}}, "temperature"),
