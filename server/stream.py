@@ -8,21 +8,23 @@ played live and offline, or a recording and its replay, give the same tokens.
 
 A knob's path to the residual stream, in 6 hops:
 
-1. a WebSocket `set` (server/app.py -> `decode_message`: JSON/msgpack, every number finite) or an OSC
-   message (server/osc.py `translate`: its address and typed arguments -> the same `set` message)
+1. a WebSocket `set` (server/app.py -> `decode_message`: JSON / msgpack, every number finite) or an OSC
+   message (server/osc.py `translate`: address and typed arguments -> the same `set` message);
 2. `Session.handle` -> `Stream.submit`: `parse_change` reads the envelope (type, at_step);
-3. `Stream._checked`, once, at the step the change will apply at, on the state it will meet (the queue's
-   last change, or the current state): `state.apply_patch` checks the message's shape and the protocol's
-   bounds, while each value is checked by the engine type that holds it (`DirectionControl`, `Schedule`,
-   `LayerWeighting`, `SteeringSpec`, `SamplingConfig`: field checks in `protocol.fields`); the new state's
-   `SteeringPlan` is compiled on the CPU (or re-used from the state before, when only coefficients,
-   schedules, the gate, rows or rule changed). The change carries both.
-4. at its step, `Stream._apply` installs the carried state and moves the carried plan to the model's
-   device: `Generator.plan`. (A change that meets another state or step than the one it was checked
-   against, because a change came out of step order or a stop restarted the step count, is checked again
-   there, against what it meets.)
+3. `Stream._checked`, once, for the step the change will apply at and on the state it will meet there (the
+   state the change queued before it makes, or the current one): `state.apply_patch` checks the message's
+   shape and the protocol's bounds, and each value is checked by the engine type that holds it
+   (`DirectionControl`, `Schedule`, `LayerWeighting`, `SteeringSpec`, `SamplingConfig`; the checks
+   themselves are `protocol.fields`); the new state's `SteeringPlan` is compiled on the CPU, or re-used
+   when only coefficients, schedules, the gate, rows or rule changed. The `Change` carries both;
+4. at its step, `Stream._apply` installs the carried state and the carried plan, moved to the model's
+   device, as `Generator.plan`;
 5. `Generator.advance` asks the plan for the step's steering: `plan.at(steps)` -> `StepSteering`;
-6. `MusicgenDecoder.forward` adds `StepSteering.vector(layer)` at every layer, by its rule, rows and site.
+6. `MusicgenDecoder.forward` adds `StepSteering.vector(layer)` at each layer, by its rule, rows and site.
+
+A change that comes out of step order is checked where it goes in the queue, and the changes after it are
+checked again on it. A change that meets another state or step than the one it was checked for (a stop
+restarts the step count; another change applied first) is checked again when it applies, on what it meets.
 """
 
 from __future__ import annotations
