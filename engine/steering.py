@@ -51,7 +51,6 @@ __all__ = [
     "LAYER_MODES",
     "ROWS",
     "RULES",
-    "INJECTION_POINTS",
 ]
 
 ROWS = ("both", "cond")  # guidance rows steered: both (paper) or the conditional row only
@@ -643,10 +642,6 @@ class SteeringPlan:
         layer weighting, same site."""
         return (spec.site == self.spec.site and spec.layers == self.spec.layers
                 and [c.key for c in spec.controls] == [c.key for c in self.spec.controls])
-
-    def to(self, device: torch.device | str, dtype: torch.dtype) -> "SteeringPlan":
-        """The same plan with its weighted directions on `device` in `dtype`."""
-        return replace(self, weighted=self.weighted.to(device=device, dtype=dtype))
 
     def _coefficient_values(self, step: int) -> list[float]:
         spec = self.spec
