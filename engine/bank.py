@@ -33,6 +33,9 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from musicrfm.protocol import fields
+
+from .decoder import INJECTION_POINTS
 from .model import ModelFingerprint
 
 __all__ = [
@@ -51,7 +54,6 @@ __all__ = [
 FORMAT = "musicrfm.direction-bank"
 VERSION = 1
 POOLINGS = ("mean", "last")
-INJECTION_POINTS = ("residual", "attention")  # must match engine.decoder.INJECTION_POINTS
 UNIT_TOLERANCE = 1e-3
 _METADATA_KEY = "musicrfm"
 
@@ -246,11 +248,8 @@ class DirectionBank:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise BankFormatError(f"{name} must be a non-empty string, got {value!r}")
-        if self.pooling not in POOLINGS:
-            raise BankFormatError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
-        if self.injection_point not in INJECTION_POINTS:
-            raise BankFormatError(f"injection_point must be one of {', '.join(INJECTION_POINTS)}, "
-                                  f"got {self.injection_point!r}")
+        fields.choice("pooling", self.pooling, POOLINGS, error=BankFormatError)
+        fields.choice("injection_point", self.injection_point, INJECTION_POINTS, error=BankFormatError)
         if not isinstance(self.metadata, dict):
             raise BankFormatError(f"metadata must be a dict, got {type(self.metadata).__name__}")
         try:

@@ -10,7 +10,8 @@ checks that greedy decoding gives the tokens `generate` gives.
 Batch layout under classifier-free guidance: rows [0, B) are conditional, rows [B, 2B) unconditional
 (zero text states, as transformers and audiocraft do).
 
-INJECTION POINTS (the one definition; probes/ reads features at "residual"):
+INJECTION POINTS (`INJECTION_POINTS`, the one definition: banks and steering specs import it; probes/ reads
+features at "residual"):
 - "residual":  the residual stream at the output of decoder block l (after its feed-forward residual
                add, before the next block; for the last block, before the final LayerNorm).
 - "attention": the output of block l's self-attention (after out_proj, before the residual add).
@@ -29,6 +30,13 @@ from .model import MusicModel
 INJECTION_POINTS = ("residual", "attention")
 
 
+def frame_at(position: int | torch.Tensor, codebook: int | torch.Tensor) -> int | torch.Tensor:
+    """MusicGen's delay pattern: position p carries codebook k of frame p - k - 1 (the BOS/pad id where that
+    is negative). For ints, or tensors that broadcast. protocol.wire.end_step is the same relation seen from
+    the client: the step at which a stream's last frame is complete."""
+    return position - codebook - 1
+
+
 def delayed_inputs(codes: torch.Tensor, first: int, last: int, pad_id: int, window_start: int = 0,
                    end: int | None = None) -> torch.Tensor:
     """The decoder's input tokens for positions first..last under MusicGen's delay pattern.
@@ -39,7 +47,7 @@ def delayed_inputs(codes: torch.Tensor, first: int, last: int, pad_id: int, wind
     b, k, _ = codes.shape
     dev = codes.device
     pos = torch.arange(first, last + 1, device=dev)
-    frame = pos[None, :] - torch.arange(k, device=dev)[:, None] - 1  # [K, T]
+    frame = frame_at(pos[None, :], torch.arange(k, device=dev)[:, None])  # [K, T]
     valid = frame >= window_start
     if end is not None:
         valid &= frame < end

@@ -92,7 +92,7 @@ def generate(
     stream = StreamingDecoder(model.hf.audio_encoder)
     pieces = []
     with tqdm(total=gen.steps_for_frames(frames), unit="step", disable=not progress,
-              desc="generating" + (" (noise: random weights)" if model.is_random else "")) as bar:
+              desc=model.progress_label("generating")) as bar:
         while not gen.finished:
             chunk = gen.chunk(chunk_steps)
             bar.update(chunk.steps[1] - chunk.steps[0])

@@ -1,8 +1,9 @@
 """The decode loop: one MusicGen step at a time, steered, paused between steps, endless if asked.
 
 Positions and steps. MusicGen predicts K codebooks per position with the delay pattern: position p
-carries codebook k of frame p - k - 1 (BOS where that is negative), so frame f is complete once
-position f + K has been predicted. Generation step s feeds position s and predicts position s + 1, in
+carries codebook k of frame `decoder.frame_at(p, k)` = p - k - 1 (BOS where that is negative), so frame f
+is complete once position f + K has been predicted (`protocol.wire.end_step`: the step a stream of F frames
+ends at). Generation step s feeds position s and predicts position s + 1, in
 one global count that never resets: it is the clock of steering schedules and gates (50 steps = 1 s),
 and it is what `Chunk.steps` reports.
 
@@ -12,8 +13,8 @@ pass with the last `keep_steps` positions (same global positions, same tokens, B
 whose frames fall before the new window), and generation goes on from the same step. No token is
 dropped or regenerated, so the audio has no gap; the new window simply sees less of the past.
 
-Steering. Each step reads `self.plan` once (the server swaps it between steps) and adds the plan's
-per-layer vectors for that step. A re-prompt refill is steered with the coefficients of the steps at
+Steering. Each step reads `self.plan` once (the server swaps it between steps) and hands the decoder
+`plan.at(steps)`: the plan's per-layer vectors for that step. A re-prompt refill is steered with the coefficients of the steps at
 which those positions were first generated, under the plan current at the time of the refill.
 """
 
@@ -23,10 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .decoder import MusicgenDecoder, delayed_inputs
+from musicrfm.protocol.wire import end_step
+
+from .decoder import MusicgenDecoder, delayed_inputs, frame_at
 from .model import MusicModel
 from .sampling import SamplingConfig, guided_logits, sample_tokens
-from .steering import SteeringPlan, apply_steering
+from .steering import SteeringPlan
 
 
 @dataclass(frozen=True)
@@ -40,29 +43,6 @@ class Chunk:
     @property
     def num_frames(self) -> int:
         return int(self.codes.shape[1])
-
-
-class _StepSteering:
-    """Adapts a SteeringPlan to what the decoder's forward pass asks for, for one or more steps."""
-
-    def __init__(self, plan: SteeringPlan, coeffs: torch.Tensor):
-        self.site, self.rows, self.rule = plan.spec.site, plan.spec.rows, plan.spec.rule
-        self._weighted = plan.weighted  # [M, L, d]
-        coeffs = coeffs.to(self._weighted)  # [T, M]
-        if coeffs.shape[0] == 1:  # one step: the [L, d] vectors once, then a row per layer
-            self._per_layer = torch.einsum("m,mld->ld", coeffs[0], self._weighted)
-            self._coeffs = None
-        else:  # a re-prompt refill: each position gets the coefficients of its own step
-            self._per_layer = None
-            self._coeffs = coeffs
-
-    def vector(self, layer: int) -> torch.Tensor:
-        if self._per_layer is not None:
-            return self._per_layer[layer]
-        return self._coeffs @ self._weighted[:, layer]  # [T, d]
-
-    def apply(self, h: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return apply_steering(h, v, self.rule)
 
 
 class Generator:
@@ -188,18 +168,14 @@ class Generator:
             self._reprompt()
         first = self._offset + self.decoder.length
         plan = self.plan  # read once: a swap by another thread applies from the next step
-        steering = None
-        if plan is not None and plan.spec.controls:
-            coeffs = plan.coefficients_for_steps(range(first, self.step + 1))
-            if coeffs.any():  # gate closed or everything faded out: skip the work entirely
-                steering = _StepSteering(plan, coeffs)
+        steering = plan.at(range(first, self.step + 1)) if plan is not None else None  # None: nothing to add
         logits = self.decoder.forward(self._inputs(first, self.step), steering)
         tokens = sample_tokens(guided_logits(logits, self.sampling, 1), self.sampling, self.rng)[0]  # [K]
 
         predicted = self.step + 1
         self._ensure_capacity(predicted)
         for k in range(self.num_codebooks):
-            frame = predicted - k - 1
+            frame = frame_at(predicted, k)
             if frame < self._known[k] or (self.total_frames is not None and frame >= self.total_frames):
                 continue  # before the first frame (BOS), given by the prompt, or past the end (padding)
             self._codes[k, frame] = tokens[k]
@@ -222,4 +198,4 @@ class Generator:
 
     def steps_for_frames(self, frames: int) -> int:
         """Steps still needed until `frames` frames are complete."""
-        return max(0, frames + self.num_codebooks - 1 - self.step)
+        return max(0, end_step(frames, self.num_codebooks) - self.step)

@@ -118,6 +118,10 @@ class MusicModel:
     def fingerprint(self) -> ModelFingerprint:
         return ModelFingerprint("musicgen", self.num_layers, self.hidden_size)
 
+    def progress_label(self, what: str) -> str:
+        """A progress bar's label: `what`, marked as noise when the weights are random."""
+        return f"{what} ({NOISE_LABEL})" if self.is_random else what
+
     def describe(self) -> str:
         text = f"{self.name} ({self.fingerprint.describe()}, {self.device.type}, {str(self.dtype).replace('torch.', '')})"
         return f"{text} [{NOISE_WARNING}]" if self.is_random else text

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
+
+from musicrfm.protocol import fields
 
 
 @dataclass(frozen=True)
@@ -20,17 +21,16 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         for name in ("guidance_scale", "temperature", "top_p"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"sampling {name} must be a finite number, got {value!r}")
+            object.__setattr__(self, name, fields.number(f"sampling {name}", getattr(self, name)))
+        if not isinstance(self.greedy, bool):
+            raise ValueError(f"sampling greedy must be true or false, got {self.greedy!r}")
         if self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+            raise ValueError(f"sampling guidance_scale must be >= 0, got {self.guidance_scale}")
         if self.temperature <= 0 and not self.greedy:
-            raise ValueError(f"temperature must be > 0 (or use greedy), got {self.temperature}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+            raise ValueError(f"sampling temperature must be > 0 (or use greedy), got {self.temperature}")
+        fields.whole("sampling top_k", self.top_k, 0)
         if not 0.0 <= self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in [0, 1] (0 = off), got {self.top_p}")
+            raise ValueError(f"sampling top_p must be in [0, 1] (0 = off), got {self.top_p}")
 
     @property
     def uses_guidance(self) -> bool:

@@ -16,7 +16,8 @@ pure function of (seed, step), one per step, so a render is reproducible from it
 change of controls never reshuffles the gate sequence.
 
 `SteeringSpec` is the user-facing, JSON-able description; `SteeringPlan.compile` resolves it against a
-bank into tensors once, after which each step costs a few float multiplies and one small einsum.
+bank into tensors once, after which each step costs a few float multiplies and one small einsum:
+`plan.at(steps)` is the `StepSteering` the decoder applies at every layer.
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ from __future__ import annotations
 import bisect
 import difflib
 import math
-import numbers
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Sequence
 
 import torch
 
+from musicrfm.protocol import fields as checks
+
 from .bank import DirectionBank
+from .decoder import INJECTION_POINTS
 from .model import ModelFingerprint
 
 __all__ = [
@@ -42,18 +45,16 @@ __all__ = [
     "crossfade",
     "gate_open",
     "gate_uniform",
-    "steering_vectors",
+    "StepSteering",
     "apply_steering",
     "SCHEDULE_KINDS",
     "LAYER_MODES",
     "ROWS",
     "RULES",
-    "SITES",
 ]
 
 ROWS = ("both", "cond")  # guidance rows steered: both (paper) or the conditional row only
 RULES = ("add", "norm")  # h + v (paper), or the norm-preserving update of the activation-steering paper
-SITES = ("residual", "attention")  # must match engine.decoder.INJECTION_POINTS
 
 # Parameters each schedule kind reads; any other parameter must stay at its default, so that
 # to_dict()/str() (which write only these) describe the schedule completely.
@@ -87,29 +88,15 @@ _LAYER_FIELD = {"weights": "layer_weights"}
 
 
 def _number(owner: str, name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{owner}: {name} must be a number, got {value!r}")
-    try:
-        value = float(value)
-    except OverflowError:  # an integer beyond float range (10**400)
-        raise ValueError(f"{owner}: {name} must be finite, got an integer of {len(str(value))} digits") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{owner}: {name} must be finite, got {value!r}")
-    return value
+    return checks.number(f"{owner}: {name}", value)
 
 
 def _whole(owner: str, name: str, value: Any) -> int:
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return int(value)
-    if isinstance(value, float) and value.is_integer():  # JSON writers may turn 1500 into 1500.0
-        return int(value)
-    raise ValueError(f"{owner}: {name} must be a whole number, got {value!r}")
+    return checks.whole(f"{owner}: {name}", value, integral_floats=True)  # JSON writers may turn 1500 into 1500.0
 
 
 def _choice(owner: str, name: str, value: Any, options: Sequence[str]) -> str:
-    if value not in options:
-        raise ValueError(f"{owner}: {name} must be one of {', '.join(options)}, got {value!r}")
-    return value
+    return checks.choice(f"{owner}: {name}", value, options)
 
 
 def _unknown_name(what: str, name: str, options: Sequence[str]) -> ValueError:
@@ -540,7 +527,7 @@ class SteeringSpec:
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"steering: gate_p is a probability in [0, 1], got {p}")
         _set(self, "gate_p", p)
-        seed = _whole("steering", "gate_seed", self.gate_seed)
+        seed = checks.whole("steering: gate_seed", self.gate_seed)  # a seed is an integer: 3.0 is refused
         if not 0 <= seed < 2**64:
             raise ValueError(f"steering: gate_seed must be in [0, 2**64), got {seed}")
         _set(self, "gate_seed", seed)
@@ -548,7 +535,7 @@ class SteeringSpec:
             raise ValueError(f"steering: layers must be a LayerWeighting, got {type(self.layers).__name__}")
         _choice("steering", "rows", self.rows, ROWS)
         _choice("steering", "rule", self.rule, RULES)
-        _choice("steering", "site", self.site, SITES)
+        _choice("steering", "site", self.site, INJECTION_POINTS)
 
     def to_dict(self) -> dict:
         return {"controls": [c.to_dict() for c in self.controls], "gate_p": self.gate_p,
@@ -609,7 +596,9 @@ def gate_open(seed: int, step: int, p: float) -> bool:
 
 @dataclass(frozen=True, eq=False)
 class SteeringPlan:
-    """A SteeringSpec resolved against a bank: `weighted[m, l] = w_{l,m} q_{l,m}`, on the model's device."""
+    """A SteeringSpec resolved against a bank: `weighted[m, l] = w_{l,m} q_{l,m}`, on the model's device.
+
+    `at(steps)` hands the decoder what to add while it feeds those steps' positions."""
 
     spec: SteeringSpec
     weighted: torch.Tensor  # [M, L, d], M = len(spec.controls)
@@ -618,14 +607,19 @@ class SteeringPlan:
 
     @classmethod
     def compile(cls, spec: SteeringSpec, bank: DirectionBank | None, fingerprint: ModelFingerprint, *,
-                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "SteeringPlan":
+                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                reuse: "SteeringPlan | None" = None) -> "SteeringPlan":
         """Check the bank against the model, resolve every key, precompute the weighted directions.
-        A spec without controls needs no bank."""
+        A spec without controls needs no bank. `reuse`: a plan compiled from the same bank whose weighted
+        directions still hold (same keys in the same order, same layer weighting and site: a change of
+        coefficients, schedules, gate, rows or rule), taken as they are instead of compiled again."""
         if not isinstance(spec, SteeringSpec):
             raise ValueError(f"expected a SteeringSpec, got {type(spec).__name__}")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         layers, hidden = fingerprint.num_layers, fingerprint.hidden_size
+        if reuse is not None and reuse.directions_match(spec):
+            return cls(spec, reuse.weighted.to(device=device, dtype=dtype), layers, hidden)
         if bank is None and spec.controls:
             raise ValueError("steering controls need a direction bank, and none was given")
         if bank is not None:
@@ -642,6 +636,12 @@ class SteeringPlan:
             rows.append(w.unsqueeze(1) * direction.vectors)
         weighted = torch.stack(rows) if rows else torch.zeros(0, layers, hidden)
         return cls(spec, weighted.to(device=device, dtype=dtype), layers, hidden)
+
+    def directions_match(self, spec: SteeringSpec) -> bool:
+        """True when `spec` steers along this plan's weighted directions: same keys in the same order, same
+        layer weighting, same site."""
+        return (spec.site == self.spec.site and spec.layers == self.spec.layers
+                and [c.key for c in spec.controls] == [c.key for c in self.spec.controls])
 
     def _coefficient_values(self, step: int) -> list[float]:
         spec = self.spec
@@ -664,14 +664,44 @@ class SteeringPlan:
         return not any(self._coefficient_values(step))
 
     def vectors(self, step: int) -> torch.Tensor:
-        """The per-layer vectors to add at this step: [L, d] on the plan's device and dtype."""
+        """The per-layer vectors step `step` adds, [L, d] on the plan's device and dtype (zeros when it adds
+        nothing): what `at([step])` hands the decoder, layer by layer."""
         c = self.coefficients(step).to(device=self.weighted.device, dtype=self.weighted.dtype)
         return torch.einsum("m,mld->ld", c, self.weighted)
 
+    def at(self, steps: Sequence[int]) -> "StepSteering | None":
+        """What the decoder adds while it feeds the positions of `steps`: one step, or a re-prompt refill,
+        where each position gets the coefficients of the step it was first generated at. None when nothing
+        would be added (no controls, gate closed, everything faded out), so the caller skips the work."""
+        if not self.spec.controls:
+            return None
+        coeffs = self.coefficients_for_steps(steps)
+        return StepSteering(self, coeffs) if coeffs.any() else None
 
-def steering_vectors(plan: SteeringPlan, step: int) -> torch.Tensor:
-    """The documented entry point: [L, d] vectors that generation step `step` adds, layer by layer."""
-    return plan.vectors(step)
+
+class StepSteering:
+    """The steering of one forward pass (engine.decoder.LayerSteering): per-layer vectors of a plan at some
+    steps, which rows, which rule, which site."""
+
+    def __init__(self, plan: SteeringPlan, coeffs: torch.Tensor):
+        self.site, self.rows, self.rule = plan.spec.site, plan.spec.rows, plan.spec.rule
+        self._weighted = plan.weighted  # [M, L, d]
+        coeffs = coeffs.to(self._weighted)  # [T, M]
+        if coeffs.shape[0] == 1:  # one step: the [L, d] vectors once, then a row per layer
+            self._per_layer = torch.einsum("m,mld->ld", coeffs[0], self._weighted)
+            self._coeffs = None
+        else:  # a re-prompt refill: each position gets the coefficients of its own step
+            self._per_layer = None
+            self._coeffs = coeffs
+
+    def vector(self, layer: int) -> torch.Tensor:
+        """[d] for one step, [T, d] for a refill of T positions."""
+        if self._per_layer is not None:
+            return self._per_layer[layer]
+        return self._coeffs @ self._weighted[:, layer]  # [T, d]
+
+    def apply(self, h: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return apply_steering(h, v, self.rule)
 
 
 def apply_steering(h: torch.Tensor, v: torch.Tensor, rule: str) -> torch.Tensor:

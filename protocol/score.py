@@ -7,11 +7,12 @@ the same tokens for the same seed.
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from . import fields
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -68,18 +69,11 @@ def _fail(where: str, text: str) -> ScoreError:
 
 
 def _number(where: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _fail(where, f"expected a finite number, got {value!r}")
-    return float(value)
+    return fields.number(where, value, error=ScoreError)
 
 
 def _table(where: str, value: Any, allowed: tuple[str, ...]) -> dict:
-    if not isinstance(value, dict):
-        raise _fail(where, f"expected a table, got {value!r}")
-    unknown = [k for k in value if k not in allowed]
-    if unknown:
-        raise _fail(where, f"unknown key {unknown[0]!r}; allowed: {', '.join(allowed)}")
-    return value
+    return fields.fields(where, value, allowed, kind="a table", key="key", error=ScoreError)
 
 
 def _length(where: str, spec: dict, frame_rate: float) -> int:
@@ -87,11 +81,9 @@ def _length(where: str, spec: dict, frame_rate: float) -> int:
     if ("seconds" in spec) == ("steps" in spec):
         raise _fail(where, "give its length as exactly one of seconds = ... or steps = ...")
     if "steps" in spec:
-        steps = spec["steps"]
-        if isinstance(steps, bool) or not isinstance(steps, int):
-            raise _fail(where, f"steps must be a whole number, got {steps!r}")
+        steps = fields.whole(f"{where} steps", spec["steps"], error=ScoreError)
     else:
-        steps = round(_number(where, spec["seconds"]) * frame_rate)
+        steps = round(_number(f"{where} seconds", spec["seconds"]) * frame_rate)
     if steps < 1:
         raise _fail(where, f"length must be at least one step, got {steps}")
     return steps
@@ -101,11 +93,8 @@ def _cue_step(where: str, cue: dict, frame_rate: float) -> int:
     if ("at" in cue) == ("step" in cue):
         raise _fail(where, "needs exactly one of at = SECONDS or step = STEP")
     if "step" in cue:
-        step = cue["step"]
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise _fail(where, f"step must be a whole number >= 0, got {step!r}")
-        return step
-    at = _number(where, cue["at"])
+        return fields.whole(f"{where} step", cue["step"], 0, error=ScoreError)
+    at = _number(f"{where} at", cue["at"])
     if at < 0:
         raise _fail(where, f"at must be >= 0 seconds, got {at}")
     return round(at * frame_rate)
@@ -200,9 +189,7 @@ def parse_score(data: dict, *, frame_rate: float = 50.0, path: Path | None = Non
     seconds = _number(f"{name} seconds", data["seconds"])
     if seconds <= 0:
         raise _fail(name, f"seconds must be > 0, got {seconds}")
-    seed = data.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise _fail(name, f"seed must be a whole number >= 0, got {seed!r}")
+    seed = fields.whole(f"{name} seed", data.get("seed", 0), 0, error=ScoreError)
     prompt = data.get("prompt", "")
     if not isinstance(prompt, str):
         raise _fail(name, f"prompt must be a string, got {prompt!r}")

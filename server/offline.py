@@ -42,7 +42,7 @@ def run_stream(stream: Stream, frames: int, *, chunk_steps: int = 50, progress: 
     stream.submit({"type": "transport", "command": "play"}, cause)
     pieces = [stream.apply_due().audio]
     with tqdm(total=last, unit="step", disable=not progress,
-              desc="performing" + (" (noise: random weights)" if stream.model.is_random else "")) as bar:
+              desc=stream.model.progress_label("performing")) as bar:
         while stream.state.playback == "playing":
             chunk = stream.generate(chunk_steps)
             bar.update(chunk.steps[1] - chunk.steps[0])

@@ -1,18 +1,18 @@
 """The live control state of a session, and the `set` patches that change it (docs/protocol.md).
 
 `ControlState` is immutable: a patch makes a new state, validated as a whole before it is used, so a bad
-message changes nothing. `to_spec()` turns the state into the engine's `SteeringSpec`.
+message changes nothing. Its steering part is the engine's `SteeringSpec` itself.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
 from musicrfm.engine.sampling import SamplingConfig
-from musicrfm.engine.steering import DirectionControl, LayerWeighting, Schedule, SteeringSpec, ROWS, RULES
+from musicrfm.engine.steering import DirectionControl, LayerWeighting, Schedule, SteeringSpec
 
+from musicrfm.protocol import fields
 from musicrfm.protocol.wire import ProtocolError
 
 PLAYBACK = ("stopped", "playing", "paused")
@@ -30,35 +30,37 @@ MAX_GUIDANCE_SCALE = 1000.0
 MIN_TEMPERATURE = 1e-4
 MIN_TOP_P = 1e-6
 MIN_SINE_PERIOD = 1.0
+MAX_TOP_K = 1 << 20
 
 
 @dataclass(frozen=True)
 class ControlState:
+    """Everything a session's controls set. The steering part is the engine's own `SteeringSpec` (its
+    directions, gate, layer weighting, rows and rule; its site is the bank's, so the stream sets it when it
+    compiles a plan), so what the protocol sets is what the engine runs."""
+
     prompt: str = ""
-    directions: Mapping[str, DirectionControl] = field(default_factory=dict)  # key -> control, in order added
-    gate_p: float = 1.0
-    gate_seed: int = 0
-    layers: LayerWeighting = field(default_factory=LayerWeighting)
-    rows: str = "both"
-    rule: str = "add"
+    steering: SteeringSpec = field(default_factory=SteeringSpec)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     seed: int = 0
     playback: str = "stopped"
 
-    def to_spec(self, site: str = "residual") -> SteeringSpec:
-        return SteeringSpec(controls=tuple(self.directions.values()), gate_p=self.gate_p, gate_seed=self.gate_seed,
-                            layers=self.layers, rows=self.rows, rule=self.rule, site=site)
+    @property
+    def directions(self) -> dict[str, DirectionControl]:
+        """key -> control, in the order they were added."""
+        return {c.key: c for c in self.steering.controls}
 
     def to_dict(self) -> dict:
+        spec = self.steering
         return {
             "playback": self.playback,
             "prompt": self.prompt,
-            "directions": {k: {"coefficient": c.coefficient, "schedule": c.schedule.to_dict(), "active": c.active}
-                           for k, c in self.directions.items()},
-            "gate": {"p": self.gate_p, "seed": self.gate_seed},
-            "layers": self.layers.to_dict(),
-            "rows": self.rows,
-            "rule": self.rule,
+            "directions": {c.key: {"coefficient": c.coefficient, "schedule": c.schedule.to_dict(), "active": c.active}
+                           for c in spec.controls},
+            "gate": {"p": spec.gate_p, "seed": spec.gate_seed},
+            "layers": spec.layers.to_dict(),
+            "rows": spec.rows,
+            "rule": spec.rule,
             "sampling": self.sampling.to_dict(),
             "seed": self.seed,
         }
@@ -68,38 +70,9 @@ class ControlState:
         """The inverse of to_dict (a recording's log holds these); schedules are already absolute."""
         if not isinstance(d, dict):
             raise ProtocolError(f"a control state must be an object, got {type(d).__name__}")
-        playback = d.get("playback", "stopped")
-        if playback not in PLAYBACK:
-            raise ProtocolError(f"playback must be one of {', '.join(PLAYBACK)}, got {playback!r}")
+        playback = fields.choice("playback", d.get("playback", "stopped"), PLAYBACK, error=ProtocolError)
         body = {k: v for k, v in d.items() if k != "playback"}
         return apply_patch(cls(playback=playback), body, step=0, known_keys=known_keys)
-
-
-def _number(where: str, value: Any, lo: float | None = None, hi: float | None = None) -> float:
-    try:  # math.isfinite raises OverflowError for an integer beyond the float range (JSON allows 1e400 as 1000...0)
-        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    except OverflowError:
-        ok = False
-    if not ok:
-        raise ProtocolError(f"{where} must be a finite number, got {value!r}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ProtocolError(f"{where} must be in [{lo}, {hi}], got {value}")
-    return float(value)
-
-
-def _integer(where: str, value: Any, lo: int = 0, hi: int = 2**63 - 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ProtocolError(f"{where} must be a whole number in [{lo}, {hi}], got {value!r}")
-    return value
-
-
-def _object(where: str, value: Any, allowed: tuple[str, ...]) -> dict:
-    if not isinstance(value, dict):
-        raise ProtocolError(f"{where} must be an object, got {value!r}")
-    unknown = [k for k in value if k not in allowed]
-    if unknown:
-        raise ProtocolError(f"{where}: unknown field {unknown[0]!r}; allowed: {', '.join(allowed)}")
-    return value
 
 
 def _schedule(where: str, value: Any, step: int) -> Schedule:
@@ -115,8 +88,10 @@ def _schedule(where: str, value: Any, step: int) -> Schedule:
 
 def _direction(key: str, old: DirectionControl | None, patch: Any, step: int,
                known_keys: frozenset[str] | None) -> DirectionControl:
+    """One direction's settings merged into its control. The values themselves (coefficient, active) are
+    checked once, by DirectionControl."""
     where = f"direction {key!r}"
-    patch = _object(where, patch, _DIRECTION_FIELDS)
+    patch = fields.fields(where, patch, _DIRECTION_FIELDS, error=ProtocolError)
     if known_keys is not None and key not in known_keys:
         import difflib
 
@@ -125,27 +100,47 @@ def _direction(key: str, old: DirectionControl | None, patch: Any, step: int,
         raise ProtocolError(f"unknown direction {key!r}{hint}")
     if old is None and "coefficient" not in patch:
         raise ProtocolError(f"{where} is new: it needs a 'coefficient'")
-    coefficient = _number(f"{where} coefficient", patch["coefficient"]) if "coefficient" in patch else old.coefficient
     schedule = _schedule(f"{where} schedule", patch["schedule"], step) if "schedule" in patch else (
         old.schedule if old is not None else Schedule())
+    coefficient = patch["coefficient"] if "coefficient" in patch else old.coefficient
     active = patch.get("active", old.active if old is not None else True)
-    if not isinstance(active, bool):
-        raise ProtocolError(f"{where} active must be true or false, got {active!r}")
     try:
         return DirectionControl(key, coefficient, schedule, active)
     except ValueError as exc:
         raise ProtocolError(str(exc)) from None
 
 
+def _sampling(old: SamplingConfig, given: Any) -> SamplingConfig:
+    """The sampling settings merged with `given`: SamplingConfig checks each value, then the protocol's
+    bounds keep the engine away from inf / NaN."""
+    given = fields.fields("sampling", given, _SAMPLING_FIELDS, error=ProtocolError)
+    try:
+        new = SamplingConfig(**{**old.to_dict(), **given})
+    except ValueError as exc:
+        raise ProtocolError(str(exc)) from None
+    fields.whole("sampling top_k", new.top_k, 0, MAX_TOP_K, error=ProtocolError)
+    if not new.guidance_scale <= MAX_GUIDANCE_SCALE:
+        raise ProtocolError(f"sampling guidance_scale must be in [0, {MAX_GUIDANCE_SCALE:g}], got {new.guidance_scale}")
+    if not new.greedy and new.temperature < MIN_TEMPERATURE:
+        raise ProtocolError(f"sampling temperature must be at least {MIN_TEMPERATURE:g} (or set greedy), "
+                            f"got {new.temperature}")
+    if 0 < new.top_p < MIN_TOP_P:
+        raise ProtocolError(f"sampling top_p must be 0 (off) or in [{MIN_TOP_P:g}, 1], got {new.top_p}")
+    return new
+
+
 def apply_patch(state: ControlState, patch: Mapping[str, Any], *, step: int,
                 known_keys: Iterable[str] | None = None) -> ControlState:
     """The state after a `set` message's fields (without 'type', 'id', 'at_step'), applied at `step`.
-    Raises ProtocolError naming the first problem; the old state is untouched either way."""
-    unknown = [k for k in patch if k not in _PATCH_FIELDS]
-    if unknown:
-        raise ProtocolError(f"set: unknown field {unknown[0]!r}; allowed: {', '.join(_PATCH_FIELDS)}")
+    Raises ProtocolError naming the first problem; the old state is untouched either way.
+
+    Each value is checked once, by the engine type that holds it (DirectionControl, Schedule, LayerWeighting,
+    SteeringSpec, SamplingConfig); this adds what only the protocol asks: the message's shape, known direction
+    keys, and bounds that keep a live stream finite and every number sendable."""
+    fields.fields("set", patch, _PATCH_FIELDS, error=ProtocolError)
     keys = frozenset(known_keys) if known_keys is not None else None
     changes: dict[str, Any] = {}
+    steering: dict[str, Any] = {}
     if "prompt" in patch:
         prompt = patch["prompt"]
         if not isinstance(prompt, str) or len(prompt) > MAX_PROMPT_CHARS:
@@ -159,7 +154,7 @@ def apply_patch(state: ControlState, patch: Mapping[str, Any], *, step: int,
         given = patch["directions"]
         if not isinstance(given, dict):
             raise ProtocolError(f"directions must be an object of key -> settings (or null), got {given!r}")
-        directions = dict(state.directions)
+        directions = state.directions
         for key, value in given.items():
             if not isinstance(key, str):
                 raise ProtocolError(f"direction keys must be strings, got {key!r}")
@@ -171,51 +166,32 @@ def apply_patch(state: ControlState, patch: Mapping[str, Any], *, step: int,
                 directions[key] = _direction(key, directions.get(key), value, step, keys)
         if len(directions) > MAX_DIRECTIONS:
             raise ProtocolError(f"at most {MAX_DIRECTIONS} directions at once")
-        changes["directions"] = directions
+        steering["controls"] = tuple(directions.values())
     if "gate" in patch:
-        gate = _object("gate", patch["gate"], ("p", "seed"))
+        gate = fields.fields("gate", patch["gate"], ("p", "seed"), error=ProtocolError)
         if "p" in gate:
-            changes["gate_p"] = _number("gate p", gate["p"], 0.0, 1.0)
+            steering["gate_p"] = gate["p"]
         if "seed" in gate:
-            changes["gate_seed"] = _integer("gate seed", gate["seed"], 0, 2**64 - 1)
+            steering["gate_seed"] = gate["seed"]
     if "layers" in patch:
         value = patch["layers"]
         try:
-            changes["layers"] = LayerWeighting.parse(value) if isinstance(value, str) else LayerWeighting.from_dict(value)
+            steering["layers"] = LayerWeighting.parse(value) if isinstance(value, str) else LayerWeighting.from_dict(value)
         except (ValueError, TypeError, ArithmeticError) as exc:
             raise ProtocolError(f"layers: {exc}") from None
-    for name, options in (("rows", ROWS), ("rule", RULES)):
+    for name in ("rows", "rule"):
         if name in patch:
-            if patch[name] not in options:
-                raise ProtocolError(f"{name} must be one of {', '.join(options)}, got {patch[name]!r}")
-            changes[name] = patch[name]
-    if "sampling" in patch:
-        given = _object("sampling", patch["sampling"], _SAMPLING_FIELDS)
-        merged = {**state.sampling.to_dict(), **given}
-        for name in ("guidance_scale", "temperature", "top_p"):
-            merged[name] = _number(f"sampling {name}", merged[name])
-        merged["top_k"] = _integer("sampling top_k", merged["top_k"], 0, 1 << 20)
-        if not isinstance(merged["greedy"], bool):
-            raise ProtocolError(f"sampling greedy must be true or false, got {merged['greedy']!r}")
-        if not 0 <= merged["guidance_scale"] <= MAX_GUIDANCE_SCALE:
-            raise ProtocolError(f"sampling guidance_scale must be in [0, {MAX_GUIDANCE_SCALE:g}], "
-                                f"got {merged['guidance_scale']}")
-        if not merged["greedy"] and merged["temperature"] < MIN_TEMPERATURE:
-            raise ProtocolError(f"sampling temperature must be at least {MIN_TEMPERATURE:g} (or set greedy), "
-                                f"got {merged['temperature']}")
-        if 0 < merged["top_p"] < MIN_TOP_P:
-            raise ProtocolError(f"sampling top_p must be 0 (off) or in [{MIN_TOP_P:g}, 1], got {merged['top_p']}")
+            steering[name] = patch[name]
+    if steering:
         try:
-            changes["sampling"] = SamplingConfig(**merged)
+            changes["steering"] = replace(state.steering, **steering)
         except ValueError as exc:
-            raise ProtocolError(f"sampling: {exc}") from None
+            raise ProtocolError(str(exc)) from None
+    if "sampling" in patch:
+        changes["sampling"] = _sampling(state.sampling, patch["sampling"])
     if "seed" in patch:
-        changes["seed"] = _integer("seed", patch["seed"], 0, 2**63 - 1)
+        changes["seed"] = fields.whole("seed", patch["seed"], 0, 2**63 - 1, error=ProtocolError)
     new = replace(state, **changes)
-    try:
-        new.to_spec()  # the engine's own checks, once more, on the whole
-    except ValueError as exc:
-        raise ProtocolError(str(exc)) from None
     _check_strength(new)
     _check_integers(new)
     return new
@@ -238,7 +214,7 @@ def _check_integers(state: ControlState) -> None:
 def _check_strength(state: ControlState) -> None:
     """Each factor of what a direction adds at a layer (|coefficient|, the schedule's peak, the layer
     weight) and their products stay within MAX_STRENGTH, so the engine never overflows to inf / NaN."""
-    layers = state.layers
+    layers = state.steering.layers
     weight = abs(layers.w0) * (max(abs(w) for w in layers.layer_weights) if layers.mode == "explicit" else 1.0)
     if not weight <= MAX_STRENGTH:
         raise ProtocolError(f"layers: the layer weights reach {weight:g}; at most {MAX_STRENGTH:g}")

@@ -5,10 +5,31 @@ any thread through `submit` (validated there, so a bad one never gets in) and ap
 the next one, or the `at_step` they name. The live session drives it from a worker thread; `musicrfm
 perform` (offline) and `musicrfm replay` drive the very same code in a plain loop, which is why a score
 played live and offline, or a recording and its replay, give the same tokens.
+
+A knob's path to the residual stream, in 6 hops:
+
+1. a WebSocket `set` (server/app.py -> `decode_message`: JSON / msgpack, every number finite) or an OSC
+   message (server/osc.py `translate`: address and typed arguments -> the same `set` message);
+2. `Session.handle` -> `Stream.submit`: `parse_change` reads the envelope (type, at_step);
+3. `Stream._checked`, once, for the step the change will apply at and on the state it will meet there (the
+   state the change queued before it makes, or the current one): `state.apply_patch` checks the message's
+   shape and the protocol's bounds, and each value is checked by the engine type that holds it
+   (`DirectionControl`, `Schedule`, `LayerWeighting`, `SteeringSpec`, `SamplingConfig`; the checks
+   themselves are `protocol.fields`); the new state's `SteeringPlan` is compiled on the CPU, or re-used
+   when only coefficients, schedules, the gate, rows or rule changed. The `Change` carries both;
+4. at its step, `Stream._apply` installs the carried state and the carried plan, moved to the model's
+   device, as `Generator.plan`;
+5. `Generator.advance` asks the plan for the step's steering: `plan.at(steps)` -> `StepSteering`;
+6. `MusicgenDecoder.forward` adds `StepSteering.vector(layer)` at each layer, by its rule, rows and site.
+
+A change that comes out of step order is checked where it goes in the queue, and the changes after it are
+checked again on it. A change that meets another state or step than the one it was checked for (a stop
+restarts the step count; another change applied first) is checked again when it applies, on what it meets.
 """
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -49,13 +70,20 @@ class Cause:
 @dataclass(frozen=True)
 class Change:
     """A validated change waiting for its step. kind: "set" (body: a patch), "transport" (body: {"command",
-    optional "seed"}) or "state" (body: a whole ControlState, from a recording's log)."""
+    optional "seed"}) or "state" (body: a whole ControlState, from a recording's log).
+
+    `Stream.submit` fills in what it checked: the change applies at `step` on `base` and makes `state`
+    (its playback aside), whose steering is `plan` (compiled on the CPU; None without directions)."""
 
     kind: str
     body: Any
     cause: Cause
     at_step: int | None = None
     order: int = 0  # submission order: changes due at the same step apply in the order they came
+    step: int = 0
+    base: ControlState | None = None
+    state: ControlState | None = None
+    plan: SteeringPlan | None = None
 
 
 @dataclass(frozen=True)
@@ -131,10 +159,13 @@ class Stream:
         self.samples_emitted = 0
         self.history: list[Applied] = []  # changes since step 0 of the current stream
         self.finished_codes: torch.Tensor | None = None  # tokens of the last stream that ended
-        self._pending: list[Change] = []
-        self._tail: tuple[ControlState, int] | None = None  # (state after every queued change, its step)
+        self._plan: SteeringPlan | None = None  # the current state's plan, on the CPU (as last compiled)
+        self._device_weights: tuple[torch.Tensor, torch.Tensor] | None = None  # (CPU weighted, on the device)
+        self._pending: list[Change] = []  # in the order they will apply: by (step, order)
+        self._front: Change | None = None  # the last change taken from the queue: where the queue goes on from
+        self._floor = 0  # the first step a change submitted now can apply at (the next one while a step runs)
         self._order = 0
-        self._lock = threading.Lock()  # guards _pending (submit runs on the event loop, steps in a worker)
+        self._lock = threading.Lock()  # guards the queue (submit runs on the event loop, steps in a worker)
 
     # --- inbox --------------------------------------------------------------------------------------
 
@@ -143,91 +174,128 @@ class Stream:
         return self.generator.step if self.generator is not None else 0
 
     def submit(self, message: dict, cause: Cause) -> Change:
-        """Validate a `set` / `transport` message against the current state and queue it."""
+        """Validate a `set` / `transport` message against the state it will meet at its step, and queue it."""
         with self._lock:
             self._order += 1
             change = parse_change(message, cause, self._order)
-            new = self._check(change)
-            self._pending.append(change)
-            if new is not None:  # keep the projection of the whole queue current, for the next check
-                at = self._effective_step(change)
-                if self._tail is not None and at >= self._tail[1]:
-                    self._tail = (new, at)
-                else:  # the first in the queue, or out of step order (at most MAX_OUT_OF_ORDER_CHANGES): refold
-                    last = max(self._effective_step(c) for c in self._pending)
-                    self._tail = (self._projected(last), last)
+            at = max(self._floor, change.at_step or 0)
+            i = self._slot(at)
+            in_order = i == len(self._pending)
+            if change.at_step is not None and change.at_step > self.step:
+                future = sum(1 for c in self._pending if c.at_step is not None and c.at_step > self.step)
+                limit = MAX_FUTURE_CHANGES if in_order else MAX_OUT_OF_ORDER_CHANGES
+                if future >= limit:
+                    raise ProtocolError(f"too many changes waiting for a future step ({future}; at most {limit}"
+                                        f"{'' if in_order else ' when they come out of step order'}); this one "
+                                        f"was refused")
+            change = self._checked(change, at, *self._before(i))
+            self._insert(i, change)
         return change
 
     def submit_state(self, state: ControlState, at_step: int, cause: Cause) -> None:
         """Queue a whole state (a recording's log line) for `at_step`."""
         with self._lock:
             self._order += 1
-            self._pending.append(Change("state", state, cause, at_step, self._order))
-            self._tail = None
+            change = Change("state", state, cause, at_step, self._order)
+            at = max(self._floor, at_step)
+            i = self._slot(at)
+            self._insert(i, self._checked(change, at, *self._before(i)))
 
-    def _projected(self, until: int) -> ControlState:
-        """The state once every pending change due by step `until` has applied (what a new change for that
-        step will meet, e.g. a score cue that adjusts a direction an earlier cue adds)."""
-        state = self.state
-        for c in sorted(self._pending, key=lambda c: (self._effective_step(c), c.order)):
-            if self._effective_step(c) > until:
-                break
-            if c.kind == "state":
-                state = c.body
-            elif c.kind == "set":
-                try:
-                    state = apply_patch(state, c.body, step=self._effective_step(c), known_keys=self.known_keys)
-                except ProtocolError:
-                    pass
-        return state
+    def _slot(self, at: int) -> int:
+        """Where a change for step `at` goes in the queue: after every change due by then."""
+        return bisect.bisect_right([c.step for c in self._pending], at)
 
-    def _check(self, change: Change) -> ControlState | None:
-        """Raise ProtocolError if `change` cannot apply; for a `set`, return the state it would make."""
-        at = self._effective_step(change)
-        future = [c for c in self._pending if c.at_step is not None and c.at_step > self.step]
-        in_order = self._tail is not None and at >= self._tail[1]
-        if change.at_step is not None and change.at_step > self.step:
-            limit = MAX_FUTURE_CHANGES if in_order else MAX_OUT_OF_ORDER_CHANGES
-            if len(future) >= limit:
-                raise ProtocolError(f"too many changes waiting for a future step ({len(future)}; at most {limit}"
-                                    f"{'' if in_order else ' when they come out of step order'}); this one was refused")
+    def _before(self, i: int) -> tuple[ControlState, SteeringPlan | None]:
+        """The state (and its plan) a change queued at position `i` will meet."""
+        last = self._pending[i - 1] if i else self._front
+        if last is not None:
+            return last.state, last.plan
+        return self.state, self._plan
+
+    def _insert(self, i: int, change: Change) -> None:
+        """Queue `change` at `i`. One that came out of step order changes what the changes after it meet:
+        they are checked again on it (at most MAX_OUT_OF_ORDER_CHANGES wait for the future then); one that
+        no longer fits is kept unchecked, and checked once more when it applies, on what it meets then."""
+        self._pending.insert(i, change)
+        base, plan = change.state, change.plan
+        for j in range(i + 1, len(self._pending)):
+            later = self._pending[j]
+            try:
+                later = self._checked(later, later.step, base, plan)
+            except (ProtocolError, ValueError):
+                later = replace(later, base=None, state=base, plan=plan)
+            self._pending[j] = later
+            base, plan = later.state, later.plan
+
+    def _checked(self, change: Change, at: int, base: ControlState, base_plan: SteeringPlan | None) -> Change:
+        """`change` with what it does at step `at` on `base` (whose plan is `base_plan`); ProtocolError if it
+        cannot apply."""
+        state = base
         if change.kind == "set":
-            base = self._tail[0] if in_order else self._projected(at)
-            new = apply_patch(base, change.body, step=at, known_keys=self.known_keys)
+            state = apply_patch(base, change.body, step=at, known_keys=self.known_keys)
             if self.generator is not None:
                 try:
-                    self.generator.check_sampling(new.sampling)
+                    self.generator.check_sampling(state.sampling)
                 except ValueError as exc:
                     raise ProtocolError(f"{exc} (transport reset)") from None
-            if new.directions and self.bank is None:
+            if state.directions and self.bank is None:
                 raise ProtocolError("this server has no direction bank: start it with --bank FILE")
-            if new.directions and ("directions" in change.body or "layers" in change.body):
-                try:  # what only the bank knows (an explicit weighting's length must match its layers); on the
-                    # CPU, so that checking a message never waits for the model's device
-                    SteeringPlan.compile(new.to_spec(self.site), self.bank, self.model.fingerprint)
-                except ValueError as exc:
-                    raise ProtocolError(str(exc)) from None
-            return new
-        return None
+        elif change.kind == "state":
+            state = change.body
+        elif "seed" in change.body:  # a reset's seed; playback is the stream's own business
+            state = replace(base, seed=change.body["seed"])
+        try:  # what only the bank knows (an explicit weighting's length must match its layers); on the CPU, so
+            # that checking a message never waits for the model's device
+            plan = self._cpu_plan(state, base_plan)
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from None
+        return replace(change, step=at, base=base, state=state, plan=plan)
+
+    def _cpu_plan(self, state: ControlState, like: SteeringPlan | None) -> SteeringPlan | None:
+        """`state`'s steering plan on the CPU: `like` itself when the steering did not change, its weighted
+        directions when only coefficients, schedules, the gate, rows or rule did, else compiled."""
+        if not state.directions:
+            return None
+        spec = state.steering if state.steering.site == self.site else replace(state.steering, site=self.site)
+        if like is not None and like.spec == spec:
+            return like
+        return SteeringPlan.compile(spec, self.bank, self.model.fingerprint, reuse=like)
+
+    def _on_device(self, plan: SteeringPlan | None) -> SteeringPlan | None:
+        """A CPU plan on the model's device; its weighted directions are moved once, not at every knob turn."""
+        if plan is None:
+            return None
+        if self._device_weights is None or self._device_weights[0] is not plan.weighted:
+            self._device_weights = (plan.weighted, plan.weighted.to(device=self.model.device, dtype=self.model.dtype))
+        return replace(plan, weighted=self._device_weights[1])
 
     @property
     def pending(self) -> int:
         with self._lock:
             return len(self._pending)
 
-    def _effective_step(self, change: Change) -> int:
-        """The step a change applies at: its `at_step`, or the next step if that is past (or not given)."""
-        return max(self.step, change.at_step or 0)
-
-    def _due(self) -> list[Change]:
-        """Pop the changes due at the current step, in the order they came."""
+    def _due(self, stepping: bool) -> list[Change]:
+        """Pop the changes due at the current step (those without a future `at_step`), in the order they
+        came. `stepping`: a step runs next, so a change submitted from now on applies at the step after."""
         with self._lock:
-            due = [c for c in self._pending if self._effective_step(c) == self.step]
+            step = self.step
+            due = [c for c in self._pending if c.at_step is None or c.at_step <= step]
             if due:
-                self._pending = [c for c in self._pending if c not in due]
-                if not self._pending:
-                    self._tail = None  # rebuilt from the state by the next submit
+                self._pending = [c for c in self._pending if c.at_step is not None and c.at_step > step]
+                self._front = due[-1]
+            self._floor = step + 1 if stepping else step
         return sorted(due, key=lambda c: c.order)
+
+    def _settle(self) -> None:
+        """No step runs next (the stream paused, stopped or restarted): changes apply at the current step."""
+        with self._lock:
+            self._floor = self.step
+
+    def _meets(self, change: Change, step: int) -> bool:
+        """True when `change` applies on the state and at the step it was checked for (its playback aside)."""
+        base = change.base
+        return change.step == step and base is not None and (
+            base is self.state or replace(base, playback=self.state.playback) == self.state)
 
     # --- applying changes ---------------------------------------------------------------------------
 
@@ -238,8 +306,9 @@ class Stream:
         applied: list[Applied] = []
         tail: list[np.ndarray] = []
         gen = self.generator
-        for change in self._due():
+        for change in self._due(stepping=False):
             self._apply(change, applied, tail)
+        self._settle()
         out = np.concatenate(tail).astype(np.float32) if tail else np.zeros(0, np.float32)
         ended = gen is not None and self.generator is not gen
         return StreamChunk(out, first_sample, (step, step), self.version, epoch, applied, ended)
@@ -270,34 +339,35 @@ class Stream:
                 self.state = replace(self.state, playback="playing")
             self._record(change.cause, step, applied)
             return
-        if change.kind == "state":
-            new = replace(change.body, playback=self.state.playback)
-        else:
-            try:  # re-checked at its own step: a schedule shifts by the step it really applies at
-                new = apply_patch(self.state, change.body, step=step, known_keys=self.known_keys)
+        if change.kind == "state" or self._meets(change, step):
+            new, plan = change.state, change.plan  # what submit checked
+        else:  # it meets another state or step than it was checked for: check it on what it meets
+            with self._lock:
+                if self._front is change:
+                    self._front = None  # the queue goes on from the state this makes, not the one checked
+            try:
+                checked = self._checked(change, step, self.state, self._plan)
             except ProtocolError:
-                return  # checked when submitted; only a racing change can make it fail now
-        old, self.state = self.state, new
+                return  # it no longer fits what came before it
+            new, plan = checked.state, checked.plan
+        old, self.state = self.state, replace(new, playback=self.state.playback)
+        self._plan = plan
         gen = self.generator
         if gen is not None:
             if new.prompt != old.prompt:
                 gen.set_prompt(new.prompt)
             if new.sampling != old.sampling:
                 gen.set_sampling(new.sampling)
-            gen.plan = self._plan(new)
+            gen.plan = self._on_device(plan)
         self._record(change.cause, step, applied)
-
-    def _plan(self, state: ControlState) -> SteeringPlan | None:
-        if not state.directions:
-            return None
-        return SteeringPlan.compile(state.to_spec(self.site), self.bank, self.model.fingerprint,
-                                    device=self.model.device, dtype=self.model.dtype)
 
     def _start_stream(self) -> None:
         s = self.state
         self.epoch += 1
-        self.generator = Generator(self.model, s.prompt, sampling=s.sampling, seed=s.seed, plan=self._plan(s),
-                                   context_steps=self.context_steps, keep_steps=self.keep_steps)
+        self._plan = self._cpu_plan(s, self._plan)  # the state may have been set directly (a replay's first)
+        self.generator = Generator(self.model, s.prompt, sampling=s.sampling, seed=s.seed,
+                                   plan=self._on_device(self._plan), context_steps=self.context_steps,
+                                   keep_steps=self.keep_steps)
         self.decoder = StreamingDecoder(self.model.hf.audio_encoder)
         self.samples_emitted = 0
         self.history = []
@@ -323,7 +393,7 @@ class Stream:
         codes: list[torch.Tensor] = []
         ended, ran = False, 0
         for _ in range(max_steps):
-            due = self._due()
+            due = self._due(stepping=True)
             if due:
                 self._decode(codes, audio)  # frames so far go out before a change can end the stream
                 gen = self.generator
@@ -331,6 +401,7 @@ class Stream:
                     self._apply(change, applied, audio)
                 ended = gen is not None and self.generator is not gen
             if ended or self.state.playback != "playing":
+                self._settle()
                 break
             codes.append(self.generator.chunk(1).codes)
             ran += 1

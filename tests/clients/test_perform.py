@@ -65,7 +65,7 @@ def test_cues_compile_to_set_messages():
     ({"seconds": 2, "cue": [{"at": 1, "crossfade": {"from": "a:b", "to": "a:b", "steps": 3}}]}, "two different"),
     ({"seconds": 2, "cue": [{"at": 1, "wobble": 3}]}, "unknown key 'wobble'"),
     ({"seconds": 2, "tempo": 3}, "unknown key 'tempo'"),
-    ({"seconds": float("nan")}, "finite number"),
+    ({"seconds": float("nan")}, "must be finite"),
 ])
 def test_bad_scores_name_the_cue_and_the_problem(data, message):
     with pytest.raises(ScoreError, match=message):

@@ -2,7 +2,8 @@
 
 import torch
 
-from musicrfm.engine.decoder import MusicgenDecoder
+from musicrfm.engine.decoder import MusicgenDecoder, delayed_inputs, frame_at
+from musicrfm.protocol.wire import end_step
 
 
 def _codes(tiny, t, seed=0):
@@ -53,3 +54,18 @@ def test_unconditional_rows_ignore_the_text(tiny):
     b = dec.forward(codes)
     assert not torch.allclose(a[0], b[0])
     torch.testing.assert_close(a[1], b[1])
+
+
+def test_the_delay_pattern_has_one_definition_the_protocols_end_step_agrees_with():
+    """Position p carries codebook k of frame p - k - 1; a stream of F frames is complete once position
+    end_step(F, K) is fed, the one at which its last codebook of its last frame is known."""
+    k, frames = 4, 9
+    assert frame_at(10, 0) == 9 and frame_at(10, 3) == 6
+    assert frame_at(end_step(frames, k), k - 1) == frames - 1
+    assert frame_at(end_step(frames, k) - 1, k - 1) == frames - 2  # a step earlier, that frame is not complete
+    codes = torch.arange(k * 2 * frames).reshape(1, k, 2 * frames)  # frames past the end are read as padding
+    inputs = delayed_inputs(codes, 0, end_step(frames, k), pad_id=-1, end=frames)
+    for p in range(end_step(frames, k) + 1):
+        for c in range(k):
+            f = frame_at(p, c)
+            assert inputs[0, c, p] == (codes[0, c, f] if 0 <= f < frames else -1)

@@ -4,7 +4,7 @@ steps; nothing anywhere else."""
 import pytest
 import torch
 
-from musicrfm.engine import loop as engine_loop
+from musicrfm.engine import steering as engine_steering
 from musicrfm.engine.bank import DirectionBank, UnknownDirectionError
 from musicrfm.engine.loop import Generator
 from musicrfm.engine.model import ModelFingerprint
@@ -26,19 +26,19 @@ def _plan(tiny, bank, **spec):
 
 
 class Recorder:
-    """Replaces engine_loop.apply_steering to see every update the decoder makes."""
+    """Replaces engine.steering.apply_steering to see every update the decoder makes."""
 
     def __init__(self, monkeypatch, gen):
         self.calls = []
         self.gen = gen
-        real = engine_loop.apply_steering
+        real = engine_steering.apply_steering
 
         def spy(h, v, rule):
             out = real(h, v, rule)
             self.calls.append(dict(step=gen.step, h=h.clone(), v=v.clone(), out=out.clone(), rule=rule))
             return out
 
-        monkeypatch.setattr(engine_loop, "apply_steering", spy)
+        monkeypatch.setattr(engine_steering, "apply_steering", spy)
 
 
 def test_exact_vectors_at_each_layer_and_both_rows(tiny, bank, monkeypatch):
@@ -66,7 +66,7 @@ def test_conditional_row_only(tiny, bank):
     steered, plain = Generator(tiny, "piano", plan=plan), Generator(tiny, "piano")
     seen = {"steered": {}, "plain": {}}
     tokens = steered._inputs(0, 0)
-    steered.decoder.forward(tokens, engine_loop._StepSteering(plan, plan.coefficients_for_steps([0])),
+    steered.decoder.forward(tokens, plan.at([0]),
                             capture=lambda i, h: seen["steered"].__setitem__(i, h.clone()))
     plain.decoder.forward(tokens, None, capture=lambda i, h: seen["plain"].__setitem__(i, h.clone()))
     s, p = seen["steered"], seen["plain"]

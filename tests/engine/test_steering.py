@@ -8,10 +8,10 @@ import torch
 
 from musicrfm.engine import bank as bank_module
 from musicrfm.engine import decoder
+from musicrfm.engine import steering as steering_module
 from musicrfm.engine.bank import BankMismatchError, DirectionBank, UnknownDirectionError
 from musicrfm.engine.model import ModelFingerprint
 from musicrfm.engine.steering import (
-    SITES,
     DirectionControl,
     LayerWeighting,
     Schedule,
@@ -20,7 +20,6 @@ from musicrfm.engine.steering import (
     apply_steering,
     crossfade,
     gate_open,
-    steering_vectors,
 )
 
 L, D = 4, 8
@@ -271,8 +270,8 @@ def test_spec_round_trips_through_json():
         SteeringSpec.from_dict({"gate": 0.3})
 
 
-def test_sites_match_the_decoder_and_bank():
-    assert SITES == decoder.INJECTION_POINTS == bank_module.INJECTION_POINTS
+def test_injection_points_have_one_definition():
+    assert steering_module.INJECTION_POINTS is decoder.INJECTION_POINTS is bank_module.INJECTION_POINTS
 
 
 # --- the plan -----------------------------------------------------------------------------------------
@@ -290,7 +289,9 @@ def test_vectors_are_the_hand_computed_sum(bank):
         d = bank[key]
         s_hat = (d.scores - d.scores.min()) / (d.scores.max() - d.scores.min())
         expected += eta * phi * (1.5 * s_hat ** (1 / 0.8))[:, None] * d.vectors
-    assert torch.allclose(steering_vectors(plan, step), expected, atol=1e-6)
+    assert torch.allclose(plan.vectors(step), expected, atol=1e-6)
+    at = plan.at([step])  # what the decoder is handed: the same vectors, layer by layer
+    assert torch.allclose(torch.stack([at.vector(layer) for layer in range(L)]), expected, atol=1e-6)
     assert plan.coefficients(step).tolist() == pytest.approx([0.4, -0.075, 0.0])
     assert plan.weighted.shape == (3, L, D)
 

@@ -36,7 +36,7 @@ def test_patch_merges_and_round_trips():
                         "sampling": {"temperature": 0.5}}, step=0, known_keys=KEYS)
     assert s.directions["notes:C"].coefficient == 0.5 and s.directions["notes:C"].active is False
     assert s.directions["notes:G"].coefficient == -1.0
-    assert (s.sampling.top_k, s.sampling.temperature, s.gate_p, s.layers.mode, s.layers.k) == (10, 0.5, 0.3, "topk", 2)
+    assert (s.sampling.top_k, s.sampling.temperature, s.steering.gate_p, s.steering.layers.mode, s.steering.layers.k) == (10, 0.5, 0.3, "topk", 2)
     assert ControlState.from_dict(s.to_dict(), KEYS) == s
     removed = apply_patch(s, {"directions": {"notes:C": None}}, step=0, known_keys=KEYS)
     assert list(removed.directions) == ["notes:G"]
@@ -44,14 +44,14 @@ def test_patch_merges_and_round_trips():
 
 @pytest.mark.parametrize("patch, message", [
     ({"directions": {"notes:H": {"coefficient": 1}}}, "unknown direction 'notes:H'"),
-    ({"directions": {"notes:C": {"coefficient": float("nan")}}}, "finite number"),
-    ({"directions": {"notes:C": {"coefficient": float("inf")}}}, "finite number"),
+    ({"directions": {"notes:C": {"coefficient": float("nan")}}}, "must be finite"),
+    ({"directions": {"notes:C": {"coefficient": float("inf")}}}, "must be finite"),
     ({"directions": {"notes:C": {"schedule": {"kind": "sine"}}}}, "needs a 'coefficient'"),
     ({"directions": {"notes:C": None}}, "cannot remove"),
     ({"directions": {"notes:C": {"coefficient": 1, "gain": 2}}}, "unknown field 'gain'"),
     ({"directions": {"notes:C": {"coefficient": 1, "active": "yes"}}}, "true or false"),
     ({"directions": {"notes:C": {"coefficient": 1, "schedule": {"kind": "wobble"}}}}, "wobble"),
-    ({"gate": {"p": 1.5}}, "gate p must be in"),
+    ({"gate": {"p": 1.5}}, "gate_p is a probability in"),
     ({"gate": 0.3}, "gate must be an object"),
     ({"layers": "topk:k=-1"}, "layers"),
     ({"sampling": {"temperature": 0}}, "temperature"),
@@ -211,3 +211,63 @@ def test_a_long_score_queues_in_order_but_out_of_order_changes_are_bounded(tiny,
         t.submit({"type": "set", "gate": {"p": 0.5}, "at_step": 1000 - i}, CAUSE)
     with pytest.raises(ProtocolError, match="too many changes"):
         t.submit({"type": "set", "gate": {"p": 0.5}, "at_step": 10}, CAUSE)
+
+
+def test_the_state_checked_at_submit_is_the_state_applied_and_its_plan_compiled_once(tiny, bank, monkeypatch):
+    from musicrfm.engine.steering import SteeringPlan
+
+    s = Stream(tiny, bank)
+    s.submit({"type": "transport", "command": "play"}, CAUSE)
+    s.apply_due()
+    s.generate(3)
+    compiled = []
+    real = SteeringPlan.compile.__func__
+    monkeypatch.setattr(SteeringPlan, "compile", classmethod(
+        lambda cls, spec, *a, **kw: compiled.append(kw.get("reuse")) or real(cls, spec, *a, **kw)))
+    added = s.submit({"type": "set", "directions": {"notes:C": {"coefficient": 1.0, "schedule": "fade_in:length=10"}}},
+                     CAUSE)
+    s.generate(2)
+    assert s.history[-1].step == 3 and s.history[-1].state.steering is added.state.steering  # not checked again
+    assert added.state.directions["notes:C"].schedule.start == 3  # relative to the step it applied at
+    assert compiled == [None]  # compiled once, on the CPU, when it was submitted
+    weighted = s.generator.plan.weighted
+    knob = s.submit({"type": "set", "directions": {"notes:C": {"coefficient": 2.0}}}, CAUSE)
+    s.generate(2)
+    assert s.generator.plan.spec is knob.plan.spec and s.generator.plan.spec.controls[0].coefficient == 2.0
+    assert s.generator.plan.weighted is weighted  # a knob turn re-uses the compiled directions, on the device
+
+
+def test_changes_a_stop_moves_to_another_step_are_checked_on_what_they_meet(tiny, bank):
+    s = Stream(tiny, bank)
+    s.submit({"type": "transport", "command": "play"}, CAUSE)
+    s.apply_due()
+    s.generate(5)
+    s.submit({"type": "transport", "command": "stop"}, CAUSE)
+    s.submit({"type": "set", "directions": {"notes:C": {"coefficient": 1.0, "schedule": "fade_in:length=10"}}}, CAUSE)
+    s.submit({"type": "set", "directions": {"notes:G": {"coefficient": 0.5}}, "at_step": 8}, CAUSE)  # the next stream's
+    chunk = s.generate(5)
+    assert chunk.ended and [a.step for a in chunk.applied] == [5, 0]  # the stop, then the set on the stopped stream
+    assert s.state.directions["notes:C"].schedule.start == 0  # checked for step 5, applied at 0: shifted by 0
+    s.submit({"type": "transport", "command": "play"}, CAUSE)
+    s.apply_due()
+    s.generate(10)
+    assert [a.step for a in s.history] == [0, 8] and list(s.state.directions) == ["notes:C", "notes:G"]
+
+
+def test_a_change_sent_while_a_step_runs_is_checked_for_the_next_step(tiny, bank):
+    s = Stream(tiny, bank)
+    s.submit({"type": "transport", "command": "play"}, CAUSE)
+    s.apply_due()
+    gen, sent = s.generator, []
+    real = gen.advance
+
+    def advance():  # the event loop's submit, racing the worker's step 4
+        if gen.step == 4:
+            sent.append(s.submit({"type": "set", "directions": {"notes:C": {"coefficient": 1.0,
+                                                                            "schedule": "fade_in:length=10"}}}, CAUSE))
+        real()
+
+    gen.advance = advance
+    s.generate(8)
+    assert sent[0].step == 5 and s.history[-1].step == 5 and s.history[-1].state.steering is sent[0].state.steering
+    assert s.state.directions["notes:C"].schedule.start == 5
