@@ -48,9 +48,10 @@ from musicrfm.protocol.wire import ProtocolError
 from .state import TRANSPORT_COMMANDS, ControlState, apply_patch
 
 # Changes a stream may hold for future steps (`at_step`). Changes that come in step order (a score's cues)
-# are checked against a cached projection, one patch each; one that goes back in time folds every change
-# due before it, so those are limited more tightly: unbounded, a client queueing out-of-order far-future
-# changes made each later message cost more, until the event loop (and the audio with it) stalled.
+# are checked once each, on the state the change queued before them makes; one that goes back in time makes
+# every change queued after it be checked again, so those are limited more tightly: unbounded, a client
+# queueing out-of-order far-future changes made each later message cost more, until the event loop (and the
+# audio with it) stalled.
 MAX_FUTURE_CHANGES = 4096
 MAX_OUT_OF_ORDER_CHANGES = 64
 
