@@ -12,6 +12,7 @@ import math
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -33,6 +34,20 @@ def file_sha256(path: str | Path) -> str:
 
 def tokens_sha256(codes: torch.Tensor) -> str:
     return hashlib.sha256(codes.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def provenance(model: MusicModel, bank_paths: Sequence[str | Path]) -> dict:
+    """What made a file's tokens, as a generation sidecar and a recording log's header both record it
+    (docs/formats.md): the model, its fingerprint, whether its weights are random, device and dtype, and
+    each bank with its hash (so a later run can refuse a bank that changed: `check_bank_hashes`)."""
+    return {
+        "model": model.name,
+        "model_fingerprint": model.fingerprint.to_dict(),
+        "random_weights": model.is_random,
+        "device": model.device.type,
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "banks": [{"path": str(p), "sha256": file_sha256(p)} for p in bank_paths],
+    }
 
 
 def check_bank_hashes(entries: list[dict], source: str, since: str) -> None:
@@ -103,12 +118,8 @@ def generate(
     settings = {
         "format": SIDECAR_FORMAT,
         "version": 1,
-        "model": model.name,
-        "model_fingerprint": model.fingerprint.to_dict(),
-        "random_weights": model.is_random,
+        **provenance(model, bank_paths),
         "note": NOISE_WARNING if model.is_random else "",
-        "device": model.device.type,
-        "dtype": str(model.dtype).replace("torch.", ""),
         "prompt": prompt,
         "seconds": seconds,
         "frames": frames,
@@ -116,7 +127,6 @@ def generate(
         "seed": seed,
         "sampling": sampling.to_dict(),
         "steering": spec.to_dict() if spec is not None else None,
-        "banks": [{"path": str(p), "sha256": file_sha256(p)} for p in bank_paths],
         "context_steps": gen.context_steps,
         "keep_steps": gen.keep_steps,
         "chunk_steps": chunk_steps,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from musicrfm.engine.model import MusicModel, load_model
-from musicrfm.engine.generation import check_bank_hashes, file_sha256, load_banks, tokens_sha256
+from musicrfm.engine.generation import check_bank_hashes, load_banks, provenance, tokens_sha256
 
 from musicrfm.protocol.wav import WavWriter
 from musicrfm.protocol.wire import ProtocolError
@@ -42,10 +42,7 @@ class Recorder:
         self._log = open(self.log_path, "w", encoding="utf-8")
         gen = stream.generator
         self._line({
-            "type": "header", "format": LOG_FORMAT, "version": 1, "model": model.name,
-            "model_fingerprint": model.fingerprint.to_dict(), "random_weights": model.is_random,
-            "device": model.device.type, "dtype": str(model.dtype).replace("torch.", ""),
-            "banks": [{"path": str(p), "sha256": file_sha256(p)} for p in bank_paths],
+            "type": "header", "format": LOG_FORMAT, "version": 1, **provenance(model, bank_paths),
             "sample_rate": model.sample_rate, "frame_rate": model.frame_rate, "hop": self.hop,
             "context_steps": gen.context_steps, "keep_steps": gen.keep_steps, "epoch": self.epoch,
             "seed": gen.seed, "first_frame": self.first_frame,
