@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -31,19 +32,29 @@ class OfflineRun:
     stream: Stream
 
 
-def run_stream(stream: Stream, frames: int, *, chunk_steps: int = 50, progress: bool = True) -> OfflineRun:
+def run_stream(stream: Stream, frames: int, *, chunk_steps: int = 50, progress: bool = True,
+               feed: Callable[[int], None] | None = None) -> OfflineRun:
     """Play a stopped stream (its pending changes apply at their steps) until `frames` frames are complete,
-    then stop it there, exactly as a live `transport stop` with that `at_step` does."""
+    then stop it there, exactly as a live `transport stop` with that `at_step` does.
+
+    `feed(until)`, when given, is called before the stream starts and before each chunk to queue the changes
+    due before step `until`: a recording's log, fed as it comes due rather than queued all at once, so a log
+    of any length replays (the queue for live clients is bounded: MAX_FUTURE_CHANGES)."""
     if frames < 1:
         raise ValueError(f"frames must be >= 1, got {frames}")
     last = end_step(frames, stream.model.num_codebooks)
     cause = Cause("score")
+    # The stop goes in first, while the queue is empty: fed changes then queue in front of it.
     stream.submit({"type": "transport", "command": "stop", "at_step": last}, cause)
+    if feed is not None:
+        feed(min(chunk_steps, last))
     stream.submit({"type": "transport", "command": "play"}, cause)
     pieces = [stream.apply_due().audio]
     with tqdm(total=last, unit="step", disable=not progress,
               desc=stream.model.progress_label("performing")) as bar:
         while stream.state.playback == "playing":
+            if feed is not None:
+                feed(stream.step + chunk_steps)
             chunk = stream.generate(chunk_steps)
             bar.update(chunk.steps[1] - chunk.steps[0])
             pieces.append(chunk.audio)
