@@ -57,21 +57,35 @@ def cmd_serve(args) -> int:
 def cmd_replay(args) -> int:
     from musicrfm.engine.audio import write_wav
 
-    from .recording import replay
+    from .recording import REPLAY_AUDIO_TOLERANCE, plan_replay, replay
 
-    result = replay(args.log, progress=not args.quiet)
+    plan = plan_replay(args.log)  # the log and its WAV, checked before any model loads
+    log, rate = plan.log, plan.log.header["frame_rate"]
     out = args.out or args.log.with_name(args.log.stem + "-replay.wav")
-    write_wav(out, result.audio, result.sample_rate)
-    first, end = result.header["first_frame"], result.header["first_frame"] + result.codes.shape[1]
-    print(f"replayed frames {first}..{end} -> {out}")
-    if result.expected_sha256 is None:
-        print("the log has no end line (the recording was cut off): tokens regenerated, nothing to compare")
-        return 0
-    if not result.matches:
-        print(f"tokens differ from the recording: {result.tokens_sha256} != {result.expected_sha256} "
-              f"(same model, device and dtype are needed)", file=sys.stderr)
+    if log.partial:
+        print(f"{args.log}: the last line was cut off mid-write; read the {log.lines} whole lines before it")
+    got = "complete (it has its end line)" if log.end else "cut off (no end line)"
+    print(f"the recording is {got}: frames {plan.first}..{plan.end} ({(plan.end - plan.first) / rate:.2f} s), "
+          f"its end from {plan.how}")
+    result = replay(args.log, plan=plan, progress=not args.quiet)
+    first, end = plan.first, plan.first + result.codes.shape[1]
+    print(f"regenerated the stream from step 0 to frame {end}: frames {first}..{end} ({(end - first) / rate:.2f} s) "
+          f"to compare with the recording")
+    if result.expected_sha256 is not None and result.matches:
+        print(f"tokens match the recording (sha256 {result.tokens_sha256[:16]}...)")
+    if result.audio_difference is not None and result.audio_difference <= REPLAY_AUDIO_TOLERANCE:
+        print(f"audio matches the recorded WAV over its first {result.compared_samples} samples "
+              f"(largest difference {result.audio_difference:.2g})")
+    if result.expected_sha256 is None and result.audio_difference is None:
+        print("nothing to compare: the log has no end line and no WAV lies beside it")
+    if not result.ok:
+        for problem in result.problems:
+            print(f"musicrfm: replay differs: {problem}", file=sys.stderr)
+        print(f"not writing {out}: the replay does not match the recording (same model, device and dtype "
+              f"are needed)", file=sys.stderr)
         return 1
-    print(f"tokens match the recording (sha256 {result.tokens_sha256[:16]}...)")
+    write_wav(out, result.audio, result.sample_rate)
+    print(f"wrote {out}")
     return 0
 
 
