@@ -507,8 +507,11 @@ class OscServer:
 
     def _rate(self, sender: Address) -> TokenBucket:
         """The sender's message bucket (the least recently heard of MAX_RATE_SENDERS are forgotten)."""
-        bucket = self._rates.pop(sender, None) or TokenBucket(MESSAGES_PER_SECOND, MESSAGE_BURST)
-        self._rates[sender] = bucket
+        bucket = self._rates.get(sender)
+        if bucket is None:
+            bucket = self._rates[sender] = TokenBucket(MESSAGES_PER_SECOND, MESSAGE_BURST)
+        else:
+            self._rates.move_to_end(sender)
         while len(self._rates) > MAX_RATE_SENDERS:
             self._rates.popitem(last=False)
         return bucket

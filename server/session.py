@@ -371,8 +371,11 @@ class Session:
 
     def _check_disk(self) -> None:
         c = self.config
-        c.record_dir.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(c.record_dir).free / 1e6
+        try:
+            c.record_dir.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(c.record_dir).free / 1e6
+        except OSError as exc:
+            raise ProtocolError(f"record: cannot write under {c.record_dir}: {exc.strerror or exc}") from None
         if free < c.record_min_free_mb:
             raise ProtocolError(f"record: only {free:.0f} MB free under {c.record_dir} (a recording needs "
                                 f"--record-min-free-mb {c.record_min_free_mb:g}); not recording")
