@@ -29,8 +29,11 @@ def cmd_serve(args) -> int:
     config = ServerConfig(
         host=args.host, port=args.port, osc_host=args.osc_host,
         osc_port=osc_port if osc_port >= 0 else None,
-        token=token, max_sessions=args.max_sessions, coefficient_max=args.coefficient_max,
-        session=SessionConfig(chunk_steps=args.chunk_steps, lead_seconds=args.lead, record_dir=args.record_dir),
+        token=token, max_sessions=args.max_sessions, idle_seconds=args.idle_seconds,
+        coefficient_max=args.coefficient_max,
+        session=SessionConfig(chunk_steps=args.chunk_steps, lead_seconds=args.lead, record_dir=args.record_dir,
+                              record_max_seconds=args.record_max_seconds, record_max_mb=args.record_max_mb,
+                              record_min_free_mb=args.record_min_free_mb),
         initial=ControlState(prompt=args.prompt, sampling=sampling, seed=args.seed),
     )
     bank_paths = list(args.bank) or bundled_banks(args.model)  # a bundled model's own banks by default
@@ -105,7 +108,18 @@ def register(sub) -> None:
     s.add_argument("--lead", type=float, default=0.5, help="seconds of audio generated ahead of playback")
     s.add_argument("--chunk-steps", type=int, default=5, help="generation steps per audio chunk (50 = 1 s)")
     s.add_argument("--record-dir", type=Path, default=Path("recordings"))
-    s.add_argument("--max-sessions", type=int, default=8)
+    s.add_argument("--record-max-seconds", type=float, default=3600.0,
+                   help="a recording stops (complete, replayable) at this length (default: %(default)g)")
+    s.add_argument("--record-max-mb", type=float, default=1024.0,
+                   help="... or when its WAV and log reach this many MB (default: %(default)g)")
+    s.add_argument("--record-min-free-mb", type=float, default=512.0,
+                   help="a recording does not start with less free disk than this under --record-dir "
+                        "(default: %(default)g)")
+    s.add_argument("--max-sessions", type=int, default=8,
+                   help="sessions at once; one place is kept for 'main' (default: %(default)s)")
+    s.add_argument("--idle-seconds", type=float, default=300.0,
+                   help="a session with no listener and no message for this long is closed, freeing its name and "
+                        "place (default: %(default)g)")
     s.add_argument("--coefficient-max", type=float, default=2.0, help="knob range: 0..1 maps to 0..this")
     s.add_argument("--prompt", default="", help="a new session's prompt")
     s.add_argument("--seed", type=int, default=0, help="a new session's seed")

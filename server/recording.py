@@ -26,7 +26,7 @@ from musicrfm.protocol.wav import WavWriter, read_wav, to_pcm16
 from musicrfm.protocol.wire import ProtocolError, end_step
 from .state import ControlState
 from .offline import run_stream  # one loop for live, perform and replay
-from .stream import Applied, Cause, Stream
+from .stream import Applied, Cause, Stream, log_line
 
 LOG_FORMAT = "musicrfm.session-log"
 
@@ -44,10 +44,18 @@ REPLAY_AUDIO_TOLERANCE = 1e-3
 
 
 class Recorder:
-    """One recording of one stream: starts at a frame boundary, ends at `finish`."""
+    """One recording of one stream: starts at a frame boundary, ends at `finish`. `max_bytes` bounds the WAV
+    and the log together: the audio stops at the last whole frame that fits (`full` says so), so the
+    recording stays complete and replayable."""
 
-    def __init__(self, base: Path, stream: Stream, bank_paths: list[Path]):
+    def __init__(self, base: Path, stream: Stream, bank_paths: list[Path], *, max_bytes: int | None = None):
+        if not stream.history.complete:
+            raise ProtocolError("this stream's control history grew too long to replay exactly, so it cannot be "
+                                "recorded from the middle: reset it (or stop, record, play) and record the new stream")
         model = stream.model
+        self.max_bytes = max_bytes
+        self.full = False
+        self.log_bytes = 0
         self.wav_path, self.log_path = base.with_suffix(".wav"), base.with_suffix(".jsonl")
         self.epoch = stream.epoch
         self.hop = stream.hop
@@ -63,21 +71,36 @@ class Recorder:
             "context_steps": gen.context_steps, "keep_steps": gen.keep_steps, "epoch": self.epoch,
             "seed": gen.seed, "first_frame": self.first_frame,
         })
-        for applied in stream.history:  # the stream's controls from step 0 up to now
-            self.add_state(applied)
+        for line in stream.history.lines():  # the stream's controls from step 0 up to now
+            self._write(line)
+        self._log.flush()
+
+    def _write(self, line: str) -> None:
+        self._log.write(line)
+        self.log_bytes += len(line.encode())
 
     def _line(self, obj: dict) -> None:
-        self._log.write(json.dumps(obj, separators=(",", ":")) + "\n")
+        self._write(json.dumps(obj, separators=(",", ":")) + "\n")
         self._log.flush()
 
     def add_state(self, applied: Applied) -> None:
-        self._line({"type": "state", "step": applied.step, "version": applied.version,
-                    "state": applied.state.to_dict()})
+        self._write(log_line(applied))
+        self._log.flush()
 
-    def add_audio(self, first_sample: int, audio: np.ndarray) -> None:
-        """Stream audio from `first_sample`; the part before the recording's first frame is dropped."""
+    def add_audio(self, first_sample: int, audio: np.ndarray, max_samples: int | None = None) -> None:
+        """Stream audio from `first_sample`; the part before the recording's first frame is dropped. At most
+        `max_samples` in all (and within `max_bytes`), cut at a frame boundary; `full` is set once reached."""
         cut = max(0, self.first_frame * self.hop - first_sample)
-        self.wav.write(audio[cut:])
+        audio = audio[cut:]
+        room = max_samples
+        if self.max_bytes is not None:  # 2 bytes a sample, the WAV header, and room for the log's end line
+            by_bytes = (self.max_bytes - self.log_bytes - 44 - 1024) // 2
+            room = by_bytes if room is None else min(room, by_bytes)
+        if room is not None:
+            room = max(0, room - self.wav.samples) // self.hop * self.hop
+            if audio.shape[0] >= room:
+                audio, self.full = audio[:room], True
+        self.wav.write(audio)
 
     def finish(self, codes: torch.Tensor) -> dict:
         """Close both files; `codes` [K, >= end frame] are the stream's tokens. Returns the `recording` message."""
