@@ -41,7 +41,7 @@ from .stream import Stream
 
 log = logging.getLogger("musicrfm.server")
 SEND_BUFFER_BYTES = 128 * 1024  # a connection's kernel send buffer (about 1 s of audio; Linux doubles it)
-# What one client may cost the server, whatever it sends or fails to read (docs/protocol.md "Limits"):
+# What one client may cost the server, whatever it sends or fails to read (docs/protocol.md states each):
 CONTROL_QUEUE_BYTES = 1024 * 1024  # control messages waiting to go out to one client, beyond its audio allowance
 SEND_TIMEOUT_SECONDS = 10.0  # a client that takes none of what it is sent for this long has stopped reading
 CLOSE_GRACE_SECONDS = 5.0  # a close frame that cannot get out to a stuck client in this time: the socket is cut
@@ -189,7 +189,7 @@ class WebSocketClient:
         except Exception as exc:  # e.g. an integer msgpack cannot carry: this client's problem, nobody else's
             log.error("client %s: a %s message could not be encoded (%s): closing it", self.client_id,
                       message.get("type"), exc)
-            self.drop(f"internal error: a message could not be encoded ({type(exc).__name__})", code=1011)
+            self.drop(f"internal error: a message could not be encoded ({type(exc).__name__})")
             return
         self._put(frame, 0)
 
@@ -198,7 +198,7 @@ class WebSocketClient:
 
     def send_audio(self, frame: bytes, samples: int) -> None:
         if self._queued_samples + samples > self.max_queued_samples:
-            self.drop("too slow: the audio backlog overflowed")
+            self.drop("the audio backlog overflowed", code=1013)
             return
         self._queued_samples += samples
         self._put(frame, samples)
@@ -206,20 +206,22 @@ class WebSocketClient:
     def _put(self, item: bytes | str, samples: int) -> None:
         if self._dropped:
             return
-        size = len(item)
+        size = len(item)  # JSON text is ASCII (escapes for the rest): characters are bytes
         if self._queued_bytes + size > self.max_queued_bytes:
-            self.drop("too slow: its send queue overflowed")
+            self.drop("its send queue overflowed", code=1013)
             return
         self._queued_bytes += size
         self._queue.put_nowait((item, samples, size))
 
-    def drop(self, reason: str, code: int = 1013) -> None:
-        """Stop sending and close the connection (never raises: the session calls this)."""
+    def drop(self, reason: str, code: int = 1011) -> None:
+        """Stop sending and close the connection with `code` (1013: too slow; 1008: abuse; 1011, the
+        session's default: something went wrong sending to it). Never raises: the session calls this."""
         if self._dropped:
             return
         self._dropped = True
         if code == 1013:
             log.warning("client %s is too slow (%s): closing it", self.client_id, reason)
+            reason = f"too slow: {reason}"
         self._queue = asyncio.Queue()  # what was waiting is freed now, not when the client goes
         self._queued_bytes = self._queued_samples = 0
         self.sender.cancel()
@@ -245,8 +247,7 @@ class WebSocketClient:
                 try:
                     await asyncio.wait_for(self.ws.send(item), SEND_TIMEOUT_SECONDS)
                 except asyncio.TimeoutError:
-                    log.warning("client %s took nothing for %g s: closing it", self.client_id, SEND_TIMEOUT_SECONDS)
-                    self.drop(f"not reading: nothing taken for {SEND_TIMEOUT_SECONDS:g} s", code=1008)
+                    self.drop(f"not reading: nothing taken for {SEND_TIMEOUT_SECONDS:g} s", code=1013)
                     return
                 self._queued_samples -= samples
                 self._queued_bytes -= size
