@@ -1,3 +1,7 @@
-"""Clients of a live `musicrfm serve` session (docs/protocol.md): `listen` plays a session through the
-speakers; the browser page lives in `clients/web/`. Clients import nothing from `server/` but
-`server.protocol`, the wire format."""
+"""Clients of a live `musicrfm serve` session (docs/protocol.md). They import nothing but
+`musicrfm.protocol` (the wire format and the one client connection), never the server or the engine.
+
+  listen   `musicrfm listen`: a session through the speakers (jitter buffer, resampler, PortAudio)
+  perform  `musicrfm perform --url`: a score played on a running server
+  web/     the browser page (knobs, schedules, meter), served by the server as files
+"""

@@ -7,8 +7,7 @@ Modules, in the order data flows through them:
   decoder   MusicGen's decoder forward pass with a static KV cache and the injection points
   sampling  guidance, temperature / top-k / top-p
   loop      Generator: the one decode loop (chunks, pause between steps, endless re-prompting)
-  audio     streaming EnCodec decode, WAV files
-  render    offline rendering with a sidecar that regenerates the same tokens
+  audio     streaming EnCodec decode (WAV files: protocol.wav)
+  generation  offline generation with a sidecar that regenerates the same tokens
+  cli       `musicrfm generate`, and the model flags every command shares
 """
-
-__version__ = "0.1.0"

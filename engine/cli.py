@@ -24,7 +24,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--prompt", default="", help="text prompt (default: empty)")
-    p.add_argument("--seconds", type=float, default=10.0, help="length of audio to generate")
+    p.add_argument("--seconds", type=float, default=10.0, help="length of audio to generate (at most a day: "
+                                                                "86400)")
     p.add_argument("--out", type=Path, default=Path("out.wav"), help="output WAV; a .json sidecar is written beside it")
     p.add_argument("--from-sidecar", type=Path, metavar="JSON",
                    help="regenerate exactly from a sidecar written by an earlier run (other settings ignored)")
@@ -96,13 +97,19 @@ def _parse_spec(args):
 def cmd_generate(args) -> int:
     from .audio import write_wav
     from .model import bundled_banks, load_model
-    from .generation import generate, generate_from_sidecar, write_sidecar
+    from .generation import check_seconds, generate, generate_from_sidecar, write_sidecar
     from .sampling import SamplingConfig
 
     if args.from_sidecar:
-        settings = json.loads(args.from_sidecar.read_text())
-        result = generate_from_sidecar(settings, progress=not args.quiet)
+        try:
+            settings = json.loads(args.from_sidecar.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{args.from_sidecar} is not a JSON sidecar: {exc}") from None
+        except RecursionError:  # the JSON reader recurses once per nested array or object
+            raise ValueError(f"{args.from_sidecar}: arrays or objects nested too deeply") from None
+        result = generate_from_sidecar(settings, progress=not args.quiet, where=str(args.from_sidecar))
     else:
+        check_seconds(args.seconds, "--seconds")  # before the model loads
         spec = _parse_spec(args)
         sampling = SamplingConfig(guidance_scale=args.guidance, temperature=args.temperature, top_k=args.top_k,
                                   top_p=args.top_p, greedy=args.greedy)

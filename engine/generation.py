@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +24,23 @@ from .model import NOISE_WARNING, MusicModel, load_model
 from .sampling import SamplingConfig
 from .steering import SteeringPlan, SteeringSpec
 
+from musicrfm.protocol import fields
+
 SIDECAR_FORMAT = "musicrfm.render"
+# The longest generation `generate` runs: a day of audio (1e308 seconds is a typo, not a request).
+MAX_GENERATE_SECONDS = 24 * 3600
+# Keys a sidecar must hold to regenerate its tokens, and the string-valued ones among them.
+_SIDECAR_KEYS = ("model", "device", "dtype", "banks", "prompt", "seconds", "seed", "sampling", "steering",
+                 "chunk_steps", "context_steps", "keep_steps")
+_SIDECAR_STRINGS = ("model", "device", "dtype", "prompt")
+
+
+def check_seconds(seconds: Any, where: str = "seconds") -> float:
+    """A generation's length: a positive number of seconds, at most MAX_GENERATE_SECONDS."""
+    value = fields.number(where, seconds)
+    if not 0 < value <= MAX_GENERATE_SECONDS:
+        raise ValueError(f"{where} must be > 0 and at most {MAX_GENERATE_SECONDS} (a day), got {value:g}")
+    return value
 
 
 def file_sha256(path: str | Path) -> str:
@@ -91,10 +106,10 @@ def generate(
     keep_steps: int | None = None,
     progress: bool = True,
 ) -> Generation:
-    if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0):
-        raise ValueError(f"seconds must be a positive number, got {seconds!r}")
-    if chunk_steps < 1:
-        raise ValueError(f"chunk_steps must be >= 1, got {chunk_steps}")
+    check_seconds(seconds)
+    fields.whole("chunk_steps", chunk_steps, 1)
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a string, got {prompt!r:.80}")
     frames = max(1, round(seconds * model.frame_rate))
     bank = load_banks(list(bank_paths))
     plan = None
@@ -136,18 +151,49 @@ def generate(
     return Generation(audio=audio, sample_rate=model.sample_rate, codes=codes, settings=settings)
 
 
-def generate_from_sidecar(settings: dict, *, progress: bool = True, model: MusicModel | None = None) -> Generation:
-    """Regenerate a generation from its sidecar. Banks are checked against the recorded hashes."""
+def check_sidecar(settings: Any, where: str = "sidecar") -> tuple[SteeringSpec | None, SamplingConfig]:
+    """Every value `generate_from_sidecar` uses, checked before a model is loaded: ValueError naming `where`
+    (the file), the key and the problem. Returns the steering spec and sampling it holds."""
+    if not isinstance(settings, dict):
+        raise ValueError(f"{where}: a render sidecar is a JSON object, got {type(settings).__name__}")
     if settings.get("format") != SIDECAR_FORMAT:
-        raise ValueError(f"not a musicrfm render sidecar (format {settings.get('format')!r})")
-    check_bank_hashes(settings.get("banks", []), "sidecar", "render")
+        raise ValueError(f"{where}: not a musicrfm render sidecar (format {settings.get('format')!r:.80})")
+    for key in _SIDECAR_KEYS:
+        if key not in settings:
+            raise ValueError(f"{where}: the sidecar lacks {key!r}")
+    for key in _SIDECAR_STRINGS:
+        if not isinstance(settings[key], str):
+            raise ValueError(f"{where}: {key} must be a string, got {settings[key]!r:.80}")
+    banks = settings["banks"]
+    if not isinstance(banks, list) or not all(
+            isinstance(b, dict) and isinstance(b.get("path"), str) and isinstance(b.get("sha256"), str) for b in banks):
+        raise ValueError(f"{where}: banks must be a list of {{\"path\": ..., \"sha256\": ...}}, got {banks!r:.80}")
+    try:
+        check_seconds(settings["seconds"])
+        fields.whole("seed", settings["seed"], 0, 2**63 - 1)
+        fields.whole("chunk_steps", settings["chunk_steps"], 1, 10**6)
+        for key, lo in (("context_steps", 1), ("keep_steps", 0)):
+            if settings[key] is not None:
+                fields.whole(key, settings[key], lo, 2**31)
+        sampling = SamplingConfig.from_dict(settings["sampling"])
+        spec = SteeringSpec.from_dict(settings["steering"]) if settings["steering"] else None
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    return spec, sampling
+
+
+def generate_from_sidecar(settings: dict, *, progress: bool = True, model: MusicModel | None = None,
+                          where: str = "sidecar") -> Generation:
+    """Regenerate a generation from its sidecar (`where`: its file, for errors). Every value is checked and
+    the banks against the recorded hashes before the model loads."""
+    spec, sampling = check_sidecar(settings, where)
+    check_bank_hashes(settings["banks"], "sidecar", "render")
     if model is None:
         model = load_model(settings["model"], device=settings["device"], dtype=settings["dtype"])
-    spec = SteeringSpec.from_dict(settings["steering"]) if settings.get("steering") else None
     return generate(
         model, settings["prompt"], settings["seconds"], spec=spec,
-        bank_paths=[b["path"] for b in settings.get("banks", [])],
-        sampling=SamplingConfig.from_dict(settings["sampling"]), seed=settings["seed"],
+        bank_paths=[b["path"] for b in settings["banks"]],
+        sampling=sampling, seed=settings["seed"],
         chunk_steps=settings["chunk_steps"], context_steps=settings["context_steps"],
         keep_steps=settings["keep_steps"], progress=progress,
     )

@@ -42,6 +42,7 @@ class SamplingConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplingConfig":
+        fields.fields("sampling", d, tuple(cls.__dataclass_fields__))  # a ValueError naming an unknown key
         return cls(**d)
 
 

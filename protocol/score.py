@@ -22,6 +22,9 @@ else:  # pragma: no cover
 _TOP = ("title", "model", "seconds", "seed", "prompt", "banks", "sampling", "steering", "cue")
 _STEERING = ("gate", "gate_seed", "layers", "rows", "rule")
 _CUE_KINDS = ("set", "prompt", "direction", "remove", "ramp", "crossfade", "gate", "layers", "sampling")
+# The longest performance a score may ask for: a day (a score's length decides how long a render runs and
+# how many frames it holds; 1e308 seconds is a typo, not a performance).
+MAX_SCORE_SECONDS = 24 * 3600
 
 
 class ScoreError(ValueError):
@@ -121,7 +124,10 @@ def _cue_patch(where: str, cue: dict, frame_rate: float, coefficients: dict[str,
     if "set" in cue:
         patch.update(_table(f"{where} set", cue["set"], ("prompt", "directions", "gate", "layers", "rows", "rule",
                                                          "sampling", "seed")))
-        directions.update(patch.pop("directions", {}) or {})
+        given = patch.pop("directions", {})
+        if not isinstance(given, dict):
+            raise _fail(where, f"set.directions must be a table of \"concept:class\" = {{...}}, got {given!r:.80}")
+        directions.update(given)
     if "prompt" in cue:
         if not isinstance(cue["prompt"], str):
             raise _fail(where, f"prompt must be a string, got {cue['prompt']!r}")
@@ -135,6 +141,8 @@ def _cue_patch(where: str, cue: dict, frame_rate: float, coefficients: dict[str,
     if "remove" in cue:
         keys = cue["remove"] if isinstance(cue["remove"], list) else [cue["remove"]]
         for key in keys:
+            if not isinstance(key, str):
+                raise _fail(where, f"remove names directions (\"concept:class\" or a list of them), got {key!r:.80}")
             directions[key] = None
     if "ramp" in cue:
         r = _table(f"{where} ramp", cue["ramp"], ("direction", "to", "from", "seconds", "steps"))
@@ -187,8 +195,14 @@ def parse_score(data: dict, *, frame_rate: float = 50.0, path: Path | None = Non
     if "seconds" not in data:
         raise _fail(name, "needs seconds = LENGTH (how long the performance lasts)")
     seconds = _number(f"{name} seconds", data["seconds"])
-    if seconds <= 0:
-        raise _fail(name, f"seconds must be > 0, got {seconds}")
+    if not 0 < seconds <= MAX_SCORE_SECONDS:
+        raise _fail(name, f"seconds must be > 0 and at most {MAX_SCORE_SECONDS} (a day), got {seconds:g}")
+    model = data.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _fail(name, f"model must be a model name (a string), got {model!r:.80}")
+    title = data.get("title", "")
+    if not isinstance(title, str):
+        raise _fail(name, f"title must be a string, got {title!r:.80}")
     seed = fields.whole(f"{name} seed", data.get("seed", 0), 0, error=ScoreError)
     prompt = data.get("prompt", "")
     if not isinstance(prompt, str):
@@ -215,7 +229,7 @@ def parse_score(data: dict, *, frame_rate: float = 50.0, path: Path | None = Non
         timed.append((_cue_step(where, cue, frame_rate), i, where, cue))
     for step, _, where, cue in sorted(timed, key=lambda t: (t[0], t[1])):  # stable: same step keeps file order
         cues.append(Cue(step, _cue_patch(where, cue, frame_rate, coefficients)))
-    score = Score(path, seconds, seed, prompt, str(data.get("title", "")), data.get("model"),
+    score = Score(path, seconds, seed, prompt, title, model,
                   [(base / b) for b in banks], initial, cues, frame_rate)
     late = [c for c in cues if c.step > score.frames]
     if late:
@@ -231,4 +245,6 @@ def load_score(path: str | Path, *, frame_rate: float = 50.0) -> Score:
         raise ScoreError(f"score {path} does not exist") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ScoreError(f"{path} is not valid TOML: {exc}") from None
+    except RecursionError:  # the TOML reader recurses once per nested array or table
+        raise ScoreError(f"{path}: arrays or tables nested too deeply") from None
     return parse_score(data, frame_rate=frame_rate, path=path)

@@ -62,7 +62,8 @@ class ServerConfig:
     osc_host: str = "127.0.0.1"
     osc_port: int | None = 9000  # None: no OSC
     token: str | None = None
-    max_sessions: int = 8
+    max_sessions: int = 8  # `main` always has a place: other sessions may take max_sessions - 1
+    idle_seconds: float = 300.0  # a session nobody listens to or sends anything for this long is closed
     messages_per_second: float = 100.0
     message_burst: int = 200
     send_queue_seconds: float = 2.0  # audio a slow client may have queued before it is dropped
@@ -86,17 +87,48 @@ class Hub:
         self.directions: list[str] = sorted(bank.keys()) if bank is not None else []
         self.coefficient_max = config.coefficient_max
         self._client_ids = itertools.count(1)
+        self._reaper: asyncio.Task | None = None
 
     def next_client_id(self) -> int:
         return next(self._client_ids)
+
+    def start(self) -> None:
+        """Start reaping idle sessions (on the running loop)."""
+        self._reaper = asyncio.get_running_loop().create_task(self._reap_forever(), name="session reaper")
+
+    async def _reap_forever(self) -> None:
+        every = min(max(self.config.idle_seconds / 4, 0.05), 5.0)
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.reap_idle()
+            except Exception:  # never let one failure stop the reaping
+                log.exception("reaping idle sessions failed")
+
+    async def reap_idle(self) -> list[str]:
+        """Close the sessions nobody has listened to or sent anything for `idle_seconds` (a recording in
+        progress is finalised); their names are free again. Returns the names closed."""
+        idle = [name for name, s in self.sessions.items() if s.idle_for() >= self.config.idle_seconds]
+        closing = [self.sessions.pop(name) for name in idle]
+        for session in closing:
+            log.info("session %s closed: nobody used it for %g s (--idle-seconds)", session.name,
+                     self.config.idle_seconds)
+        await asyncio.gather(*(s.close() for s in closing))
+        return idle
 
     def get_session(self, name: str) -> Session:
         if not valid_session_name(name):
             raise ProtocolError(f"bad session name {name!r}: 1-64 letters, digits, '-' or '_'")
         session = self.sessions.get(name)
-        if session is None:
-            if len(self.sessions) >= self.config.max_sessions:
-                raise ProtocolError(f"the server holds its maximum of {self.config.max_sessions} sessions")
+        if session is not None:
+            session.touch()  # a message for it (OSC, or a client joining): it is in use
+        else:
+            # `main` always has a place: the other sessions may fill all but one.
+            others = sum(1 for n in self.sessions if n != "main")
+            if name != "main" and others >= self.config.max_sessions - 1:
+                raise ProtocolError(f"the server holds its maximum of {self.config.max_sessions} sessions (one "
+                                    f"of them kept for 'main'); a session nobody uses closes after "
+                                    f"{self.config.idle_seconds:g} s")
             stream = Stream(self.model, self.bank, self.config.initial, context_steps=self.config.context_steps,
                             keep_steps=self.config.keep_steps)
             session = Session(name, stream, self.config.session, self.bank_paths)
@@ -120,6 +152,8 @@ class Hub:
                 "recording": state["recording"]}
 
     async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
         await asyncio.gather(*(s.close() for s in self.sessions.values()))
 
 
@@ -324,6 +358,9 @@ class Server:
         if not is_loopback(config.host) and not config.token:
             raise ValueError(f"binding {config.host} (not loopback) needs a token: pass --token (clients add "
                              f"?token=... to their URL)")
+        if config.max_sessions < 1 or not config.idle_seconds > 0:
+            raise ValueError(f"max_sessions must be >= 1 and idle_seconds > 0, got {config.max_sessions} and "
+                             f"{config.idle_seconds}")
         if config.osc_port is not None and not is_loopback(config.osc_host) and not config.token:
             raise ValueError(f"binding OSC to {config.osc_host} (not loopback) needs a token: pass --token")
         self.config = config
@@ -490,6 +527,7 @@ class Server:
 
     async def start(self) -> None:
         c = self.config
+        self.hub.start()
         self._ws = await serve(self._handle, c.host, c.port, process_request=self._process_request,
                                max_size=MAX_MESSAGE_BYTES, compression=None, ping_interval=20, ping_timeout=20,
                                close_timeout=5, server_header="musicrfm")

@@ -29,9 +29,12 @@ def cmd_serve(args) -> int:
     config = ServerConfig(
         host=args.host, port=args.port, osc_host=args.osc_host,
         osc_port=osc_port if osc_port >= 0 else None,
-        token=token, max_sessions=args.max_sessions, coefficient_max=args.coefficient_max,
-        allow_origins=tuple(args.allow_origin), allow_hosts=tuple(args.allow_host),
-        session=SessionConfig(chunk_steps=args.chunk_steps, lead_seconds=args.lead, record_dir=args.record_dir),
+        token=token, max_sessions=args.max_sessions, idle_seconds=args.idle_seconds,
+        coefficient_max=args.coefficient_max, allow_origins=tuple(args.allow_origin),
+        allow_hosts=tuple(args.allow_host),
+        session=SessionConfig(chunk_steps=args.chunk_steps, lead_seconds=args.lead, record_dir=args.record_dir,
+                              record_max_seconds=args.record_max_seconds, record_max_mb=args.record_max_mb,
+                              record_min_free_mb=args.record_min_free_mb),
         initial=ControlState(prompt=args.prompt, sampling=sampling, seed=args.seed),
     )
     bank_paths = list(args.bank) or bundled_banks(args.model)  # a bundled model's own banks by default
@@ -58,21 +61,35 @@ def cmd_serve(args) -> int:
 def cmd_replay(args) -> int:
     from musicrfm.engine.audio import write_wav
 
-    from .recording import replay
+    from .recording import REPLAY_AUDIO_TOLERANCE, plan_replay, replay
 
-    result = replay(args.log, progress=not args.quiet)
+    plan = plan_replay(args.log)  # the log and its WAV, checked before any model loads
+    log, rate = plan.log, plan.log.header["frame_rate"]
     out = args.out or args.log.with_name(args.log.stem + "-replay.wav")
-    write_wav(out, result.audio, result.sample_rate)
-    first, end = result.header["first_frame"], result.header["first_frame"] + result.codes.shape[1]
-    print(f"replayed frames {first}..{end} -> {out}")
-    if result.expected_sha256 is None:
-        print("the log has no end line (the recording was cut off): tokens regenerated, nothing to compare")
-        return 0
-    if not result.matches:
-        print(f"tokens differ from the recording: {result.tokens_sha256} != {result.expected_sha256} "
-              f"(same model, device and dtype are needed)", file=sys.stderr)
+    if log.partial:
+        print(f"{args.log}: the last line was cut off mid-write; read the {log.lines} whole lines before it")
+    got = "complete (it has its end line)" if log.end else "cut off (no end line)"
+    print(f"the recording is {got}: frames {plan.first}..{plan.end} ({(plan.end - plan.first) / rate:.2f} s), "
+          f"its end from {plan.how}")
+    result = replay(args.log, plan=plan, progress=not args.quiet)
+    first, end = plan.first, plan.first + result.codes.shape[1]
+    print(f"regenerated the stream from step 0 to frame {end}: frames {first}..{end} ({(end - first) / rate:.2f} s) "
+          f"to compare with the recording")
+    if result.expected_sha256 is not None and result.matches:
+        print(f"tokens match the recording (sha256 {result.tokens_sha256[:16]}...)")
+    if result.audio_difference is not None and result.audio_difference <= REPLAY_AUDIO_TOLERANCE:
+        print(f"audio matches the recorded WAV over its first {result.compared_samples} samples "
+              f"(largest difference {result.audio_difference:.2g})")
+    if result.expected_sha256 is None and result.audio_difference is None:
+        print("nothing to compare: the log has no end line and no WAV lies beside it")
+    if not result.ok:
+        for problem in result.problems:
+            print(f"musicrfm: replay differs: {problem}", file=sys.stderr)
+        print(f"not writing {out}: the replay does not match the recording (same model, device and dtype "
+              f"are needed)", file=sys.stderr)
         return 1
-    print(f"tokens match the recording (sha256 {result.tokens_sha256[:16]}...)")
+    write_wav(out, result.audio, result.sample_rate)
+    print(f"wrote {out}")
     return 0
 
 
@@ -98,7 +115,18 @@ def register(sub) -> None:
     s.add_argument("--lead", type=float, default=0.5, help="seconds of audio generated ahead of playback")
     s.add_argument("--chunk-steps", type=int, default=5, help="generation steps per audio chunk (50 = 1 s)")
     s.add_argument("--record-dir", type=Path, default=Path("recordings"))
-    s.add_argument("--max-sessions", type=int, default=8)
+    s.add_argument("--record-max-seconds", type=float, default=3600.0,
+                   help="a recording stops (complete, replayable) at this length (default: %(default)g)")
+    s.add_argument("--record-max-mb", type=float, default=1024.0,
+                   help="... or when its WAV and log reach this many MB (default: %(default)g)")
+    s.add_argument("--record-min-free-mb", type=float, default=512.0,
+                   help="a recording does not start with less free disk than this under --record-dir "
+                        "(default: %(default)g)")
+    s.add_argument("--max-sessions", type=int, default=8,
+                   help="sessions at once; one place is kept for 'main' (default: %(default)s)")
+    s.add_argument("--idle-seconds", type=float, default=300.0,
+                   help="a session with no listener and no message for this long is closed, freeing its name and "
+                        "place (default: %(default)g)")
     s.add_argument("--coefficient-max", type=float, default=2.0, help="knob range: 0..1 maps to 0..this")
     s.add_argument("--prompt", default="", help="a new session's prompt")
     s.add_argument("--seed", type=int, default=0, help="a new session's seed")

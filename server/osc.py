@@ -33,7 +33,8 @@ from pythonosc.osc_message import OscMessage
 from pythonosc.parsing import osc_types
 
 from musicrfm.protocol.wire import MAX_MESSAGE_BYTES, ProtocolError, is_loopback, valid_session_name
-from .limits import RateLimitedLog
+from .limits import RateLimitedLog, TokenBucket
+from .state import MAX_DIRECTION_KEY_CHARS, check_schedule_points, short
 from .stream import Cause
 
 log = logging.getLogger("musicrfm.osc")
@@ -49,6 +50,9 @@ MAX_ERROR_TEXT = 1000                   # characters of an /musicrfm/error reply
 MAX_REPLY_BYTES = 8192                  # echo bundles are split so that each datagram stays below this
 ERROR_REPLIES_PER_SECOND = 50           # /musicrfm/error replies, all senders together (bursts of 100):
                                         # a flood of bad (or source-spoofed) packets is not reflected
+MESSAGES_PER_SECOND = 100               # messages one sender (ip:port) may send, a bundle counting its messages;
+MESSAGE_BURST = 200                     # over that, a datagram is refused whole (as a WebSocket client's are)
+MAX_RATE_SENDERS = 1024                 # senders whose rate is remembered (the least recent are forgotten)
 _BUNDLE_TAG = b"#bundle\x00"
 _ARG_TAGS = frozenset("ifdhsTFN")       # argument types accepted at all (others: a clear error)
 
@@ -106,7 +110,7 @@ def _parse_message(data: bytes) -> tuple[str, str, list[Any]]:
         if index < len(data):
             tags, index = osc_types.get_string(data, index)
             if not tags.startswith(","):
-                raise OscError(f"{address}: the type tag string must start with ',', got {tags[:20]!r}")
+                raise OscError(f"{short(address, 80)}: the type tag string must start with ',', got {tags[:20]!r}")
             tags = tags[1:]
     except OscError:
         raise
@@ -114,13 +118,13 @@ def _parse_message(data: bytes) -> tuple[str, str, list[Any]]:
         raise OscError(f"malformed OSC message: {exc}") from None
     unknown = sorted(set(tags) - _ARG_TAGS)
     if unknown:  # checked before python-osc sees them: it logs unknown tags on the root logger
-        raise OscError(f"{address}: unsupported OSC type tag(s) {''.join(unknown)!r}; use i, f, s (or T/F)")
+        raise OscError(f"{short(address, 80)}: unsupported OSC type tag(s) {''.join(unknown)!r}; use i, f, s (or T/F)")
     try:
         params = OscMessage(data).params
     except Exception as exc:
-        raise OscError(f"{address}: malformed OSC arguments: {exc}") from None
+        raise OscError(f"{short(address, 80)}: malformed OSC arguments: {exc}") from None
     if len(params) != len(tags):
-        raise OscError(f"{address}: type tags ,{tags} but {len(params)} argument(s) could be read")
+        raise OscError(f"{short(address, 80)}: type tags ,{tags} but {len(params)} argument(s) could be read")
     return address, tags, params
 
 
@@ -151,22 +155,27 @@ def key_to_osc(key: str) -> str:
 
 def key_from_osc(text: str, directions: Any) -> str:
     """A KEY written in an address -> the direction key: the literal text if the banks hold it, else the
-    text with an 's' after a note letter A-G (in the class part) read as '#', when that key exists.
-    Unresolved keys are returned as written (the session names the unknown direction)."""
-    known = set(directions or ())
+    text with an 's' after a note letter A-G (in the class part) read as '#', when that key exists: every such
+    's' first, else just one of them (the first that makes a known key). Unresolved keys are returned as
+    written (the session names the unknown direction).
+
+    Linear in the text (times the bank's keys): a 60 KB key of 'AsAsAs...' once took seconds and gigabytes,
+    when every one-'#' candidate was built. Callers bound the length too (MAX_DIRECTION_KEY_CHARS)."""
+    known = directions if isinstance(directions, (set, frozenset, dict)) else set(directions or ())
     if text in known or ":" not in text:
         return text
     concept, _, cls = text.partition(":")
-    spots = [m.start() for m in _SHARP_S.finditer(cls)]
+    spots = {m.start() for m in _SHARP_S.finditer(cls)}
     if not spots:
         return text
-    candidates = ["".join("#" if i in spots else c for i, c in enumerate(cls))]  # every 's' read as '#'
-    candidates += [cls[:i] + "#" + cls[i + 1:] for i in spots]                   # or just one of them
-    for candidate in candidates:
-        key = f"{concept}:{candidate}"
-        if key in known:
-            return key
-    return text
+    every = f"{concept}:" + "".join("#" if i in spots else c for i, c in enumerate(cls))
+    if every in known:
+        return every
+    # One 's' read as '#': a known key with a single '#', at one of the spots, and the text elsewhere.
+    head = len(concept) + 1
+    found = [(k.index("#") - head, k) for k in known
+             if len(k) == len(text) and k.count("#") == 1 and k.index("#") - head in spots and key_to_osc(k) == text]
+    return min(found)[1] if found else text
 
 
 # --- arguments --------------------------------------------------------------------------------------
@@ -229,9 +238,10 @@ def _schedule(address: str, text: str) -> dict:
     from musicrfm.engine.steering import Schedule  # imports torch: only when a schedule is actually sent
 
     try:
+        check_schedule_points(f"{address} schedule", text)  # before parsing: counting is cheap
         return Schedule.parse(text).to_dict()
-    except (ValueError, TypeError) as exc:
-        raise OscError(f"{address}: {exc}") from None
+    except (ValueError, TypeError, ProtocolError) as exc:
+        raise OscError(str(exc) if isinstance(exc, ProtocolError) else f"{address}: {exc}") from None
 
 
 # --- translation ------------------------------------------------------------------------------------
@@ -262,10 +272,10 @@ def translate(address: str, tags: str, params: list, *, directions: Any, coeffic
     the addresses of docs/protocol.md or its arguments are wrong."""
     parts = address.split("/")
     if len(parts) < 4 or parts[0] != "" or parts[1] != PREFIX:
-        raise OscError(f"unknown OSC address {address!r}; addresses are /musicrfm/SESSION/...")
+        raise OscError(f"unknown OSC address {short(address, 80)}; addresses are /musicrfm/SESSION/...")
     session, rest = parts[2], parts[3:]
     if not valid_session_name(session):
-        raise OscError(f"{address}: bad session name {session!r} (letters, digits, '-', '_', at most 64)")
+        raise OscError(f"bad session name {short(session)} (letters, digits, '-', '_', at most 64)")
     head = rest[0]
 
     def set_(**fields: Any) -> Action:
@@ -297,6 +307,9 @@ def translate(address: str, tags: str, params: list, *, directions: Any, coeffic
             value = _float_arg(address, tags, params)
         return set_(sampling={_SAMPLING[name]: value})
     elif len(rest) == 3 and head == "direction" and rest[2] in _DIRECTION_FIELDS and rest[1]:
+        if len(rest[1]) > MAX_DIRECTION_KEY_CHARS:
+            raise OscError(f"direction key {short(rest[1])} is too long (at most {MAX_DIRECTION_KEY_CHARS} "
+                           "characters)")
         key = key_from_osc(rest[1], directions)
         what = rest[2]
         if what == "coefficient":
@@ -311,7 +324,7 @@ def translate(address: str, tags: str, params: list, *, directions: Any, coeffic
             return set_(directions={key: {"schedule": _schedule(address, _str_arg(address, tags, params))}})
         _no_args(address, tags)  # remove
         return set_(directions={key: None})
-    raise OscError(f"unknown OSC address {address!r}")
+    raise OscError(f"unknown OSC address {short(address, 80)}")
 
 
 # --- replies ----------------------------------------------------------------------------------------
@@ -424,6 +437,7 @@ class OscServer:
         self._log = RateLimitedLog(log, "OSC warnings")
         self._error_tokens = 2.0 * ERROR_REPLIES_PER_SECOND
         self._error_time = time.monotonic()
+        self._rates: collections.OrderedDict[Address, TokenBucket] = collections.OrderedDict()
 
     async def start(self, host: str = "127.0.0.1", port: int = 9000) -> Address:
         """Bind the UDP socket; returns the bound (host, port) (port 0 picks a free one)."""
@@ -467,8 +481,12 @@ class OscServer:
             return
         try:
             messages = parse_packet(data)
-        except OscError as exc:
+        except OscError as exc:  # (its reply is limited with every other error reply)
             self._refuse(sender, str(exc))
+            return
+        if not self._rate(sender).take(len(messages)):
+            self._refuse(sender, f"rate limit: at most {MESSAGES_PER_SECOND} OSC messages a second from one sender "
+                                 f"(bursts of {MESSAGE_BURST}); this datagram ({len(messages)} messages) was dropped")
             return
         for address, tags, params in messages:
             if address == AUTH_ADDRESS:
@@ -486,6 +504,17 @@ class OscServer:
                 self._refuse(sender, str(exc))
                 continue
             self._enqueue(sender, action)
+
+    def _rate(self, sender: Address) -> TokenBucket:
+        """The sender's message bucket (the least recently heard of MAX_RATE_SENDERS are forgotten)."""
+        bucket = self._rates.get(sender)
+        if bucket is None:
+            bucket = self._rates[sender] = TokenBucket(MESSAGES_PER_SECOND, MESSAGE_BURST)
+        else:
+            self._rates.move_to_end(sender)
+        while len(self._rates) > MAX_RATE_SENDERS:
+            self._rates.popitem(last=False)
+        return bucket
 
     def _auth(self, sender: Address, tags: str, params: list) -> None:
         if self.token is None:
@@ -568,6 +597,9 @@ class OscServer:
                     sub.unsubscribe()
                 except Exception:
                     log.debug("OSC: unsubscribe failed", exc_info=True)
+            # Forget the sessions the hub closed (reaped when idle), so that they can be freed.
+            for other in [n for n, s in self._subscriptions.items() if getattr(s.session, "closed", False)]:
+                del self._subscriptions[other]
             unsubscribe = session.subscribe(lambda message, name=name: self._on_session_message(name, message))
             listeners = sub.listeners if sub is not None else {}
             sub = self._subscriptions[name] = _Subscription(session, unsubscribe)

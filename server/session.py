@@ -4,6 +4,10 @@ All of a session's bookkeeping runs on the event loop; the model work (`Stream.g
 changes, which may encode a prompt) runs in the session's own worker thread, one call at a time, so the
 loop never blocks and two sessions generate side by side.
 
+Nobody listening: a playing session whose last WebSocket listener left holds generation (its playback stays
+`playing`, its clock stops) until a listener joins, which goes on with the same stream: a session does not spend
+the CPU, or fill a recording, for nobody. Changes still apply (between steps) while it waits.
+
 Pacing: the server's playback clock runs at real time from the moment a stream starts playing. The
 session generates a chunk whenever less than `lead_seconds` of audio is ahead of that clock, and sleeps
 otherwise. When generation cannot keep up, the clock catches the generated audio (an underrun: the
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,11 +29,17 @@ from typing import Callable, Protocol
 
 from musicrfm.protocol import fields
 from musicrfm.protocol.wire import AudioHeader, ProtocolError, pack_audio
+from .limits import TokenBucket
 from .recording import Recorder
 from .stream import Applied, Cause, Stream, StreamChunk
 
 log = logging.getLogger("musicrfm.session")
 __all__ = ["Cause", "Session", "SessionConfig", "Listener"]
+
+# How often a session's recordings may start: a burst of this many, then one per RECORD_START_SECONDS. Each start
+# creates two files; unbounded, ten OSC datagrams of /record 1 /record 0 created 2,000 of them.
+RECORD_START_BURST = 3
+RECORD_START_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -37,8 +48,16 @@ class SessionConfig:
     lead_seconds: float = 0.5  # generated-but-unplayed audio to keep ahead of the real-time clock
     record_dir: Path = Path("recordings")
     stats_interval: float = 1.0
+    record_max_seconds: float = 3600.0  # a recording stops (complete) at this length ...
+    record_max_mb: float = 1024.0  # ... or when its WAV and log reach this size (MB, 10**6 bytes)
+    record_min_free_mb: float = 512.0  # a recording does not start when the disk has less free than this
 
     def __post_init__(self) -> None:
+        for name in ("record_max_seconds", "record_max_mb"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not self.record_min_free_mb >= 0:
+            raise ValueError(f"record_min_free_mb must be >= 0, got {self.record_min_free_mb!r}")
         if not isinstance(self.chunk_steps, int) or self.chunk_steps < 1:
             raise ValueError(f"chunk_steps must be an integer >= 1, got {self.chunk_steps!r}")
         if not 0 < self.lead_seconds <= 30:
@@ -105,6 +124,8 @@ class Session:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"session-{name}")
         self._task: asyncio.Task | None = None
         self._closed = False
+        self.last_active = time.monotonic()  # the last client message, OSC packet, join or leave (idle reaping)
+        self._record_starts = TokenBucket(1.0 / RECORD_START_SECONDS, RECORD_START_BURST)
         self.last_applied: Applied | None = None
         # stats
         self.underruns = 0
@@ -132,9 +153,24 @@ class Session:
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners[listener.client_id] = listener
+        self.touch()
+        self._wake.set()  # a session held for want of listeners goes on
 
     def remove_listener(self, listener: Listener) -> None:
         self._listeners.pop(listener.client_id, None)
+        self.touch()
+
+    def touch(self) -> None:
+        """Someone used the session now (it is not idle)."""
+        self.last_active = time.monotonic()
+
+    def idle_for(self) -> float:
+        """Seconds since anybody used the session; 0 while a listener is connected."""
+        return 0.0 if self._listeners else time.monotonic() - self.last_active
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     @property
     def listeners(self) -> int:
@@ -153,7 +189,7 @@ class Session:
             send(*args)
         except Exception as exc:
             log.exception("session %s: sending to client %s failed: dropping it", self.name, listener.client_id)
-            self._listeners.pop(listener.client_id, None)
+            self.remove_listener(listener)
             try:
                 listener.drop(f"internal error: a message could not be sent ({type(exc).__name__})")
             except Exception:
@@ -194,6 +230,7 @@ class Session:
         """A client's message (already decoded). Raises ProtocolError naming what is wrong."""
         if self._closed:
             raise ProtocolError(f"session {self.name!r} is closing")
+        self.touch()
         kind = message.get("type")
         if kind in ("set", "transport"):
             self.stream.submit(message, cause)
@@ -205,6 +242,8 @@ class Session:
             command = message.get("command")
             if command not in ("start", "stop"):
                 raise ProtocolError(f"record command must be start or stop, got {fields.shown(command)}")
+            if command == "start" and (self._record_requests or not (self._recorder or self._armed)):
+                self._check_can_record()  # (a start while recording, with nothing else waiting, does nothing)
             self._record_requests.append((command, cause))
             self._wake.set()
         elif kind == "get":
@@ -227,10 +266,11 @@ class Session:
         try:
             while not self._closed:
                 self._wake.clear()
-                if self.stream.state.playback != "playing":  # while playing, generate() applies changes
+                held = self.stream.state.playback != "playing" or not self._listeners
+                if held:  # while generating, generate() applies changes
                     self._publish(await self._work(self.stream.apply_due))
                 self._handle_record_requests()
-                if self.stream.state.playback != "playing":
+                if self.stream.state.playback != "playing" or not self._listeners:
                     if self._clock.running:
                         self._clock.pause(self._generated())
                     await self._idle(None)
@@ -291,7 +331,11 @@ class Session:
             for listener in list(self._listeners.values()):
                 self._deliver(listener, listener.send_audio, frame, n)
             if self._recorder is not None and self._recorder.epoch == chunk.epoch:
-                self._recorder.add_audio(chunk.first_sample, chunk.audio)
+                self._recorder.add_audio(chunk.first_sample, chunk.audio,
+                                         int(self.config.record_max_seconds * self.sample_rate))
+                if self._recorder.full:
+                    log.info("session %s: the recording reached --record-max-seconds or --record-max-mb", self.name)
+                    self._finish_recording("limit")
         if chunk.ended:
             self._publish_states(chunk.applied)
             if self._recorder is not None and self._recorder.epoch == chunk.epoch:
@@ -338,19 +382,46 @@ class Session:
                 self._broadcast({"type": "recording", "status": "disarmed"})
         self._start_armed_recording()  # an armed recording whose stream has begun
 
+    def _check_can_record(self) -> None:
+        """ProtocolError when a recording may not start now: too many started lately, or too little disk."""
+        if not self._record_starts.take():
+            raise ProtocolError(f"record: at most {RECORD_START_BURST} recordings start in a row, then one every "
+                                f"{RECORD_START_SECONDS:g} s; this start was refused")
+        self._check_disk()
+
+    def _check_disk(self) -> None:
+        c = self.config
+        try:
+            c.record_dir.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(c.record_dir).free / 1e6
+        except OSError as exc:
+            raise ProtocolError(f"record: cannot write under {c.record_dir}: {exc.strerror or exc}") from None
+        if free < c.record_min_free_mb:
+            raise ProtocolError(f"record: only {free:.0f} MB free under {c.record_dir} (a recording needs "
+                                f"--record-min-free-mb {c.record_min_free_mb:g}); not recording")
+
     def _start_armed_recording(self) -> None:
         if not (self._armed and self.stream.generator is not None and self._recorder is None):
             return
         self._armed = False
-        self.config.record_dir.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
         base = self.config.record_dir / f"{self.name}-{self.stream.epoch}-{stamp}"
-        self._recorder = Recorder(base, self.stream, self.bank_paths)
+        try:
+            self._check_disk()  # again: an armed recording may start long after it was asked for
+            self._recorder = Recorder(base, self.stream, self.bank_paths, max_bytes=int(self.config.record_max_mb * 1e6))
+        except (ProtocolError, OSError) as exc:
+            log.warning("session %s: %s", self.name, exc)
+            self._broadcast({"type": "warning", "message": str(exc)})
+            self._broadcast({"type": "recording", "status": "disarmed"})
+            return
         self._broadcast({"type": "recording", "status": "started", "wav": str(self._recorder.wav_path),
                          "log": str(self._recorder.log_path), "frames": [self._recorder.first_frame, None]})
 
-    def _finish_recording(self) -> None:
+    def _finish_recording(self, reason: str | None = None) -> None:
         recorder, self._recorder = self._recorder, None
         s = self.stream
         codes = s.generator.codes() if s.generator is not None and s.epoch == recorder.epoch else s.finished_codes
-        self._broadcast(recorder.finish(codes))
+        message = recorder.finish(codes)
+        if reason is not None:  # it reached --record-max-seconds / --record-max-mb
+            message["reason"] = reason
+        self._broadcast(message)

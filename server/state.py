@@ -6,6 +6,7 @@ message changes nothing. Its steering part is the engine's `SteeringSpec` itself
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
@@ -22,6 +23,12 @@ _DIRECTION_FIELDS = ("coefficient", "schedule", "active")
 _SAMPLING_FIELDS = ("guidance_scale", "temperature", "top_k", "top_p", "greedy")
 MAX_PROMPT_CHARS = 2000
 MAX_DIRECTIONS = 64
+MAX_DIRECTION_KEY_CHARS = 128  # a bank's keys are short; a longer one is refused before it is looked up
+# Valid but costly: every change's whole state is checked, broadcast to every client and kept for recordings, so
+# a schedule's keyframes and the state as a whole are bounded (16 directions x 10,000 points once blocked the
+# event loop for 2 s and made each change a 1.7 MB broadcast).
+MAX_SCHEDULE_POINTS = 64
+MAX_STATE_BYTES = 32 * 1024  # the state as compact (ASCII-escaped) JSON: what every `state` message carries
 # Finite is not enough: a value the engine turns into inf / NaN (a coefficient of 1e30, a temperature of 1e-300,
 # a guidance scale of 1e308, ...) would stop the stream for every listener. So the strength a direction adds
 # (|coefficient|, its schedule's peak, the layer weights, and their products) is bounded, and so is sampling.
@@ -77,6 +84,7 @@ class ControlState:
 
 def _schedule(where: str, value: Any, step: int) -> Schedule:
     """A schedule from a `set`: relative to the step it applies at, so shifted onto the absolute clock."""
+    check_schedule_points(where, value)
     try:
         schedule = Schedule.parse(value) if isinstance(value, str) else Schedule.from_dict(value)
         if schedule.kind == "sine" and schedule.period < MIN_SINE_PERIOD:  # 2 pi t / period would overflow
@@ -84,6 +92,24 @@ def _schedule(where: str, value: Any, step: int) -> Schedule:
         return schedule.shifted(step)
     except (ValueError, TypeError, ArithmeticError) as exc:  # ArithmeticError: an integer too large for a float
         raise ProtocolError(f"{where}: {exc}") from None
+
+
+def check_schedule_points(where: str, value: Any) -> None:
+    """Refuse a keyframe schedule of more than MAX_SCHEDULE_POINTS points before it is parsed (counting is
+    cheap; parsing and checking 10,000 points is not)."""
+    if isinstance(value, str):
+        points = value.count(",") + 1 if value.lstrip().startswith("keyframes") else 0
+    elif isinstance(value, dict) and isinstance(value.get("points"), (list, tuple)):
+        points = len(value["points"])
+    else:
+        return
+    if points > MAX_SCHEDULE_POINTS:
+        raise ProtocolError(f"{where}: at most {MAX_SCHEDULE_POINTS} keyframe points, got {points}")
+
+
+def short(text: str, limit: int = 40) -> str:
+    """`text` for an error message: its start, when it is long (a message never echoes unbounded input)."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 def _direction(key: str, old: DirectionControl | None, patch: Any, step: int,
@@ -155,10 +181,15 @@ def apply_patch(state: ControlState, patch: Mapping[str, Any], *, step: int,
         if not isinstance(given, dict):
             raise ProtocolError(f"directions must be an object of key -> settings (or null), "
                                 f"got {fields.shown(given)}")
+        if len(given) > MAX_DIRECTIONS:
+            raise ProtocolError(f"at most {MAX_DIRECTIONS} directions at once, got {len(given)} in one message")
         directions = state.directions
         for key, value in given.items():
             if not isinstance(key, str):
-                raise ProtocolError(f"direction keys must be strings, got {fields.shown(key)}")
+                raise ProtocolError(f"direction keys must be strings, got {type(key).__name__}")
+            if len(key) > MAX_DIRECTION_KEY_CHARS:
+                raise ProtocolError(f"direction key {short(key)} is too long (at most {MAX_DIRECTION_KEY_CHARS} "
+                                    "characters)")
             if value is None:
                 if key not in directions:
                     raise ProtocolError(f"cannot remove direction {fields.shown(key)}: it is not set")
@@ -194,14 +225,19 @@ def apply_patch(state: ControlState, patch: Mapping[str, Any], *, step: int,
         changes["seed"] = fields.whole("seed", patch["seed"], 0, 2**63 - 1, error=ProtocolError)
     new = replace(state, **changes)
     _check_strength(new)
-    _check_integers(new)
+    as_dict = new.to_dict()
+    _check_integers(as_dict)
+    size = len(json.dumps(as_dict, separators=(",", ":")))
+    if size > MAX_STATE_BYTES:
+        raise ProtocolError(f"the state would be {size} bytes of JSON (at most {MAX_STATE_BYTES}): fewer directions, "
+                            "keyframe points or a shorter prompt")
     return new
 
 
-def _check_integers(state: ControlState) -> None:
+def _check_integers(state: dict) -> None:
     """Every whole number in the state fits in 64 bits: a schedule's `length` of 10**400 is valid JSON, but the
     state is sent to msgpack clients too, and msgpack (like most JSON readers) cannot carry it."""
-    todo: list[tuple[str, Any]] = [("state", state.to_dict())]
+    todo: list[tuple[str, Any]] = [("state", state)]
     while todo:
         where, value = todo.pop()
         if isinstance(value, dict):

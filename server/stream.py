@@ -30,10 +30,12 @@ restarts the step count; another change applied first) is checked again when it 
 from __future__ import annotations
 
 import bisect
+import json
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -54,6 +56,9 @@ from .state import TRANSPORT_COMMANDS, ControlState, apply_patch
 # audio with it) stalled.
 MAX_FUTURE_CHANGES = 4096
 MAX_OUT_OF_ORDER_CHANGES = 64
+# A stream's control history (what a recording started mid-stream writes first), compressed. At ~20 bytes a step
+# where something changed, this holds hours of knob turning; past it, a recording needs a new stream.
+MAX_HISTORY_BYTES = 2 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,64 @@ class Applied:
     epoch: int
     state: ControlState
     cause: Cause
+
+
+def log_line(applied: Applied) -> str:
+    """A recording's `state` line for an applied change (docs/protocol.md, "Recordings"), with its newline."""
+    return json.dumps({"type": "state", "step": applied.step, "version": applied.version,
+                       "state": applied.state.to_dict()}, separators=(",", ":")) + "\n"
+
+
+class History:
+    """The current stream's control states since its step 0, which a recording started mid-stream writes first
+    so that its replay regenerates the stream from step 0.
+
+    Bounded two ways. Only the last state of a step is kept: a replay applies a step's states one after another
+    before the step runs, so the earlier ones change nothing (10,000 changes between two steps cost one entry).
+    And the entries are kept as their log lines, compressed together: consecutive states differ in a field or
+    two, so a line costs ~20 bytes rather than the ~750 of a state object. Past `max_bytes` the history is
+    dropped and `complete` turns False until the next stream (a recording then needs a new stream)."""
+
+    def __init__(self, max_bytes: int = MAX_HISTORY_BYTES):
+        self.max_bytes = max_bytes
+        self.clear()
+
+    def clear(self) -> None:
+        self._zip = zlib.compressobj()
+        self._chunks: list[bytes] = []
+        self.nbytes = 0  # compressed bytes held (the compressor's own state is a constant ~300 KB besides)
+        self.last: Applied | None = None  # the latest entry, kept as is: a change at the same step replaces it
+        self.complete = True
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def append(self, applied: Applied) -> None:
+        if self.last is not None and self.last.step == applied.step:
+            self.last = applied
+            return
+        if self.last is not None and self.complete:
+            self._chunks.append(self._zip.compress(log_line(self.last).encode()))
+            self.nbytes += len(self._chunks[-1])
+            if self.nbytes > self.max_bytes:
+                self._zip, self._chunks, self.nbytes, self.complete = zlib.compressobj(), [], 0, False
+        self.last = applied
+        self._count += 1
+
+    def lines(self) -> Iterator[str]:
+        """The log lines, oldest first (decompressed a chunk at a time)."""
+        if not self.complete:
+            return
+        unzip = zlib.decompressobj()
+        pending = b""
+        for chunk in [*self._chunks, self._zip.copy().flush(zlib.Z_SYNC_FLUSH)]:
+            pending += unzip.decompress(chunk)
+            *whole, pending = pending.split(b"\n")
+            for line in whole:
+                yield line.decode() + "\n"
+        if self.last is not None:
+            yield log_line(self.last)
 
 
 @dataclass
@@ -158,9 +221,10 @@ class Stream:
         self.generator: Generator | None = None
         self.decoder: StreamingDecoder | None = None
         self.samples_emitted = 0
-        self.history: list[Applied] = []  # changes since step 0 of the current stream
+        self.history = History()  # the current stream's states since its step 0
         self.finished_codes: torch.Tensor | None = None  # tokens of the last stream that ended
         self._plan: SteeringPlan | None = None  # the current state's plan, on the CPU (as last compiled)
+        self._generator_plan: SteeringPlan | None = None  # the CPU plan the generator runs (see _sync_generator)
         self._device_weights: tuple[torch.Tensor, torch.Tensor] | None = None  # (CPU weighted, on the device)
         self._pending: list[Change] = []  # in the order they will apply: by (step, order)
         self._front: Change | None = None  # the last change taken from the queue: where the queue goes on from
@@ -309,6 +373,7 @@ class Stream:
         gen = self.generator
         for change in self._due(stepping=False):
             self._apply(change, applied, tail)
+        self._sync_generator()
         self._settle()
         out = np.concatenate(tail).astype(np.float32) if tail else np.zeros(0, np.float32)
         ended = gen is not None and self.generator is not gen
@@ -351,16 +416,23 @@ class Stream:
             except ProtocolError:
                 return  # it no longer fits what came before it
             new, plan = checked.state, checked.plan
-        old, self.state = self.state, replace(new, playback=self.state.playback)
-        self._plan = plan
-        gen = self.generator
-        if gen is not None:
-            if new.prompt != old.prompt:
-                gen.set_prompt(new.prompt)
-            if new.sampling != old.sampling:
-                gen.set_sampling(new.sampling)
-            gen.plan = self._on_device(plan)
+        self.state = replace(new, playback=self.state.playback)
+        self._plan = plan  # the generator follows once the step's changes are all applied: _sync_generator
         self._record(change.cause, step, applied)
+
+    def _sync_generator(self) -> None:
+        """Give the generator the current state's prompt, sampling and plan, once all the changes due at a step
+        have applied: of 50 prompts due at one step only the last is encoded (encoding is the costly part)."""
+        gen = self.generator
+        if gen is None:
+            return
+        if gen.prompt != self.state.prompt:
+            gen.set_prompt(self.state.prompt)
+        if gen.sampling != self.state.sampling:
+            gen.set_sampling(self.state.sampling)
+        if self._generator_plan is not self._plan:
+            gen.plan = self._on_device(self._plan)
+            self._generator_plan = self._plan
 
     def _start_stream(self) -> None:
         s = self.state
@@ -369,9 +441,10 @@ class Stream:
         self.generator = Generator(self.model, s.prompt, sampling=s.sampling, seed=s.seed,
                                    plan=self._on_device(self._plan), context_steps=self.context_steps,
                                    keep_steps=self.keep_steps)
+        self._generator_plan = self._plan
         self.decoder = StreamingDecoder(self.model.hf.audio_encoder)
         self.samples_emitted = 0
-        self.history = []
+        self.history.clear()
 
     def _end_stream(self) -> np.ndarray:
         tail = self.decoder.flush().reshape(-1).float().cpu().numpy()
@@ -400,6 +473,7 @@ class Stream:
                 gen = self.generator
                 for change in due:
                     self._apply(change, applied, audio)
+                self._sync_generator()
                 ended = gen is not None and self.generator is not gen
             if ended or self.state.playback != "playing":
                 self._settle()

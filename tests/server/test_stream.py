@@ -1,5 +1,6 @@
 """The live control state and the stream that applies it at exact steps (no network here)."""
 
+import json
 import math
 
 import numpy as np
@@ -227,7 +228,7 @@ def test_the_state_checked_at_submit_is_the_state_applied_and_its_plan_compiled_
     added = s.submit({"type": "set", "directions": {"notes:C": {"coefficient": 1.0, "schedule": "fade_in:length=10"}}},
                      CAUSE)
     s.generate(2)
-    assert s.history[-1].step == 3 and s.history[-1].state.steering is added.state.steering  # not checked again
+    assert s.history.last.step == 3 and s.history.last.state.steering is added.state.steering  # not checked again
     assert added.state.directions["notes:C"].schedule.start == 3  # relative to the step it applied at
     assert compiled == [None]  # compiled once, on the CPU, when it was submitted
     weighted = s.generator.plan.weighted
@@ -251,7 +252,7 @@ def test_changes_a_stop_moves_to_another_step_are_checked_on_what_they_meet(tiny
     s.submit({"type": "transport", "command": "play"}, CAUSE)
     s.apply_due()
     s.generate(10)
-    assert [a.step for a in s.history] == [0, 8] and list(s.state.directions) == ["notes:C", "notes:G"]
+    assert [json.loads(line)["step"] for line in s.history.lines()] == [0, 8] and list(s.state.directions) == ["notes:C", "notes:G"]
 
 
 def test_a_change_sent_while_a_step_runs_is_checked_for_the_next_step(tiny, bank):
@@ -269,5 +270,60 @@ def test_a_change_sent_while_a_step_runs_is_checked_for_the_next_step(tiny, bank
 
     gen.advance = advance
     s.generate(8)
-    assert sent[0].step == 5 and s.history[-1].step == 5 and s.history[-1].state.steering is sent[0].state.steering
+    assert sent[0].step == 5 and s.history.last.step == 5 and s.history.last.state.steering is sent[0].state.steering
     assert s.state.directions["notes:C"].schedule.start == 5
+
+
+# --- costly input: coalescing and a bounded history -------------------------------------------------------
+
+
+def test_prompts_due_at_one_step_are_encoded_once(tiny, bank):
+    """50 prompt changes that arrive between two steps: each is applied and echoed (a `state` each), but the
+    generator encodes only the last prompt, once (2,000-character prompts at 5 a second once stopped the audio)."""
+    s = Stream(tiny, bank)
+    s.submit({"type": "transport", "command": "play"}, CAUSE)
+    s.apply_due()
+    s.generate(2)
+    gen, encoded = s.generator, []
+    real = gen.decoder.encode_text
+    gen.decoder.encode_text = lambda texts, **kw: encoded.append(list(texts)) or real(texts, **kw)
+    for i in range(50):
+        s.submit({"type": "set", "prompt": f"prompt {i} " + "x" * 1990}, CAUSE)
+    chunk = s.generate(1)
+    assert len(chunk.applied) == 50 and [a.step for a in chunk.applied] == [2] * 50
+    assert len(encoded) == 1 and encoded[0][0].startswith("prompt 49 ") and gen.prompt == s.state.prompt
+    # A prompt changed and changed back within one step encodes nothing.
+    s.submit({"type": "set", "prompt": "other"}, CAUSE)
+    s.submit({"type": "set", "prompt": s.state.prompt}, CAUSE)
+    s.generate(1)
+    assert len(encoded) == 1
+
+
+def test_the_history_stays_bounded_and_a_recording_started_after_10000_changes_replays(tiny, test_bank_path,
+                                                                                          tmp_path):
+    """The history a recording started mid-stream replays from: 10,000 changes over 100 steps keep one entry a
+    step, compressed; the recording's replay still gives the recorded tokens."""
+    from musicrfm.engine.generation import load_banks
+    from musicrfm.server.recording import Recorder, replay
+
+    s = Stream(tiny, load_banks([test_bank_path]))
+    s.submit({"type": "transport", "command": "play"}, CAUSE)
+    s.apply_due()
+    for step in range(100):
+        for i in range(100):  # the last change of a step is the one that counts
+            s.submit({"type": "set", "directions": {"notes:C": {"coefficient": float((step * 7 + i) % 13)}},
+                      "gate": {"p": ((step + i) % 10) / 10}}, CAUSE)
+        s.generate(1)
+    assert s.version == 1 + 10_000 and s.step == 100
+    assert len(s.history) <= 101 and s.history.nbytes < 20_000, (len(s.history), s.history.nbytes)
+
+    recorder = Recorder(tmp_path / "mid", s, [test_bank_path])
+    for _ in range(10):
+        chunk = s.generate(5)
+        for applied in chunk.applied:
+            recorder.add_state(applied)
+        recorder.add_audio(chunk.first_sample, chunk.audio)
+    done = recorder.finish(s.generator.codes())
+    assert done["frames"][1] > done["frames"][0] > 90
+    again = replay(done["log"], model=tiny, progress=False)
+    assert again.matches, (again.tokens_sha256, again.expected_sha256)
