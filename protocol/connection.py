@@ -176,9 +176,12 @@ class Connection:
             ws = await connect(url, **options)
         except InvalidStatus as exc:
             status = exc.response.status_code
+            # The server says why (a token, a Host or an Origin it does not take); else a guess from the status.
+            said = (exc.response.body or b"").decode("utf-8", "replace").strip().splitlines()
             hint = {401: " (a token is needed: --token)", 403: " (a token is needed or wrong: --token)",
                     404: " (is the path /ws?)"}.get(status, "")
-            raise HandshakeRefused(f"{shown}: the server refused the WebSocket: HTTP {status}{hint}", status) from None
+            why = f": {said[0][:200]}{hint if status == 404 else ''}" if said else hint
+            raise HandshakeRefused(f"{shown}: the server refused the WebSocket: HTTP {status}{why}", status) from None
         except InvalidURI as exc:
             raise ConnectError(f"bad URL {shown}: {exc}") from None
         except (OSError, asyncio.TimeoutError, InvalidHandshake) as exc:

@@ -13,6 +13,14 @@ import numbers
 from typing import Any, Callable, Mapping, Sequence
 
 ErrorType = Callable[[str], Exception]
+ECHO_CHARS = 80  # the most of a value an error message quotes: an error names bad input, never echoes all of it
+
+
+def shown(value: Any, limit: int = ECHO_CHARS) -> str:
+    """`repr(value)` for an error message, cut to `limit` characters (and the full length said), so an error
+    about a 60 KB key or string stays short. repr also escapes what cannot be encoded (a lone surrogate)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def number(where: str, value: Any, lo: float | None = None, hi: float | None = None, *,
@@ -20,13 +28,13 @@ def number(where: str, value: Any, lo: float | None = None, hi: float | None = N
     """A finite real number (not a bool) as a float, within [lo, hi] when given. An integer beyond the float
     range (JSON and TOML carry 1e400 written out as digits) is refused as not finite."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise error(f"{where} must be a number, got {value!r}")
+        raise error(f"{where} must be a number, got {shown(value)}")
     try:
         as_float = float(value)
     except OverflowError:
         raise error(f"{where} must be finite, got an integer of {len(str(value))} digits") from None
     if not math.isfinite(as_float):
-        raise error(f"{where} must be finite, got {value!r}")
+        raise error(f"{where} must be finite, got {shown(value)}")
     if (lo is not None and as_float < lo) or (hi is not None and as_float > hi):
         raise error(f"{where} must be in [{lo}, {hi}], got {as_float}")
     return as_float
@@ -41,14 +49,14 @@ def whole(where: str, value: Any, lo: int | None = None, hi: int | None = None, 
         ok = True
     if not ok or (lo is not None and value < lo) or (hi is not None and value > hi):
         bounds = f" in [{lo}, {hi}]" if lo is not None and hi is not None else f" >= {lo}" if lo is not None else ""
-        raise error(f"{where} must be a whole number{bounds}, got {value!r}")
+        raise error(f"{where} must be a whole number{bounds}, got {shown(value)}")
     return int(value)
 
 
 def choice(where: str, value: Any, options: Sequence[str], *, error: ErrorType = ValueError) -> str:
     """One of `options`."""
     if value not in options:
-        raise error(f"{where} must be one of {', '.join(options)}, got {value!r}")
+        raise error(f"{where} must be one of {', '.join(options)}, got {shown(value)}")
     return value
 
 
@@ -57,8 +65,8 @@ def fields(where: str, value: Any, allowed: Sequence[str], *, kind: str = "an ob
     """A mapping whose keys are all in `allowed` (`kind` and `key` name it in the reader's terms: a score
     says "a table" and "key")."""
     if not isinstance(value, dict):
-        raise error(f"{where} must be {kind}, got {value!r}")
+        raise error(f"{where} must be {kind}, got {shown(value)}")
     unknown = [k for k in value if k not in allowed]
     if unknown:
-        raise error(f"{where}: unknown {key} {unknown[0]!r}; allowed: {', '.join(allowed)}")
+        raise error(f"{where}: unknown {key} {shown(unknown[0])}; allowed: {', '.join(allowed)}")
     return value

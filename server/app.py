@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import itertools
 import json
 import logging
@@ -18,9 +19,10 @@ import signal
 import socket
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from http.cookies import CookieError, SimpleCookie
 from importlib.resources import files
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
@@ -39,8 +41,18 @@ from .stream import Stream
 
 log = logging.getLogger("musicrfm.server")
 SEND_BUFFER_BYTES = 128 * 1024  # a connection's kernel send buffer (about 1 s of audio; Linux doubles it)
+# What one client may cost the server, whatever it sends or fails to read (docs/protocol.md states each):
+CONTROL_QUEUE_BYTES = 1024 * 1024  # control messages waiting to go out to one client, beyond its audio allowance
+SEND_TIMEOUT_SECONDS = 10.0  # a client that takes none of what it is sent for this long has stopped reading
+CLOSE_GRACE_SECONDS = 5.0  # a close frame that cannot get out to a stuck client in this time: the socket is cut
+MAX_ERROR_CHARS = 500  # an error's text (each piece of the client's input in it is cut to fields.ECHO_CHARS)
+RATE_NOTICE_SECONDS = 5.0  # at most one rate-limit error per this many seconds: the others are dropped silently
+RATE_ABUSE_MESSAGES = 2000  # messages refused beyond the rate itself (i.e. sent at over twice the rate) before a close
+ID_MIN, ID_MAX = -(2 ** 63), 2 ** 63 - 1  # an integer `id` (echoed to msgpack clients, whose ints are 64-bit)
+ID_MAX_CHARS = 64
 # The browser page is a client (it speaks only the public protocol); the server just hands out its files.
 WEB_ROOT = Path(str(files("musicrfm.clients") / "web"))
+LOOPBACK_NAMES = ("localhost",)
 
 
 @dataclass(frozen=True)
@@ -58,10 +70,12 @@ class ServerConfig:
     coefficient_max: float = 2.0  # the knob range: OSC /knob 0..1 and the page's knobs
     context_steps: int | None = None
     keep_steps: int | None = None
+    # Browsers: pages from these origins (scheme://host[:port]) may connect, besides same-origin and loopback.
+    allow_origins: tuple[str, ...] = ()
+    # Host names (besides IP addresses, localhost and --host) the server answers to: DNS rebinding guard.
+    allow_hosts: tuple[str, ...] = ()
     session: SessionConfig = field(default_factory=SessionConfig)
     initial: ControlState = field(default_factory=ControlState)
-
-
 
 
 class Hub:
@@ -144,25 +158,53 @@ class Hub:
 
 
 def _valid_id(value) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (str, int)) or len(str(value)) > 64:
+    """An `id` the server can echo to every client: a string of valid Unicode or a 64-bit integer."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return ID_MIN <= value <= ID_MAX
+    if not isinstance(value, str) or len(value) > ID_MAX_CHARS:
         return False
     try:  # a lone surrogate (a JSON "\ud800" escape) cannot be sent to the msgpack clients the id is echoed to
-        str(value).encode("utf-8")
+        value.encode("utf-8")
     except UnicodeEncodeError:
         return False
     return True
 
 
+def _error(message_id, text: str) -> dict:
+    """An `error` message whose text any client can take: bounded, and valid Unicode (a client's input quoted
+    in it may hold a lone surrogate, which msgpack cannot encode)."""
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[:MAX_ERROR_CHARS] + "..."
+    return {"type": "error", "id": message_id,
+            "message": text.encode("utf-8", "backslashreplace").decode("utf-8")}
+
+
+def _close_reason(text: str) -> str:
+    """A close frame's reason: at most 123 bytes of UTF-8 (the frame's limit), whatever the text holds."""
+    data = text.encode("utf-8", "backslashreplace")
+    return data[:120].decode("utf-8", "ignore") if len(data) > 123 else data.decode("utf-8")
+
+
 class WebSocketClient:
-    """One connection: a bounded send queue drained by its own task, so a slow client never holds up the
-    session (when its queue holds more than `send_queue_seconds` of audio, it is closed)."""
+    """One connection: a send queue drained by its own task, so a slow client never holds up the session.
+
+    The queue is bounded in bytes: `max_queued_samples` of audio (`send_queue_seconds`), and
+    CONTROL_QUEUE_BYTES on top for everything. A client over either bound, or that takes nothing for
+    SEND_TIMEOUT_SECONDS (it stopped reading: even with no audio, the replies to its own messages and the
+    pings pile up), is dropped: closed, and cut if the close cannot get out. Nothing here raises into the
+    session: a message that cannot be encoded for this client drops this client."""
 
     def __init__(self, ws: ServerConnection, client_id: int, encoding: str, max_queued_samples: int):
         self.ws, self.client_id, self.encoding = ws, client_id, encoding
         self.max_queued_samples = max_queued_samples
-        self._queue: asyncio.Queue[tuple[bytes | str, int]] = asyncio.Queue()
+        self.max_queued_bytes = max_queued_samples * 4 + CONTROL_QUEUE_BYTES  # f32 samples, then the rest
+        self._queue: asyncio.Queue[tuple[bytes | str, int, int]] = asyncio.Queue()
         self._queued_samples = 0
+        self._queued_bytes = 0
         self._dropped = False
+        self._closer: asyncio.Task | None = None
         sock = ws.transport.get_extra_info("socket")
         if sock is not None:
             # Left to the kernel, a connection's send buffer grows to megabytes (~25 s of audio): a client that
@@ -174,33 +216,139 @@ class WebSocketClient:
         self.sender = asyncio.get_running_loop().create_task(self._send_forever())
 
     def send_message(self, message: dict) -> None:
-        self._put(encode_message(message, self.encoding), 0)
+        if self._dropped:
+            return
+        try:
+            frame = encode_message(message, self.encoding)
+        except Exception as exc:  # e.g. an integer msgpack cannot carry: this client's problem, nobody else's
+            log.error("client %s: a %s message could not be encoded (%s): closing it", self.client_id,
+                      message.get("type"), exc)
+            self.drop(f"internal error: a message could not be encoded ({type(exc).__name__})")
+            return
+        self._put(frame, 0)
+
+    def send_error(self, message_id, text: str) -> None:
+        self.send_message(_error(message_id, text))
 
     def send_audio(self, frame: bytes, samples: int) -> None:
         if self._queued_samples + samples > self.max_queued_samples:
-            self._drop()
+            self.drop("the audio backlog overflowed", code=1013)
             return
         self._queued_samples += samples
         self._put(frame, samples)
 
     def _put(self, item: bytes | str, samples: int) -> None:
-        if not self._dropped:
-            self._queue.put_nowait((item, samples))
+        if self._dropped:
+            return
+        size = len(item)  # JSON text is ASCII (escapes for the rest): characters are bytes
+        if self._queued_bytes + size > self.max_queued_bytes:
+            self.drop("its send queue overflowed", code=1013)
+            return
+        self._queued_bytes += size
+        self._queue.put_nowait((item, samples, size))
 
-    def _drop(self) -> None:
-        if not self._dropped:
-            self._dropped = True
-            log.warning("client %s is too slow (more than its send queue of audio behind): closing it", self.client_id)
-            asyncio.get_running_loop().create_task(self.ws.close(1013, "too slow: the audio backlog overflowed"))
+    def drop(self, reason: str, code: int = 1011) -> None:
+        """Stop sending and close the connection with `code` (1013: too slow; 1008: abuse; 1011, the
+        session's default: something went wrong sending to it). Never raises: the session calls this."""
+        if self._dropped:
+            return
+        self._dropped = True
+        if code == 1013:
+            log.warning("client %s is too slow (%s): closing it", self.client_id, reason)
+            reason = f"too slow: {reason}"
+        self._queue = asyncio.Queue()  # what was waiting is freed now, not when the client goes
+        self._queued_bytes = self._queued_samples = 0
+        self.sender.cancel()
+        self._closer = asyncio.get_running_loop().create_task(self._close(code, _close_reason(reason)))
+
+    async def closed(self) -> None:
+        """Once a dropped client's close is done (at once if it was not dropped)."""
+        if self._closer is not None:
+            await asyncio.shield(self._closer)
+
+    async def _close(self, code: int, reason: str) -> None:
+        """A close frame if it can get out; if the client reads nothing, the socket is cut after a grace."""
+        try:
+            await asyncio.wait_for(self.ws.close(code, reason), CLOSE_GRACE_SECONDS)
+        except (asyncio.TimeoutError, ConnectionClosed, OSError):
+            pass
+        self.ws.transport.abort()  # no-op when the close went through and the connection is gone
 
     async def _send_forever(self) -> None:
         try:
             while True:
-                item, samples = await self._queue.get()
-                await self.ws.send(item)
+                item, samples, size = await self._queue.get()
+                try:
+                    await asyncio.wait_for(self.ws.send(item), SEND_TIMEOUT_SECONDS)
+                except asyncio.TimeoutError:
+                    self.drop(f"not reading: nothing taken for {SEND_TIMEOUT_SECONDS:g} s", code=1013)
+                    return
                 self._queued_samples -= samples
+                self._queued_bytes -= size
         except ConnectionClosed:
             pass
+
+
+@dataclass
+class MessageLimit:
+    """A connection's message rate (TokenBucket): `rate` a second, bursts of `burst`. What the bucket refuses
+    is dropped; the client hears about it once per RATE_NOTICE_SECONDS (with a count), not once a message,
+    and a client that keeps far over the rate (RATE_ABUSE_MESSAGES refused beyond the rate itself) is closed."""
+
+    rate: float
+    burst: int
+    refused: int = 0  # since the last notice
+    messages: TokenBucket = field(init=False)
+    notices: TokenBucket = field(init=False)
+    abuse: TokenBucket = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.messages = TokenBucket(self.rate, self.burst)
+        self.notices = TokenBucket(1 / RATE_NOTICE_SECONDS, 1)
+        self.abuse = TokenBucket(self.rate, RATE_ABUSE_MESSAGES)
+
+    def take(self) -> str:
+        """'ok' (handle the message), 'notice' (drop it and say so), 'drop' (drop it silently) or 'close'."""
+        if self.messages.take():
+            return "ok"
+        self.refused += 1
+        if not self.abuse.take():
+            return "close"
+        return "notice" if self.notices.take() else "drop"
+
+    def notice(self) -> str:
+        refused, self.refused = self.refused, 0
+        return (f"rate limit: at most {self.rate:g} messages a second (bursts of {self.burst}); {refused} "
+                f"dropped, and further ones are dropped without a reply for {RATE_NOTICE_SECONDS:g} s")
+
+
+def _host_name(netloc: str) -> str | None:
+    """The host of a Host header or an origin's netloc ('[::1]:8765' -> '::1'), lowercased; None if garbled."""
+    netloc = netloc.strip().lower()
+    if netloc.startswith("["):
+        end = netloc.find("]")
+        return netloc[1:end] if end > 1 else None
+    name = netloc.rsplit(":", 1)[0] if netloc.count(":") == 1 else netloc
+    return name.rstrip(".") or None
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _origin(text: str, strict: bool = True) -> str | None:
+    """'scheme://host[:port]', lowercased, as browsers send it in Origin. `strict` (--allow-origin): a bad
+    one is an error; else None."""
+    url = urlsplit(text.strip().lower().rstrip("/"))
+    if url.scheme in ("http", "https") and url.netloc and not url.path and not url.query and "@" not in url.netloc:
+        return f"{url.scheme}://{url.netloc}"
+    if strict:
+        raise ValueError(f"--allow-origin {text!r}: give an origin, scheme://host[:port] (e.g. https://example.org)")
+    return None
 
 
 class Server:
@@ -216,6 +364,12 @@ class Server:
         if config.osc_port is not None and not is_loopback(config.osc_host) and not config.token:
             raise ValueError(f"binding OSC to {config.osc_host} (not loopback) needs a token: pass --token")
         self.config = config
+        self.allowed_origins = frozenset(_origin(o) for o in config.allow_origins)
+        names = (*config.allow_hosts, config.host, *LOOPBACK_NAMES)
+        self.allowed_hosts = frozenset(h.lower().rstrip(".") for h in names)
+        # The page's files, listed once: a request names one of these or gets a 404 (its path never reaches the
+        # file system, however long or odd it is).
+        self.web_files = {p.name: p for p in WEB_ROOT.iterdir() if p.is_file() and not p.name.startswith(".")}
         self.hub = Hub(model, bank, bank_paths, config)
         self._stop = asyncio.Event()
         self.ws_address: tuple[str, int] | None = None
@@ -227,36 +381,92 @@ class Server:
 
     # --- HTTP -----------------------------------------------------------------------------------------
 
-    def _token_ok(self, query: dict[str, list[str]]) -> bool:
+    @property
+    def _cookie_name(self) -> str:  # one per port: two servers on one host keep their own tokens
+        return f"musicrfm_token_{self.ws_address[1] if self.ws_address else self.config.port}"
+
+    def _token_ok(self, request: Request, query: dict[str, list[str]], cookie: bool = False) -> bool:
+        """The token from ?token=, or (`cookie`: the page's own files) from the cookie the page was given."""
         if not self.config.token:
             return True
+        expected = self.config.token.encode()
         given = query.get("token", [""])[0]
-        return hmac.compare_digest(given.encode(), self.config.token.encode())
+        if hmac.compare_digest(given.encode(), expected):
+            return True
+        if cookie:
+            try:
+                jar = SimpleCookie(request.headers.get("Cookie", ""))
+            except CookieError:
+                return False
+            morsel = jar.get(self._cookie_name)
+            return morsel is not None and hmac.compare_digest(unquote(morsel.value).encode(), expected)
+        return False
+
+    def _host_ok(self, request: Request) -> bool:
+        """DNS rebinding guard: a browser on evil.example, whose name now resolves to this machine, still
+        sends `Host: evil.example`. IP addresses cannot be rebound; names must be loopback names, --host or
+        --allow-host. No Host header: not a browser."""
+        host = request.headers.get("Host")
+        if host is None:
+            return True
+        name = _host_name(host)
+        if name is None:
+            return False
+        return _is_ip(name) or name in self.allowed_hosts
+
+    def _origin_ok(self, request: Request) -> bool:
+        """A browser says which page a request comes from: only this server's own page, loopback pages and
+        --allow-origin ones may use it. No Origin header: not a browser (curl, Python, OSC bridges)."""
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return True
+        normal = _origin(origin, strict=False)
+        if normal is None:
+            return False  # "null" (a sandboxed or file:// page) or garbage
+        if normal in self.allowed_origins:
+            return True
+        name = _host_name(urlsplit(normal).netloc)
+        if name is not None and is_loopback(name):
+            return True
+        host = request.headers.get("Host")
+        return host is not None and urlsplit(normal).netloc == host.lower()  # same-origin
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        if not self._host_ok(request):
+            return connection.respond(HTTPStatus.FORBIDDEN, "unknown Host: start the server with --allow-host NAME "
+                                                            "to use it under that name\n")
+        if not self._origin_ok(request):
+            return connection.respond(HTTPStatus.FORBIDDEN, "a page from another origin may not use this server: "
+                                                            "start it with --allow-origin ORIGIN to allow one\n")
         url = urlsplit(request.path)
         query = parse_qs(url.query)
+        refused = "a token is required: add ?token=... to the URL\n"
         if url.path == "/ws":
-            if not self._token_ok(query):
-                return connection.respond(HTTPStatus.FORBIDDEN, "a token is required: add ?token=... to the URL\n")
+            if not self._token_ok(request, query):
+                return connection.respond(HTTPStatus.FORBIDDEN, refused)
             return None  # the WebSocket handshake goes on
+        if not self._token_ok(request, query, cookie=True):
+            return connection.respond(HTTPStatus.FORBIDDEN, refused)
         if url.path == "/health":
             body = json.dumps({"ok": True, "sessions": sorted(self.hub.sessions)}).encode()
             return Response(200, "OK", Headers([("Content-Type", "application/json"),
                                                 ("Content-Length", str(len(body)))]), body)
-        if not self._token_ok(query) and url.path in ("/", "/index.html"):
-            return connection.respond(HTTPStatus.FORBIDDEN, "a token is required: add ?token=... to the URL\n")
-        name = "index.html" if url.path in ("/", "") else url.path.lstrip("/")
-        path = WEB_ROOT / name
-        # Flat folder only: no "..", no subfolders, nothing outside clients/web.
-        if "/" in name or name.startswith(".") or not path.is_file():
-            return connection.respond(HTTPStatus.NOT_FOUND, f"not found: {url.path}\n")
+        name = "index.html" if url.path in ("/", "") else url.path[1:]
+        path = self.web_files.get(name)  # a flat folder: no "..", no subfolders, nothing outside clients/web
+        if path is None:
+            return connection.respond(HTTPStatus.NOT_FOUND, f"not found: {url.path[:100]}\n")
         body = path.read_bytes()
         kind = mimetypes.guess_type(name)[0] or "application/octet-stream"
         if name.endswith(".js"):
             kind = "text/javascript"
-        return Response(200, "OK", Headers([("Content-Type", kind + ("; charset=utf-8" if kind.startswith("text") else "")),
-                                            ("Content-Length", str(len(body))), ("Cache-Control", "no-store")]), body)
+        headers = Headers([("Content-Type", kind + ("; charset=utf-8" if kind.startswith("text") else "")),
+                           ("Content-Length", str(len(body))), ("Cache-Control", "no-store")])
+        if self.config.token and name == "index.html":
+            # The page's own files (app.js, worklet.js, style.css) are fetched by the browser without the
+            # page's ?token=: it hands them this cookie (same-site only, never readable by scripts).
+            headers["Set-Cookie"] = (f"{self._cookie_name}={quote(self.config.token, safe='')}; Path=/; HttpOnly; "
+                                     f"SameSite=Strict")
+        return Response(200, "OK", headers, body)
 
     # --- WebSocket ------------------------------------------------------------------------------------
 
@@ -270,21 +480,26 @@ class Server:
         try:
             session = self.hub.get_session(name)
         except ProtocolError as exc:
-            await ws.close(1008, str(exc)[:120])
+            await ws.close(1008, _close_reason(str(exc)))
             return
         client_id = self.hub.next_client_id()
         rate = session.sample_rate
         client = WebSocketClient(ws, client_id, encoding, int(self.config.send_queue_seconds * rate))
         client.send_message(self.hub.hello(session, client_id))
         session.add_listener(client)
-        limit = TokenBucket(self.config.messages_per_second, self.config.message_burst)
+        limit = MessageLimit(self.config.messages_per_second, self.config.message_burst)
         log.info("client %s joined session %s", client_id, name)
         try:
             async for frame in ws:
-                if not limit.take():
-                    client.send_message({"type": "error", "id": None,
-                                         "message": f"rate limit: at most {self.config.messages_per_second:g} "
-                                                    "messages a second; this one was dropped"})
+                verdict = limit.take()
+                if verdict != "ok":
+                    if verdict == "notice":
+                        client.send_error(None, limit.notice())
+                    elif verdict == "close":
+                        log.warning("client %s keeps sending far over the rate limit: closing it", client_id)
+                        client.drop("far over the rate limit, for too long", code=1008)
+                        await client.closed()  # returning first would close with 1000
+                        break
                     continue
                 message_id = None
                 try:
@@ -292,14 +507,15 @@ class Server:
                     message_id = message.get("id")
                     if message_id is not None and not _valid_id(message_id):
                         message_id = None
-                        raise ProtocolError("id must be a string (valid Unicode) or an integer, of at most 64 characters")
+                        raise ProtocolError(f"id must be a string of valid Unicode of at most {ID_MAX_CHARS} "
+                                            f"characters, or an integer in [-2**63, 2**63 - 1]")
                     await session.handle(message, Cause("websocket", client_id, message_id))
                     if message["type"] == "get":
                         client.send_message({**session.state_message(), "id": message_id})
                 except ProtocolError as exc:
                     if message_id is None and _valid_id(exc.message_id):  # e.g. a NaN in a message with an id
                         message_id = exc.message_id
-                    client.send_message({"type": "error", "id": message_id, "message": str(exc)})
+                    client.send_error(message_id, str(exc))
         except ConnectionClosed:
             pass
         finally:

@@ -30,7 +30,8 @@ def cmd_serve(args) -> int:
         host=args.host, port=args.port, osc_host=args.osc_host,
         osc_port=osc_port if osc_port >= 0 else None,
         token=token, max_sessions=args.max_sessions, idle_seconds=args.idle_seconds,
-        coefficient_max=args.coefficient_max,
+        coefficient_max=args.coefficient_max, allow_origins=tuple(args.allow_origin),
+        allow_hosts=tuple(args.allow_host),
         session=SessionConfig(chunk_steps=args.chunk_steps, lead_seconds=args.lead, record_dir=args.record_dir,
                               record_max_seconds=args.record_max_seconds, record_max_mb=args.record_max_mb,
                               record_min_free_mb=args.record_min_free_mb),
@@ -105,6 +106,12 @@ def register(sub) -> None:
     s.add_argument("--osc-port", type=int, default=None, help="OSC UDP port (default 9000; -1: no OSC)")
     s.add_argument("--token", default=None, help="clients must pass ?token=...; required off loopback "
                                                  "(one is made up and printed if not given)")
+    s.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a web page origin (scheme://host[:port]) that may use this server, besides the server's own "
+                        "page and loopback pages; repeatable")
+    s.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="a host name the server answers to, besides IP addresses, localhost and --host (a guard "
+                        "against DNS rebinding); repeatable")
     s.add_argument("--lead", type=float, default=0.5, help="seconds of audio generated ahead of playback")
     s.add_argument("--chunk-steps", type=int, default=5, help="generation steps per audio chunk (50 = 1 s)")
     s.add_argument("--record-dir", type=Path, default=Path("recordings"))

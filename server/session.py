@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 
+from musicrfm.protocol import fields
 from musicrfm.protocol.wire import AudioHeader, ProtocolError, pack_audio
 from .limits import TokenBucket
 from .recording import Recorder
@@ -64,13 +65,18 @@ class SessionConfig:
 
 
 class Listener(Protocol):
-    """A client that hears the session: the WebSocket connection implements this."""
+    """A client that hears the session: the WebSocket connection implements this. Sending only queues (it
+    never waits for the client); a listener that raises is dropped (`drop`), and the session plays on."""
 
     client_id: int
 
     def send_audio(self, frame: bytes, samples: int) -> None: ...
 
     def send_message(self, message: dict) -> None: ...
+
+    def drop(self, reason: str) -> None:
+        """Stop sending to this client and close it, saying `reason`. Must not raise."""
+        ...
 
 
 class _Clock:
@@ -175,9 +181,23 @@ class Session:
         self._subscribers.append(callback)
         return lambda: self._subscribers.remove(callback) if callback in self._subscribers else None
 
+    def _deliver(self, listener: Listener, send: Callable[..., None], *args) -> None:
+        """One listener's share of what the session sends. Whatever goes wrong with one client (a message its
+        encoding cannot carry, a broken connection) is that client's problem: it is dropped, and the session
+        loop, and everybody else's audio, go on."""
+        try:
+            send(*args)
+        except Exception as exc:
+            log.exception("session %s: sending to client %s failed: dropping it", self.name, listener.client_id)
+            self.remove_listener(listener)
+            try:
+                listener.drop(f"internal error: a message could not be sent ({type(exc).__name__})")
+            except Exception:
+                log.exception("session %s: closing client %s failed", self.name, listener.client_id)
+
     def _broadcast(self, message: dict) -> None:
         for listener in list(self._listeners.values()):
-            listener.send_message(message)
+            self._deliver(listener, listener.send_message, message)
         for callback in list(self._subscribers):
             try:
                 callback(message)
@@ -218,10 +238,10 @@ class Session:
         elif kind == "record":
             extra = [k for k in message if k not in ("type", "id", "command")]
             if extra:
-                raise ProtocolError(f"record: unknown field {extra[0]!r}")
+                raise ProtocolError(f"record: unknown field {fields.shown(extra[0])}")
             command = message.get("command")
             if command not in ("start", "stop"):
-                raise ProtocolError(f"record command must be start or stop, got {command!r}")
+                raise ProtocolError(f"record command must be start or stop, got {fields.shown(command)}")
             if command == "start" and (self._record_requests or not (self._recorder or self._armed)):
                 self._check_can_record()  # (a start while recording, with nothing else waiting, does nothing)
             self._record_requests.append((command, cause))
@@ -229,7 +249,7 @@ class Session:
         elif kind == "get":
             return None
         else:
-            raise ProtocolError(f"unknown message type {kind!r}; expected set, transport, record or get")
+            raise ProtocolError(f"unknown message type {fields.shown(kind)}; expected set, transport, record or get")
 
     # --- the loop -----------------------------------------------------------------------------------
 
@@ -309,7 +329,7 @@ class Session:
                                  chunk.steps[1], max(chunk.epoch, 0), n)
             frame = pack_audio(header, chunk.audio)
             for listener in list(self._listeners.values()):
-                listener.send_audio(frame, n)
+                self._deliver(listener, listener.send_audio, frame, n)
             if self._recorder is not None and self._recorder.epoch == chunk.epoch:
                 self._recorder.add_audio(chunk.first_sample, chunk.audio,
                                          int(self.config.record_max_seconds * self.sample_rate))

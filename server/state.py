@@ -116,14 +116,14 @@ def _direction(key: str, old: DirectionControl | None, patch: Any, step: int,
                known_keys: frozenset[str] | None) -> DirectionControl:
     """One direction's settings merged into its control. The values themselves (coefficient, active) are
     checked once, by DirectionControl."""
-    where = f"direction {key!r}"
+    where = f"direction {fields.shown(key)}"
     patch = fields.fields(where, patch, _DIRECTION_FIELDS, error=ProtocolError)
     if known_keys is not None and key not in known_keys:
         import difflib
 
         near = difflib.get_close_matches(key, sorted(known_keys), n=3)
         hint = f"; did you mean {', '.join(near)}?" if near else f"; the banks hold {', '.join(sorted(known_keys)[:12])}"
-        raise ProtocolError(f"unknown direction {key!r}{hint}")
+        raise ProtocolError(f"unknown direction {fields.shown(key)}{hint}")
     if old is None and "coefficient" not in patch:
         raise ProtocolError(f"{where} is new: it needs a 'coefficient'")
     schedule = _schedule(f"{where} schedule", patch["schedule"], step) if "schedule" in patch else (
@@ -179,7 +179,8 @@ def apply_patch(state: ControlState, patch: Mapping[str, Any], *, step: int,
     if "directions" in patch:
         given = patch["directions"]
         if not isinstance(given, dict):
-            raise ProtocolError(f"directions must be an object of key -> settings (or null), got {given!r}")
+            raise ProtocolError(f"directions must be an object of key -> settings (or null), "
+                                f"got {fields.shown(given)}")
         if len(given) > MAX_DIRECTIONS:
             raise ProtocolError(f"at most {MAX_DIRECTIONS} directions at once, got {len(given)} in one message")
         directions = state.directions
@@ -191,7 +192,7 @@ def apply_patch(state: ControlState, patch: Mapping[str, Any], *, step: int,
                                     "characters)")
             if value is None:
                 if key not in directions:
-                    raise ProtocolError(f"cannot remove direction {key!r}: it is not set")
+                    raise ProtocolError(f"cannot remove direction {fields.shown(key)}: it is not set")
                 del directions[key]
             else:
                 directions[key] = _direction(key, directions.get(key), value, step, keys)

@@ -295,3 +295,30 @@ def test_page_schedules_match_the_engine_token_and_errors(browser, live_server):
         assert page.js_errors == []
     finally:
         page.close()
+
+
+def test_page_works_in_token_mode(browser, test_bank_path, tmp_path):
+    """With --token, the page and its files (app.js, the worklet, the stylesheet) need the token: the page
+    is opened with ?token=, and hands its files the token by the cookie it is served with."""
+    from live_server import start_server, stop_server
+
+    server = start_server(test_bank_path, tmp_path / "rec", "--token", "t0k3n")
+    page = None
+    try:
+        refused = Page(browser, f"{server.http_url}?session=web-token")
+        assert refused.page.locator("body").inner_text().startswith("a token is required")
+        refused.close()
+
+        page = Page(browser, f"{server.http_url}?session=web-token&token=t0k3n")
+        page.wait("window.musicrfm && window.musicrfm.connected && window.musicrfm.hello !== null")
+        page.page.click("#play")
+        page.wait("window.musicrfm.audioFrames >= 2 && window.musicrfm.samplesPlayed > 0", timeout_s=20)
+        assert page.js("window.musicrfm.audio") == "worklet"  # worklet.js came through, without ?token=
+        assert page.js("document.styleSheets[0].cssRules.length") > 0  # and the stylesheet
+        assert not any("token=t0k3n" in u for u in page.requests[1:] if "/ws" not in u)  # by the cookie
+        page.js("window.musicrfm.send({type: 'transport', command: 'stop'})")
+        assert page.js_errors == []
+    finally:
+        if page is not None:
+            page.close()
+        assert stop_server(server) == 0
