@@ -4,8 +4,8 @@ A real `musicrfm serve` process; a well-behaved listener plays session "fuzz" wh
 an OSC sender send the generators of tests/server/fuzzing.py (the same ones tests/server/test_fuzz.py runs
 at ~6,000 messages in CI) scaled to `--messages`. Printed, as a markdown table for docs/BENCHMARKS.md:
 messages sent, server crashes (exit, traceback or exception lines), the listener's longest wait between
-two audio frames and its lateness against a real-time clock (a listener buffering the server's lead hears
-a gap only where lateness exceeds the lead), audio contiguity, and the server's peak resident memory.
+two audio frames and the silences it would have heard playing the audio as it arrived (a listener
+buffering the server's lead hears only those longer than the lead), audio contiguity, and the server's peak resident memory.
 
     python bench/bench_fuzz.py --messages 10000
     python bench/bench_fuzz.py --messages 20000 --seed 7 --model musicgen-mini
@@ -26,7 +26,7 @@ import numpy as np
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path[:0] = [str(TESTS), str(TESTS / "server")]  # the fuzzer and the live-server harness are the tests'
 
-from fuzzing import SEED, SESSION, RssSampler, build_attack, lateness, run_attack  # noqa: E402
+from fuzzing import SEED, SESSION, RssSampler, build_attack, playback_gaps, run_attack  # noqa: E402
 from live_client import LiveClient, contiguity_problems  # noqa: E402
 from live_server import start_server, stop_server  # noqa: E402
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ws_sent = sum(a.sent for a in attackers)
     problems = [p for a in attackers for p in a.problems]
     errors = sum(len(a.errors) for a in attackers)
-    late = lateness(frames, sample_rate)
+    gaps = playback_gaps(frames, sample_rate)
     gap = float(np.diff(arrivals).max()) if len(arrivals) > 1 else float("nan")
     print(f"| messages sent (WS + OSC) | {ws_sent + osc_sent:,} ({ws_sent:,} + {osc_sent:,}) in {seconds:.1f} s |")
     print(f"| error replies received | {errors:,} |")
@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| server crashes (exit / traceback / exception lines) | {crashes} |")
     print(f"| a newcomer's change echoed after the attack | {echo.get('type') == 'state'} |")
     print(f"| listener: longest wait between audio frames | {gap:.2f} s |")
-    print(f"| listener: lateness against a real-time clock (lead {lead:g} s) | {late:.2f} s |")
+    print(f"| listener played as it arrived: longest silence / all silences (lead {lead:g} s) | "
+          f"{max(gaps):.2f} s / {sum(gaps):.2f} s |")
     print(f"| listener: contiguity problems | {len(contiguity_problems(frames))} |")
     print(f"| server RSS: before -> peak | {rss.baseline / 2**20:.0f} MB -> {rss.peak / 2**20:.0f} MB |")
     print(f"command: python bench/bench_fuzz.py {' '.join(sys.argv[1:] if argv is None else argv)}")

@@ -1,6 +1,6 @@
 """The fuzzer behind tests/server/test_fuzz.py and bench/bench_fuzz.py: seeded generators of malformed and
 valid-but-costly WebSocket messages and OSC datagrams, the attackers that send them to a live server, and
-what a run measures (the listener's lateness against a real-time playback clock, the server's memory).
+what a run measures (the silences a listener would hear, the server's memory).
 
 Nothing the attackers send may be a valid transport or record command for session "fuzz" (that would
 legitimately interrupt the audio or the recording); everything else, valid `set`s included, is fair game.
@@ -332,22 +332,26 @@ def run_osc(port: int, datagrams: list[bytes], seconds: float) -> int:
 # --- valid but costly -----------------------------------------------------------------------------------
 
 
-def costly_message(rng: random.Random, n: int, binary: bool) -> bytes | str:
+COSTLY_KINDS = ("huge_id", "keyframes", "max_keyframes", "prompts", "unknown_key", "long_key", "all")
+
+
+def costly_message(rng: random.Random, n: int, binary: bool, kinds: tuple[str, ...] = COSTLY_KINDS) -> bytes | str:
     """A message that is well formed and costs the server something to take or to refuse: an id beyond 64
     bits, schedules with thousands of keyframes (or the most allowed), long prompts due at one step, a 60 KB
     unknown key, a 60 KB direction key, every direction at once."""
-    kind = rng.choice(["huge_id", "keyframes", "max_keyframes", "prompts", "unknown_key", "long_key", "all"])
+    kind = rng.choice(kinds)
     if kind == "huge_id":  # as JSON text (msgpack cannot carry it), also on a msgpack connection: the echo
         # of such an id once stopped a session whose other listener spoke msgpack
         return json.dumps({"type": "set", "id": rng.choice([2**64, 2**64 + n, -2**63 - 1, 10**30]), "prompt": "x"})
     if kind in ("keyframes", "max_keyframes"):
-        count = rng.choice([1_000, 10_000]) if kind == "keyframes" else 64
+        count = rng.choice([1_000, 4_000]) if kind == "keyframes" else 64  # 4,000 points: ~60 KB, under a frame
         points = [[i * 10, round(rng.random(), 3)] for i in range(count)]
+        keys = KNOWN[:1] if kind == "keyframes" else KNOWN
         message = {"type": "set", "id": f"k{n}", "directions": {
-            key: {"coefficient": 0.2, "schedule": {"kind": "keyframes", "points": points}} for key in KNOWN}}
+            key: {"coefficient": 0.2, "schedule": {"kind": "keyframes", "points": points}} for key in keys}}
         return _encode(message, binary)
     if kind == "prompts":  # long prompts, sent faster than steps run: those due at one step are encoded once
-        return _encode({"type": "set", "id": f"p{n}", "prompt": rng.choice("qrs") * 2000}, binary)
+        return _encode({"type": "set", "id": f"p{n}", "prompt": rng.choice("qrs") * 300}, binary)
     if kind == "unknown_key":
         return _encode({"type": "set", "id": f"u{n}", "b" * 60_000: 1}, binary)
     if kind == "long_key":
@@ -366,7 +370,8 @@ def costly_datagram(rng: random.Random) -> bytes:
     return b"#bundle\x00" + b"\x00" * 8 + element * rng.choice([50, 500])
 
 
-def build_attack(seed: int = SEED, scale: float = 1.0, costly: int = 200) -> tuple[list[Attacker], list[bytes]]:
+def build_attack(seed: int = SEED, scale: float = 1.0, costly: int = 200,
+                 costly_kinds: tuple[str, ...] = COSTLY_KINDS) -> tuple[list[Attacker], list[bytes]]:
     """The attack of one run: WebSocket attackers (malformed, bursts, oversize, far-future, costly) and OSC
     datagrams, drawn from `seed`. `scale` multiplies the malformed ones (1: ~6,000 messages in all)."""
     rng = random.Random(seed)
@@ -392,7 +397,7 @@ def build_attack(seed: int = SEED, scale: float = 1.0, costly: int = 200) -> tup
         Attacker("future", SESSION, [json.dumps({"type": "set", "id": f"u{i}", "at_step": 2**40 - 1 - i,
                                                  "directions": {"notes:G": {"coefficient": 0.1}}})
                                      for i in range(300)]),
-        Attacker("costly", SESSION, [costly_message(rng, next(n), binary=True) for _ in range(costly)],
+        Attacker("costly", SESSION, [costly_message(rng, next(n), binary=True, kinds=costly_kinds) for _ in range(costly)],
                  encoding="msgpack", pace=1 / 20),
     ]
     datagrams = [osc_datagram(rng) for _ in range(count(3000))]
@@ -404,13 +409,16 @@ def build_attack(seed: int = SEED, scale: float = 1.0, costly: int = 200) -> tup
 # --- what a run measures --------------------------------------------------------------------------------
 
 
-def lateness(frames: list, sample_rate: int) -> float:
-    """The longest a listener would have heard silence, in seconds, playing `frames` (LiveClient audio, in
-    order) from the first one's arrival on a real-time clock with no buffer: frame i is due when its first
-    sample plays, t0 + first_sample / rate. A listener with a buffer of B seconds hears a gap only where
-    this exceeds B: the server's lead is the buffer it promises."""
-    t0 = frames[0].arrived - frames[0].header.first_sample / sample_rate
-    return max(0.0, max(a.arrived - (t0 + a.header.first_sample / sample_rate) for a in frames))
+def playback_gaps(frames: list, sample_rate: int) -> list[float]:
+    """The silences, in seconds, a player would have made playing `frames` (LiveClient audio, in order) as
+    they arrived, with no buffer: it starts at the first frame's arrival and plays each frame when both the
+    previous one has finished and this one is there. A stall of the server shows as one gap of its length
+    (not as every later frame being late); a listener buffering B seconds hears only gaps longer than B."""
+    gaps, clock = [], frames[0].arrived
+    for a in frames:
+        gaps.append(max(0.0, a.arrived - clock))
+        clock = max(clock, a.arrived) + a.header.num_samples / sample_rate
+    return gaps
 
 
 def rss_bytes(pid: int) -> int:
