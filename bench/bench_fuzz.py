@@ -26,7 +26,7 @@ import numpy as np
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path[:0] = [str(TESTS), str(TESTS / "server")]  # the fuzzer and the live-server harness are the tests'
 
-from fuzzing import SEED, SESSION, RssSampler, build_attack, playback_gaps, run_attack  # noqa: E402
+from fuzzing import COSTLY_KINDS, SEED, SESSION, RssSampler, build_attack, playback_gaps, run_attack  # noqa: E402
 from live_client import LiveClient, contiguity_problems  # noqa: E402
 from live_server import start_server, stop_server  # noqa: E402
 
@@ -52,7 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--model", default="tiny-random", help="default tiny-random (its audio is noise; timed for cost)")
     ap.add_argument("--costly", type=int, default=None, help="valid-but-costly messages (default: 5%% of --messages)")
+    ap.add_argument("--costly-kinds", default=",".join(COSTLY_KINDS),
+                    help=f"which valid-but-costly kinds to send (default: all: {','.join(COSTLY_KINDS)})")
     args = ap.parse_args(argv)
+    kinds = tuple(k for k in args.costly_kinds.split(",") if k)
+    unknown = set(kinds) - set(COSTLY_KINDS)
+    if unknown:
+        ap.error(f"unknown costly kind(s) {sorted(unknown)}; choose from {', '.join(COSTLY_KINDS)}")
     scale = max(0.05, args.messages / BASE_MESSAGES)
     costly = args.costly if args.costly is not None else max(20, args.messages // 20)
 
@@ -61,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         make_bank(args.model, bank)
         server = start_server(bank, Path(tmp) / "recordings", "--max-sessions", "16", model=args.model)
         try:
-            attackers, datagrams = build_attack(args.seed, scale=scale, costly=costly)
+            attackers, datagrams = build_attack(args.seed, scale=scale, costly=costly, costly_kinds=kinds)
             planned = sum(len(a.frames) for a in attackers) + len(datagrams)
             print(f"attack: {planned} messages ({len(datagrams)} OSC datagrams) on {args.model}, seed {args.seed}",
                   file=sys.stderr)
