@@ -32,9 +32,11 @@ from pythonosc import osc_bundle_builder, osc_message_builder
 from pythonosc.osc_message import OscMessage
 from pythonosc.parsing import osc_types
 
+from musicrfm.protocol.fields import shown
 from musicrfm.protocol.wire import MAX_MESSAGE_BYTES, ProtocolError, is_loopback, valid_session_name
+
 from .limits import RateLimitedLog, TokenBucket
-from .state import MAX_DIRECTION_KEY_CHARS, check_schedule_points, short
+from .state import MAX_DIRECTION_KEY_CHARS, check_schedule_points
 from .stream import Cause
 
 log = logging.getLogger("musicrfm.osc")
@@ -110,7 +112,7 @@ def _parse_message(data: bytes) -> tuple[str, str, list[Any]]:
         if index < len(data):
             tags, index = osc_types.get_string(data, index)
             if not tags.startswith(","):
-                raise OscError(f"{short(address, 80)}: the type tag string must start with ',', got {tags[:20]!r}")
+                raise OscError(f"{shown(address)}: the type tag string must start with ',', got {tags[:20]!r}")
             tags = tags[1:]
     except OscError:
         raise
@@ -118,13 +120,13 @@ def _parse_message(data: bytes) -> tuple[str, str, list[Any]]:
         raise OscError(f"malformed OSC message: {exc}") from None
     unknown = sorted(set(tags) - _ARG_TAGS)
     if unknown:  # checked before python-osc sees them: it logs unknown tags on the root logger
-        raise OscError(f"{short(address, 80)}: unsupported OSC type tag(s) {''.join(unknown)!r}; use i, f, s (or T/F)")
+        raise OscError(f"{shown(address)}: unsupported OSC type tag(s) {''.join(unknown)!r}; use i, f, s (or T/F)")
     try:
         params = OscMessage(data).params
     except Exception as exc:
-        raise OscError(f"{short(address, 80)}: malformed OSC arguments: {exc}") from None
+        raise OscError(f"{shown(address)}: malformed OSC arguments: {exc}") from None
     if len(params) != len(tags):
-        raise OscError(f"{short(address, 80)}: type tags ,{tags} but {len(params)} argument(s) could be read")
+        raise OscError(f"{shown(address)}: type tags ,{tags} but {len(params)} argument(s) could be read")
     return address, tags, params
 
 
@@ -272,10 +274,10 @@ def translate(address: str, tags: str, params: list, *, directions: Any, coeffic
     the addresses of docs/protocol.md or its arguments are wrong."""
     parts = address.split("/")
     if len(parts) < 4 or parts[0] != "" or parts[1] != PREFIX:
-        raise OscError(f"unknown OSC address {short(address, 80)}; addresses are /musicrfm/SESSION/...")
+        raise OscError(f"unknown OSC address {shown(address)}; addresses are /musicrfm/SESSION/...")
     session, rest = parts[2], parts[3:]
     if not valid_session_name(session):
-        raise OscError(f"bad session name {short(session)} (letters, digits, '-', '_', at most 64)")
+        raise OscError(f"bad session name {shown(session)} (letters, digits, '-', '_', at most 64)")
     head = rest[0]
 
     def set_(**fields: Any) -> Action:
@@ -308,7 +310,7 @@ def translate(address: str, tags: str, params: list, *, directions: Any, coeffic
         return set_(sampling={_SAMPLING[name]: value})
     elif len(rest) == 3 and head == "direction" and rest[2] in _DIRECTION_FIELDS and rest[1]:
         if len(rest[1]) > MAX_DIRECTION_KEY_CHARS:
-            raise OscError(f"direction key {short(rest[1])} is too long (at most {MAX_DIRECTION_KEY_CHARS} "
+            raise OscError(f"direction key {shown(rest[1])} is too long (at most {MAX_DIRECTION_KEY_CHARS} "
                            "characters)")
         key = key_from_osc(rest[1], directions)
         what = rest[2]
@@ -324,7 +326,7 @@ def translate(address: str, tags: str, params: list, *, directions: Any, coeffic
             return set_(directions={key: {"schedule": _schedule(address, _str_arg(address, tags, params))}})
         _no_args(address, tags)  # remove
         return set_(directions={key: None})
-    raise OscError(f"unknown OSC address {short(address, 80)}")
+    raise OscError(f"unknown OSC address {shown(address)}")
 
 
 # --- replies ----------------------------------------------------------------------------------------

@@ -107,11 +107,6 @@ def check_schedule_points(where: str, value: Any) -> None:
         raise ProtocolError(f"{where}: at most {MAX_SCHEDULE_POINTS} keyframe points, got {points}")
 
 
-def short(text: str, limit: int = 40) -> str:
-    """`text` for an error message: its start, when it is long (a message never echoes unbounded input)."""
-    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
-
-
 def _direction(key: str, old: DirectionControl | None, patch: Any, step: int,
                known_keys: frozenset[str] | None) -> DirectionControl:
     """One direction's settings merged into its control. The values themselves (coefficient, active) are
@@ -188,7 +183,7 @@ def apply_patch(state: ControlState, patch: Mapping[str, Any], *, step: int,
             if not isinstance(key, str):
                 raise ProtocolError(f"direction keys must be strings, got {type(key).__name__}")
             if len(key) > MAX_DIRECTION_KEY_CHARS:
-                raise ProtocolError(f"direction key {short(key)} is too long (at most {MAX_DIRECTION_KEY_CHARS} "
+                raise ProtocolError(f"direction key {fields.shown(key)} is too long (at most {MAX_DIRECTION_KEY_CHARS} "
                                     "characters)")
             if value is None:
                 if key not in directions:
