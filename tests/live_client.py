@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import struct
 import threading
 import time
 from concurrent.futures import Future
@@ -16,9 +18,13 @@ from typing import Any, Callable
 
 import msgpack
 import numpy as np
+from websockets.client import ClientProtocol
+from websockets.frames import Opcode
+from websockets.http11 import Response
+from websockets.uri import parse_uri
 
 from musicrfm.protocol.connection import AudioFrame, Closed, Connection, parse_frame
-from musicrfm.protocol.wire import AudioHeader
+from musicrfm.protocol.wire import AudioHeader, is_audio_frame
 
 
 @dataclass
@@ -191,3 +197,65 @@ def contiguity_problems(frames: list[Audio]) -> list[str]:
             problems.append(f"epoch {hb.epoch}: frame at {ha.first_sample} (+{ha.num_samples}) is followed by one "
                             f"at {hb.first_sample}")
     return problems
+
+
+class RawClient:
+    """A WebSocket client on a plain socket with a tiny receive buffer, that reads only when asked to (the
+    protocol logic is websockets' sans-I/O ClientProtocol): a client that stops reading, or vanishes."""
+
+    def __init__(self, server, session: str, rcvbuf: int = 4096):
+        self.protocol = ClientProtocol(parse_uri(server.ws_url(session)), max_size=None)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(30)
+        self.sock.connect(("127.0.0.1", server.port))
+        self.protocol.send_request(self.protocol.connect())
+        self._flush()
+        self.frames: list = []  # text / binary frames read so far
+        self.close_code: int | None = None
+        while not any(isinstance(e, Response) for e in self._read_some()):
+            pass
+        assert self.protocol.handshake_exc is None, self.protocol.handshake_exc
+        while not any(f.opcode == Opcode.TEXT for f in self.frames):
+            self._read_some()
+        self.hello = json.loads(next(f for f in self.frames if f.opcode == Opcode.TEXT).data)
+
+    def _flush(self) -> None:
+        data = b"".join(self.protocol.data_to_send())
+        if data:
+            self.sock.sendall(data)
+
+    def _read_some(self) -> list:
+        data = self.sock.recv(65536)
+        if data:
+            self.protocol.receive_data(data)
+        else:
+            self.protocol.receive_eof()
+        events = self.protocol.events_received()
+        for e in events:
+            if not isinstance(e, Response):
+                if e.opcode in (Opcode.TEXT, Opcode.BINARY):
+                    self.frames.append(e)
+                elif e.opcode == Opcode.CLOSE and self.protocol.close_rcvd is not None:
+                    self.close_code = self.protocol.close_rcvd.code
+        if not data and self.close_code is None:
+            self.close_code = -1  # the connection ended without a close frame
+        return events
+
+    def send_json(self, message: dict) -> None:
+        self.protocol.send_text(json.dumps(message).encode())
+        self._flush()
+
+    def audio_frames(self) -> int:
+        return sum(1 for f in self.frames if f.opcode == Opcode.BINARY and is_audio_frame(f.data))
+
+    def read_until_closed(self, timeout: float = 30.0) -> int:
+        deadline = time.monotonic() + timeout
+        while self.close_code is None and time.monotonic() < deadline:
+            self._read_some()
+        return self.close_code
+
+    def abort(self) -> None:
+        """Vanish: no close frame, and a TCP reset rather than a FIN."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,10 +74,32 @@ def stop_server(server: LiveServer) -> int:
         raise
 
 
+def said(server: LiveServer, text: str, timeout: float = 60.0) -> str | None:
+    """The first line of the server's output that holds `text`, waiting up to `timeout` s; None if none."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in list(server.output):
+            if text in line:
+                return line
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
+
+
+def wait_for_output(server: LiveServer, text: str, timeout: float = 60.0) -> str:
+    """Like `said`, but a line that never comes fails the test, showing what the server did say."""
+    line = said(server, text, timeout)
+    if line is None:
+        raise AssertionError(f"the server never said {text!r}:\n" + "\n".join(server.output[-30:]))
+    return line
+
+
 @pytest.fixture(scope="module")
-def live_server(tmp_path_factory, test_bank_path):
-    """`musicrfm serve --model tiny-random` in a subprocess on free ports (one per test module)."""
-    server = start_server(test_bank_path, tmp_path_factory.mktemp("recordings"))
+def live_server(request, tmp_path_factory, test_bank_path):
+    """`musicrfm serve --model tiny-random` in a subprocess on free ports (one per test module). A module
+    that needs other flags (room for more sessions, ...) sets `SERVER_ARGS = (...)`."""
+    extra = getattr(request.module, "SERVER_ARGS", ())
+    server = start_server(test_bank_path, tmp_path_factory.mktemp("recordings"), *extra)
     yield server
     code = stop_server(server)
     assert code == 0, "the server did not shut down cleanly:\n" + "\n".join(server.output)

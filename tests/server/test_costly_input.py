@@ -27,28 +27,14 @@ from musicrfm.server.state import MAX_SCHEDULE_POINTS, MAX_STATE_BYTES, ControlS
 from musicrfm.protocol.wire import ProtocolError
 
 from live_client import LiveClient, contiguity_problems
-from live_server import start_server, stop_server
+from live_server import start_server, stop_server, wait_for_output
 from test_osc import Client, message
 
 MAX_AUDIO_GAP = 3.0  # a liveness bound (test_server.py): the longest wait between two audio frames
 
 
-@pytest.fixture(scope="module")
-def live_server(tmp_path_factory, test_bank_path):
-    server = start_server(test_bank_path, tmp_path_factory.mktemp("recordings"), "--max-sessions", "16")
-    yield server
-    code = stop_server(server)
-    assert code == 0, "the server did not shut down cleanly:\n" + "\n".join(server.output)
-
-
-def wait_for_output(server, text: str, timeout: float = 60.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in list(server.output):
-            if text in line:
-                return line
-        time.sleep(0.05)
-    raise AssertionError(f"the server never said {text!r}:\n" + "\n".join(server.output[-30:]))
+# The live_server fixture (tests/live_server.py) with room for the sessions these tests make.
+SERVER_ARGS = ("--max-sessions", "16")
 
 
 def state_of(osc: Client, session: str) -> dict:

@@ -9,45 +9,25 @@ import asyncio
 import http.client
 import json
 import re
-import socket
 import time
 
-import pytest
 from websockets.asyncio.client import connect
-from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, InvalidStatus
-from websockets.frames import Opcode
-from websockets.http11 import Response
-from websockets.uri import parse_uri
 
 from musicrfm.server.session import Session, SessionConfig
 from musicrfm.server.stream import Cause, Stream
 
-from live_server import start_server, stop_server
-from live_client import LiveClient
+from live_server import said, start_server, stop_server
+from live_client import LiveClient, RawClient
 
 
-@pytest.fixture(scope="module")
-def live_server(tmp_path_factory, test_bank_path):
-    server = start_server(test_bank_path, tmp_path_factory.mktemp("recordings"), "--max-sessions", "16")
-    yield server
-    code = stop_server(server)
-    assert code == 0, "the server did not shut down cleanly:\n" + "\n".join(server.output)
+# The live_server fixture (tests/live_server.py) with room for the sessions these tests make.
+SERVER_ARGS = ("--max-sessions", "16")
 
 
 def client(server, session: str, encoding: str = "json", **kwargs) -> LiveClient:
     params = {"encoding": encoding} if encoding != "json" else {}
     return LiveClient(server.ws_url(session, **params), encoding=encoding, **kwargs)
-
-
-def wait_for_output(server, text: str, timeout: float) -> str | None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in list(server.output):
-            if text in line:
-                return line
-        time.sleep(0.05)
-    return None
 
 
 def http_get(port: int, path: str, headers: dict | None = None) -> http.client.HTTPResponse:
@@ -153,37 +133,6 @@ def test_a_listener_whose_send_raises_is_dropped_and_the_session_plays_on(tiny, 
 # --- item 5: memory per client, rate-limit replies, echoes -----------------------------------------------------
 
 
-class RawClient:
-    """A WebSocket client on a plain socket with a tiny receive buffer that reads only when asked to (the
-    protocol logic is websockets' sans-I/O ClientProtocol): a client that stops reading."""
-
-    def __init__(self, server, session: str, rcvbuf: int = 4096):
-        self.protocol = ClientProtocol(parse_uri(server.ws_url(session)), max_size=None)
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.sock.settimeout(30)
-        self.sock.connect(("127.0.0.1", server.port))
-        self.protocol.send_request(self.protocol.connect())
-        self._flush()
-        texts: list[bytes] = []
-        while not texts:
-            data = self.sock.recv(65536)
-            self.protocol.receive_data(data)
-            for event in self.protocol.events_received():
-                if not isinstance(event, Response) and event.opcode == Opcode.TEXT:
-                    texts.append(event.data)
-        self.hello = json.loads(texts[0])
-
-    def _flush(self) -> None:
-        data = b"".join(self.protocol.data_to_send())
-        if data:
-            self.sock.sendall(data)
-
-    def send_json(self, message: dict) -> None:
-        self.protocol.send_text(json.dumps(message).encode())
-        self._flush()
-
-
 def test_a_client_that_never_reads_on_a_stopped_session_is_dropped(live_server):
     """Nothing plays, so no audio backlog: before, the replies to its own messages queued without bound
     (and the pings behind them never got out, so it was never closed)."""
@@ -192,13 +141,13 @@ def test_a_client_that_never_reads_on_a_stopped_session_is_dropped(live_server):
     try:
         raw.send_json({"type": "set", "prompt": "a slow drone " * 100})  # every `state` answer ~1.5 KB
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and wait_for_output(live_server, left, 0) is None:
+        while time.monotonic() < deadline and said(live_server, left, 0) is None:
             try:
                 raw.send_json({"type": "get"})  # 40 a second: within the rate limit, each one answered
             except OSError:  # the server cut the connection
                 break
             time.sleep(0.025)
-        assert wait_for_output(live_server, left, 15) is not None, "\n".join(live_server.output[-20:])
+        assert said(live_server, left, 15) is not None, "\n".join(live_server.output[-20:])
     finally:
         raw.sock.close()
     # Nobody else noticed.

@@ -8,39 +8,27 @@ import http.client
 import json
 import os
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import time
 
 import numpy as np
-import pytest
-from websockets.client import ClientProtocol
-from websockets.frames import Opcode
-from websockets.http11 import Response
-from websockets.uri import parse_uri
 
 from musicrfm.engine.audio import read_wav
 from musicrfm.protocol.connection import HandshakeRefused
-from musicrfm.protocol.wire import AUDIO_MAGIC, MAX_MESSAGE_BYTES, is_audio_frame
+from musicrfm.protocol.wire import AUDIO_MAGIC, MAX_MESSAGE_BYTES
 from musicrfm.server.recording import read_log
 
-from live_server import start_server, stop_server
-from live_client import LiveClient, contiguity_problems
+from live_server import start_server, stop_server, wait_for_output
+from live_client import LiveClient, RawClient, contiguity_problems
 
 # A liveness bound, not a performance one: the longest wait between two audio frames of a playing session
 # (measured: at most ~0.5 s on a 2-core box, ~1.4 s with both cores busy with something else).
 MAX_AUDIO_GAP = 3.0
 
 
-@pytest.fixture(scope="module")
-def live_server(tmp_path_factory, test_bank_path):
-    """conftest.py's live_server, with room for one session per test of this module (more than the default 8)."""
-    server = start_server(test_bank_path, tmp_path_factory.mktemp("recordings"), "--max-sessions", "16")
-    yield server
-    code = stop_server(server)
-    assert code == 0, "the server did not shut down cleanly:\n" + "\n".join(server.output)
+# The live_server fixture (tests/live_server.py) with room for one session per test of this module (more than the default 8).
+SERVER_ARGS = ("--max-sessions", "16")
 
 
 def client(server, session: str, **kwargs) -> LiveClient:
@@ -59,16 +47,6 @@ def stop(c: LiveClient) -> None:
     """Stop the session's stream (tests leave no session generating behind them)."""
     if c.alive:
         c.send({"type": "transport", "command": "stop"})
-
-
-def wait_for_output(server, text: str, timeout: float = 60.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in list(server.output):
-            if text in line:
-                return line
-        time.sleep(0.05)
-    raise AssertionError(f"the server never said {text!r}:\n" + "\n".join(server.output[-30:]))
 
 
 def audio_after(c: LiveClient, message: dict) -> list:
@@ -282,68 +260,6 @@ def test_msgpack_clients_receive_and_send_msgpack(live_server):
 
 
 # --- slow and vanishing clients ---------------------------------------------------------------------------
-
-
-class RawClient:
-    """A WebSocket client on a plain socket with a tiny receive buffer, that reads only when asked to (the
-    protocol logic is websockets' sans-I/O ClientProtocol)."""
-
-    def __init__(self, server, session: str, rcvbuf: int = 4096):
-        self.protocol = ClientProtocol(parse_uri(server.ws_url(session)), max_size=None)
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.sock.settimeout(30)
-        self.sock.connect(("127.0.0.1", server.port))
-        self.protocol.send_request(self.protocol.connect())
-        self._flush()
-        self.frames: list = []  # text / binary frames read so far
-        self.close_code: int | None = None
-        while not any(isinstance(e, Response) for e in self._read_some()):
-            pass
-        assert self.protocol.handshake_exc is None, self.protocol.handshake_exc
-        while not any(f.opcode == Opcode.TEXT for f in self.frames):
-            self._read_some()
-        self.hello = json.loads(next(f for f in self.frames if f.opcode == Opcode.TEXT).data)
-
-    def _flush(self) -> None:
-        data = b"".join(self.protocol.data_to_send())
-        if data:
-            self.sock.sendall(data)
-
-    def _read_some(self) -> list:
-        data = self.sock.recv(65536)
-        if data:
-            self.protocol.receive_data(data)
-        else:
-            self.protocol.receive_eof()
-        events = self.protocol.events_received()
-        for e in events:
-            if not isinstance(e, Response):
-                if e.opcode in (Opcode.TEXT, Opcode.BINARY):
-                    self.frames.append(e)
-                elif e.opcode == Opcode.CLOSE and self.protocol.close_rcvd is not None:
-                    self.close_code = self.protocol.close_rcvd.code
-        if not data and self.close_code is None:
-            self.close_code = -1  # the connection ended without a close frame
-        return events
-
-    def send_json(self, message: dict) -> None:
-        self.protocol.send_text(json.dumps(message).encode())
-        self._flush()
-
-    def audio_frames(self) -> int:
-        return sum(1 for f in self.frames if f.opcode == Opcode.BINARY and is_audio_frame(f.data))
-
-    def read_until_closed(self, timeout: float = 30.0) -> int:
-        deadline = time.monotonic() + timeout
-        while self.close_code is None and time.monotonic() < deadline:
-            self._read_some()
-        return self.close_code
-
-    def abort(self) -> None:
-        """Vanish: no close frame, and a TCP reset rather than a FIN."""
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.sock.close()
 
 
 def test_a_slow_client_is_closed_and_a_vanished_one_is_forgotten_while_others_play_on(live_server):
