@@ -65,6 +65,19 @@ def provenance(model: MusicModel, bank_paths: Sequence[str | Path]) -> dict:
     }
 
 
+def check_bank_entries(where: str, value: Any, *, error: type[Exception] = ValueError) -> list[dict]:
+    """The `banks` of a provenance as read back from a file (sidecar or recording log): a list of
+    {"path", "sha256"} strings; `error` naming `where` otherwise."""
+    if not isinstance(value, list):
+        raise error(f"{where} must be a list of {{path, sha256}}, got {fields.shown(value)}")
+    for i, b in enumerate(value):
+        fields.fields(f"{where}[{i}]", b, ("path", "sha256"), error=error)
+        for key in ("path", "sha256"):
+            if not isinstance(b.get(key), str):
+                raise error(f"{where}[{i}].{key} must be a string, got {fields.shown(b.get(key))}")
+    return value
+
+
 def check_bank_hashes(entries: list[dict], source: str, since: str) -> None:
     """Banks named by a sidecar or log ({"path", "sha256"} each) must exist and be unchanged: the same
     settings with another bank would silently steer elsewhere."""
@@ -164,10 +177,7 @@ def check_sidecar(settings: Any, where: str = "sidecar") -> tuple[SteeringSpec |
     for key in _SIDECAR_STRINGS:
         if not isinstance(settings[key], str):
             raise ValueError(f"{where}: {key} must be a string, got {settings[key]!r:.80}")
-    banks = settings["banks"]
-    if not isinstance(banks, list) or not all(
-            isinstance(b, dict) and isinstance(b.get("path"), str) and isinstance(b.get("sha256"), str) for b in banks):
-        raise ValueError(f"{where}: banks must be a list of {{\"path\": ..., \"sha256\": ...}}, got {banks!r:.80}")
+    check_bank_entries(f"{where}: banks", settings["banks"])
     try:
         check_seconds(settings["seconds"])
         fields.whole("seed", settings["seed"], 0, 2**63 - 1)

@@ -19,7 +19,7 @@ import torch
 
 from musicrfm.engine.audio import StreamingSettings
 from musicrfm.engine.model import MusicModel, load_model
-from musicrfm.engine.generation import check_bank_hashes, load_banks, provenance, tokens_sha256
+from musicrfm.engine.generation import check_bank_entries, check_bank_hashes, load_banks, provenance, tokens_sha256
 
 from musicrfm.protocol import fields
 from musicrfm.protocol.wav import WavWriter, read_wav, to_pcm16
@@ -134,7 +134,7 @@ _HEADER_FIELDS: dict[str, Any] = {  # key -> check(where, value)
                                                     error=ProtocolError),
     "device": lambda w, v: _string(w, v),
     "dtype": lambda w, v: _string(w, v),
-    "banks": lambda w, v: _banks(w, v),
+    "banks": lambda w, v: check_bank_entries(w, v, error=ProtocolError),
     "sample_rate": lambda w, v: fields.whole(w, v, 1, 10**6, error=ProtocolError),
     "frame_rate": lambda w, v: fields.number(w, v, 1e-3, 1e4, error=ProtocolError),
     "hop": lambda w, v: fields.whole(w, v, 1, 10**6, error=ProtocolError),
@@ -149,16 +149,6 @@ _HEADER_FIELDS: dict[str, Any] = {  # key -> check(where, value)
 def _string(where: str, value: Any) -> str:
     if not isinstance(value, str):
         raise ProtocolError(f"{where} must be a string, got {value!r:.80}")
-    return value
-
-
-def _banks(where: str, value: Any) -> list:
-    if not isinstance(value, list):
-        raise ProtocolError(f"{where} must be a list of {{path, sha256}}, got {value!r:.80}")
-    for i, b in enumerate(value):
-        fields.fields(f"{where}[{i}]", b, ("path", "sha256"), error=ProtocolError)
-        for key in ("path", "sha256"):
-            _string(f"{where}[{i}].{key}", b.get(key))
     return value
 
 
