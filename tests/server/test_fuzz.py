@@ -60,7 +60,7 @@ class FuzzRun:
 
 @pytest.fixture(scope="module")
 def fuzzed(live_server) -> FuzzRun:
-    attackers, datagrams = build_attack(costly_kinds=HELD_COSTLY_KINDS)
+    attackers, datagrams = build_attack(costly=60, costly_kinds=HELD_COSTLY_KINDS)
     seconds: dict[str, float] = {}
 
     listener = LiveClient(live_server.ws_url(SESSION), keep_pcm=True)
