@@ -21,6 +21,7 @@ from transformers.utils import logging as hf_logging
 
 from musicrfm.engine.bank import DirectionBank
 from musicrfm.engine.loop import Generator
+from musicrfm.engine.norms import with_layer_norms
 from musicrfm.engine.model import load_model
 from musicrfm.engine.sampling import SamplingConfig
 from musicrfm.engine.steering import DirectionControl, LayerWeighting, SteeringPlan, SteeringSpec
@@ -41,7 +42,7 @@ def random_bank(model, concepts=("notes", "chords"), seed=0) -> DirectionBank:
         scores = torch.rand(2, model.num_layers, generator=g)
         banks.append(DirectionBank.from_arrays(c, ["a", "b"], vecs, scores, model.fingerprint, method="random",
                                                pooling="mean"))
-    return banks[0].merge(banks[1])
+    return with_layer_norms(banks[0].merge(banks[1]), model)  # relative strength: the model's typical norms
 
 
 def time_own(model, steps, plan=None) -> float:

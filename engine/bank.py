@@ -10,11 +10,17 @@ Invariant: every direction in a bank is a unit vector at every layer. The steeri
 the coefficient, never in the stored vector, so eta0 means the same thing for every bank; a bank refuses
 non-unit directions (it does not rescale them silently): call `Direction.normalized()` first.
 
+A bank also carries the model's typical activation size at its injection point (`LayerNorms`: mean and
+spread of |h| per layer, measured on the extraction's tokens). Relative strength (engine.steering) reads it:
+s = 0.3 adds 30 % of each layer's typical norm, on any model. Banks made before it existed load without it;
+the engine measures it once with a short unsteered pass (engine.norms).
+
 File format (one .safetensors file, no pickles):
   tensors   "<concept>:<class>/directions" float32 [L, d] and "<concept>:<class>/scores" float32 [L]
   metadata  __metadata__["musicrfm"] = JSON {"format": "musicrfm.direction-bank", "version": 1,
             "fingerprint", "method", "pooling", "score_name", "injection_point",
-            "concepts": {concept: [classes]}, "metadata": {...}}
+            "concepts": {concept: [classes]}, "metadata": {...},
+            "layer_norms": {"mean": [L], "std": [L], "tokens": N, "source": "..."}}  (optional)
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ __all__ = [
     "Direction",
     "DirectionBank",
     "Provenance",
+    "LayerNorms",
     "BankError",
     "BankFormatError",
     "BankMismatchError",
@@ -223,6 +230,75 @@ class Provenance:
 
 
 
+@dataclass(frozen=True)
+class LayerNorms:
+    """The typical size of the activations a bank's directions are added to: per layer, the mean and standard
+    deviation of the per-token norm |h| at the injection point, over `tokens` token positions; `source` says
+    where they were measured ("extraction: ..." or "measured at load: ..."). Relative strength is a fraction
+    of `mean`."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    tokens: int
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("mean", "std"):
+            try:
+                values = tuple(float(fields.number(f"layer_norms.{name}", v)) for v in getattr(self, name))
+            except TypeError:
+                raise BankFormatError(f"layer_norms.{name} must be a list of numbers") from None
+            except ValueError as exc:
+                raise BankFormatError(str(exc)) from None
+            object.__setattr__(self, name, values)
+        if not self.mean or len(self.mean) != len(self.std):
+            raise BankFormatError(f"layer_norms: mean and std need one value per layer, got {len(self.mean)} and "
+                                  f"{len(self.std)}")
+        if min(self.mean) <= 0 or min(self.std) < 0:
+            raise BankFormatError(f"layer_norms: means must be > 0 and spreads >= 0, got mean {list(self.mean)}")
+        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 1:
+            raise BankFormatError(f"layer_norms.tokens must be a whole number >= 1, got {fields.shown(self.tokens)}")
+        if not isinstance(self.source, str):
+            raise BankFormatError(f"layer_norms.source must be a string, got {fields.shown(self.source)}")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.mean)
+
+    def scale(self) -> torch.Tensor:
+        """The per-layer norms relative strength multiplies, float32 [L]."""
+        return torch.tensor(self.mean, dtype=torch.float32)
+
+    def to_dict(self) -> dict:
+        return {"mean": [round(v, 6) for v in self.mean], "std": [round(v, 6) for v in self.std],
+                "tokens": self.tokens, "source": self.source}
+
+    @classmethod
+    def from_dict(cls, d: object) -> "LayerNorms":
+        fields.fields("layer_norms", d, ("mean", "std", "tokens", "source"), error=BankFormatError)
+        missing = [k for k in ("mean", "std", "tokens") if k not in d]
+        if missing:
+            raise BankFormatError(f"layer_norms lacks {', '.join(missing)}")
+        return cls(tuple(d["mean"]) if isinstance(d["mean"], list) else d["mean"],
+                   tuple(d["std"]) if isinstance(d["std"], list) else d["std"], d["tokens"], d.get("source", ""))
+
+    def combined(self, other: "LayerNorms") -> "LayerNorms":
+        """Both measurements pooled (weighted by their token counts): two banks of one model, read at one point."""
+        if other.num_layers != self.num_layers:
+            raise BankMismatchError(f"layer norms for {self.num_layers} and {other.num_layers} layers")
+        if other == self:
+            return self
+        n1, n2 = self.tokens, other.tokens
+        mean, std = [], []
+        for m1, s1, m2, s2 in zip(self.mean, self.std, other.mean, other.std):
+            m = (n1 * m1 + n2 * m2) / (n1 + n2)
+            var = (n1 * (s1 ** 2 + m1 ** 2) + n2 * (s2 ** 2 + m2 ** 2)) / (n1 + n2) - m ** 2
+            mean.append(m)
+            std.append(math.sqrt(max(var, 0.0)))
+        source = self.source if self.source == other.source else f"{self.source}; {other.source}"
+        return LayerNorms(tuple(mean), tuple(std), n1 + n2, source)
+
+
 @dataclass(eq=False)
 class DirectionBank:
     """Unit directions keyed "concept:class" for one model; see the module docstring for the invariants."""
@@ -234,6 +310,7 @@ class DirectionBank:
     score_name: str = "auc"
     injection_point: str = "residual"
     metadata: dict = field(default_factory=dict)
+    layer_norms: LayerNorms | None = None  # the activations' typical size (relative strength); None: not measured
 
     def __post_init__(self) -> None:
         self.validate()
@@ -256,6 +333,12 @@ class DirectionBank:
             json.dumps(self.metadata, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise BankFormatError(f"metadata must be JSON-serialisable ({exc})") from None
+        if self.layer_norms is not None:
+            if not isinstance(self.layer_norms, LayerNorms):
+                raise BankFormatError(f"layer_norms must be LayerNorms, got {type(self.layer_norms).__name__}")
+            if self.layer_norms.num_layers != self.fingerprint.num_layers:
+                raise BankFormatError(f"layer_norms has {self.layer_norms.num_layers} layers, the bank is for "
+                                      f"{self.fingerprint.describe()}")
         if not isinstance(self.directions, dict):
             raise BankFormatError(f"directions must be a dict of 'concept:class' -> Direction, "
                                   f"got {type(self.directions).__name__}")
@@ -353,8 +436,15 @@ class DirectionBank:
         if "mixed" in (method, score_name):
             metadata["provenance"] = {concept: p.to_dict() for bank in (self, other)
                                       for concept, p in bank.provenance.items()}
+        norms = self.layer_norms or other.layer_norms
+        if self.layer_norms is not None and other.layer_norms is not None:
+            norms = self.layer_norms.combined(other.layer_norms)
         return DirectionBank({**self.directions, **other.directions}, self.fingerprint, method,
-                             self.pooling, score_name, self.injection_point, metadata)
+                             self.pooling, score_name, self.injection_point, metadata, norms)
+
+    def with_layer_norms(self, norms: LayerNorms) -> "DirectionBank":
+        """The same bank carrying `norms` (checked against its model)."""
+        return replace(self, layer_norms=norms)
 
     @classmethod
     def from_arrays(
@@ -369,6 +459,7 @@ class DirectionBank:
         score_name: str = "auc",
         injection_point: str = "residual",
         metadata: dict | None = None,
+        layer_norms: LayerNorms | None = None,
     ) -> "DirectionBank":
         """One concept's bank from stacked arrays: vectors [C, L, d], scores [C, L]; each (class, layer)
         vector is rescaled to unit norm (an all-zero one is an error: it has no direction)."""
@@ -390,7 +481,8 @@ class DirectionBank:
         unit = vectors / norms.unsqueeze(2)
         directions = {f"{concept}:{name}": Direction(unit[i].clone(), scores[i].clone(), f"{concept}:{name}")
                       for i, name in enumerate(classes)}
-        return cls(directions, fingerprint, method, pooling, score_name, injection_point, dict(metadata or {}))
+        return cls(directions, fingerprint, method, pooling, score_name, injection_point, dict(metadata or {}),
+                   layer_norms)
 
     # file I/O --------------------------------------------------------------------------------------
 
@@ -406,6 +498,7 @@ class DirectionBank:
             "injection_point": self.injection_point,
             "concepts": self.concepts,
             "metadata": self.metadata,
+            **({"layer_norms": self.layer_norms.to_dict()} if self.layer_norms is not None else {}),
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -492,8 +585,9 @@ class DirectionBank:
             raise BankFormatError(f"tensors not listed in 'concepts': {', '.join(extra[:5])}"
                                   + (f" and {len(extra) - 5} more" if len(extra) > 5 else ""))
         metadata = head.get("metadata", {})
+        norms = LayerNorms.from_dict(head["layer_norms"]) if head.get("layer_norms") is not None else None
         return cls(directions, fingerprint, head["method"], head["pooling"], head["score_name"],
-                   head["injection_point"], metadata)
+                   head["injection_point"], metadata, norms)
 
     def __repr__(self) -> str:
         return f"DirectionBank({self.describe()})"

@@ -21,6 +21,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="float32|float16|bfloat16 (default: bf16/fp16 on CUDA, fp32 on CPU)")
 
 
+def add_units_arg(p) -> None:
+    """--units: what a strength (a coefficient, a knob, an --eta0 level) is measured in (engine.steering)."""
+    p.add_argument("--units", choices=["relative", "raw"], default="relative",
+                   help="strength units: relative = a fraction of each layer's typical activation norm (0.5: "
+                        "an audible pull, 1: strong, on any model), raw = hidden-state units as in the paper "
+                        "(its 0.15-0.6 are for MusicGen-large). Default: relative")
+
+
 def _add_generate_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--prompt", default="", help="text prompt (default: empty)")
@@ -31,9 +39,10 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
                    help="regenerate exactly from a sidecar written by an earlier run (other settings ignored)")
     s = p.add_argument_group("steering")
     s.add_argument("--bank", action="append", default=[], metavar="FILE", help="direction bank (.safetensors); repeatable")
-    s.add_argument("--steer", action="append", default=[], metavar="CONCEPT:CLASS=COEF[@SCHEDULE]",
-                   help="steer toward a direction with coefficient eta0, e.g. notes:C=0.45 or "
-                        "notes:C=0.45@linear_rise:length=500; repeatable")
+    s.add_argument("--steer", action="append", default=[], metavar="CONCEPT:CLASS=STRENGTH[@SCHEDULE]",
+                   help="steer toward a direction at a strength (in --units), e.g. notes:C=0.5 or "
+                        "notes:C=0.5@linear_rise:length=500; repeatable")
+    add_units_arg(s)
     s.add_argument("--crossfade", action="append", default=[], metavar="A,B=COEF[@start=S,length=N,curve=C]",
                    help="fade direction A out while B fades in, e.g. notes:C,notes:G=0.45@start=0,length=1500")
     s.add_argument("--schedule", default="constant",
@@ -91,7 +100,8 @@ def _parse_spec(args):
         controls.extend(crossfade(keys[0], keys[1], float(coef), start=int(kw.get("start", 0)),
                                   length=int(kw.get("length", 1500)), curve=kw.get("curve", "equal_power")))
     return SteeringSpec(controls=tuple(controls), gate_p=args.gate, gate_seed=args.gate_seed,
-                        layers=LayerWeighting.parse(args.layers), rows=args.rows, rule=args.rule, site=args.site)
+                        layers=LayerWeighting.parse(args.layers), rows=args.rows, rule=args.rule, site=args.site,
+                        units=args.units)
 
 
 def cmd_generate(args) -> int:

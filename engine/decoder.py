@@ -169,10 +169,13 @@ class MusicgenDecoder:
         steering: LayerSteering | None = None,
         capture: Callable[[int, torch.Tensor], None] | None = None,
         all_logits: bool = False,
+        capture_site: str = "residual",
     ) -> torch.Tensor:
         """Feed `tokens` [B, K, T] at the next T cache positions; return logits [R, K, V] for the last
-        position (or [R, K, T, V] with `all_logits`). `capture(layer, h)` sees the residual stream at the
-        "residual" injection point, after steering."""
+        position (or [R, K, T, V] with `all_logits`). `capture(layer, h)` sees the activations at the
+        `capture_site` injection point (the residual stream, or the self-attention output), after steering."""
+        if capture_site not in INJECTION_POINTS:
+            raise ValueError(f"capture_site must be one of {', '.join(INJECTION_POINTS)}, got {capture_site!r}")
         b, k, t = tokens.shape
         start, end = self.length, self.length + t
         if end > self.capacity:
@@ -198,6 +201,8 @@ class MusicgenDecoder:
             y = att.out_proj(self._merge(y))
             if steering is not None and steering.site == "attention":
                 y = self._steer(y, i, steering)
+            if capture is not None and capture_site == "attention":
+                capture(i, y)
             h = h + y
             cross = layer.encoder_attn
             y = cross.q_proj(layer.encoder_attn_layer_norm(h))
@@ -208,7 +213,7 @@ class MusicgenDecoder:
             h = h + layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(h))))
             if steering is not None and steering.site == "residual":
                 h = self._steer(h, i, steering)
-            if capture is not None:
+            if capture is not None and capture_site == "residual":
                 capture(i, h)
         self.length = end
         h = self.final_norm(h if all_logits else h[:, -1:])

@@ -18,15 +18,19 @@ import torch
 from tqdm import tqdm
 
 from .audio import StreamingDecoder
-from .bank import DirectionBank
+from .bank import DirectionBank, LayerNorms
 from .loop import Generator
+from .norms import with_layer_norms
 from .model import NOISE_WARNING, MusicModel, load_model
 from .sampling import SamplingConfig
-from .steering import SteeringPlan, SteeringSpec
+from .steering import SteeringPlan, SteeringSpec, legacy_spec
 
 from musicrfm.protocol import fields
 
 SIDECAR_FORMAT = "musicrfm.render"
+# 2: steering strength has units ("relative" by default) and the layer weighting a margin; version 1 sidecars
+# were raw units and exact min-max, and are read as such.
+SIDECAR_VERSION = 2
 # The longest generation `generate` runs: a day of audio (1e308 seconds is a typo, not a request).
 MAX_GENERATE_SECONDS = 24 * 3600
 # Keys a sidecar must hold to regenerate its tokens, and the string-valued ones among them.
@@ -51,10 +55,12 @@ def tokens_sha256(codes: torch.Tensor) -> str:
     return hashlib.sha256(codes.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
-def provenance(model: MusicModel, bank_paths: Sequence[str | Path]) -> dict:
+def provenance(model: MusicModel, bank_paths: Sequence[str | Path], bank: DirectionBank | None = None) -> dict:
     """What made a file's tokens, as a generation sidecar and a recording log's header both record it
-    (docs/formats.md): the model, its fingerprint, whether its weights are random, device and dtype, and
-    each bank with its hash (so a later run can refuse a bank that changed: `check_bank_hashes`)."""
+    (docs/formats.md): the model, its fingerprint, whether its weights are random, device and dtype, each
+    bank with its hash (so a later run can refuse a bank that changed: `check_bank_hashes`), and the layer
+    norms relative strength was measured against (a bank without its own gets the same ones on replay)."""
+    norms = bank.layer_norms.to_dict() if bank is not None and bank.layer_norms is not None else None
     return {
         "model": model.name,
         "model_fingerprint": model.fingerprint.to_dict(),
@@ -62,6 +68,7 @@ def provenance(model: MusicModel, bank_paths: Sequence[str | Path]) -> dict:
         "device": model.device.type,
         "dtype": str(model.dtype).replace("torch.", ""),
         "banks": [{"path": str(p), "sha256": file_sha256(p)} for p in bank_paths],
+        "layer_norms": norms,
     }
 
 
@@ -118,7 +125,9 @@ def generate(
     context_steps: int | None = None,
     keep_steps: int | None = None,
     progress: bool = True,
+    layer_norms: dict | None = None,
 ) -> Generation:
+    """`layer_norms`: the norms a sidecar recorded, for a bank that carries none (see engine.norms)."""
     check_seconds(seconds)
     fields.whole("chunk_steps", chunk_steps, 1)
     if not isinstance(prompt, str):
@@ -129,6 +138,8 @@ def generate(
     if spec is not None and spec.controls:
         if bank is None:
             raise ValueError("steering needs at least one direction bank (--bank FILE)")
+        if spec.units == "relative":
+            bank = with_layer_norms(bank, model, layer_norms)
         plan = SteeringPlan.compile(spec, bank, model.fingerprint, device=model.device, dtype=model.dtype)
     gen = Generator(model, prompt, sampling=sampling, seed=seed, plan=plan, total_frames=frames,
                     context_steps=context_steps, keep_steps=keep_steps)
@@ -145,8 +156,8 @@ def generate(
     codes = gen.codes()
     settings = {
         "format": SIDECAR_FORMAT,
-        "version": 1,
-        **provenance(model, bank_paths),
+        "version": SIDECAR_VERSION,
+        **provenance(model, bank_paths, bank),
         "note": NOISE_WARNING if model.is_random else "",
         "prompt": prompt,
         "seconds": seconds,
@@ -155,6 +166,9 @@ def generate(
         "seed": seed,
         "sampling": sampling.to_dict(),
         "steering": spec.to_dict() if spec is not None else None,
+        # What each strength meant in hidden-state units: per direction, the norm it adds at each layer at full
+        # schedule with the gate open.
+        "vector_norms": plan.vector_norms() if plan is not None else None,
         "context_steps": gen.context_steps,
         "keep_steps": gen.keep_steps,
         "chunk_steps": chunk_steps,
@@ -171,6 +185,9 @@ def check_sidecar(settings: Any, where: str = "sidecar") -> tuple[SteeringSpec |
         raise ValueError(f"{where}: a render sidecar is a JSON object, got {type(settings).__name__}")
     if settings.get("format") != SIDECAR_FORMAT:
         raise ValueError(f"{where}: not a musicrfm render sidecar (format {settings.get('format')!r:.80})")
+    version = settings.get("version")
+    if isinstance(version, bool) or version not in (1, SIDECAR_VERSION):
+        raise ValueError(f"{where}: sidecar version {fields.shown(version)} is not supported (1 or {SIDECAR_VERSION})")
     for key in _SIDECAR_KEYS:
         if key not in settings:
             raise ValueError(f"{where}: the sidecar lacks {key!r}")
@@ -186,7 +203,10 @@ def check_sidecar(settings: Any, where: str = "sidecar") -> tuple[SteeringSpec |
             if settings[key] is not None:
                 fields.whole(key, settings[key], lo, 2**31)
         sampling = SamplingConfig.from_dict(settings["sampling"])
-        spec = SteeringSpec.from_dict(settings["steering"]) if settings["steering"] else None
+        steering = legacy_spec(settings["steering"]) if version == 1 else settings["steering"]
+        spec = SteeringSpec.from_dict(steering) if steering else None
+        if settings.get("layer_norms") is not None:
+            LayerNorms.from_dict(settings["layer_norms"])
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{where}: {exc}") from None
     return spec, sampling
@@ -205,7 +225,7 @@ def generate_from_sidecar(settings: dict, *, progress: bool = True, model: Music
         bank_paths=[b["path"] for b in settings["banks"]],
         sampling=sampling, seed=settings["seed"],
         chunk_steps=settings["chunk_steps"], context_steps=settings["context_steps"],
-        keep_steps=settings["keep_steps"], progress=progress,
+        keep_steps=settings["keep_steps"], progress=progress, layer_norms=settings.get("layer_norms"),
     )
 
 

@@ -8,7 +8,12 @@ The MusicRFM update (paper Sec. 3.3, App. C) adds to the hidden state of layer l
   w_{l,m}   layer weight, from the direction's own per-layer validation scores (`LayerWeighting`)
   phi_m(t)  deterministic schedule (`Schedule`); t is the generation step, 50 steps = 1 s
   psi_p(t)  Bernoulli gate (`gate_open`): ONE draw per step, shared by every layer and direction
-  eta0_m    the control's coefficient (`DirectionControl`)
+  eta0_m    the control's strength (`DirectionControl.coefficient`), in the spec's `units`:
+            "relative" (the default): eta0_m = s_m x n_l, where n_l is layer l's typical activation norm at
+                        the injection point (the bank's `LayerNorms`), so s = 0.3 adds 30 % of each layer's
+                        size, and a knob means the same on musicgen-mini, -small and -large;
+            "raw":      eta0_m in hidden-state units, as the paper writes it (its 0.15-0.6 are for
+                        MusicGen-large's scale); for reproducing its tables.
 
 Two corrections to the reference code are deliberate: the schedule clock is the generation step
 whether or not the gate fired (the reference advanced it on gated-in steps only), and the gate is a
@@ -51,10 +56,13 @@ __all__ = [
     "LAYER_MODES",
     "ROWS",
     "RULES",
+    "UNITS",
+    "legacy_spec",
 ]
 
 ROWS = ("both", "cond")  # guidance rows steered: both (paper) or the conditional row only
 RULES = ("add", "norm")  # h + v (paper), or the norm-preserving update of the activation-steering paper
+UNITS = ("relative", "raw")  # strength as a fraction of each layer's typical norm (default), or hidden-state units
 
 # Parameters each schedule kind reads; any other parameter must stay at its default, so that
 # to_dict()/str() (which write only these) describe the schedule completely.
@@ -76,8 +84,8 @@ CURVES = ("linear", "equal_power")
 _LAYER_PARAMS: dict[str, tuple[str, ...]] = {
     "all": ("w0",),
     "topk": ("k", "w0"),
-    "linear": ("w0",),
-    "exponential": ("kappa", "w0"),
+    "linear": ("w0", "margin"),
+    "exponential": ("kappa", "w0", "margin"),
     "explicit": ("weights", "w0"),
 }
 LAYER_MODES = tuple(_LAYER_PARAMS)
@@ -344,11 +352,16 @@ class LayerWeighting:
     all          w0 on every layer (the paper's "naive" steering)
     topk         w0 on the k best-scoring layers (ties: lower layer first), 0 elsewhere; k=None or
                  k >= L means all layers
-    linear       w0 * s_hat,             s_hat = (s - min s) / (max s - min s)
+    linear       w0 * s_hat,             s_hat = 1 - (max s - s) / max(max s - min s, margin)
     exponential  w0 * s_hat ** (1/kappa) (paper's best: kappa 0.95, w0 1)
     explicit     w0 * the given weights (one per layer; written "explicit:weights=1/0.5/0" on a command line)
 
-    When all scores are equal s_hat is all ones (every layer is as good as the best one).
+    s_hat is the paper's min-max normalisation whenever the scores spread by at least `margin` (0.1 by
+    default, in the scores' units: AUC or R^2). Scores closer together than that are mostly validation noise
+    (on the bundled notes bank, AUCs within 0.023 of each other, about five validation clips, made the
+    min-max weights of G# [0, .23, .48, 1] and of C [1, 1, 1, 1], so one strength steered G# at less than
+    half of C): the spread is then measured against the margin, and near-equal layers get near-equal weights.
+    margin = 0 is the paper's exact min-max. When all scores are equal s_hat is all ones.
     """
 
     mode: str = "exponential"
@@ -356,6 +369,7 @@ class LayerWeighting:
     kappa: float = 0.95
     k: int | None = None
     layer_weights: tuple[float, ...] = ()
+    margin: float = 0.1
 
     def __post_init__(self) -> None:
         if self.mode not in _LAYER_PARAMS:
@@ -368,6 +382,10 @@ class LayerWeighting:
             _set(self, "kappa", _number(owner, "kappa", self.kappa))
             if not 0 < self.kappa <= 1:
                 raise ValueError(f"{owner}: kappa must be in (0, 1], got {self.kappa}")
+        if "margin" in used:
+            _set(self, "margin", _number(owner, "margin", self.margin))
+            if self.margin < 0:
+                raise ValueError(f"{owner}: margin must be >= 0, got {self.margin}")
         if "k" in used and self.k is not None:
             _set(self, "k", _whole(owner, "k", self.k))
             if self.k < 1:
@@ -403,8 +421,9 @@ class LayerWeighting:
             w[best] = 1.0
         else:
             lo, hi = s.min(), s.max()
+            spread = max(float(hi - lo), self.margin)
             # Equal scores: no layer is worse than another. (The reference code divided by zero here.)
-            s_hat = (s - lo) / (hi - lo) if bool(hi > lo) else torch.ones_like(s)
+            s_hat = 1.0 - (hi - s) / spread if spread > 0 else torch.ones_like(s)
             w = s_hat if self.mode == "linear" else s_hat ** (1.0 / self.kappa)
         return self.w0 * w
 
@@ -457,7 +476,8 @@ class LayerWeighting:
 
 @dataclass(frozen=True)
 class DirectionControl:
-    """One direction to steer toward: key "concept:class", coefficient eta0, schedule phi."""
+    """One direction to steer toward: key "concept:class", strength `coefficient` (eta0, in the spec's units),
+    schedule phi."""
 
     key: str
     coefficient: float
@@ -499,7 +519,7 @@ def crossfade(a_key: str, b_key: str, coefficient: float, start: int = 0, length
             DirectionControl(b_key, coefficient, Schedule("fade_in", start=start, length=length, curve=curve)))
 
 
-_SPEC_FIELDS = ("controls", "gate_p", "gate_seed", "layers", "rows", "rule", "site")
+_SPEC_FIELDS = ("controls", "gate_p", "gate_seed", "layers", "rows", "rule", "site", "units")
 
 
 @dataclass(frozen=True)
@@ -513,6 +533,7 @@ class SteeringSpec:
     rows: str = "both"
     rule: str = "add"
     site: str = "residual"
+    units: str = "relative"
 
     def __post_init__(self) -> None:
         try:
@@ -536,11 +557,12 @@ class SteeringSpec:
         _choice("steering", "rows", self.rows, ROWS)
         _choice("steering", "rule", self.rule, RULES)
         _choice("steering", "site", self.site, INJECTION_POINTS)
+        _choice("steering", "units", self.units, UNITS)
 
     def to_dict(self) -> dict:
         return {"controls": [c.to_dict() for c in self.controls], "gate_p": self.gate_p,
                 "gate_seed": self.gate_seed, "layers": self.layers.to_dict(), "rows": self.rows,
-                "rule": self.rule, "site": self.site}
+                "rule": self.rule, "site": self.site, "units": self.units}
 
     @classmethod
     def from_dict(cls, d: dict) -> "SteeringSpec":
@@ -555,6 +577,23 @@ class SteeringSpec:
         if "layers" in kwargs:
             kwargs["layers"] = LayerWeighting.from_dict(kwargs["layers"])
         return cls(**kwargs)
+
+
+def legacy_spec(d: Any) -> Any:
+    """A steering spec (or a state's flat steering fields) as written before strength had units and the layer
+    weighting a margin: raw units and the paper's exact min-max, which is what those files were made with.
+    Readers of older sidecars and recordings call this, so they replay to the same tokens."""
+    if not isinstance(d, dict):
+        return d
+    out = dict(d)
+    out.setdefault("units", "raw")
+    layers = out.get("layers")
+    if isinstance(layers, dict) and layers.get("mode") in ("linear", "exponential"):
+        out["layers"] = {**layers, "margin": layers.get("margin", 0.0)}
+    elif isinstance(layers, str) and layers.split(":", 1)[0].strip() in ("linear", "exponential") \
+            and "margin=" not in layers:
+        out["layers"] = layers + ("," if ":" in layers else ":") + "margin=0"
+    return out
 
 
 # --- the gate ---------------------------------------------------------------------------------------
@@ -629,19 +668,35 @@ class SteeringPlan:
                 # added to an attention output (or the reverse) steers along an unrelated axis.
                 raise ValueError(f"the bank's directions were read at the {bank.injection_point!r} injection "
                                  f"point, but steering is set to site {spec.site!r}")
+        scale = None
+        if spec.controls and spec.units == "relative":
+            if bank.layer_norms is None:
+                raise ValueError("relative strength needs the bank's layer norms, and this bank carries none: "
+                                 "load it through engine.norms.with_layer_norms (which measures them), or use "
+                                 "raw units")
+            scale = bank.layer_norms.scale()  # [L]: strength s adds s x the layer's typical |h|
         rows = []
         for control in spec.controls:
             direction = bank[control.key]  # UnknownDirectionError lists the bank's keys
             w = spec.layers.weights(direction.scores)
+            if scale is not None:
+                w = w * scale
             rows.append(w.unsqueeze(1) * direction.vectors)
         weighted = torch.stack(rows) if rows else torch.zeros(0, layers, hidden)
         return cls(spec, weighted.to(device=device, dtype=dtype), layers, hidden)
 
     def directions_match(self, spec: SteeringSpec) -> bool:
         """True when `spec` steers along this plan's weighted directions: same keys in the same order, same
-        layer weighting, same site."""
-        return (spec.site == self.spec.site and spec.layers == self.spec.layers
+        layer weighting, site and units."""
+        return (spec.site == self.spec.site and spec.layers == self.spec.layers and spec.units == self.spec.units
                 and [c.key for c in spec.controls] == [c.key for c in self.spec.controls])
+
+    def vector_norms(self) -> dict[str, list[float]]:
+        """Per control, the norm of the vector it adds at each layer at full schedule with the gate open
+        (|coefficient| x w_l x scale_l): what a strength means in hidden-state units, for sidecars and logs."""
+        norms = torch.linalg.vector_norm(self.weighted.float().cpu(), dim=2)  # [M, L]
+        return {c.key: [round(abs(c.coefficient) * float(n), 4) for n in norms[m]]
+                for m, c in enumerate(self.spec.controls)}
 
     def _coefficient_values(self, step: int) -> list[float]:
         spec = self.spec

@@ -31,7 +31,7 @@ def cmd_eval_sweep(args) -> int:
         preset=args.preset, banks=tuple(str(b) for b in banks), out=str(args.out), model=args.model,
         concepts=tuple(c.strip() for c in args.concept.split(",") if c.strip()),
         **({"prompts": prompts} if prompts else {}), samples=args.samples, seconds=args.seconds, seed=args.seed,
-        eta0=_floats(args.eta0, "--eta0"),
+        eta0=_floats(args.eta0, "--eta0"), units=args.units,
         device=None if args.device == "auto" else args.device, dtype=None if args.dtype == "auto" else args.dtype,
         sampling=SamplingConfig(guidance_scale=args.guidance, top_k=args.top_k, temperature=args.temperature),
         features=str(args.features) if args.features else None, clap=args.clap, probe_layer=args.probe_layer,
@@ -48,7 +48,7 @@ def cmd_eval_sweep(args) -> int:
 
 
 def register(sub) -> None:
-    from musicrfm.engine.cli import add_model_args
+    from musicrfm.engine.cli import add_model_args, add_units_arg
 
     ev = sub.add_parser("eval", help="evaluate steering: sweeps that follow the paper's protocols")
     ev_sub = ev.add_subparsers(dest="evaluation", required=True)
@@ -68,8 +68,10 @@ def register(sub) -> None:
     sw.add_argument("--samples", type=int, default=8, help="clips per configuration (and in the reference set)")
     sw.add_argument("--seconds", type=float, default=10.0, help="length of each clip")
     sw.add_argument("--seed", type=int, default=0, help="sweep seed: each sample's seed derives from it and the index")
-    sw.add_argument("--eta0", default=None, help="eta: the levels (default 0.15,0.3,0.45,0.6); pairs: the levels "
-                                                 "(default 0.3,0.6); others: one value (default 0.45)")
+    sw.add_argument("--eta0", default=None, help="strengths, in --units. eta: the levels (default relative "
+                                                 "0.1,0.25,0.5,1; raw: the paper's 0.15,0.3,0.45,0.6); pairs: the "
+                                                 "levels (0.25,0.5; raw 0.3,0.6); others: one value (0.5; raw 0.45)")
+    add_units_arg(sw)
     sw.add_argument("--out", type=Path, required=True, help="output directory (a rerun resumes it)")
     sw.add_argument("--features", type=Path, default=None,
                     help="`musicrfm extract` output (DIR/<concept>/): fit the multiclass probe and report probe accuracy")

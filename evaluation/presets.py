@@ -31,7 +31,7 @@ import numpy as np
 
 from musicrfm.engine.generation import file_sha256
 from musicrfm.engine.sampling import SamplingConfig
-from musicrfm.engine.steering import DirectionControl, LayerWeighting, Schedule, SteeringSpec
+from musicrfm.engine.steering import UNITS, DirectionControl, LayerWeighting, Schedule, SteeringSpec
 from musicrfm.probes.train import REGRESSION_CONCEPTS
 
 __all__ = [
@@ -84,6 +84,12 @@ NAIVE_LAYERS = LayerWeighting("all", w0=1.0)
 ETA_LEVELS = (0.15, 0.30, 0.45, 0.60)
 PAIR_LEVELS = (0.3, 0.6)
 DEFAULT_ETA0 = 0.45  # schedules / crossfade (Sec. 6.2's value); the ablations do not state theirs
+# The levels in relative units (engine.steering: a fraction of each layer's typical norm), the default: the
+# paper's raw values are for MusicGen-large's scale and do nothing on smaller models. Chosen from the
+# closed-loop measurement on musicgen-mini (docs/musicgen-mini.md): 0.1 barely moves the pitch class, 0.5 is
+# an audible but musical pull, 1.0 the page's full knob (>= 0.8 accuracy).
+RELATIVE_LEVELS = {"eta": (0.1, 0.25, 0.5, 1.0), "pairs": (0.25, 0.5), "single": 0.5}
+PAPER_LEVELS = {"eta": ETA_LEVELS, "pairs": PAIR_LEVELS, "single": DEFAULT_ETA0}
 TOPK_PAPER = (4, 8, 12, 16, 24, 32, 48)  # of 48 layers
 GATE_LEVELS = (0.15, 0.30, 0.45, 0.6, 0.75, 0.9, 1.0)
 
@@ -125,14 +131,21 @@ class Configuration:
         return f"{' + '.join(parts)}, gate p={self.gate_p:g}, layers {self.layers}"
 
 
+def default_levels(units: str) -> dict:
+    """A preset's strength levels when --eta0 is not given: the paper's in raw units, ours in relative ones."""
+    if units not in UNITS:
+        raise ValueError(f"units must be one of {', '.join(UNITS)}, got {units!r}")
+    return PAPER_LEVELS if units == "raw" else RELATIVE_LEVELS
+
+
 def _eta_list(eta0: Sequence[float] | None, default: Sequence[float]) -> tuple[float, ...]:
     return tuple(float(e) for e in (eta0 if eta0 else default))
 
 
-def _single_eta(preset: str, eta0: Sequence[float] | None) -> float:
+def _single_eta(preset: str, eta0: Sequence[float] | None, default: float) -> float:
     if eta0 and len(eta0) > 1:
         raise ValueError(f"preset {preset!r} takes one --eta0 value, got {list(eta0)}")
-    return float(eta0[0]) if eta0 else DEFAULT_ETA0
+    return float(eta0[0]) if eta0 else default
 
 
 def scaled_schedules(steps: int) -> list[tuple[str, Schedule]]:
@@ -159,9 +172,12 @@ def topk_values(num_layers: int) -> list[int]:
 
 
 def build_configurations(preset: str, concepts: Sequence[str], classes: dict[str, list[str]], num_layers: int,
-                         seconds: float, eta0: Sequence[float] | None = None) -> list[Configuration]:
+                         seconds: float, eta0: Sequence[float] | None = None,
+                         units: str = "relative") -> list[Configuration]:
     """The configurations of a preset (the reference is not among them). `classes`: concept -> class names
-    from the bank; `num_layers` scales top-K; `seconds` scales schedules and the crossfade."""
+    from the bank; `num_layers` scales top-K; `seconds` scales schedules and the crossfade; `units` picks the
+    default strength levels (`default_levels`)."""
+    levels = default_levels(units)
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     concepts = list(dict.fromkeys(concepts))
@@ -174,7 +190,7 @@ def build_configurations(preset: str, concepts: Sequence[str], classes: dict[str
     configs: list[Configuration] = []
     if preset == "eta":
         for c in concepts:
-            for eta in _eta_list(eta0, ETA_LEVELS):
+            for eta in _eta_list(eta0, levels["eta"]):
                 if c in REGRESSION_CONCEPTS:  # Table 2: -eta and +eta are averaged into the |eta| column
                     for sign in (-1.0, 1.0):
                         configs.append(Configuration(f"{c} eta0={sign * eta:+.2f}", (ControlTemplate(
@@ -186,19 +202,19 @@ def build_configurations(preset: str, concepts: Sequence[str], classes: dict[str
         if len(usable) < 2:
             raise ValueError("the pairs preset needs at least two classification concepts "
                              "(--concept notes,chords,intervals as in Table 5)")
-        levels = _eta_list(eta0, PAIR_LEVELS)
+        levels = _eta_list(eta0, levels["pairs"])
         for a, b in itertools.combinations(usable, 2):
             for ea, eb in itertools.product(levels, levels):
                 configs.append(Configuration(f"{a}+{b} eta0={ea:.2f}/{eb:.2f}", (
                     ControlTemplate(a, ea, pick="cycle", group=f"{a} eta0={ea:.2f}", x=ea),
                     ControlTemplate(b, eb, pick="random", group=f"{b} eta0={eb:.2f}", x=eb))))
     elif preset == "schedules":
-        eta = _single_eta(preset, eta0)
+        eta = _single_eta(preset, eta0, levels["single"])
         for c in concepts:
             for label, schedule in scaled_schedules(steps):
                 configs.append(Configuration(f"{c} {label}", (ControlTemplate(c, eta, schedule),), trace=True))
     elif preset == "crossfade":
-        eta = _single_eta(preset, eta0)
+        eta = _single_eta(preset, eta0, levels["single"])
         for c in concepts:
             if c in REGRESSION_CONCEPTS or len(classes[c]) < 2:
                 raise ValueError(f"a crossfade needs two classes of one concept; {c!r} has {classes[c]}")
@@ -210,7 +226,7 @@ def build_configurations(preset: str, concepts: Sequence[str], classes: dict[str
                 ControlTemplate(c, eta, Schedule("fade_in", start=0, length=steps, curve="linear"), pick="other",
                                 role="n2", window=(0.75, 1.0))), trace=True))
     elif preset == "layers":
-        eta = _single_eta(preset, eta0)
+        eta = _single_eta(preset, eta0, levels["single"])
         schemes = [("linear", LayerWeighting("linear", w0=1.0)),
                    ("exponential kappa=0.98", LayerWeighting("exponential", kappa=0.98, w0=1.0)),
                    ("exponential kappa=0.95", LayerWeighting("exponential", kappa=0.95, w0=1.0)),
@@ -220,13 +236,13 @@ def build_configurations(preset: str, concepts: Sequence[str], classes: dict[str
             for label, weighting in schemes:
                 configs.append(Configuration(f"{c} {label}", (ControlTemplate(c, eta),), gate_p=1.0, layers=weighting))
     elif preset == "topk":
-        eta = _single_eta(preset, eta0)
+        eta = _single_eta(preset, eta0, levels["single"])
         for c in concepts:
             for k in topk_values(num_layers):
                 configs.append(Configuration(f"{c} K={k}", (ControlTemplate(c, eta, x=float(k)),), gate_p=1.0,
                                              layers=LayerWeighting("topk", k=k, w0=1.0)))
     else:  # gate
-        eta = _single_eta(preset, eta0)
+        eta = _single_eta(preset, eta0, levels["single"])
         for c in concepts:
             for p in GATE_LEVELS:
                 configs.append(Configuration(f"{c} p={p:.2f}", (ControlTemplate(c, eta, x=p),), gate_p=p,
@@ -251,7 +267,8 @@ class SweepSettings:
     samples: int = 8
     seconds: float = 10.0
     seed: int = 0
-    eta0: tuple[float, ...] | None = None  # None: the preset's own levels
+    eta0: tuple[float, ...] | None = None  # None: the preset's own levels (in `units`)
+    units: str = "relative"  # strength units (engine.steering.UNITS); "raw" reproduces the paper's tables
     device: str | None = None
     dtype: str | None = None
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -282,6 +299,7 @@ class SweepSettings:
             raise ValueError(f"chunk must be >= 1 sample, got {self.chunk}")
         if self.samples > 2**20:
             raise ValueError(f"too many samples: {self.samples}")
+        default_levels(self.units)  # checks the name
 
     @property
     def embedder_name(self) -> str:
@@ -298,7 +316,7 @@ class SweepSettings:
                 "device": self.device or "auto", "dtype": self.dtype or "auto",
                 "banks": sorted(file_sha256(b) for b in self.banks), "concepts": list(self.concepts),
                 "prompts": list(self.prompts), "seconds": self.seconds, "seed": self.seed,
-                "eta0": list(self.eta0) if self.eta0 else None, "sampling": self.sampling.to_dict(),
+                "eta0": list(self.eta0) if self.eta0 else None, "units": self.units, "sampling": self.sampling.to_dict(),
                 "embedder": self.embedder_name, "clap": self.clap,
                 "features": str(Path(self.features).resolve()) if self.features else None,
                 "probe": {"layer": self.probe_layer, "trials": self.probe_trials, "seed": self.probe_seed},
@@ -362,7 +380,8 @@ def plan_units(settings: SweepSettings, configs: Sequence[Configuration],
                 controls.append(DirectionControl(f"{t.concept}:{cls}", t.coefficient, t.schedule))
                 targets.append({"concept": t.concept, "class": cls, "coefficient": t.coefficient, "role": t.role,
                                 "window": list(t.window), "group": t.group or cfg.name, "x": t.x})
-            spec = SteeringSpec(controls=tuple(controls), gate_p=cfg.gate_p, gate_seed=seed, layers=cfg.layers)
+            spec = SteeringSpec(controls=tuple(controls), gate_p=cfg.gate_p, gate_seed=seed, layers=cfg.layers,
+                                units=settings.units)
             units.append(Unit(cfg.name, i, settings.prompts[i % len(settings.prompts)], seed, spec, tuple(targets),
                               cfg.trace))
     return units

@@ -73,8 +73,21 @@ class WorkerContext:
         self.probes = probes
         self.clap = ClapEmbedder(settings.clap, device=str(model.device)) if settings.clap else None
         self.embedder = self.clap if self.clap is not None else LogMelStatsEmbedder()
+        self.layer_norms = self._layer_norms()
         if self.embedder.name != settings.embedder_name:
             raise ValueError(f"embedder {self.embedder.name} is not the one the sweep records ({settings.embedder_name})")
+
+    def _layer_norms(self) -> dict | None:
+        """The layer norms relative strength reads, for banks that carry none: the model's, measured once here
+        rather than once per clip (they belong to the model and injection point, not to a bank)."""
+        from musicrfm.engine.bank import DirectionBank
+        from musicrfm.engine.norms import with_layer_norms
+
+        for path in self.bank_paths:
+            bank = DirectionBank.load(path)
+            if bank.layer_norms is None:
+                return with_layer_norms(bank, self.model).layer_norms.to_dict()
+        return None
 
     @classmethod
     def remote(cls, payload: dict) -> WorkerContext:
@@ -131,7 +144,7 @@ def run_unit(ctx: WorkerContext, unit: Unit) -> dict:
     concepts = [c.key.partition(":")[0] for c in unit.spec.controls] if unit.spec is not None else []
     banks = [p for p in ctx.bank_paths if p in {ctx.concept_bank[c] for c in concepts}]
     result = generate(ctx.model, unit.prompt, s.seconds, spec=unit.spec, bank_paths=banks, sampling=s.sampling,
-                    seed=unit.seed, progress=False)
+                    seed=unit.seed, progress=False, layer_norms=ctx.layer_norms)
     audio, sr = result.audio, result.sample_rate
     embedding = ctx.embedder.embed([audio], sr)[0]
     clap = float(ctx.clap.clap_score([audio], [unit.prompt], sr)[0]) if ctx.clap is not None else None
@@ -293,7 +306,7 @@ def run_sweep(settings: SweepSettings, *, ray: str | None = None, workers: int |
     out = Path(settings.out)
     classes, _, fingerprint = bank_index(settings.banks)
     configs = build_configurations(settings.preset, settings.concepts, classes, fingerprint.num_layers,
-                                   settings.seconds, settings.eta0)
+                                   settings.seconds, settings.eta0, settings.units)
     _check_manifest(out, settings.manifest())
     units = plan_units(settings, configs, classes)
     records_path = out / "units.jsonl"

@@ -76,6 +76,35 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_norms(args) -> int:
+    from musicrfm.engine.bank import DirectionBank
+
+    from .extract import load_layer_norms
+
+    bank = DirectionBank.load(args.bank)
+    n = bank.fingerprint.num_layers
+    if args.features:
+        norms = None
+        for folder in args.features:
+            found = load_layer_norms(folder, n)
+            if found is None:
+                raise ValueError(f"{folder}: the features do not cover all {n} layers or predate the norm statistics "
+                                 "(extract again, or leave out --features to measure with the model)")
+            norms = found if norms is None else norms.combined(found)
+    else:
+        from musicrfm.engine.model import load_model
+        from musicrfm.engine.norms import measure_layer_norms
+
+        model = load_model(args.model, device=args.device, dtype=args.dtype)
+        bank.check_compatible(model.fingerprint)
+        norms = measure_layer_norms(model, bank.injection_point)
+    out = args.out or args.bank
+    bank.with_layer_norms(norms).save(out)
+    shown = ", ".join(f"{m:.4g}" for m in norms.mean)
+    print(f"wrote {out}: typical |h| per layer {shown} ({norms.source})")
+    return 0
+
+
 def register(sub) -> None:
     from musicrfm.engine.cli import add_model_args
 
@@ -127,3 +156,13 @@ def register(sub) -> None:
     rep.add_argument("--seed", type=int, default=0)
     rep.add_argument("--quiet", action="store_true")
     rep.set_defaults(func=cmd_report)
+
+    nm = sub.add_parser("norms", help="give a direction bank its layers' typical activation norms (relative strength "
+                                      "reads them; banks trained before they were recorded lack them)")
+    add_model_args(nm)
+    nm.add_argument("bank", type=Path, help="the bank (.safetensors)")
+    nm.add_argument("--features", type=Path, action="append", default=[], metavar="DIR",
+                    help="`musicrfm extract` output of a concept (DIR/<concept>); repeatable; default: measure with "
+                         "--model (short unsteered generations)")
+    nm.add_argument("--out", type=Path, default=None, help="write here (default: the bank itself)")
+    nm.set_defaults(func=cmd_norms)

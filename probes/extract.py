@@ -11,7 +11,9 @@ took the last layer after the final LayerNorm, so its probes saw states that ste
 
 Features are stored as float16 in shards (`part-NNNNN.safetensors`, one per batch of clips) with JSON
 metadata naming the model fingerprint, prompt and pooling; a directory never mixes models or prompts,
-and an interrupted run resumes at the first missing shard.
+and an interrupted run resumes at the first missing shard. Each shard also keeps, per layer, the count, sum
+and sum of squares of the per-token norm |h| over its clips' valid positions: the bank's `LayerNorms`, which
+relative steering strength is a fraction of (`load_layer_norms`).
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from musicrfm.engine.decoder import MusicgenDecoder, delayed_inputs
+from musicrfm.engine.bank import LayerNorms
 from musicrfm.engine.model import ModelFingerprint, MusicModel
+from musicrfm.engine.norms import NormAccumulator, read_activations
 
 FORMAT = "musicrfm.features"
 VERSION = 1
 POOLINGS = ("mean", "last")
+NORM_TENSORS = ("norm_count", "norm_sum", "norm_squares")  # per shard, float64 [L']: the |h| statistics
 
 
 class FeatureError(ValueError):
@@ -67,36 +71,36 @@ def encode_audio(model: MusicModel, audio: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def decoder_features(model: MusicModel, codes: torch.Tensor, prompt: str = "",
-                     layers: Sequence[int] | None = None, frames: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                     layers: Sequence[int] | None = None, frames: torch.Tensor | None = None,
+                     norms: NormAccumulator | None = None) -> dict[str, torch.Tensor]:
     """Pooled residual-stream features of a batch of code sequences.
 
     codes [B, K, F]; `frames` [B] = valid frames per clip (default F). Returns {"mean": [B, L', d],
-    "last": [B, L', d]} in float32 for the selected layers."""
+    "last": [B, L', d]} in float32 for the selected layers. `norms` (indexed by position in `layers`)
+    accumulates the per-token |h| of the valid positions."""
     b, _, f = codes.shape
     layers = list(range(model.num_layers)) if layers is None else list(layers)
     frames = torch.full((b,), f) if frames is None else frames.cpu()
     if (frames < 1).any() or (frames > f).any():
         raise ValueError(f"valid frame counts must lie in [1, {f}], got {frames.tolist()}")
-    dec = MusicgenDecoder(model, rows=b, capacity=f + 1)
-    dec.set_conditioning(dec.encode_text([prompt] * b, guidance=False))
-    # Positions 0..F, as an audio prompt of F frames is fed in generation (transformers' layout too).
-    tokens = delayed_inputs(codes.to(model.device), 0, f, model.pad_token_id)
     # Position p (1..F) is the step whose input holds frame p-1's first codebook: clip i keeps 1..frames[i].
     pos = torch.arange(f + 1)
-    weights = ((pos[None, :] >= 1) & (pos[None, :] <= frames[:, None])).float()
-    weights = (weights / weights.sum(1, keepdim=True)).to(model.device)
+    valid = (pos[None, :] >= 1) & (pos[None, :] <= frames[:, None])
+    weights = (valid.float() / valid.sum(1, keepdim=True)).to(model.device)
     last = frames.to(model.device)
-    wanted = set(layers)
+    column = {layer: j for j, layer in enumerate(layers)}
     pooled_mean: dict[int, torch.Tensor] = {}
     pooled_last: dict[int, torch.Tensor] = {}
 
     def capture(i: int, h: torch.Tensor) -> None:
-        if i in wanted:
+        if i in column:
             h = h.float()
             pooled_mean[i] = torch.einsum("bt,btd->bd", weights, h)
             pooled_last[i] = h[torch.arange(b, device=h.device), last]
+            if norms is not None:
+                norms.add(column[i], h, valid)
 
-    dec.forward(tokens, capture=capture)
+    read_activations(model, codes, prompt, capture)
     return {"mean": torch.stack([pooled_mean[i] for i in layers], 1).cpu(),
             "last": torch.stack([pooled_last[i] for i in layers], 1).cpu()}
 
@@ -194,6 +198,7 @@ def extract_concept(
                 bar.update(stop - start)
                 continue
             parts: dict[str, list[torch.Tensor]] = {p: [] for p in POOLINGS}
+            norms = NormAccumulator(len(layers))
             for b0 in range(start, stop, settings.batch_size):
                 batch = clips[b0: min(b0 + settings.batch_size, stop)]
                 audio = [torch.from_numpy(np.asarray(load_audio(c, model.sample_rate), dtype=np.float32)) for c in batch]
@@ -201,16 +206,35 @@ def extract_concept(
                 padded = torch.stack([torch.nn.functional.pad(a, (0, length - a.shape[0])) for a in audio])
                 codes = encode_audio(model, padded)
                 frames = torch.tensor([max(1, min(codes.shape[2], a.shape[0] // model.hop_length)) for a in audio])
-                feats = decoder_features(model, codes, settings.prompt, layers, frames)
+                feats = decoder_features(model, codes, settings.prompt, layers, frames, norms)
                 for p in POOLINGS:
                     parts[p].append(feats[p].to(torch.float16))
                 bar.update(len(batch))
             tensors = {p: torch.cat(parts[p]).contiguous() for p in POOLINGS}
             tensors["rows"] = torch.arange(start, stop)
+            tensors.update(zip(NORM_TENSORS, (norms.count, norms.total, norms.squares)))
             tmp = path.with_suffix(".tmp")
             save_file(tensors, str(tmp), metadata={"musicrfm": json.dumps(meta)})
             os.replace(tmp, path)  # a shard is either complete or absent
     return folder
+
+
+def load_layer_norms(folder: str | Path, num_layers: int) -> LayerNorms | None:
+    """The typical |h| per layer over every clip of a concept's feature directory, for a bank of a model with
+    `num_layers` layers; None when the features do not cover every layer or predate the norm statistics."""
+    folder = Path(folder)
+    index = json.loads((folder / "index.json").read_text())
+    if list(index["layers"]) != list(range(num_layers)):
+        return None
+    acc = NormAccumulator(num_layers)
+    for path in sorted(folder.glob("part-*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            if not set(NORM_TENSORS) <= set(f.keys()):
+                return None
+            acc.add_sums(*(f.get_tensor(name) for name in NORM_TENSORS))
+    prompt = index.get("prompt", "")
+    return acc.result(f"extraction: {int(acc.count.min())} token positions of {len(index['clips'])} "
+                      f"{index['concept']} clips, prompt {prompt!r}"[:300])
 
 
 def load_features(folder: str | Path, fingerprint: ModelFingerprint | None = None,

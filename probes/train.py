@@ -27,7 +27,7 @@ from tqdm import tqdm
 from musicrfm.engine.bank import DirectionBank, Provenance
 from musicrfm.engine.model import pick_device
 
-from .extract import FeatureError, load_features
+from .extract import FeatureError, load_features, load_layer_norms
 
 METHODS = ("rfm", "linear", "diffmeans")
 REGRESSION_CONCEPTS = ("tempos",)
@@ -186,6 +186,7 @@ def train_concept(feature_dir: str | Path, out_dir: str | Path, settings: TrainS
             score_name=provenance.score_name,
             metadata={"prompt": head.prompt, "split": "stratified 70/15/15", "seed": settings.seed,
                       "search": meta["search"], "features": str(feature_dir)},
+            layer_norms=load_layer_norms(feature_dir, head.fingerprint.num_layers),
         )
         bank_path = out_dir / f"{name}.safetensors"
         bank.save(bank_path)

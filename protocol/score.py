@@ -20,7 +20,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 _TOP = ("title", "model", "seconds", "seed", "prompt", "banks", "sampling", "steering", "cue")
-_STEERING = ("gate", "gate_seed", "layers", "rows", "rule")
+_STEERING = ("gate", "gate_seed", "layers", "rows", "rule", "units")
 _CUE_KINDS = ("set", "prompt", "direction", "remove", "ramp", "crossfade", "gate", "layers", "sampling")
 # The longest performance a score may ask for: a day (a score's length decides how long a render runs and
 # how many frames it holds; 1e308 seconds is a typo, not a performance).
@@ -111,7 +111,7 @@ def _steering_patch(where: str, table: dict) -> dict:
             patch["gate"]["p"] = _number(f"{where} gate", table["gate"])
         if "gate_seed" in table:
             patch["gate"]["seed"] = table["gate_seed"]
-    for name in ("layers", "rows", "rule"):
+    for name in ("layers", "rows", "rule", "units"):
         if name in table:
             patch[name] = table[name]
     return patch
@@ -123,7 +123,7 @@ def _cue_patch(where: str, cue: dict, frame_rate: float, coefficients: dict[str,
     directions: dict[str, Any] = {}
     if "set" in cue:
         patch.update(_table(f"{where} set", cue["set"], ("prompt", "directions", "gate", "layers", "rows", "rule",
-                                                         "sampling", "seed")))
+                                                         "units", "sampling", "seed")))
         given = patch.pop("directions", {})
         if not isinstance(given, dict):
             raise _fail(where, f"set.directions must be a table of \"concept:class\" = {{...}}, got {given!r:.80}")

@@ -55,6 +55,11 @@ WEB_ROOT = Path(str(files("musicrfm.clients") / "web"))
 LOOPBACK_NAMES = ("localhost",)
 
 
+# The page's and a control surface's full knob, in relative strength units (engine.steering): on musicgen-mini
+# it reaches >= 0.8 pitch-class accuracy, and half of it an audible but musical pull (docs/musicgen-mini.md).
+RELATIVE_KNOB_MAX = 1.0
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -67,7 +72,7 @@ class ServerConfig:
     messages_per_second: float = 100.0
     message_burst: int = 200
     send_queue_seconds: float = 2.0  # audio a slow client may have queued before it is dropped
-    coefficient_max: float = 2.0  # the knob range: OSC /knob 0..1 and the page's knobs
+    coefficient_max: float = RELATIVE_KNOB_MAX  # the knob range: OSC /knob 0..1 and the page's knobs
     context_steps: int | None = None
     keep_steps: int | None = None
     # Browsers: pages from these origins (scheme://host[:port]) may connect, besides same-origin and loopback.
@@ -148,6 +153,12 @@ class Hub:
                 "limits": {"max_message_bytes": MAX_MESSAGE_BYTES,
                            "messages_per_second": self.config.messages_per_second,
                            "coefficient_max": self.config.coefficient_max},
+                # What a coefficient means: the units new sessions start in, and (relative units) each layer's
+                # typical activation norm, so a client can show a strength in hidden-state units too.
+                "strength": {"units": self.config.initial.steering.units,
+                             "coefficient_max": self.config.coefficient_max,
+                             "layer_norms": list(self.bank.layer_norms.mean)
+                             if self.bank is not None and self.bank.layer_norms is not None else None},
                 "version": state["version"], "epoch": state["epoch"], "step": state["step"], "state": state["state"],
                 "recording": state["recording"]}
 

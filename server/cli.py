@@ -11,9 +11,12 @@ from pathlib import Path
 def cmd_serve(args) -> int:
     from musicrfm.engine.model import NOISE_WARNING, bundled_banks, load_model
     from musicrfm.engine.generation import load_banks
+    from musicrfm.engine.norms import with_layer_norms
     from musicrfm.engine.sampling import SamplingConfig
 
-    from .app import Server, ServerConfig, new_token
+    from musicrfm.engine.steering import SteeringSpec
+
+    from .app import RELATIVE_KNOB_MAX, Server, ServerConfig, new_token
     from musicrfm.protocol.wire import DEFAULT_OSC_PORT, is_loopback
     from .session import SessionConfig
     from .state import ControlState
@@ -26,20 +29,27 @@ def cmd_serve(args) -> int:
         print(f"not loopback: clients need ?token={token} (OSC senders: /musicrfm/auth \"{token}\" first)")
     sampling = SamplingConfig(guidance_scale=args.guidance, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, greedy=args.greedy)
+    bank_paths = list(args.bank) or bundled_banks(args.model)  # a bundled model's own banks by default
+    bank = load_banks(bank_paths)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    bank = with_layer_norms(bank, model)  # relative strength needs them; a bank made before they were kept
+    knob_max = args.coefficient_max
+    if knob_max is None:  # the same full knob in either units: raw units scale it by the typical layer norm
+        knob_max = RELATIVE_KNOB_MAX
+        if args.units == "raw" and bank is not None and bank.layer_norms is not None:
+            knob_max = round(RELATIVE_KNOB_MAX * sum(bank.layer_norms.mean) / bank.layer_norms.num_layers, 3)
     config = ServerConfig(
         host=args.host, port=args.port, osc_host=args.osc_host,
         osc_port=osc_port if osc_port >= 0 else None,
         token=token, max_sessions=args.max_sessions, idle_seconds=args.idle_seconds,
-        coefficient_max=args.coefficient_max, allow_origins=tuple(args.allow_origin),
+        coefficient_max=knob_max, allow_origins=tuple(args.allow_origin),
         allow_hosts=tuple(args.allow_host),
         session=SessionConfig(chunk_steps=args.chunk_steps, lead_seconds=args.lead, record_dir=args.record_dir,
                               record_max_seconds=args.record_max_seconds, record_max_mb=args.record_max_mb,
                               record_min_free_mb=args.record_min_free_mb),
-        initial=ControlState(prompt=args.prompt, sampling=sampling, seed=args.seed),
+        initial=ControlState(prompt=args.prompt, sampling=sampling, seed=args.seed,
+                             steering=SteeringSpec(units=args.units)),
     )
-    bank_paths = list(args.bank) or bundled_banks(args.model)  # a bundled model's own banks by default
-    bank = load_banks(bank_paths)
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
 
     def ready(server) -> None:
         host, port = server.ws_address
@@ -94,7 +104,7 @@ def cmd_replay(args) -> int:
 
 
 def register(sub) -> None:
-    from musicrfm.engine.cli import add_model_args
+    from musicrfm.engine.cli import add_model_args, add_units_arg
 
     s = sub.add_parser("serve", help="the live steering server: WebSocket (+ browser page) and OSC")
     add_model_args(s)
@@ -127,7 +137,10 @@ def register(sub) -> None:
     s.add_argument("--idle-seconds", type=float, default=300.0,
                    help="a session with no listener and no message for this long is closed, freeing its name and "
                         "place (default: %(default)g)")
-    s.add_argument("--coefficient-max", type=float, default=2.0, help="knob range: 0..1 maps to 0..this")
+    s.add_argument("--coefficient-max", type=float, default=None,
+                   help="the full knob (OSC /knob 1, the page's knob at its top) in --units (default: 1.0 relative, "
+                        "i.e. each layer's typical norm; in raw units the same strength in hidden-state units)")
+    add_units_arg(s)
     s.add_argument("--prompt", default="", help="a new session's prompt")
     s.add_argument("--seed", type=int, default=0, help="a new session's seed")
     g = s.add_argument_group("sampling (a new session's)")

@@ -97,6 +97,7 @@ def perform_score(score: Score, *, model_name: str | None = None, device: str | 
     from musicrfm.engine.cli import DEFAULT_MODEL
     from musicrfm.engine.generation import load_banks
     from musicrfm.engine.model import bundled_banks, load_model
+    from musicrfm.engine.norms import with_layer_norms
 
     name = model_name or score.model or DEFAULT_MODEL
     bank = load_banks(list(banks if banks is not None else score.banks or bundled_banks(name)))
@@ -105,6 +106,7 @@ def perform_score(score: Score, *, model_name: str | None = None, device: str | 
     except ProtocolError as exc:
         raise ScoreError(f"{score.path or 'score'}: {exc}") from None
     model = load_model(name, device=device, dtype=dtype)
+    bank = with_layer_norms(bank, model)
     if model.frame_rate != score.frame_rate:
         raise ScoreError(f"the score was compiled for {score.frame_rate} frames/s, the model runs at {model.frame_rate}")
     try:

@@ -19,6 +19,8 @@ import torch
 
 from musicrfm.engine.audio import StreamingSettings
 from musicrfm.engine.model import MusicModel, load_model
+from musicrfm.engine.norms import with_layer_norms
+from musicrfm.engine.steering import legacy_spec
 from musicrfm.engine.generation import check_bank_entries, check_bank_hashes, load_banks, provenance, tokens_sha256
 
 from musicrfm.protocol import fields
@@ -29,6 +31,9 @@ from .offline import run_stream  # one loop for live, perform and replay
 from .stream import Applied, Cause, Stream, log_line
 
 LOG_FORMAT = "musicrfm.session-log"
+# 2: states carry strength `units` ("relative" by default) and the layer weighting a margin, and the header the
+# layer norms; version 1 logs were raw units and exact min-max, and are read as such.
+LOG_VERSION = 2
 
 # What `replay` accepts (a log is a file anyone can edit: a step of 1e11 must not mean a run of years).
 # The longest stream a replay regenerates, from step 0 to the recording's last frame: a day.
@@ -66,7 +71,7 @@ class Recorder:
         self._log = open(self.log_path, "w", encoding="utf-8")
         gen = stream.generator
         self._line({
-            "type": "header", "format": LOG_FORMAT, "version": 1, **provenance(model, bank_paths),
+            "type": "header", "format": LOG_FORMAT, "version": LOG_VERSION, **provenance(model, bank_paths, stream.bank),
             "sample_rate": model.sample_rate, "frame_rate": model.frame_rate, "hop": self.hop,
             "context_steps": gen.context_steps, "keep_steps": gen.keep_steps, "epoch": self.epoch,
             "seed": gen.seed, "first_frame": self.first_frame,
@@ -175,8 +180,9 @@ def load_log(path: str | os.PathLike) -> SessionLog:
     header = _json_line(f"{path} line 1", raw_lines[0])
     if header.get("format") != LOG_FORMAT:
         raise ProtocolError(f"{path}: not a musicrfm session log (first line must be its header)")
-    if header.get("version") != 1:
-        raise ProtocolError(f"{path}: session log version {header.get('version')!r:.40} is not supported (1 is)")
+    version = header.get("version")
+    if isinstance(version, bool) or version not in (1, LOG_VERSION):
+        raise ProtocolError(f"{path}: session log version {fields.shown(version)} is not supported (1 or {LOG_VERSION})")
     for key, check in _HEADER_FIELDS.items():
         if key not in header:
             raise ProtocolError(f"{path}: the header (line 1) lacks {key!r}")
@@ -197,7 +203,7 @@ def load_log(path: str | os.PathLike) -> SessionLog:
                 raise ProtocolError(f"{where}: step {step} comes before the previous line's {states[-1][0]}")
             if not isinstance(record.get("state"), dict):
                 raise ProtocolError(f"{where}: a state line's state must be an object, got {record.get('state')!r:.80}")
-            states.append((step, record["state"], n))
+            states.append((step, legacy_spec(record["state"]) if version == 1 else record["state"], n))
         elif kind == "end":
             end = _end_line(where, record, header)
         else:
@@ -322,6 +328,11 @@ def replay(path: str | os.PathLike, *, model: MusicModel | None = None, chunk_st
     if model.fingerprint.to_dict() != header["model_fingerprint"]:
         raise ValueError(f"the log was recorded with {header['model']} ({header['model_fingerprint']}); this "
                          f"model is {model.fingerprint.describe()}")
+    if any(state.steering.units == "relative" and state.directions for _, state in states):
+        try:
+            bank = with_layer_norms(bank, model, header.get("layer_norms"))
+        except ValueError as exc:
+            raise ProtocolError(f"{log.path} header layer_norms: {exc}") from None
     cause = Cause("replay")
     stream = Stream(model, bank, context_steps=header["context_steps"], keep_steps=header["keep_steps"])
     stream.state = states[0][1]

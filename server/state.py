@@ -18,7 +18,7 @@ from musicrfm.protocol.wire import ProtocolError
 
 PLAYBACK = ("stopped", "playing", "paused")
 TRANSPORT_COMMANDS = ("play", "pause", "stop", "reset")
-_PATCH_FIELDS = ("prompt", "directions", "gate", "layers", "rows", "rule", "sampling", "seed")
+_PATCH_FIELDS = ("prompt", "directions", "gate", "layers", "rows", "rule", "units", "sampling", "seed")
 _DIRECTION_FIELDS = ("coefficient", "schedule", "active")
 _SAMPLING_FIELDS = ("guidance_scale", "temperature", "top_k", "top_p", "greedy")
 MAX_PROMPT_CHARS = 2000
@@ -68,6 +68,7 @@ class ControlState:
             "layers": spec.layers.to_dict(),
             "rows": spec.rows,
             "rule": spec.rule,
+            "units": spec.units,
             "sampling": self.sampling.to_dict(),
             "seed": self.seed,
         }
@@ -206,7 +207,7 @@ def apply_patch(state: ControlState, patch: Mapping[str, Any], *, step: int,
             steering["layers"] = LayerWeighting.parse(value) if isinstance(value, str) else LayerWeighting.from_dict(value)
         except (ValueError, TypeError, ArithmeticError) as exc:
             raise ProtocolError(f"layers: {exc}") from None
-    for name in ("rows", "rule"):
+    for name in ("rows", "rule", "units"):
         if name in patch:
             steering[name] = patch[name]
     if steering:

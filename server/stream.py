@@ -44,6 +44,7 @@ from musicrfm.engine.audio import StreamingDecoder
 from musicrfm.engine.bank import DirectionBank
 from musicrfm.engine.loop import Generator
 from musicrfm.engine.model import MusicModel
+from musicrfm.engine.norms import with_layer_norms
 from musicrfm.engine.steering import SteeringPlan
 
 from musicrfm.protocol.wire import ProtocolError
@@ -324,6 +325,9 @@ class Stream:
         spec = state.steering if state.steering.site == self.site else replace(state.steering, site=self.site)
         if like is not None and like.spec == spec:
             return like
+        if spec.units == "relative" and self.bank.layer_norms is None:
+            # A bank made before banks carried their layer norms (the server and replay give them beforehand).
+            self.bank = with_layer_norms(self.bank, self.model)
         return SteeringPlan.compile(spec, self.bank, self.model.fingerprint, reuse=like)
 
     def _on_device(self, plan: SteeringPlan | None) -> SteeringPlan | None:

@@ -14,6 +14,7 @@ from musicrfm.engine.bank import (
     BankNotFoundError,
     Direction,
     DirectionBank,
+    LayerNorms,
     Provenance,
     UnknownDirectionError,
 )
@@ -317,6 +318,49 @@ def test_load_validates_contents(tmp_path, breakage, message):
         tensors["notes:C/scores"][1] = float("nan")
     path = tmp_path / "bank.safetensors"
     _write(path, tensors, header)
+    with pytest.raises(BankFormatError, match=message) as info:
+        DirectionBank.load(path)
+    assert str(path) in str(info.value)
+
+
+# --- layer norms (what relative strength is a fraction of) ----------------------------------------------
+
+
+def test_layer_norms_travel_in_the_file_and_merge_by_token_count(tmp_path):
+    norms = LayerNorms((80.0, 100.0, 120.0, 140.0), (8.0, 9.0, 10.0, 11.0), 1000, "extraction: test")
+    bank = make_bank(layer_norms=norms)
+    bank.save(tmp_path / "a.safetensors")
+    loaded = DirectionBank.load(tmp_path / "a.safetensors")
+    assert loaded.layer_norms == norms
+    assert make_bank().layer_norms is None  # a bank without them still saves and loads
+    make_bank().save(tmp_path / "b.safetensors")
+    assert DirectionBank.load(tmp_path / "b.safetensors").layer_norms is None
+    # two banks of one model: the norms pooled, weighted by their token counts (mean and spread exactly)
+    other = LayerNorms((100.0, 100.0, 100.0, 100.0), (0.0, 0.0, 0.0, 0.0), 3000, "other")
+    merged = make_bank(layer_norms=norms).merge(make_bank("chords", ("major",), layer_norms=other)).layer_norms
+    assert merged.tokens == 4000 and merged.mean == pytest.approx((95.0, 100.0, 105.0, 110.0))
+    assert merged.std[0] == pytest.approx(((1000 * (64 + 6400) + 3000 * 10000) / 4000 - 95.0 ** 2) ** 0.5)
+    assert make_bank(layer_norms=norms).merge(make_bank("chords", ("major",))).layer_norms == norms
+
+
+@pytest.mark.parametrize("norms,message", [
+    ({"mean": [1, 2, 3], "std": [0, 0, 0], "tokens": 5}, "layer_norms has 3 layers"),
+    ({"mean": [1, 2, 3, 0], "std": [0, 0, 0, 0], "tokens": 5}, "means must be > 0"),
+    ({"mean": [1, 2, 3, "x"], "std": [0, 0, 0, 0], "tokens": 5}, "must be a number"),
+    ({"mean": [1, 2, 3, float("nan")], "std": [0, 0, 0, 0], "tokens": 5}, "must be finite"),
+    ({"mean": [1, 2, 3, 4], "std": [0, 0, 0], "tokens": 5}, "one value per layer"),
+    ({"mean": [1, 2, 3, 4], "std": [0, 0, 0, 0], "tokens": 0}, "tokens must be a whole number >= 1"),
+    ({"mean": [1, 2, 3, 4], "std": [0, 0, 0, 0]}, "layer_norms lacks tokens"),
+    ({"mean": [1, 2, 3, 4], "std": [0, 0, 0, 0], "tokens": 5, "extra": 1}, "unknown field 'extra'"),
+    ("big", "layer_norms must be an object"),
+])
+def test_bad_layer_norms_in_a_file_name_the_problem(tmp_path, norms, message):
+    path = tmp_path / "bank.safetensors"
+    make_bank().save(path)
+    with safe_open(str(path), framework="pt") as f:
+        head, tensors = json.loads(f.metadata()["musicrfm"]), {k: f.get_tensor(k) for k in f.keys()}
+    head["layer_norms"] = norms
+    save_file(tensors, str(path), metadata={"musicrfm": json.dumps(head)})
     with pytest.raises(BankFormatError, match=message) as info:
         DirectionBank.load(path)
     assert str(path) in str(info.value)

@@ -22,6 +22,7 @@ def bank(tiny):
 
 
 def _plan(tiny, bank, **spec):
+    spec.setdefault("units", "raw")  # the exact vectors in hidden-state units (relative units: test_steering)
     return SteeringPlan.compile(SteeringSpec(**spec), bank, tiny.fingerprint, device=tiny.device, dtype=tiny.dtype)
 
 

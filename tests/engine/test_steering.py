@@ -9,7 +9,7 @@ import torch
 from musicrfm.engine import bank as bank_module
 from musicrfm.engine import decoder
 from musicrfm.engine import steering as steering_module
-from musicrfm.engine.bank import BankMismatchError, DirectionBank, UnknownDirectionError
+from musicrfm.engine.bank import BankMismatchError, DirectionBank, LayerNorms, UnknownDirectionError
 from musicrfm.engine.model import ModelFingerprint
 from musicrfm.engine.steering import (
     DirectionControl,
@@ -30,7 +30,10 @@ FP = ModelFingerprint("musicgen", L, D)
 def bank() -> DirectionBank:
     g = torch.Generator().manual_seed(0)
     return DirectionBank.from_arrays("notes", ["C", "D", "E"], torch.randn(3, L, D, generator=g),
-                                     torch.rand(3, L, generator=g), FP, "rfm", "mean")
+                                     torch.rand(3, L, generator=g), FP, "rfm", "mean", layer_norms=NORMS)
+
+
+NORMS = LayerNorms((2.0, 3.0, 5.0, 7.0), (0.1, 0.2, 0.3, 0.4), 100, "test")
 
 
 def open_steps(seed, p, n=2000):
@@ -197,7 +200,7 @@ def test_layer_weighting_round_trips(text):
     ("exponential:kappa=0", "kappa must be in \\(0, 1\\]"),
     ("exponential:kappa=1.5", "kappa must be in \\(0, 1\\]"),
     ("all:w0=inf", "w0 must be finite"),
-    ("linear:kappa=0.9", "linear layer weighting takes w0; got 'kappa'"),
+    ("linear:kappa=0.9", "linear layer weighting takes w0, margin; got 'kappa'"),
     ("explicit", "one weight per layer"),
     ("explicit:weights=1/x", "weight 1 must be a number"),
     ("expo", "did you mean 'exponential'"),
@@ -277,18 +280,21 @@ def test_injection_points_have_one_definition():
 # --- the plan -----------------------------------------------------------------------------------------
 
 
-def test_vectors_are_the_hand_computed_sum(bank):
-    layers = LayerWeighting("exponential", kappa=0.8, w0=1.5)
+@pytest.mark.parametrize("units", ["relative", "raw"])
+def test_vectors_are_the_hand_computed_sum(bank, units):
+    layers = LayerWeighting("exponential", kappa=0.8, w0=1.5, margin=0.0)
     spec = SteeringSpec(controls=(DirectionControl("notes:C", 0.4),
                                   DirectionControl("notes:E", -0.25, Schedule("linear_rise", length=100)),
-                                  DirectionControl("notes:D", 0.9, active=False)), layers=layers)
+                                  DirectionControl("notes:D", 0.9, active=False)), layers=layers, units=units)
     plan = SteeringPlan.compile(spec, bank, FP)
     step = 30
     expected = torch.zeros(L, D)
+    # relative: the strength is a fraction of each layer's typical norm; raw: hidden-state units
+    scale = torch.tensor(NORMS.mean) if units == "relative" else torch.ones(L)
     for key, eta, phi in (("notes:C", 0.4, 1.0), ("notes:E", -0.25, 0.3)):
         d = bank[key]
-        s_hat = (d.scores - d.scores.min()) / (d.scores.max() - d.scores.min())
-        expected += eta * phi * (1.5 * s_hat ** (1 / 0.8))[:, None] * d.vectors
+        s_hat = (d.scores - d.scores.min()) / (d.scores.max() - d.scores.min())  # margin 0: the paper's min-max
+        expected += eta * phi * (1.5 * s_hat ** (1 / 0.8) * scale)[:, None] * d.vectors
     assert torch.allclose(plan.vectors(step), expected, atol=1e-6)
     at = plan.at([step])  # what the decoder is handed: the same vectors, layer by layer
     assert torch.allclose(torch.stack([at.vector(layer) for layer in range(L)]), expected, atol=1e-6)
@@ -379,3 +385,66 @@ def test_norm_rule_broadcasts_per_position_vectors():
 def test_unknown_rule():
     with pytest.raises(ValueError, match="unknown steering rule 'mul'"):
         apply_steering(torch.zeros(D), torch.zeros(D), "mul")
+
+
+# --- strength units and the robust layer weighting ----------------------------------------------------
+
+
+def test_relative_strength_is_a_fraction_of_each_layers_norm(bank):
+    """s adds s x (the layer's typical norm) x w_l along the unit direction: the vector's norm at each layer is
+    exactly that, and raw units are the same vectors without the norms."""
+    control = (DirectionControl("notes:C", 0.3),)
+    everywhere = LayerWeighting("all")
+    relative = SteeringPlan.compile(SteeringSpec(controls=control, layers=everywhere), bank, FP)
+    raw = SteeringPlan.compile(SteeringSpec(controls=control, layers=everywhere, units="raw"), bank, FP)
+    norms = torch.linalg.vector_norm(relative.vectors(0), dim=1)
+    assert norms.tolist() == pytest.approx([0.3 * n for n in NORMS.mean], rel=1e-5)
+    assert torch.linalg.vector_norm(raw.vectors(0), dim=1).tolist() == pytest.approx([0.3] * L, rel=1e-5)
+    assert relative.vector_norms() == {"notes:C": pytest.approx([0.3 * n for n in NORMS.mean], rel=1e-4)}
+    # a change of units is a change of weighted directions: not re-used from the other plan
+    assert not relative.directions_match(raw.spec)
+
+
+def test_relative_strength_needs_the_banks_layer_norms(bank):
+    plain = DirectionBank(bank.directions, FP, "rfm", "mean")
+    spec = SteeringSpec(controls=(DirectionControl("notes:C", 0.3),))
+    with pytest.raises(ValueError, match="relative strength needs the bank's layer norms"):
+        SteeringPlan.compile(spec, plain, FP)
+    SteeringPlan.compile(SteeringSpec(controls=spec.controls, units="raw"), plain, FP)  # raw units do not
+    with pytest.raises(ValueError, match="units must be one of relative, raw"):
+        SteeringSpec(units="percent")
+
+
+def test_near_equal_scores_get_near_equal_weights():
+    """The bundled notes bank's G#: AUCs within 0.023 of each other. Min-max made its weights [0, .23, .48, 1]
+    (so a strength steered it at less than half of C, whose AUCs were all 1); with the default margin they stay
+    within 25 % of each other. Scores that spread by more than the margin keep the paper's min-max."""
+    near = torch.tensor([0.977, 0.982, 0.988, 1.0])
+    paper = LayerWeighting("linear", margin=0.0).weights(near)
+    assert paper.tolist() == pytest.approx([0.0, 0.2174, 0.4783, 1.0], abs=1e-3)
+    robust = LayerWeighting("linear").weights(near)
+    assert robust.min() >= 0.75 and robust.max() == pytest.approx(1.0)
+    assert torch.all(robust[1:] >= robust[:-1])  # still ordered like the scores
+    wide = torch.tensor([0.55, 0.7, 0.9, 0.99])
+    for mode in ("linear", "exponential"):
+        assert torch.allclose(LayerWeighting(mode).weights(wide), LayerWeighting(mode, margin=0.0).weights(wide))
+    assert LayerWeighting("exponential").weights(torch.ones(4)).tolist() == [1.0] * 4
+    with pytest.raises(ValueError, match="margin must be >= 0"):
+        LayerWeighting("linear", margin=-0.1)
+    with pytest.raises(ValueError, match="takes k, w0"):
+        LayerWeighting.parse("topk:k=2,margin=0.2")
+    assert LayerWeighting.parse(str(LayerWeighting("exponential", margin=0.05))) == LayerWeighting("exponential",
+                                                                                                     margin=0.05)
+
+
+def test_legacy_specs_read_as_they_were_made():
+    """A sidecar or log written before units and the margin existed was raw units and exact min-max."""
+    old = {"controls": [{"key": "notes:C", "coefficient": 25.0}], "gate_p": 0.3, "gate_seed": 0,
+           "layers": {"mode": "exponential", "kappa": 0.95, "w0": 1.0}, "rows": "both", "rule": "add",
+           "site": "residual"}
+    spec = SteeringSpec.from_dict(steering_module.legacy_spec(old))
+    assert spec.units == "raw" and spec.layers.margin == 0.0
+    assert SteeringSpec.from_dict(old).units == "relative"  # a new spec without units: the default
+    flat = steering_module.legacy_spec({"layers": "linear:w0=2", "units": "relative"})
+    assert flat == {"layers": "linear:w0=2,margin=0", "units": "relative"}
+    assert steering_module.legacy_spec({"layers": "topk:k=2"}) == {"layers": "topk:k=2", "units": "raw"}

@@ -86,3 +86,32 @@ def test_extract_store_resume_and_refuse_to_mix(tiny, tmp_path):
     (folder / "part-00001.safetensors").write_bytes(b"garbage")
     with pytest.raises(FeatureError, match="part-00001"):
         load_features(folder)
+
+
+def test_extraction_keeps_the_typical_norm_of_every_layer(tiny, tmp_path):
+    """The shards' |h| statistics are the mean and spread of the per-token norm over every clip's valid
+    positions, as a direct pass computes them; they become the bank's LayerNorms (relative strength)."""
+    from musicrfm.probes.extract import load_layer_norms
+
+    clips = []
+    for i, f in enumerate((220.0, 330.0, 440.0)):
+        path = tmp_path / "audio" / f"t{i}.wav"
+        path.parent.mkdir(exist_ok=True)
+        write_wav(path, _tone(f, seconds=0.4 + 0.2 * i), 32000)
+        clips.append(path)
+    load = lambda p, rate: read_wav(p)[0]  # noqa: E731
+    folder = extract_concept(tiny, "notes", clips, ["A", "E", "A"], tmp_path / "feat",
+                             settings=ExtractionSettings(batch_size=2, shard_size=2), classes=["A", "E"],
+                             load_audio=load, progress=False)
+    norms = load_layer_norms(folder, tiny.num_layers)
+    per_layer: list[list[float]] = [[] for _ in range(tiny.num_layers)]
+    for clip in clips:  # one clip at a time: positions 1..F only
+        codes = encode_audio(tiny, torch.from_numpy(read_wav(clip)[0])[None])
+        from musicrfm.engine.norms import read_activations
+
+        read_activations(tiny, codes, "", lambda i, h: per_layer[i].extend(h[0, 1:].norm(dim=-1).tolist()))
+    for layer, values in enumerate(per_layer):
+        assert norms.mean[layer] == pytest.approx(float(np.mean(values)), rel=1e-3)
+        assert norms.std[layer] == pytest.approx(float(np.std(values)), rel=1e-2, abs=1e-3)
+    assert norms.tokens == len(per_layer[0]) and norms.source.startswith("extraction: ")
+    assert load_layer_norms(folder, tiny.num_layers + 1) is None  # features of only some layers: none

@@ -50,6 +50,9 @@ def test_train_writes_a_bank_the_engine_loads(tiny, feature_dir, tmp_path, metho
     assert bank.keys() == ["pitch:low", "pitch:high"] and bank.method == method
     assert bank["pitch:low"].vectors.shape == (tiny.num_layers, tiny.hidden_size)
     assert torch.allclose(bank["pitch:low"].vectors.norm(dim=1), torch.ones(tiny.num_layers), atol=1e-4)
+    # the activations' typical size, from the features it was trained on (relative strength reads it)
+    assert bank.layer_norms is not None and bank.layer_norms.num_layers == tiny.num_layers
+    assert min(bank.layer_norms.mean) > 0 and bank.layer_norms.tokens >= 16 * 20
     # Two pure tones an octave and a half apart are separable from the features at some layer.
     assert float(result.scores.max()) > 0.9
     assert result.csv_path.read_text().count("\n") == 1 + 2 * tiny.num_layers

@@ -12,19 +12,21 @@ from musicrfm.engine.steering import Schedule
 from musicrfm.server.offline import end_step, play_messages, run_stream
 from musicrfm.protocol.wire import ProtocolError
 from musicrfm.server.state import ControlState, apply_patch
+from musicrfm.engine.norms import with_layer_norms
 from musicrfm.server.stream import Cause, Stream
 
 KEYS = {"notes:C", "notes:G"}
 CAUSE = Cause("test")
-STRONG = 60.0  # tiny-random's hidden states are large: a weak push changes few tokens
+STRONG = 2.0  # twice each layer's typical norm (relative units): a weak push changes few of tiny-random's tokens
 
 
 @pytest.fixture(scope="module")
 def bank(tiny):
     fp = tiny.fingerprint
     g = torch.Generator().manual_seed(0)
-    return DirectionBank.from_arrays("notes", ["C", "G"], torch.randn(2, fp.num_layers, fp.hidden_size, generator=g),
+    bank = DirectionBank.from_arrays("notes", ["C", "G"], torch.randn(2, fp.num_layers, fp.hidden_size, generator=g),
                                      torch.rand(2, fp.num_layers, generator=g), fp, method="test", pooling="mean")
+    return with_layer_norms(bank, tiny)
 
 
 # --- the state ---------------------------------------------------------------------------------------
