@@ -31,7 +31,7 @@ def cmd_eval_sweep(args) -> int:
         preset=args.preset, banks=tuple(str(b) for b in banks), out=str(args.out), model=args.model,
         concepts=tuple(c.strip() for c in args.concept.split(",") if c.strip()),
         **({"prompts": prompts} if prompts else {}), samples=args.samples, seconds=args.seconds, seed=args.seed,
-        eta0=_floats(args.eta0, "--eta0"), units=args.units,
+        eta0=_floats(args.eta0, "--eta0"), units=args.units, layers=args.layers,
         device=None if args.device == "auto" else args.device, dtype=None if args.dtype == "auto" else args.dtype,
         sampling=SamplingConfig(guidance_scale=args.guidance, top_k=args.top_k, temperature=args.temperature),
         features=str(args.features) if args.features else None, clap=args.clap, probe_layer=args.probe_layer,
@@ -72,6 +72,10 @@ def register(sub) -> None:
                                                  "0.1,0.25,0.5,1; raw: the paper's 0.15,0.3,0.45,0.6); pairs: the "
                                                  "levels (0.25,0.5; raw 0.3,0.6); others: one value (0.5; raw 0.45)")
     add_units_arg(sw)
+    sw.add_argument("--layers", default=None,
+                    help="layer weighting where a preset uses the paper's optimal one (eta, pairs, schedules, "
+                         "crossfade), e.g. exponential:kappa=0.95,margin=0 for the paper's exact min-max "
+                         "(default: exponential:kappa=0.95,w0=1 with the 0.1 margin)")
     sw.add_argument("--out", type=Path, required=True, help="output directory (a rerun resumes it)")
     sw.add_argument("--features", type=Path, default=None,
                     help="`musicrfm extract` output (DIR/<concept>/): fit the multiclass probe and report probe accuracy")

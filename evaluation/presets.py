@@ -269,6 +269,7 @@ class SweepSettings:
     seed: int = 0
     eta0: tuple[float, ...] | None = None  # None: the preset's own levels (in `units`)
     units: str = "relative"  # strength units (engine.steering.UNITS); "raw" reproduces the paper's tables
+    layers: str | None = None  # replaces the paper's optimal layer weighting where a preset uses it (eta, pairs, ...)
     device: str | None = None
     dtype: str | None = None
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -300,6 +301,8 @@ class SweepSettings:
         if self.samples > 2**20:
             raise ValueError(f"too many samples: {self.samples}")
         default_levels(self.units)  # checks the name
+        if self.layers is not None:
+            LayerWeighting.parse(self.layers)
 
     @property
     def embedder_name(self) -> str:
@@ -316,7 +319,7 @@ class SweepSettings:
                 "device": self.device or "auto", "dtype": self.dtype or "auto",
                 "banks": sorted(file_sha256(b) for b in self.banks), "concepts": list(self.concepts),
                 "prompts": list(self.prompts), "seconds": self.seconds, "seed": self.seed,
-                "eta0": list(self.eta0) if self.eta0 else None, "units": self.units, "sampling": self.sampling.to_dict(),
+                "eta0": list(self.eta0) if self.eta0 else None, "units": self.units, "layers": self.layers, "sampling": self.sampling.to_dict(),
                 "embedder": self.embedder_name, "clap": self.clap,
                 "features": str(Path(self.features).resolve()) if self.features else None,
                 "probe": {"layer": self.probe_layer, "trials": self.probe_trials, "seed": self.probe_seed},
@@ -380,7 +383,10 @@ def plan_units(settings: SweepSettings, configs: Sequence[Configuration],
                 controls.append(DirectionControl(f"{t.concept}:{cls}", t.coefficient, t.schedule))
                 targets.append({"concept": t.concept, "class": cls, "coefficient": t.coefficient, "role": t.role,
                                 "window": list(t.window), "group": t.group or cfg.name, "x": t.x})
-            spec = SteeringSpec(controls=tuple(controls), gate_p=cfg.gate_p, gate_seed=seed, layers=cfg.layers,
+            layers = cfg.layers
+            if settings.layers is not None and cfg.layers == OPTIMAL_LAYERS:
+                layers = LayerWeighting.parse(settings.layers)
+            spec = SteeringSpec(controls=tuple(controls), gate_p=cfg.gate_p, gate_seed=seed, layers=layers,
                                 units=settings.units)
             units.append(Unit(cfg.name, i, settings.prompts[i % len(settings.prompts)], seed, spec, tuple(targets),
                               cfg.trace))

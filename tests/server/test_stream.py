@@ -329,3 +329,42 @@ def test_the_history_stays_bounded_and_a_recording_started_after_10000_changes_r
     assert done["frames"][1] > done["frames"][0] > 90
     again = replay(done["log"], model=tiny, progress=False)
     assert again.matches, (again.tokens_sha256, again.expected_sha256)
+
+
+def test_recordings_say_their_units_and_norms_and_version_1_logs_replay_in_raw_units(tiny, test_bank_path, tmp_path):
+    """A log's header keeps the layer norms relative strength was measured against (a bank without its own gets
+    the same ones on replay) and each state its units; a log from before units (version 1) was raw units with
+    exact min-max weighting, and replays as such."""
+    import json
+
+    from musicrfm.engine.generation import load_banks
+    from musicrfm.server.recording import Recorder, replay
+
+    def record(name: str, patch: dict) -> dict:
+        s = Stream(tiny, load_banks([test_bank_path]))
+        s.submit({"type": "set", **patch}, CAUSE)
+        s.submit({"type": "transport", "command": "play"}, CAUSE)
+        s.apply_due()
+        recorder = Recorder(tmp_path / name, s, [test_bank_path])
+        for _ in range(6):
+            chunk = s.generate(5)
+            recorder.add_audio(chunk.first_sample, chunk.audio)
+        return recorder.finish(s.generator.codes())
+
+    relative = record("relative", {"directions": {"notes:C": {"coefficient": 1.5}}})
+    lines = [json.loads(line) for line in open(relative["log"])]
+    assert lines[0]["version"] == 2 and lines[0]["layer_norms"]["source"].startswith("measured at load")
+    assert lines[1]["state"]["units"] == "relative"
+    assert replay(relative["log"], model=tiny, progress=False).matches
+
+    raw = record("raw", {"units": "raw", "layers": "exponential:margin=0", "directions": {"notes:C": {"coefficient": 90}}})
+    lines = [json.loads(line) for line in open(raw["log"])]
+    lines[0]["version"] = 1
+    for line in lines[1:]:
+        if line["type"] == "state":
+            del line["state"]["units"]
+            del line["state"]["layers"]["margin"]
+    old = tmp_path / "old.jsonl"
+    old.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    again = replay(old, model=tiny, progress=False)
+    assert again.matches and again.tokens_sha256 == raw["tokens_sha256"]
