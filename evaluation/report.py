@@ -51,12 +51,23 @@ def _per_class_mean(pairs: list[tuple[str, bool]]) -> float | None:
     return float(np.mean([np.mean(v) for v in by.values()]))
 
 
-RESULT_COLUMNS = ["preset", "group", "concept", "role", "x", "configurations", "n_clips", "embedding", "n_ref",
+RESULT_COLUMNS = ["preset", "group", "concept", "role", "x", "units", "vector_norm", "configurations", "n_clips",
+                  "embedding", "n_ref",
                   "fd", "mmd2", "mmd_bandwidth", "clap", "check", "check_acc", "check_n", "probe_acc",
                   "probe_p_target", "probe_layer", "probe_n", "note"]
-CLIP_COLUMNS = ["preset", "config", "sample", "prompt", "seed", "concept", "class", "coefficient", "role", "window",
+# vector_norm: the mean over layers of the norm each target's direction adds at full schedule with the gate open,
+# in hidden-state units (the unit sidecar's `vector_norms`): what the strength `x` meant on this model.
+CLIP_COLUMNS = ["preset", "config", "sample", "prompt", "seed", "concept", "class", "coefficient", "units",
+                "vector_norm", "role", "window",
                 "check_pred", "check_correct", "probe_pred", "probe_correct", "probe_p_target", "clap",
                 "tokens_sha256", "note"]
+
+
+def _vector_norm(record: dict, target: dict) -> float | None:
+    """The mean over layers of what the target's direction added at full strength (None: unsteered, or a record
+    from before sweeps kept it)."""
+    norms = (record.get("vector_norms") or {}).get(f"{target['concept']}:{target['class']}")
+    return float(np.mean(norms)) if norms else None
 
 
 def aggregate(settings: SweepSettings, configs: Sequence[Configuration], records: dict[str, dict],
@@ -101,8 +112,11 @@ def aggregate(settings: SweepSettings, configs: Sequence[Configuration], records
         checks = [(t["class"], t["check"]["correct"]) for t in g["targets"] if t["check"] is not None]
         probed = [t for t in g["targets"] if t["probe"] is not None]
         probe = probes.get(concept)
+        added = [v for r in clips for t in r["targets"] if t["concept"] == concept and t["role"] == role
+                 for v in [_vector_norm(r, t)] if v is not None]
         rows.append({
             "preset": settings.preset, "group": group, "concept": concept, "role": role, "x": g["x"],
+            "units": settings.units, "vector_norm": float(np.mean(added)) if added else None,
             "configurations": ";".join(g["configs"]), "n_clips": len(clips), "embedding": embedder,
             "n_ref": len(ref), "fd": fd, "mmd2": mmd, "mmd_bandwidth": kernel.bandwidth if kernel else None,
             "clap": float(np.mean(claps)) if claps else "unavailable",
@@ -119,6 +133,7 @@ def aggregate(settings: SweepSettings, configs: Sequence[Configuration], records
             clip_rows.append({
                 "preset": settings.preset, "config": r["config"], "sample": r["sample"], "prompt": r["prompt"],
                 "seed": r["seed"], "concept": t["concept"], "class": t["class"], "coefficient": t["coefficient"],
+                "units": settings.units, "vector_norm": _vector_norm(r, t),
                 "role": t["role"], "window": "-".join(_fmt(float(w)) for w in t["window"]),
                 "check_pred": c["pred"] if c else "", "check_correct": c["correct"] if c else None,
                 "probe_pred": p["pred"] if p else "", "probe_correct": p["correct"] if p else None,

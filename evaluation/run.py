@@ -165,6 +165,7 @@ def run_unit(ctx: WorkerContext, unit: Unit) -> dict:
     record = {
         "unit": unit.key, "config": unit.config, "sample": unit.sample, "prompt": unit.prompt, "seed": unit.seed,
         "steering": unit.spec.to_dict() if unit.spec is not None else None, "targets": targets,
+        "vector_norms": result.settings["vector_norms"],
         "tokens_sha256": result.settings["tokens_sha256"], "random_weights": bool(result.settings["random_weights"]),
         "embedder": ctx.embedder.name, "embedding": [float(v) for v in embedding], "clap": clap,
         "trace": _trace(ctx, unit, audio, sr) if unit.trace else None,

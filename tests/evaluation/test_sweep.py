@@ -82,14 +82,18 @@ def count_generations(monkeypatch):
 
 def test_presets_follow_the_papers_protocols():
     classes = {"notes": NOTES, "chords": ["major", "minor"], "intervals": ["m2", "M3"], "tempos": ["faster"]}
-    eta = build_configurations("eta", ["notes", "tempos"], classes, 48, 10.0)
+    # The paper's levels are raw units (hidden-state units of MusicGen-large); relative units have their own.
+    relative = build_configurations("eta", ["notes"], classes, 48, 10.0)
+    assert [c.controls[0].coefficient for c in relative] == [0.1, 0.25, 0.5, 1.0]
+    assert build_configurations("crossfade", ["notes"], classes, 48, 10.0)[0].controls[0].coefficient == 0.5
+    eta = build_configurations("eta", ["notes", "tempos"], classes, 48, 10.0, units="raw")
     notes = [c for c in eta if c.name.startswith("notes")]
     assert [c.controls[0].coefficient for c in notes] == [0.15, 0.30, 0.45, 0.60]
     assert all(c.gate_p == 0.3 and c.layers == LayerWeighting("exponential", kappa=0.95, w0=1.0) for c in eta)
     tempos = [c for c in eta if c.name.startswith("tempos")]  # Table 2: +-eta0 averaged into |eta0|
     assert len(tempos) == 8 and {c.controls[0].group for c in tempos} == {f"tempos |eta0|={e:.2f}"
                                                                           for e in (0.15, 0.3, 0.45, 0.6)}
-    pairs = build_configurations("pairs", ["notes", "chords", "intervals"], classes, 48, 10.0)
+    pairs = build_configurations("pairs", ["notes", "chords", "intervals"], classes, 48, 10.0, units="raw")
     assert len(pairs) == 3 * 4  # Table 5: 3 pairs x {0.3, 0.6}^2, grouped by attribute
     assert {c.controls[0].group for c in pairs} >= {"notes eta0=0.30", "notes eta0=0.60", "chords eta0=0.30"}
     # Table 6 / App. E at 30 s exactly; shorter clips get the same shapes over their length.
@@ -102,7 +106,7 @@ def test_presets_follow_the_papers_protocols():
     short = build_configurations("schedules", ["notes"], classes, 48, 10.0)[2].controls[0].schedule
     assert short.lam ** 500 == pytest.approx(0.998 ** 1500)
     # Sec. 6.2: n1 decays linearly while n2 rises over the window, eta0 0.45.
-    (xf,) = build_configurations("crossfade", ["notes"], classes, 48, 30.0)
+    (xf,) = build_configurations("crossfade", ["notes"], classes, 48, 30.0, units="raw")
     a, b = crossfade("notes:C", "notes:G", 0.45, length=1500, curve="linear")
     assert [t.schedule for t in xf.controls] == [a.schedule, b.schedule]
     assert [t.coefficient for t in xf.controls] == [0.45, 0.45] and [t.role for t in xf.controls] == ["n1", "n2"]
@@ -160,7 +164,11 @@ def test_eta_sweep_end_to_end_and_resume(tiny, banks, tmp_path, count_generation
         assert r["check"].startswith("pitch class") and 0.0 <= float(r["check_acc"]) <= 1.0
     for r in rows[1:]:
         assert float(r["fd"]) >= 0 and np.isfinite(float(r["mmd2"])) and r["n_clips"] == "2"
+    # what a strength meant: its units, and the mean norm it added per layer (relative: x times the layer norms)
+    assert {r["units"] for r in rows} == {"relative"} and rows[0]["vector_norm"] == ""
+    assert float(rows[2]["vector_norm"]) > float(rows[1]["vector_norm"]) > 0
     clips = _rows(out / "clips.csv")
+    assert all(float(c["vector_norm"]) > 0 for c in clips if c["config"] != REFERENCE)
     assert len(clips) == 6 and {c["note"] for c in clips} == {NOISE_LABEL}
     ref = {c["sample"]: c["tokens_sha256"] for c in clips if c["config"] == REFERENCE}
     steered = [c for c in clips if c["config"] != REFERENCE]
