@@ -27,7 +27,7 @@ CLI = [shutil.which("musicrfm")] if shutil.which("musicrfm") else [sys.executabl
 ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": f"{sys.prefix}/bin:/usr/bin:/bin"}
 
 # The closed-loop proof's settings (docs/musicgen-mini.md has the table they produce at full size).
-PROOF_ETA = "10,25,50,100"
+PROOF_ETA = "0.1,0.25,0.5,1"  # relative strengths: fractions of each layer's typical norm
 
 
 def run(*args, cwd, timeout=900):
@@ -92,7 +92,7 @@ def test_mini_check_command_reports_codec_scale_and_generation(tmp_path):
 
 def test_default_model_generates_and_steers_out_of_the_box(tmp_path):
     out = tmp_path / "c.wav"
-    r = run("generate", "--prompt", "piano note, middle register", "--seconds", "2", "--steer", "notes:C=50",
+    r = run("generate", "--prompt", "piano note, middle register", "--seconds", "2", "--steer", "notes:C=0.5",
             "--gate", "0.3", "--out", out, "--quiet", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "noise" not in r.stdout + r.stderr
@@ -101,6 +101,9 @@ def test_default_model_generates_and_steers_out_of_the_box(tmp_path):
     side = json.loads(out.with_suffix(".json").read_text())
     assert side["model"] == "musicgen-mini" and side["random_weights"] is False
     assert [Path(b["path"]).name for b in side["banks"]] == ["chords.safetensors", "notes.safetensors"]
+    # the bundled banks carry the model's layer norms (from extraction): relative strength needs no measuring
+    assert side["steering"]["units"] == "relative" and side["layer_norms"]["source"].startswith("extraction")
+    assert "carries no layer norms" not in r.stderr
 
 
 def test_default_server_offers_the_bundled_knobs(tmp_path):

@@ -25,6 +25,7 @@ from pythonosc.osc_message_builder import OscMessageBuilder
 from pythonosc.osc_packet import OscPacket
 from pythonosc.udp_client import SimpleUDPClient
 
+from musicrfm.server.app import RELATIVE_KNOB_MAX
 from musicrfm.server.osc import MAX_BUNDLE_DEPTH, OscServer, float32_decimal, key_from_osc, key_to_osc, parse_packet
 from musicrfm.protocol.wire import ProtocolError
 
@@ -621,7 +622,7 @@ def test_live_server_osc_changes_what_websocket_clients_see(live_server):
         assert echo["/musicrfm/main/step"] == [msg["step"]]
         assert echo["/musicrfm/main/playback"] == [msg["state"]["playback"]]
         assert echo["/musicrfm/main/direction/notes:C/coefficient"] == [pytest.approx(0.4)]
-        assert echo["/musicrfm/main/direction/notes:C/knob"] == [pytest.approx(0.2)]  # coefficient_max 2
+        assert echo["/musicrfm/main/direction/notes:C/knob"] == [pytest.approx(0.4 / RELATIVE_KNOB_MAX)]
         assert echo["/musicrfm/main/direction/notes:C/active"] == [1]
 
         ws.send({"type": "set", "directions": {"notes:G": {"coefficient": 0.25}}})

@@ -17,6 +17,7 @@ import numpy as np
 from musicrfm.engine.audio import read_wav
 from musicrfm.protocol.connection import HandshakeRefused
 from musicrfm.protocol.wire import AUDIO_MAGIC, MAX_MESSAGE_BYTES
+from musicrfm.server.app import RELATIVE_KNOB_MAX
 from musicrfm.server.recording import read_log
 
 from live_server import start_server, stop_server, wait_for_output
@@ -71,7 +72,13 @@ def test_hello_describes_the_server_and_the_session(live_server, tiny):
         assert h["model"] == "tiny-random" and h["random_weights"] is True and "noise" in h["note"]
         assert h["directions"] == ["notes:C", "notes:G"]  # the test bank's
         assert h["limits"] == {"max_message_bytes": MAX_MESSAGE_BYTES, "messages_per_second": 100,
-                               "coefficient_max": 2.0}
+                               "coefficient_max": RELATIVE_KNOB_MAX}
+        # what a coefficient means: relative units, the full knob, and the layer norms (the test bank carries
+        # none, so the server measured tiny-random's at start)
+        strength = h["strength"]
+        assert strength["units"] == "relative" and strength["coefficient_max"] == RELATIVE_KNOB_MAX
+        assert len(strength["layer_norms"]) == tiny.num_layers and min(strength["layer_norms"]) > 0
+        assert h["state"]["units"] == "relative"
         assert (h["version"], h["epoch"], h["step"]) == (0, 0, 0)
         assert h["state"]["playback"] == "stopped" and h["state"]["directions"] == {}
         assert h["recording"] == {"status": "off"}
