@@ -46,12 +46,16 @@ def hf_codes(tiny, monkeypatch):
 @pytest.fixture(scope="session")
 def test_bank_path(tmp_path_factory) -> Path:
     """A bank of two random directions (notes:C, notes:G) for tiny-random."""
-    from musicrfm.engine.bank import DirectionBank
+    from musicrfm.engine.bank import DirectionBank, LayerNorms
 
     fp = load_model("tiny-random").fingerprint
     g = torch.Generator().manual_seed(0)
+    # tiny-random's typical |h| is about 4 at every layer (engine.norms.measure_layer_norms): given here, so that
+    # no server start measures it again (tests of measuring use banks without them)
+    norms = LayerNorms((4.0,) * fp.num_layers, (0.5,) * fp.num_layers, 100, "test: tiny-random")
     bank = DirectionBank.from_arrays("notes", ["C", "G"], torch.randn(2, fp.num_layers, fp.hidden_size, generator=g),
-                                     torch.rand(2, fp.num_layers, generator=g), fp, method="test", pooling="mean")
+                                     torch.rand(2, fp.num_layers, generator=g), fp, method="test", pooling="mean",
+                                     layer_norms=norms)
     path = tmp_path_factory.mktemp("live-bank") / "notes.safetensors"
     bank.save(path)
     return path

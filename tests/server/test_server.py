@@ -73,11 +73,10 @@ def test_hello_describes_the_server_and_the_session(live_server, tiny):
         assert h["directions"] == ["notes:C", "notes:G"]  # the test bank's
         assert h["limits"] == {"max_message_bytes": MAX_MESSAGE_BYTES, "messages_per_second": 100,
                                "coefficient_max": RELATIVE_KNOB_MAX}
-        # what a coefficient means: relative units, the full knob, and the layer norms (the test bank carries
-        # none, so the server measured tiny-random's at start)
+        # what a coefficient means: relative units, the full knob, and the layer norms (the test bank's)
         strength = h["strength"]
         assert strength["units"] == "relative" and strength["coefficient_max"] == RELATIVE_KNOB_MAX
-        assert len(strength["layer_norms"]) == tiny.num_layers and min(strength["layer_norms"]) > 0
+        assert strength["layer_norms"] == [4.0] * tiny.num_layers
         assert h["state"]["units"] == "relative"
         assert (h["version"], h["epoch"], h["step"]) == (0, 0, 0)
         assert h["state"]["playback"] == "stopped" and h["state"]["directions"] == {}

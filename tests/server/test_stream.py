@@ -340,12 +340,16 @@ def test_recordings_say_their_units_and_norms_and_version_1_logs_replay_in_raw_u
     from musicrfm.engine.generation import load_banks
     from musicrfm.server.recording import Recorder, replay
 
+    bare = tmp_path / "bare.safetensors"  # the test bank without its layer norms: the stream measures them
+    bank = load_banks([test_bank_path])
+    DirectionBank(bank.directions, bank.fingerprint, bank.method, bank.pooling).save(bare)
+
     def record(name: str, patch: dict) -> dict:
-        s = Stream(tiny, load_banks([test_bank_path]))
+        s = Stream(tiny, load_banks([bare]))
         s.submit({"type": "set", **patch}, CAUSE)
         s.submit({"type": "transport", "command": "play"}, CAUSE)
         s.apply_due()
-        recorder = Recorder(tmp_path / name, s, [test_bank_path])
+        recorder = Recorder(tmp_path / name, s, [bare])
         for _ in range(6):
             chunk = s.generate(5)
             recorder.add_audio(chunk.first_sample, chunk.audio)
