@@ -206,23 +206,39 @@ def _num(v) -> float:
     return v if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None else float("nan")
 
 
-def _plot_metrics(path: Path, settings: SweepSettings, rows: list[dict], note: str) -> Path | None:
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def metrics_figure(settings: SweepSettings, rows: list[dict], note: str):
     """FD, MMD², CLAP and accuracy per group: against eta0 (the paper's Fig. 2) or K or p where the preset
-    has a numeric axis, else one point per configuration."""
+    has a numeric axis, else one point per configuration. Without any CLAP score the CLAP panel is left out
+    (the title says why). None without matplotlib."""
     plt = _matplotlib()
     if plt is None:
         return None
+    from matplotlib.ticker import MaxNLocator
+
     steered = [r for r in rows if r["group"] != REFERENCE_GROUP]
     numeric = all(r["x"] is not None for r in steered)
-    xlabel = {"eta": "control coefficient eta0 (|eta0| for tempos)", "pairs": "eta0 of the attribute",
-              "topk": "K (layers steered)", "gate": "gate probability p"}.get(settings.preset, "configuration")
+    tempo = any(r["concept"] == "tempos" for r in steered)  # its eta0 is signed: the plot pools |eta0|
+    xlabel = {"eta": "control coefficient eta0" + (" (|eta0| for tempos)" if tempo else ""),
+              "pairs": "eta0 of the attribute", "topk": "K (layers steered)",
+              "gate": "gate probability p"}.get(settings.preset, "configuration")
     labels = list(dict.fromkeys(r["group"] for r in steered))
     use_probe = any(isinstance(r["probe_acc"], float) for r in steered)
-    panels = [("fd", f"FD ({settings.embedder_name}) lower = closer"), ("mmd2", "MMD² (unbiased) lower = closer"),
-              ("clap", "CLAP score vs prompt"),
-              ("probe_acc" if use_probe else "check_acc",
-               "probe accuracy (mean per class)" if use_probe else "independent check accuracy (mean per class)")]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7), dpi=110)
+    has_clap = any(isinstance(r["clap"], float) for r in steered)
+    panels = [("fd", f"FD ({settings.embedder_name}) lower = closer"), ("mmd2", "MMD² (unbiased) lower = closer")]
+    if has_clap:
+        panels.append(("clap", "CLAP score vs prompt"))
+    panels.append(("probe_acc" if use_probe else "check_acc",
+                   "probe accuracy (mean per class)" if use_probe else "independent check accuracy (mean per class)"))
+    shape = (2, 2) if len(panels) == 4 else (1, len(panels))
+    fig, axes = plt.subplots(*shape, figsize=(10, 7) if len(panels) == 4 else (14, 4.6), dpi=110, squeeze=False)
     for ax, (key, title) in zip(axes.flat, panels):
         series: dict[str, list[tuple[float, float]]] = {}
         for r in steered:
@@ -240,30 +256,33 @@ def _plot_metrics(path: Path, settings: SweepSettings, rows: list[dict], note: s
             for r in ref_rows:
                 if isinstance(r[key], float):
                     ax.axhline(r[key], ls="--", lw=1, color="grey")
-        if key == "clap" and not any(isinstance(r["clap"], float) for r in steered):
-            ax.text(0.5, 0.5, "CLAP unavailable:\nno CLAP weights supplied", ha="center", va="center",
-                    transform=ax.transAxes)
         ax.set_title(title, fontsize=9)
         if not numeric:
             ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
         else:
             ax.set_xlabel(xlabel, fontsize=8)
+            if settings.preset == "topk":  # K counts layers: whole numbers only
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if series:
-            ax.legend(fontsize=7)
+            ax.legend(loc="best", framealpha=0.85, fontsize=7)
+    why_no_clap = "" if has_clap else ("\nno CLAP panel: " + ("no CLAP weights supplied (--clap)" if not settings.clap
+                                                              else "no clip got a CLAP score"))
     fig.suptitle(f"musicrfm sweep {settings.preset}: {PAPER[settings.preset]}; {settings.model}, "
                  f"{settings.samples} samples x {settings.seconds:g} s" + (f"\n[{note}]" if note else "")
-                 + "\n(dashed: unsteered reference)", fontsize=9)
+                 + "\n(dashed: unsteered reference)" + why_no_clap, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def _plot_traces(path: Path, settings: SweepSettings, traces: list[dict], note: str,
-                 probes: dict[str, FittedProbe]) -> Path | None:
+def _plot_metrics(path: Path, settings: SweepSettings, rows: list[dict], note: str) -> Path | None:
+    fig = metrics_figure(settings, rows, note)
+    return None if fig is None else _save(fig, path)
+
+
+def traces_figure(settings: SweepSettings, traces: list[dict], note: str, probes: dict[str, FittedProbe]):
     """Fig. 1: the probe softmax of the target class over time per schedule (a), or of n1 and n2 for the
-    crossfade (b); beside it the independent check's pitch-class share (notes)."""
+    crossfade (b); beside it the independent check's pitch-class share (notes). None without matplotlib."""
     plt = _matplotlib()
     if plt is None:
         return None
@@ -287,13 +306,17 @@ def _plot_traces(path: Path, settings: SweepSettings, traces: list[dict], note: 
             ax.set_ylabel("share of the pitch-class profile")
         ax.set_xlabel(f"time (s), {settings.window:g} s windows every {settings.hop:g} s")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(loc="best", framealpha=0.85, fontsize=7)
     fig.suptitle(f"musicrfm sweep {settings.preset}: {PAPER[settings.preset]}; mean of {settings.samples} samples"
                  + (f" [{note}]" if note else ""), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return fig
+
+
+def _plot_traces(path: Path, settings: SweepSettings, traces: list[dict], note: str,
+                 probes: dict[str, FittedProbe]) -> Path | None:
+    fig = traces_figure(settings, traces, note, probes)
+    return None if fig is None else _save(fig, path)
 
 
 def _md(value) -> str:

@@ -88,27 +88,41 @@ def classification_report(feature_root: str | Path, concepts: Sequence[str], out
     return rows
 
 
-def _plot(rows: list[ReportRow], path: Path) -> None:
+def classification_figure(rows: list[ReportRow]):
+    """The grouped bar chart `_plot` saves (None without matplotlib): test score per concept and probe."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
+        return None
     concepts = list(dict.fromkeys(r.concept for r in rows))
     probes = [v[2] for v in VARIANTS]
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(concepts)), 3.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(concepts)) + 2.2, 3.5), dpi=120)
     width = 0.8 / len(probes)
     for k, probe in enumerate(probes):
         xs = [i + (k - (len(probes) - 1) / 2) * width for i in range(len(concepts))]
         ys = [next((r.test for r in rows if r.concept == c and r.probe == probe), float("nan")) for c in concepts]
         ax.bar(xs, ys, width, label=probe)
     ax.set_xticks(range(len(concepts)), concepts)
-    ax.set_ylabel("test accuracy (R$^2$ for tempos)")
+    # R^2 is named only for the concepts scored by it (tempo's regression), when the report has one.
+    regressions = list(dict.fromkeys(r.concept for r in rows if r.metric == "r2"))
+    ax.set_ylabel("test accuracy" + (f" (R$^2$ for {', '.join(regressions)})" if regressions else ""))
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
+    ax.set_title("probes on held-out test data (best layer by validation)")
     ax.grid(axis="y", alpha=0.3)
+    # Outside the axes: bars reach the top of the scale, and a legend inside would cover them.
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def _plot(rows: list[ReportRow], path: Path) -> None:
+    fig = classification_figure(rows)
+    if fig is None:
+        return
+    import matplotlib.pyplot as plt
+
     fig.savefig(path)
     plt.close(fig)

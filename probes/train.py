@@ -193,14 +193,14 @@ def train_concept(feature_dir: str | Path, out_dir: str | Path, settings: TrainS
     return TrainResult(concept, provenance, classes, done, S, bank_path, csv_path, plot_path, missing_layers)
 
 
-def _plot_scores(path: Path, concept: str, provenance: Provenance, layers: list[int],
-                 scores: torch.Tensor) -> Path | None:
-    """Per-layer score: mean over classes with the min-max band (a picture of where the concept lives)."""
+def scores_figure(concept: str, provenance: Provenance, layers: list[int], scores: torch.Tensor):
+    """The figure `_plot_scores` saves (None without matplotlib): where the concept lives, by layer."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:  # plots are a convenience; the CSV holds the same numbers
         return None
     s = scores.float()
@@ -208,12 +208,24 @@ def _plot_scores(path: Path, concept: str, provenance: Provenance, layers: list[
     ax.plot(layers, s.mean(0), marker="o", ms=3, label=f"mean over {s.shape[0]} classes")
     if s.shape[0] > 1:
         ax.fill_between(layers, s.min(0).values, s.max(0).values, alpha=0.25, label="min-max over classes")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers: no "layer 0.5"
     ax.set_xlabel("decoder layer (residual stream after the block)")
     ax.set_ylabel(f"validation {provenance.score_name}")
     ax.set_title(f"{concept}: {provenance.method} probes per layer")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", framealpha=0.85, fontsize=8)  # where it hides the least of the curve
     fig.tight_layout()
+    return fig
+
+
+def _plot_scores(path: Path, concept: str, provenance: Provenance, layers: list[int],
+                 scores: torch.Tensor) -> Path | None:
+    """Per-layer score: mean over classes with the min-max band (a picture of where the concept lives)."""
+    fig = scores_figure(concept, provenance, layers, scores)
+    if fig is None:
+        return None
+    import matplotlib.pyplot as plt
+
     fig.savefig(path)
     plt.close(fig)
     return path

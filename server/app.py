@@ -14,9 +14,13 @@ import itertools
 import json
 import logging
 import mimetypes
+import os
+import re
 import secrets
 import signal
 import socket
+import stat
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.cookies import CookieError, SimpleCookie
@@ -30,7 +34,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from musicrfm.engine.bank import DirectionBank
-from musicrfm.engine.model import NOISE_WARNING, MusicModel
+from musicrfm.engine.model import NOISE_WARNING, MusicModel, bundled_prompts
 
 from musicrfm.protocol.wire import (MAX_MESSAGE_BYTES, PROTOCOL_VERSION, AUDIO_HEADER_BYTES, ProtocolError, decode_message,
                        encode_message, is_loopback, valid_session_name)
@@ -53,6 +57,14 @@ ID_MAX_CHARS = 64
 # The browser page is a client (it speaks only the public protocol); the server just hands out its files.
 WEB_ROOT = Path(str(files("musicrfm.clients") / "web"))
 LOOPBACK_NAMES = ("localhost",)
+# GET /recordings/NAME: a file directly inside --record-dir, named as the server names recordings
+# (SESSION-EPOCH-TIME.wav / .jsonl: letters, digits, '-', '_'). No '/', '.' or '%' fits, so a name can never
+# leave the folder or name a hidden file, and it never reaches the file system unless it fits.
+RECORDING_NAME = re.compile(r"[A-Za-z0-9_-]{1,200}\.(wav|jsonl)")
+RECORDING_TYPES = {"wav": "audio/wav", "jsonl": "application/x-ndjson"}
+# The HTTP side of websockets sends a body from memory: downloads in flight hold at most this much in all
+# (an hour of 32 kHz mono is 230 MB), and a larger file is not served (it stays on the server's disk).
+DOWNLOAD_MAX_BYTES = 256 * 1024 * 1024
 
 
 # The page's and a control surface's full knob, in relative strength units (engine.steering): on musicgen-mini
@@ -90,6 +102,7 @@ class Hub:
         self.model, self.bank, self.bank_paths, self.config = model, bank, bank_paths, config
         self.sessions: dict[str, Session] = {}
         self.directions: list[str] = sorted(bank.keys()) if bank is not None else []
+        self.example_prompts: list[str] = list(bundled_prompts(model.name))  # read once, sent in every hello
         self.coefficient_max = config.coefficient_max
         self._client_ids = itertools.count(1)
         self._reaper: asyncio.Task | None = None
@@ -149,7 +162,7 @@ class Hub:
                 "sample_rate": m.sample_rate, "channels": 1, "frame_rate": m.frame_rate, "hop": int(m.hop_length),
                 "codebooks": m.num_codebooks, "audio": {"format": "f32le", "header_bytes": AUDIO_HEADER_BYTES},
                 "model": m.name, "random_weights": m.is_random, "note": NOISE_WARNING if m.is_random else "",
-                "directions": self.directions,
+                "directions": self.directions, "example_prompts": self.example_prompts,
                 "limits": {"max_message_bytes": MAX_MESSAGE_BYTES,
                            "messages_per_second": self.config.messages_per_second,
                            "coefficient_max": self.config.coefficient_max},
@@ -382,6 +395,8 @@ class Server:
         # file system, however long or odd it is).
         self.web_files = {p.name: p for p in WEB_ROOT.iterdir() if p.is_file() and not p.name.startswith(".")}
         self.hub = Hub(model, bank, bank_paths, config)
+        self._downloading = 0  # bytes of recordings being sent (DOWNLOAD_MAX_BYTES in all)
+        self._download_tasks: set[asyncio.Task] = set()
         self._stop = asyncio.Event()
         self.ws_address: tuple[str, int] | None = None
         self.osc_address: tuple[str, int] | None = None
@@ -442,7 +457,8 @@ class Server:
         host = request.headers.get("Host")
         return host is not None and urlsplit(normal).netloc == host.lower()  # same-origin
 
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+    def _process_request(self, connection: ServerConnection,
+                         request: Request) -> Response | Awaitable[Response] | None:
         if not self._host_ok(request):
             return connection.respond(HTTPStatus.FORBIDDEN, "unknown Host: start the server with --allow-host NAME "
                                                             "to use it under that name\n")
@@ -462,6 +478,8 @@ class Server:
             body = json.dumps({"ok": True, "sessions": sorted(self.hub.sessions)}).encode()
             return Response(200, "OK", Headers([("Content-Type", "application/json"),
                                                 ("Content-Length", str(len(body)))]), body)
+        if url.path.startswith("/recordings/"):
+            return self._recording(connection, url.path[len("/recordings/"):])
         name = "index.html" if url.path in ("/", "") else url.path[1:]
         path = self.web_files.get(name)  # a flat folder: no "..", no subfolders, nothing outside clients/web
         if path is None:
@@ -477,6 +495,53 @@ class Server:
             # page's ?token=: it hands them this cookie (same-site only, never readable by scripts).
             headers["Set-Cookie"] = (f"{self._cookie_name}={quote(self.config.token, safe='')}; Path=/; HttpOnly; "
                                      f"SameSite=Strict")
+        return Response(200, "OK", headers, body)
+
+    def _recording(self, connection: ServerConnection, name: str) -> Response | Awaitable[Response]:
+        """GET /recordings/NAME (docs/protocol.md): a recording's WAV or log from --record-dir, as an attachment.
+        Only regular files directly in that folder (no symlinks), within DOWNLOAD_MAX_BYTES in flight."""
+        match = RECORDING_NAME.fullmatch(name)
+        if match is None:
+            return connection.respond(HTTPStatus.NOT_FOUND, "not found: a recording's name is NAME.wav or NAME.jsonl "
+                                                            "(letters, digits, '-' and '_')\n")
+        path = self.config.session.record_dir / name
+        try:
+            info = path.lstat()
+        except OSError:
+            info = None
+        if info is None or not stat.S_ISREG(info.st_mode):
+            return connection.respond(HTTPStatus.NOT_FOUND, f"no recording {name}\n")
+        size = info.st_size
+        if size > DOWNLOAD_MAX_BYTES:
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE,
+                                      f"{name} is {size / 1e6:.0f} MB, over the {DOWNLOAD_MAX_BYTES // 2 ** 20} MiB "
+                                      f"served over HTTP: copy it from the server's --record-dir\n")
+        if self._downloading + size > DOWNLOAD_MAX_BYTES:
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "other downloads are under way: try again "
+                                                                      "in a moment\n")
+        # Held until the connection is gone (its body sent or abandoned): what it holds in memory until then.
+        self._downloading += size
+        waiter = asyncio.get_running_loop().create_task(connection.wait_closed())
+        self._download_tasks.add(waiter)
+
+        def release(task: asyncio.Task) -> None:
+            self._downloading -= size
+            self._download_tasks.discard(task)
+
+        waiter.add_done_callback(release)
+        return self._recording_response(connection, path, size, RECORDING_TYPES[match.group(1)])
+
+    async def _recording_response(self, connection: ServerConnection, path: Path, size: int,
+                                  kind: str) -> Response:
+        try:  # in a thread: a large file must not hold up the sessions' audio on the event loop
+            body = await asyncio.to_thread(_read_regular_file, path, size)
+        except OSError:
+            body = None
+        if body is None:
+            return connection.respond(HTTPStatus.NOT_FOUND, f"no recording {path.name}\n")
+        headers = Headers([("Content-Type", kind), ("Content-Length", str(len(body))), ("Cache-Control", "no-store"),
+                           ("Content-Disposition", f'attachment; filename="{path.name}"'),
+                           ("X-Content-Type-Options", "nosniff")])
         return Response(200, "OK", headers, body)
 
     # --- WebSocket ------------------------------------------------------------------------------------
@@ -572,6 +637,16 @@ class Server:
             await self._stop.wait()
         finally:
             await self.close()
+
+
+def _read_regular_file(path: Path, limit: int) -> bytes | None:
+    """At most `limit` bytes of `path` if it is a regular file (not a symlink, a FIFO or a folder, even one put
+    there since it was looked at); None otherwise."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            return None
+        return fh.read(limit)
 
 
 def new_token() -> str:

@@ -15,17 +15,28 @@
 
   const SCHEDULE_KINDS = ["constant", "linear_rise", "linear_decay", "fade_in", "fade_out", "sine",
                           "exp_decay", "logistic"];
-  // What choosing a kind sends; schedules in a `set` are relative to the step at which it applies.
-  const SCHEDULE_PRESETS = {
-    constant: {kind: "constant"},
-    linear_rise: {kind: "linear_rise", length: 500},
-    linear_decay: {kind: "linear_decay", length: 500},
-    fade_in: {kind: "fade_in", length: 500},
-    fade_out: {kind: "fade_out", length: 500},
-    sine: {kind: "sine", period: 500},
-    exp_decay: {kind: "exp_decay", lam: 0.995},
-    logistic: {kind: "logistic", center: 250, width: 50},
+  // The one timing each schedule takes from the page, in seconds (steps = seconds x the hello's frame_rate,
+  // 50 steps = 1 s), and the seconds a kind starts with. Schedules in a `set` are relative to the step at
+  // which it applies: sending one (re)starts it there.
+  const SCHEDULE_TIMING = {
+    linear_rise: {name: "length", seconds: 10},
+    linear_decay: {name: "length", seconds: 10},
+    fade_in: {name: "length", seconds: 10},
+    fade_out: {name: "length", seconds: 10},
+    sine: {name: "period", seconds: 10},
+    exp_decay: {name: "half-life", seconds: 3},
+    logistic: {name: "width", seconds: 1},
   };
+  const SCHEDULE_MAX_SECONDS = 3600;  // an hour: longer is a constant for any performance
+  // Concepts in SynTheory's order (probes/syntheory.py CONCEPTS); others follow by name.
+  const CONCEPT_ORDER = ["notes", "intervals", "scales", "chords", "chord_progressions", "tempos", "time_signatures"];
+  // Classes in a musical order where the bank's (alphabetical) one is not: pitch names are ordered by pitch.
+  const CLASS_ORDER = {
+    chords: ["major", "minor", "aug", "dim"],
+    scales: ["ionian", "dorian", "phrygian", "lydian", "mixolydian", "aeolian", "locrian"],
+  };
+  const NATURAL_PITCH = {C: 0, D: 2, E: 4, F: 5, G: 7, A: 9, B: 11};
+  const METER_FLOOR_DB = -60;           // the level meter's scale: -60 dB (empty) to 0 dB (full)
   // The engine's defaults (engine/steering.py Schedule) for fields a schedule object leaves out.
   const SCHEDULE_DEFAULTS = {start: 0, length: 1500, lam: 0.998, center: 750, width: 200, period: 1500,
                              phase: 0, curve: "equal_power"};
@@ -46,7 +57,9 @@
     errors: [],
     warnings: [],
     stats: null,
+    serverUnderruns: null, // the session's underruns since this page joined (stats count from the session's start)
     recording: null,
+    downloads: [],        // the recordings this page has seen finish: {wav, log} links, newest first
     received: [],         // the last RECEIVED_MAX control messages, newest last
     sent: 0,
     sentLog: [],          // the last RECEIVED_MAX messages sent: {n: 1, 2, ..., t: performance.now() ms, msg}
@@ -56,6 +69,7 @@
     buffered: 0,
     position: null,       // stream sample index being played, from the worklet
     level: {rms: 0, peak: 0},
+    meter: null,          // what the level meter shows: {db, fraction, text} (one reading for bar and text)
     audio: "off",         // off | starting | worklet | script-processor | failed
     send: (msg) => send(msg),
   };
@@ -68,7 +82,8 @@
     session: $("session"), model: $("model"), connection: $("connection"), noiseNote: $("noise-note"),
     play: $("play"), pause: $("pause"), stop: $("stop"), record: $("record"), mute: $("mute"),
     playback: $("playback"), meterRms: $("meter-rms"), meterPeak: $("meter-peak"), meterText: $("meter-text"),
-    promptForm: $("prompt-form"), prompt: $("prompt"), gate: $("gate"), gateValue: $("gate-value"),
+    promptForm: $("prompt-form"), prompt: $("prompt"), promptExamples: $("prompt-examples"), gate: $("gate"),
+    gateValue: $("gate-value"), recordings: $("recordings"), downloads: $("downloads"),
     plot: $("plot"), legend: $("plot-legend"), directions: $("directions"), status: $("status"), stats: $("stats"),
   };
 
@@ -191,11 +206,36 @@
     el.noiseNote.hidden = !msg.random_weights;
     el.noiseNote.textContent = msg.random_weights
       ? (msg.note || "random weights: the audio is noise, not music") : "";
-    const cmax = (msg.limits && msg.limits.coefficient_max) || 2;
-    buildDirections(msg.directions || [], cmax);
+    showPromptExamples(msg);
+    underrunBase = null;  // a new join: count the session's underruns from here
+    buildDirections(msg.directions || []);
     timeline.length = 0;
     timelineEpoch = null;
     takeState(msg);
+  }
+
+  // The knob's range, -this .. +this: the one place the page reads it (the hello's `limits`).
+  function knobRange() {
+    const limits = dbg.hello && dbg.hello.limits;
+    const max = limits ? Number(limits.coefficient_max) : NaN;
+    return Number.isFinite(max) && max > 0 ? max : 2;
+  }
+
+  function frameRate() { return (dbg.hello && dbg.hello.frame_rate) || 50; }
+
+  // The placeholder and suggestions name prompts the loaded model knows (a bundled model's example prompts).
+  function showPromptExamples(msg) {
+    const examples = Array.isArray(msg.example_prompts)
+      ? msg.example_prompts.filter((p) => typeof p === "string" && p) : [];
+    el.prompt.placeholder = examples.length ? `text prompt, e.g. ${examples[0]}`
+      : msg.random_weights ? "text prompt (random weights: any prompt gives noise)"
+        : "text prompt, e.g. warm lofi piano";
+    el.promptExamples.textContent = "";
+    for (const text of examples) {
+      const option = document.createElement("option");
+      option.value = text;
+      el.promptExamples.append(option);
+    }
   }
 
   function onState(msg) {
@@ -213,23 +253,90 @@
     applyState();
   }
 
+  // The session counts underruns from its start; a page shows those since it joined (the first count it sees).
+  let underrunBase = null;
+
+  // The footer: each figure with a tooltip saying what it measures (docs/protocol.md, `stats`).
   function onStats(msg) {
     dbg.stats = msg;
-    const parts = [`step ${msg.step}`];
-    if (msg.seconds !== undefined) parts.push(`${Number(msg.seconds).toFixed(1)} s`);
-    if (msg.lead_seconds !== undefined) parts.push(`lead ${Number(msg.lead_seconds).toFixed(2)} s`);
-    if (msg.realtime_factor !== undefined) parts.push(`${Number(msg.realtime_factor).toFixed(2)}× real time`);
-    if (msg.listeners !== undefined) parts.push(`${msg.listeners} listener${msg.listeners === 1 ? "" : "s"}`);
-    if (msg.underruns) parts.push(`server underruns ${msg.underruns}`);
-    parts.push(`here: buffered ${dbg.buffered.toFixed(2)} s, underruns ${dbg.underruns}`);
-    el.stats.textContent = parts.join(" · ");
+    const total = Number(msg.underruns) || 0;
+    if (underrunBase === null || total < underrunBase) underrunBase = total;
+    dbg.serverUnderruns = total - underrunBase;
+    const parts = [[`step ${msg.step}`, "the generation step the server has reached (50 steps = 1 s)"]];
+    if (msg.seconds !== undefined) {
+      parts.push([`${Number(msg.seconds).toFixed(1)} s`, "audio generated in this stream"]);
+    }
+    if (msg.lead_seconds !== undefined) {
+      parts.push([`lead ${Number(msg.lead_seconds).toFixed(2)} s`,
+        "lead: audio the server has generated ahead of real time. A change is heard about this much " +
+        "(plus a chunk) after it is made"]);
+    }
+    if (msg.realtime_factor !== undefined) {
+      parts.push([`${Number(msg.realtime_factor).toFixed(2)}× real time`,
+        "seconds of audio generated per second of work: below 1× the server cannot keep up"]);
+    }
+    if (msg.listeners !== undefined) {
+      parts.push([`${msg.listeners} listener${msg.listeners === 1 ? "" : "s"}`, "clients hearing this session"]);
+    }
+    parts.push([`server underruns ${dbg.serverUnderruns}`,
+      "underruns: times generation fell behind real time (the audio stuttered for every listener), " +
+      "since this page joined"]);
+    parts.push([`here: buffered ${dbg.buffered.toFixed(2)} s, underruns ${dbg.underruns}`,
+      "this page's player: audio waiting to be played, and the times it ran out of audio (a gap heard here)"]);
+    el.stats.textContent = "";
+    parts.forEach(([text, title], i) => {
+      if (i) el.stats.append(" · ");
+      const span = document.createElement("span");
+      span.className = "stat";
+      span.textContent = text;
+      span.title = title;
+      el.stats.append(span);
+    });
   }
 
   function onRecording(msg) {
     dbg.recording = msg;
     el.record.checked = isRecording();
-    if (msg.status === "stopped" && msg.wav) status(`recording saved: ${msg.wav}`, "info");
-    else if (isRecording()) status(`recording${msg.wav ? ` to ${msg.wav}` : ""}`, "info");
+    if (msg.status === "stopped" && msg.wav) {
+      status(`recording saved: ${msg.wav}`, "info");
+      offerDownload(msg);
+    } else if (isRecording()) status(`recording${msg.wav ? ` to ${msg.wav}` : ""}`, "info");
+  }
+
+  // GET /recordings/NAME serves a file of the server's record dir by its name (docs/protocol.md); the
+  // message names it by its path on the server.
+  const RECORDING_NAME = /^[A-Za-z0-9_-]{1,200}\.(wav|jsonl)$/;
+  const DOWNLOADS_SHOWN = 5;
+  function recordingLink(path, text) {
+    const name = String(path || "").split(/[\\/]/).pop();
+    if (!RECORDING_NAME.test(name)) return null;
+    const a = document.createElement("a");
+    a.href = `/recordings/${encodeURIComponent(name)}`;
+    a.download = name;
+    a.textContent = text || name;
+    a.title = `download ${name} (on the server: ${path})`;
+    return a;
+  }
+
+  function offerDownload(msg) {
+    const wav = recordingLink(msg.wav);
+    if (!wav) return;
+    const log = recordingLink(msg.log, "log");
+    const item = document.createElement("li");
+    item.append(wav);
+    if (log) item.append(" · ", log);
+    const frames = Array.isArray(msg.frames) ? msg.frames : [];
+    if (typeof frames[0] === "number" && typeof frames[1] === "number") {
+      const span = document.createElement("span");
+      span.className = "small";
+      span.textContent = ` ${((frames[1] - frames[0]) / frameRate()).toFixed(1)} s`;
+      item.append(span);
+    }
+    el.downloads.prepend(item);
+    while (el.downloads.childElementCount > DOWNLOADS_SHOWN) el.downloads.lastElementChild.remove();
+    el.recordings.hidden = false;
+    dbg.downloads.unshift({wav: wav.href, log: log ? log.href : null});
+    dbg.downloads.length = Math.min(dbg.downloads.length, DOWNLOADS_SHOWN);
   }
 
   function isRecording() {
@@ -367,19 +474,31 @@
   }
 
   function db(x) { return x > 0 ? 20 * Math.log10(x) : -Infinity; }
-  function drawMeter(rms, peak) {
-    const pct = (x) => `${Math.max(0, Math.min(100, (db(x) + 60) / 60 * 100))}%`;
-    el.meterRms.style.width = pct(rms);
-    el.meterPeak.style.left = pct(peak);
-    el.meterRms.classList.toggle("hot", peak >= 0.99);
+
+  // One reading of the RMS level drives both the bar and its text: the dB value, rounded to what the text
+  // shows, and clamped to the bar's scale.
+  function meterReading(rms) {
     const d = db(rms);
-    el.meterText.textContent = `${Number.isFinite(d) ? d.toFixed(0) : "-∞"} dB rms`;
+    if (!(d > METER_FLOOR_DB)) {
+      return {db: METER_FLOOR_DB, fraction: 0, text: d === -Infinity ? "-∞ dB rms" : `< ${METER_FLOOR_DB} dB rms`};
+    }
+    const shown = Math.min(0, Math.round(d));
+    return {db: shown, fraction: (shown - METER_FLOOR_DB) / -METER_FLOOR_DB, text: `${shown} dB rms`};
+  }
+
+  function drawMeter(rms, peak) {
+    const reading = meterReading(rms);
+    dbg.meter = reading;
+    el.meterRms.style.width = `${(reading.fraction * 100).toFixed(2)}%`;
+    el.meterText.textContent = reading.text;
+    const peakDb = Math.max(METER_FLOOR_DB, Math.min(0, db(peak)));
+    el.meterPeak.style.left = `${((peakDb - METER_FLOOR_DB) / -METER_FLOOR_DB * 100).toFixed(2)}%`;
+    el.meterRms.classList.toggle("hot", peak >= 0.99);
   }
 
   // ---- controls --------------------------------------------------------------------------------------
 
-  let cmax = 2;
-  const rows = new Map();     // direction key -> {root, knob, value, active, schedule, color, index}
+  const rows = new Map();     // direction key -> {root, knob, coef, active, schedule, seconds, color, ...}
   let dragging = null;        // the range input under the pointer
   const touched = new WeakMap();  // element -> time of the user's last input
 
@@ -397,95 +516,294 @@
 
   function colorOf(index) { return `hsl(${(index * 137.508) % 360}, 75%, 62%)`; }
 
-  function buildDirections(keys, coefficientMax) {
-    cmax = coefficientMax;
+  // ---- the order of directions: one group per concept, classes in musical order ----
+
+  function splitKey(key) {
+    const at = key.indexOf(":");
+    return at < 0 ? ["", key] : [key.slice(0, at), key.slice(at + 1)];
+  }
+
+  // C = 0 ... B = 11 for a pitch name (C, C#, Db, F♯ ...); null for anything else.
+  function pitchClass(name) {
+    const m = /^([A-G])([#b♯♭]*)$/.exec(name);
+    if (!m) return null;
+    let pc = NATURAL_PITCH[m[1]];
+    for (const c of m[2]) pc += c === "#" || c === "♯" ? 1 : -1;
+    return ((pc % 12) + 12) % 12;
+  }
+
+  function classRank(concept, name) {
+    const pc = pitchClass(name);
+    if (pc !== null) return pc;
+    const known = (CLASS_ORDER[concept] || []).indexOf(name);
+    return known >= 0 ? 100 + known : 1000;  // then the rest, by name
+  }
+
+  const byName = (a, b) => a.localeCompare(b, "en", {numeric: true});
+
+  function conceptTitle(concept) {
+    if (!concept) return "Other";
+    const words = concept.replace(/_/g, " ");
+    return words[0].toUpperCase() + words.slice(1);
+  }
+
+  // [{concept, title, keys}] in CONCEPT_ORDER (others by name), each concept's keys in musical order.
+  function groupDirections(keys) {
+    const groups = new Map();
+    for (const key of keys) {
+      const [concept] = splitKey(key);
+      if (!groups.has(concept)) groups.set(concept, []);
+      groups.get(concept).push(key);
+    }
+    const rank = (c) => { const i = CONCEPT_ORDER.indexOf(c); return i >= 0 ? i : CONCEPT_ORDER.length; };
+    return [...groups.keys()].sort((a, b) => rank(a) - rank(b) || byName(a, b)).map((concept) => {
+      const classOf = (key) => splitKey(key)[1];
+      const sorted = groups.get(concept).slice().sort((a, b) =>
+        classRank(concept, classOf(a)) - classRank(concept, classOf(b)) || byName(classOf(a), classOf(b)));
+      return {concept, title: conceptTitle(concept), keys: sorted};
+    });
+  }
+
+  // ---- schedules' timing in seconds ----
+
+  function secondsText(x) { return String(Math.round(x * 100) / 100); }
+
+  // The schedule a `set` carries for `kind` with its timing `seconds` (SCHEDULE_TIMING), in steps.
+  function scheduleFor(kind, seconds) {
+    const steps = Math.max(1, Math.round(seconds * frameRate()));
+    switch (kind) {
+      case "linear_rise": case "linear_decay": case "fade_in": case "fade_out": return {kind, length: steps};
+      case "sine": return {kind, period: steps};
+      case "exp_decay": return {kind, lam: Math.pow(0.5, 1 / steps)};             // halves every `steps`
+      case "logistic": return {kind, center: 5 * steps, width: steps};          // from ~0 to 1 over 10 widths
+      default: return {kind};
+    }
+  }
+
+  // The timing of a schedule object in seconds (the inverse of scheduleFor); null when it has none.
+  function scheduleSeconds(schedule) {
+    const s = {...SCHEDULE_DEFAULTS, ...(schedule || {kind: "constant"})};
+    const fps = frameRate();
+    switch (s.kind) {
+      case "linear_rise": case "linear_decay": case "fade_in": case "fade_out": return s.length / fps;
+      case "sine": return s.period / fps;
+      case "exp_decay": return s.lam < 1 ? Math.log(0.5) / Math.log(s.lam) / fps : null;
+      case "logistic": return s.width / fps;
+      default: return null;
+    }
+  }
+
+  // A typed number of seconds, or null (and the reason said) when it is not one the page sends.
+  function validSeconds(text) {
+    const v = Number(text);
+    if (text.trim() === "" || !Number.isFinite(v) || v <= 0 || v > SCHEDULE_MAX_SECONDS) {
+      status(`a schedule's timing is a number of seconds in (0, ${SCHEDULE_MAX_SECONDS}]: nothing sent`, "error");
+      return null;
+    }
+    return v;
+  }
+
+  // ---- the cards ----
+
+  function buildDirections(keys) {
     el.directions.textContent = "";
     rows.clear();
-    keys.forEach((key, index) => {
-      const root = document.createElement("div");
-      root.className = "dir absent";
-      root.dataset.key = key;
-      const color = colorOf(index);
-      root.style.setProperty("--dir-color", color);
+    let index = 0;
+    for (const group of groupDirections(keys)) {
+      const section = document.createElement("div");
+      section.className = "concept";
+      section.dataset.concept = group.concept;
+      const heading = document.createElement("h2");
+      heading.textContent = group.title;
+      const grid = document.createElement("div");
+      grid.className = "dir-grid";
+      section.append(heading, grid);
+      el.directions.append(section);
+      for (const key of group.keys) grid.append(buildCard(key, index++));
+    }
+  }
 
-      const head = document.createElement("div");
-      head.className = "dir-head";
-      const name = document.createElement("span");
-      name.className = "dir-name";
-      name.textContent = key;
-      const activeLabel = document.createElement("label");
-      activeLabel.className = "switch";
-      activeLabel.title = "on / off";
-      const active = document.createElement("input");
-      active.type = "checkbox";
-      active.className = "active";
-      active.setAttribute("aria-label", `${key} on`);
-      activeLabel.append(active, document.createElement("span"));
-      head.append(name, activeLabel);
+  function buildCard(key, index) {
+    const root = document.createElement("div");
+    root.className = "dir absent";
+    root.dataset.key = key;
+    const color = colorOf(index);
+    root.style.setProperty("--dir-color", color);
 
-      const knob = document.createElement("input");
-      knob.type = "range";
-      knob.className = "knob";
-      knob.min = String(-cmax);
-      knob.max = String(cmax);
-      knob.step = "0.01";
-      knob.value = "0";
-      knob.setAttribute("aria-label", `${key} coefficient`);
+    const head = document.createElement("div");
+    head.className = "dir-head";
+    const name = document.createElement("span");
+    name.className = "dir-name";
+    name.textContent = key;
+    const activeLabel = document.createElement("label");
+    activeLabel.className = "switch";
+    activeLabel.title = "on / off";
+    const active = document.createElement("input");
+    active.type = "checkbox";
+    active.className = "active";
+    active.setAttribute("aria-label", `${key} on`);
+    activeLabel.append(active, document.createElement("span"));
+    head.append(name, activeLabel);
 
-      const foot = document.createElement("div");
-      foot.className = "dir-foot";
-      const value = document.createElement("output");
-      value.className = "value";
-      value.textContent = "0.00";
-      const schedule = document.createElement("select");
-      schedule.className = "schedule";
-      schedule.setAttribute("aria-label", `${key} schedule`);
-      for (const kind of SCHEDULE_KINDS.concat(["keyframes"])) {
-        const option = document.createElement("option");
-        option.value = kind;
-        option.textContent = kind.replace("_", " ");
-        if (kind === "keyframes") option.disabled = true;  // shown when another client set keyframes
-        schedule.append(option);
-      }
-      const remove = document.createElement("button");
-      remove.type = "button";
-      remove.className = "remove";
-      remove.textContent = "×";
-      remove.title = "remove this direction from the state";
-      foot.append(value, schedule, remove);
-      root.append(head, knob, foot);
-      el.directions.append(root);
+    const range = knobRange();
+    const knob = document.createElement("input");
+    knob.type = "range";
+    knob.className = "knob";
+    knob.min = String(-range);
+    knob.max = String(range);
+    knob.step = "0.01";
+    knob.value = "0";
+    knob.setAttribute("aria-label", `${key} coefficient`);
 
-      const row = {root, knob, value, active, schedule, remove, color, index};
-      rows.set(key, row);
+    const foot = document.createElement("div");
+    foot.className = "dir-foot";
+    const coef = document.createElement("input");  // the coefficient as is, and where to type one
+    coef.type = "number";
+    coef.className = "value coef";
+    coef.step = "any";
+    coef.value = "0";
+    coef.title = "the coefficient: type a value and press Enter";
+    coef.setAttribute("aria-label", `${key} coefficient value`);
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.className = "remove";
+    remove.textContent = "×";
+    remove.title = "remove this direction from the state";
+    foot.append(coef, remove);
 
-      const inState = () => !!(dbg.state && dbg.state.directions && dbg.state.directions[key]);
-      knob.addEventListener("pointerdown", () => { dragging = knob; });
-      knob.addEventListener("input", () => {
-        markTouched(knob);
-        const v = Number(knob.value);
-        value.textContent = v.toFixed(2);
-        throttledSend(`dir:${key}`, () => ({type: "set", directions: {[key]: {coefficient: Number(knob.value)}}}));
-      });
-      knob.addEventListener("change", () => { markTouched(knob); resyncSoon(); });  // the throttle sends the last value
-      active.addEventListener("change", () => {
-        markTouched(active);
-        const patch = {active: active.checked};
-        if (!inState()) patch.coefficient = Number(knob.value);
-        sendUi({type: "set", directions: {[key]: patch}});
-        resyncSoon();
-      });
-      schedule.addEventListener("change", () => {
-        markTouched(schedule);
-        const patch = {schedule: {...SCHEDULE_PRESETS[schedule.value]}};
-        if (!inState()) patch.coefficient = Number(knob.value);
-        sendUi({type: "set", directions: {[key]: patch}});
-        resyncSoon();
-      });
-      remove.addEventListener("click", () => {
-        if (inState()) sendUi({type: "set", directions: {[key]: null}});
-      });
+    const timing = document.createElement("div");
+    timing.className = "dir-timing";
+    const schedule = document.createElement("select");
+    schedule.className = "schedule";
+    schedule.setAttribute("aria-label", `${key} schedule`);
+    for (const kind of SCHEDULE_KINDS.concat(["keyframes"])) {
+      const option = document.createElement("option");
+      option.value = kind;
+      option.textContent = kind.replace("_", " ");
+      if (kind === "keyframes") option.disabled = true;  // shown when another client set keyframes
+      schedule.append(option);
+    }
+    const secondsName = document.createElement("span");
+    secondsName.className = "seconds-name small";
+    const seconds = document.createElement("input");
+    seconds.type = "number";
+    seconds.className = "seconds";
+    seconds.min = "0";
+    seconds.max = String(SCHEDULE_MAX_SECONDS);
+    seconds.step = "any";
+    seconds.disabled = true;
+    seconds.setAttribute("aria-label", `${key} schedule seconds`);
+    const unit = document.createElement("span");
+    unit.className = "small";
+    unit.textContent = "s";
+    timing.append(schedule, secondsName, seconds, unit);
+    root.append(head, knob, foot, timing);
+
+    const row = {root, knob, coef, active, schedule, seconds, secondsName, remove, color, index,
+                 shown: 0, coefDirty: false, secondsDirty: false};
+    rows.set(key, row);
+
+    const inState = () => !!(dbg.state && dbg.state.directions && dbg.state.directions[key]);
+    const sendCoefficient = (v) => ({type: "set", directions: {[key]: {coefficient: v}}});
+    knob.addEventListener("pointerdown", () => { dragging = knob; });
+    knob.addEventListener("input", () => {
+      markTouched(knob);
+      row.shown = Number(knob.value);
+      row.coefDirty = false;
+      coef.value = String(row.shown);
+      throttledSend(`dir:${key}`, () => sendCoefficient(Number(knob.value)));
     });
+    knob.addEventListener("change", () => { markTouched(knob); resyncSoon(); });  // the throttle sends the last value
+
+    coef.addEventListener("input", () => { row.coefDirty = true; });
+    coef.addEventListener("keydown", (event) => {
+      if (event.key === "Escape") { row.coefDirty = false; applyState(); }
+    });
+    coef.addEventListener("change", () => {
+      row.coefDirty = false;
+      const v = Number(coef.value);
+      if (coef.value.trim() === "" || !Number.isFinite(v)) {
+        status(`${key}: the coefficient must be a number: nothing sent`, "error");
+        applyState();
+        return;
+      }
+      markTouched(coef);
+      showCoefficient(row, v);  // the knob moves there now: touching it goes on from this value
+      flushThrottle(`dir:${key}`);  // a knob change still waiting must not land after this one
+      sendUi(sendCoefficient(v));
+      resyncSoon();
+    });
+
+    active.addEventListener("change", () => {
+      markTouched(active);
+      const patch = {active: active.checked};
+      if (!inState()) patch.coefficient = row.shown;
+      sendUi({type: "set", directions: {[key]: patch}});
+      resyncSoon();
+    });
+
+    const sendSchedule = (kind, secs) => {
+      const patch = {schedule: scheduleFor(kind, secs)};
+      if (!inState()) patch.coefficient = row.shown;
+      sendUi({type: "set", directions: {[key]: patch}});
+      resyncSoon();
+    };
+    schedule.addEventListener("change", () => {
+      markTouched(schedule);
+      const kind = schedule.value;
+      const previous = SCHEDULE_TIMING[row.timingKind];
+      const next = SCHEDULE_TIMING[kind];
+      // The seconds carry over between kinds of the same timing (a fade-in's length to a fade-out's).
+      let secs = next ? next.seconds : null;
+      const typed = Number(seconds.value);
+      if (next && previous && previous.name === next.name && seconds.value !== "" && typed > 0 &&
+          typed <= SCHEDULE_MAX_SECONDS) secs = typed;
+      showTiming(row, kind, secs);
+      row.secondsDirty = false;
+      sendSchedule(kind, secs);
+    });
+    seconds.addEventListener("input", () => { row.secondsDirty = true; });
+    seconds.addEventListener("keydown", (event) => {
+      if (event.key === "Escape") { row.secondsDirty = false; applyState(); }
+    });
+    seconds.addEventListener("change", () => {
+      row.secondsDirty = false;
+      const kind = schedule.value;
+      const secs = SCHEDULE_TIMING[kind] ? validSeconds(seconds.value) : null;
+      if (secs === null) { applyState(); return; }
+      markTouched(seconds);
+      sendSchedule(kind, secs);
+    });
+
+    remove.addEventListener("click", () => {
+      if (inState()) sendUi({type: "set", directions: {[key]: null}});
+    });
+    return root;
+  }
+
+  // The coefficient as it is, in the number field and on the knob. A value beyond the knob's range (another
+  // client's) is not clipped: the knob's range widens to hold it, so touching the knob goes on from it.
+  function showCoefficient(row, c) {
+    const range = knobRange();
+    const reach = Math.max(range, Math.ceil(Math.abs(c) * 100) / 100);
+    row.knob.min = String(-reach);
+    row.knob.max = String(reach);
+    row.knob.value = String(c);
+    row.shown = c;
+    const beyond = Math.abs(c) > range;
+    row.root.classList.toggle("beyond", beyond);
+    row.knob.title = beyond ? `beyond the knob's range ±${range}: the knob reaches ±${reach} while it is` : "";
+    if (!row.coefDirty && !busy(row.coef)) row.coef.value = String(c);
+  }
+
+  // The schedule's timing field: its name and seconds, or disabled for kinds without one.
+  function showTiming(row, kind, secs) {
+    row.timingKind = kind;
+    const timing = SCHEDULE_TIMING[kind];
+    row.seconds.disabled = !timing;
+    row.secondsName.textContent = timing ? timing.name : "";
+    row.seconds.title = timing ? `${timing.name} in seconds (50 steps = 1 s)` : "this schedule has no timing to set";
+    row.seconds.value = timing && secs !== null && Number.isFinite(secs) ? secondsText(secs) : "";
   }
 
   window.addEventListener("pointerup", () => {
@@ -542,16 +860,17 @@
       const d = dirs[key];
       row.root.classList.toggle("absent", !d);
       row.root.classList.toggle("inactive", !!d && d.active === false);
-      if (busy(row.knob)) skipped = true;
-      else {
-        const c = d ? d.coefficient : 0;
-        row.knob.value = String(c);
-        row.value.textContent = Number(c).toFixed(2);
-      }
+      // A draft typed in a number field is the user's until Enter / Escape (which show the state again).
+      if (busy(row.knob) || busy(row.coef)) skipped = true;
+      else showCoefficient(row, d ? d.coefficient : 0);
       if (busy(row.active)) skipped = true;
       else row.active.checked = !!d && d.active !== false;
-      if (busy(row.schedule)) skipped = true;
-      else row.schedule.value = d && d.schedule ? d.schedule.kind : "constant";
+      if (busy(row.schedule) || busy(row.seconds)) skipped = true;
+      else if (!row.secondsDirty) {
+        const kind = d && d.schedule ? d.schedule.kind : "constant";
+        row.schedule.value = kind;
+        showTiming(row, kind, d && d.schedule ? scheduleSeconds(d.schedule) : null);
+      }
       row.schedule.title = d && d.schedule ? scheduleText(d.schedule) : "constant";
     }
     if (!busy(el.record)) el.record.checked = isRecording();
@@ -656,6 +975,17 @@
     return h && h.epoch === dbg.epoch ? (h.firstSample + h.numSamples) / hop() : null;
   }
 
+  // The plot's scale: the knob's range, widened to hold a coefficient set beyond it (shown as is, not clipped).
+  function plotRange() {
+    let range = knobRange();
+    const dirs = (dbg.state && dbg.state.directions) || {};
+    for (const key in dirs) {
+      const c = dirs[key] && Number(dirs[key].coefficient);
+      if (Number.isFinite(c)) range = Math.max(range, Math.abs(c));
+    }
+    return range;
+  }
+
   function drawPlot() {
     const canvas = el.plot;
     const dpr = window.devicePixelRatio || 1;
@@ -668,7 +998,7 @@
     const g = canvas.getContext("2d");
     g.setTransform(dpr, 0, 0, dpr, 0, 0);
     g.clearRect(0, 0, cssW, cssH);
-    const fps = (dbg.hello && dbg.hello.frame_rate) || 50;
+    const fps = frameRate();
     const past = PLOT_PAST_SECONDS * fps;
     const future = PLOT_FUTURE_SECONDS * fps;
     const head = playheadStep();
@@ -676,6 +1006,7 @@
     const t1 = t0 + past + future;
     const left = 40, right = cssW - 8, top = 8, bottom = cssH - 20;
     const x = (t) => left + (t - t0) / (t1 - t0) * (right - left);
+    const cmax = plotRange();
     const y = (v) => top + (1 - (v + cmax) / (2 * cmax)) * (bottom - top);
 
     // future region, grid, axes
@@ -695,7 +1026,7 @@
     for (const v of [-cmax, -cmax / 2, 0, cmax / 2, cmax]) {
       g.strokeStyle = v === 0 ? "rgba(255,255,255,0.35)" : "rgba(255,255,255,0.12)";
       g.beginPath(); g.moveTo(left, y(v)); g.lineTo(right, y(v)); g.stroke();
-      g.fillText(v.toFixed(1), left - 4, y(v) + 4);
+      g.fillText(String(Number(v.toFixed(1))), left - 4, y(v) + 4);
     }
 
     // one line per direction, each step's strength from the state in effect at that step
@@ -768,8 +1099,9 @@
     requestAnimationFrame(frame);
   }
 
-  // Exposed for tests of the schedule maths.
+  // Exposed for tests of the schedule maths and of the directions' order.
   dbg.scheduleValue = scheduleValue;
+  dbg.groupDirections = groupDirections;
 
   connect();
   requestAnimationFrame(frame);

@@ -71,6 +71,7 @@ def test_hello_describes_the_server_and_the_session(live_server, tiny):
         assert h["audio"] == {"format": "f32le", "header_bytes": 40}
         assert h["model"] == "tiny-random" and h["random_weights"] is True and "noise" in h["note"]
         assert h["directions"] == ["notes:C", "notes:G"]  # the test bank's
+        assert h["example_prompts"] == []  # only a bundled model has example prompts
         assert h["limits"] == {"max_message_bytes": MAX_MESSAGE_BYTES, "messages_per_second": 100,
                                "coefficient_max": RELATIVE_KNOB_MAX}
         # what a coefficient means: relative units, the full knob, and the layer norms (the test bank's)
