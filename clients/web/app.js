@@ -84,6 +84,7 @@
     playback: $("playback"), meterRms: $("meter-rms"), meterPeak: $("meter-peak"), meterText: $("meter-text"),
     promptForm: $("prompt-form"), prompt: $("prompt"), promptExamples: $("prompt-examples"), gate: $("gate"),
     gateValue: $("gate-value"), recordings: $("recordings"), downloads: $("downloads"),
+    strengthUnits: $("strength-units"),
     plot: $("plot"), legend: $("plot-legend"), directions: $("directions"), status: $("status"), stats: $("stats"),
   };
 
@@ -207,6 +208,7 @@
     el.noiseNote.textContent = msg.random_weights
       ? (msg.note || "random weights: the audio is noise, not music") : "";
     showPromptExamples(msg);
+    showStrengthUnits(msg);
     underrunBase = null;  // a new join: count the session's underruns from here
     buildDirections(msg.directions || []);
     timeline.length = 0;
@@ -219,6 +221,16 @@
     const limits = dbg.hello && dbg.hello.limits;
     const max = limits ? Number(limits.coefficient_max) : NaN;
     return Number.isFinite(max) && max > 0 ? max : 2;
+  }
+
+  // What a knob's number means (the hello's `strength`): relative units are a fraction of each layer's typical
+  // activation norm, the same on every model; raw units are the model's own hidden-state units.
+  function showStrengthUnits(msg) {
+    const s = msg.strength || {};
+    el.strengthUnits.textContent = s.units === "raw"
+      ? `strength in raw hidden-state units (the knob's top: ${knobRange()})`
+      : `strength relative to each layer's typical activation size: 0.5 = half of it (an audible pull), ` +
+        `1 = all of it (the knob's top: ${knobRange()})`;
   }
 
   function frameRate() { return (dbg.hello && dbg.hello.frame_rate) || 50; }

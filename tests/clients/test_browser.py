@@ -500,6 +500,8 @@ def test_page_knob_shows_and_takes_typed_values_and_keeps_values_beyond_its_rang
     try:
         a.wait("window.musicrfm && window.musicrfm.hello !== null")
         cmax = a.js("window.musicrfm.hello.limits.coefficient_max")
+        # the page says what a strength means (the hello's units)
+        expect(a.page.locator("#strength-units")).to_contain_text("relative to each layer's typical activation size")
         coef, knob = a.card("notes:C", "input.coef"), a.knob("notes:C")
         bounds = "(e) => [Number(e.min), Number(e.max), Number(e.value)]"
 
