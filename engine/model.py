@@ -95,8 +95,10 @@ class MusicModel:
 
     @property
     def pad_token_id(self) -> int:
-        # MusicGen uses the same id (= codebook size) for BOS and the delay-pattern padding.
-        return int(self.decoder_config.pad_token_id)
+        # MusicGen uses the same id (= codebook size) for BOS and the delay-pattern padding. The bundled
+        # model's config leaves it unset (mini.lm.export_mini says why), so the codebook size stands in.
+        pad = self.decoder_config.pad_token_id
+        return int(self.decoder_config.vocab_size if pad is None else pad)
 
     @property
     def sample_rate(self) -> int:
