@@ -12,6 +12,8 @@
     python bench/bench_latency.py --model random-small --device cuda --knobs 200 --sessions 1,2,4,8,16
 
 Random weights make noise, not music; they have the real architecture and cost, which is what is timed.
+`--model musicgen-mini` (the bundled, trained model) times the model the server runs by default. Either way
+the knobs steer along random directions: the bench needs keys, not trained probes.
 """
 
 from __future__ import annotations
@@ -157,8 +159,10 @@ def main() -> None:
     print(f"# bench_latency  {time.strftime('%Y-%m-%dT%H:%M:%S')}  {platform.node()}")
     print(f"python {platform.python_version()}, torch {torch.__version__}, cpus {os.cpu_count()}, "
           f"cuda {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
-    print(f"model {args.model} (random weights: noise, timed for its cost), lead {args.lead} s, "
-          f"chunk {args.chunk_steps} steps")
+    from musicrfm.engine.model import NOISE_LABEL, is_random_model
+
+    kind = f"{NOISE_LABEL}, timed for its cost" if is_random_model(args.model) else "trained weights"
+    print(f"model {args.model} ({kind}), lead {args.lead} s, chunk {args.chunk_steps} steps")
     with tempfile.TemporaryDirectory() as tmp:
         bank = Path(tmp) / "bank.safetensors"
         make_bank(args.model, bank)

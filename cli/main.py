@@ -31,13 +31,50 @@ REGISTRARS = (engine_cli.register, probes_cli.register, evaluation_cli.register,
 EXPECTED_ERRORS = (ValueError, KeyError, OSError, RuntimeError)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows every option's default, "(default: X)", unless its help already says it or there is
+    nothing to show (no value, an off flag, an empty list of a repeatable option)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (default is None or default is False or default is argparse.SUPPRESS
+                or (isinstance(default, list) and not default) or "%(default)" in text or "(default" in text):
+            return text
+        if default == "":
+            return f"{text} (default: empty)"
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """The parser of `musicrfm` and of every subcommand (add_subparsers hands its class down), so all of
+    them format help the same way."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="musicrfm", description="Steer MusicGen with concept directions.")
+    parser = Parser(prog="musicrfm", description="Steer MusicGen with concept directions.")
     parser.add_argument("--version", action="version", version=f"musicrfm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for register in REGISTRARS:
         register(sub)
     return parser
+
+
+def quiet_transformers() -> None:
+    """`--quiet`: no loading bars or log lines from transformers and the hub either. Through the environment,
+    read when they are imported (commands that never load a model import neither), and directly when
+    they already are (main called in a process that imported them)."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        quiet_transformers()
     try:
         return args.func(args)
     except EXPECTED_ERRORS as exc:

@@ -43,6 +43,10 @@ def cmd_listen(args) -> int:
         return 0
     if not args.url:
         raise ValueError("listen needs a URL: musicrfm listen ws://HOST:PORT/ws?session=NAME (or HOST:PORT)")
+    if args.out is not None:
+        from musicrfm.protocol.wav import check_writable
+
+        check_writable(args.out, "--out")  # before connecting, not when the first audio arrives
     if args.no_audio:
         output = FakeOutput(args.output_rate, keep=False)
     else:

@@ -104,6 +104,34 @@ def load_banks(paths: list[str | Path]) -> DirectionBank | None:
     return bank
 
 
+def load_steering_banks(spec: SteeringSpec | None, bank_paths: Sequence[str | Path]) -> DirectionBank | None:
+    """The banks a run steers with, loaded and checked against its spec: every direction it names (an
+    unknown one is an UnknownDirectionError that offers the bank's close keys) and the injection site.
+    Banks load in milliseconds and a model in seconds, so commands call this before loading the model; the
+    bank's shape is checked against the model when the plan compiles."""
+    bank = load_banks(list(bank_paths))
+    if spec is None or not spec.controls:
+        return bank
+    if bank is None:
+        raise ValueError("steering needs at least one direction bank (--bank FILE)")
+    for control in spec.controls:
+        bank[control.key]  # raises UnknownDirectionError naming the key and its close matches
+    if bank.injection_point != spec.site:
+        raise ValueError(f"the bank's directions were read at the {bank.injection_point!r} injection point, but "
+                         f"steering is set to site {spec.site!r}")
+    return bank
+
+
+def default_gate_seed(seed: int) -> int:
+    """The gate seed of a run that names none: the first 6 bytes (little-endian) of
+    sha256("musicrfm gate seed <seed>"). A pure function of the sampling seed, so a run reproduces from its
+    seed, but not the seed itself and different for every seed: two renders at the same gate p gate
+    different steps (one fixed default would give every render one on/off pattern). 48 bits: exact in any
+    JSON reader, a TOML score and the live protocol, should someone copy it from a sidecar."""
+    seed = fields.whole("seed", seed, 0)
+    return int.from_bytes(hashlib.sha256(f"musicrfm gate seed {seed}".encode()).digest()[:6], "little")
+
+
 @dataclass
 class Generation:
     audio: np.ndarray  # float32 mono in [-1, 1]
@@ -133,11 +161,9 @@ def generate(
     if not isinstance(prompt, str):
         raise ValueError(f"prompt must be a string, got {prompt!r:.80}")
     frames = max(1, round(seconds * model.frame_rate))
-    bank = load_banks(list(bank_paths))
+    bank = load_steering_banks(spec, bank_paths)
     plan = None
     if spec is not None and spec.controls:
-        if bank is None:
-            raise ValueError("steering needs at least one direction bank (--bank FILE)")
         if spec.units == "relative":
             bank = with_layer_norms(bank, model, layer_norms)
         plan = SteeringPlan.compile(spec, bank, model.fingerprint, device=model.device, dtype=model.dtype)
@@ -195,6 +221,8 @@ def check_sidecar(settings: Any, where: str = "sidecar") -> tuple[SteeringSpec |
         if not isinstance(settings[key], str):
             raise ValueError(f"{where}: {key} must be a string, got {settings[key]!r:.80}")
     check_bank_entries(f"{where}: banks", settings["banks"])
+    if not isinstance(settings.get("tokens_sha256", ""), str):  # optional: what a regeneration is compared with
+        raise ValueError(f"{where}: tokens_sha256 must be a string, got {fields.shown(settings['tokens_sha256'])}")
     try:
         check_seconds(settings["seconds"])
         fields.whole("seed", settings["seed"], 0, 2**63 - 1)
@@ -218,6 +246,7 @@ def generate_from_sidecar(settings: dict, *, progress: bool = True, model: Music
     the banks against the recorded hashes before the model loads."""
     spec, sampling = check_sidecar(settings, where)
     check_bank_hashes(settings["banks"], "sidecar", "render")
+    load_steering_banks(spec, [b["path"] for b in settings["banks"]])
     if model is None:
         model = load_model(settings["model"], device=settings["device"], dtype=settings["dtype"])
     return generate(

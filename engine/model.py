@@ -10,8 +10,10 @@ so they serve tests and benchmarks; their audio is noise, and `MusicModel.is_ran
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,8 @@ __all__ = [
     "NOISE_LABEL",
     "is_random_model",
     "BUNDLED_MODELS",
+    "HUB_MODELS",
+    "check_model_name",
     "bundled_model_dir",
     "bundled_model_folder",
     "bundled_banks",
@@ -95,8 +99,10 @@ class MusicModel:
 
     @property
     def pad_token_id(self) -> int:
-        # MusicGen uses the same id (= codebook size) for BOS and the delay-pattern padding.
-        return int(self.decoder_config.pad_token_id)
+        # MusicGen uses the same id (= codebook size) for BOS and the delay-pattern padding. The bundled
+        # model's config leaves it unset (mini.lm.export_mini says why), so the codebook size stands in.
+        pad = self.decoder_config.pad_token_id
+        return int(self.decoder_config.vocab_size if pad is None else pad)
 
     @property
     def sample_rate(self) -> int:
@@ -287,6 +293,34 @@ def bundled_prompts(name: str) -> tuple[str, ...]:
 # --- loading ----------------------------------------------------------------------------------------
 
 
+# The released MusicGen checkpoints the engine runs (melody conditions differently: not supported yet).
+HUB_MODELS = ("facebook/musicgen-small", "facebook/musicgen-medium", "facebook/musicgen-large")
+# A Hugging Face id: owner/name, each starting with a letter or digit (what the hub accepts).
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def check_model_name(name: str) -> str:
+    """`name` if load_model can try it: a bundled or random-weight model, an existing directory, or
+    something shaped like a Hugging Face id (owner/name). Anything else is a typo (`musicgen-mni`): a
+    ModelLoadError at once that offers the close names, instead of hub lookups that retry and fail late."""
+    if not isinstance(name, str) or not name:
+        raise ModelLoadError(f"a model name is a non-empty string, got {name!r:.80}")
+    if name in BUNDLED_MODELS or is_random_model(name) or Path(name).expanduser().is_dir():
+        return name
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace("/", ""):
+        raise ModelLoadError(f"model directory {name!r} does not exist")
+    if _HUB_ID.fullmatch(name):
+        return name
+    known = (*BUNDLED_MODELS, *RANDOM_MODELS, *HUB_MODELS)
+    near = difflib.get_close_matches(name.casefold(), known, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(near)}?" if near else ""
+    raise ModelLoadError(
+        f"unknown model {name!r}{hint} (models: {', '.join(BUNDLED_MODELS)} (bundled), {', '.join(RANDOM_MODELS)} "
+        f"(random weights), a Hugging Face id owner/name such as {HUB_MODELS[0]}, or a directory saved with "
+        "save_pretrained)"
+    )
+
+
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
 
@@ -295,9 +329,7 @@ def _load_pretrained(name: str):
     from transformers import AutoTokenizer, MusicgenForConditionalGeneration
 
     path = Path(name).expanduser()
-    is_dir = path.is_dir()
-    if not is_dir and (name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1]):
-        raise ModelLoadError(f"model directory {name!r} does not exist")
+    is_dir = path.is_dir()  # otherwise a hub id: check_model_name refused everything else
     if is_dir and not (path / "config.json").is_file():
         raise ModelLoadError(
             f"{path} has no config.json: a model directory must come from save_pretrained() "
@@ -317,7 +349,7 @@ def _load_pretrained(name: str):
         raise ModelLoadError(f"could not load MusicGen from {path}: {errors[-1]}")
     raise ModelLoadError(
         f"MusicGen weights for {name!r} are not on this machine and could not be downloaded ({errors[-1]}). "
-        f"On a machine with internet access run `huggingface-cli download {name}` (or "
+        f"On a machine with internet access run `hf download {name}` (or "
         f"`MusicgenForConditionalGeneration.from_pretrained({name!r}).save_pretrained(DIR)`), then copy the "
         "Hugging Face cache or DIR here and pass --model DIR. For a smoke test without weights use "
         "--model tiny-random (its audio is noise)."
@@ -327,7 +359,8 @@ def _load_pretrained(name: str):
 def load_model(name: str = "musicgen-mini", device: str | None = None, dtype: str | None = None,
                seed: int = 0, max_positions: int | None = None) -> MusicModel:
     """Load `name`: a bundled model (musicgen-mini), a random-weight model name, a Hugging Face id or a
-    local directory."""
+    local directory. A name that can be none of these fails at once (`check_model_name`)."""
+    check_model_name(name)
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
     if is_random_model(name):

@@ -16,12 +16,18 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
 
 
 def cmd_eval_sweep(args) -> int:
-    from musicrfm.engine.model import NOISE_LABEL, bundled_banks, bundled_prompts
+    from musicrfm.engine.generation import check_seconds
+    from musicrfm.engine.model import NOISE_LABEL, bundled_banks, bundled_prompts, check_model_name
     from musicrfm.engine.sampling import SamplingConfig
 
     from .presets import PAPER, SweepSettings
     from .run import run_sweep
 
+    # Checked before any model loads (the sweep checks its banks and concepts then too).
+    check_model_name(args.model)
+    check_seconds(args.seconds, "--seconds")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file; a sweep writes a directory")
     prompts = tuple(p.strip() for p in args.prompts.split(",") if p.strip()) if args.prompts else ()
     if args.prompts_file:
         prompts += tuple(line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip())
@@ -48,7 +54,7 @@ def cmd_eval_sweep(args) -> int:
 
 
 def register(sub) -> None:
-    from musicrfm.engine.cli import add_model_args, add_units_arg
+    from musicrfm.engine.cli import add_bank_arg, add_model_args, add_units_arg
 
     ev = sub.add_parser("eval", help="evaluate steering: sweeps that follow the paper's protocols")
     ev_sub = ev.add_subparsers(dest="evaluation", required=True)
@@ -58,15 +64,14 @@ def register(sub) -> None:
     sw.add_argument("--preset", required=True, choices=["eta", "pairs", "schedules", "crossfade", "layers", "topk", "gate"],
                     help="eta: Table 2 / Fig. 2; pairs: Table 5; schedules: Table 6 / Fig. 1a; crossfade: Sec. 6.2 / "
                          "Fig. 1b; layers: Table 8; topk: Table 9; gate: Table 10")
-    sw.add_argument("--bank", action="extend", nargs="+", default=[], metavar="FILE",
-                    help="direction bank(s) holding the concepts (repeatable; default: a bundled model's own banks)")
+    add_bank_arg(sw, help="direction bank holding the concepts; repeatable (default: the bundled model's own banks)")
     sw.add_argument("--concept", default="notes", help="comma-separated concepts to steer (pairs: two or more)")
     sw.add_argument("--prompts", default=None, help='comma-separated text prompts, cycled over samples '
                                                     "(default: a bundled model's example prompts, else four "
                                                     "generic music prompts)")
     sw.add_argument("--prompts-file", type=Path, default=None, help="more prompts, one per line (commas allowed)")
     sw.add_argument("--samples", type=int, default=8, help="clips per configuration (and in the reference set)")
-    sw.add_argument("--seconds", type=float, default=10.0, help="length of each clip")
+    sw.add_argument("--seconds", type=float, default=10.0, help="length of each clip, > 0 and at most a day")
     sw.add_argument("--seed", type=int, default=0, help="sweep seed: each sample's seed derives from it and the index")
     sw.add_argument("--eta0", default=None, help="strengths, in --units. eta: the levels (default relative "
                                                  "0.1,0.25,0.5,1; raw: the paper's 0.15,0.3,0.45,0.6); pairs: the "
@@ -88,9 +93,9 @@ def register(sub) -> None:
                          "CLAP score; without it FD/MMD use logmel-stats-v1 and CLAP is 'unavailable'")
     sw.add_argument("--window", type=float, default=1.0, help="trace window, seconds (schedules, crossfade)")
     sw.add_argument("--hop", type=float, default=0.5, help="trace hop, seconds")
-    sw.add_argument("--guidance", type=float, default=3.0)
-    sw.add_argument("--top-k", type=int, default=250)
-    sw.add_argument("--temperature", type=float, default=1.0)
+    sw.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    sw.add_argument("--top-k", type=int, default=250, help="sample among the k likeliest codes (0: all)")
+    sw.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     sw.add_argument("--ray", default=None, metavar="auto|local|ADDRESS",
                     help="fan out over Ray: auto (the running cluster), local (start one here) or an address; "
                          "one GPU per worker where the cluster has GPUs")
@@ -98,5 +103,5 @@ def register(sub) -> None:
     sw.add_argument("--chunk", type=int, default=4, help="samples per unit of work sent to a worker")
     sw.add_argument("--threads", type=int, default=None, help="torch threads where clips are generated")
     sw.add_argument("--save-audio", action="store_true", help="also write every clip to OUT/audio/")
-    sw.add_argument("--quiet", action="store_true")
+    sw.add_argument("--quiet", action="store_true", help="no progress bars")
     sw.set_defaults(func=cmd_eval_sweep)

@@ -235,7 +235,7 @@ class ClapEmbedder:
                            "nothing is downloaded (allow_download=False; this project's machines have no network)")
                 where = (f"CLAP weights {self.model_id!r} not found: not a local directory and not in the "
                          f"Hugging Face cache, and {fetched}. On a connected machine run "
-                         f"`huggingface-cli download {self.model_id}` and copy the cache "
+                         f"`hf download {self.model_id}` and copy the cache "
                          f"(~/.cache/huggingface/hub) over, or save_pretrained the model and processor to a "
                          f"directory and pass that directory")
             raise ClapWeightsNotFoundError(

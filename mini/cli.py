@@ -151,8 +151,8 @@ def register(sub) -> None:
     def stage(name: str, help: str, func, budget: bool = False):
         p = stages.add_parser(name, help=help)
         p.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"working folder (default: {DEFAULT_WORK})")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--quiet", action="store_true")
+        p.add_argument("--seed", type=int, default=0, help="seed of this stage")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
         if budget:
             p.add_argument("--minutes", type=float, default=None, help="training time for this run")
             p.add_argument("--steps", type=int, default=None, help="total steps to reach")
@@ -162,7 +162,7 @@ def register(sub) -> None:
         return p
 
     c = stage("corpus", "render the training corpus (notes, chords, intervals; ~2.5 min on 2 cores)", cmd_corpus)
-    c.add_argument("--workers", type=int, default=2)
+    c.add_argument("--workers", type=int, default=2, help="rendering processes")
     stage("codec", "train the codec (resumable)", cmd_codec, budget=True)
     lm = stage("lm", "train the text encoder and decoder on the codec's tokens (resumable)", cmd_lm, budget=True)
     lm.add_argument("--total-steps", type=int, default=20_000, help="length of the learning-rate schedule")
@@ -170,11 +170,11 @@ def register(sub) -> None:
     e.add_argument("--out", type=Path, default=None,
                    help="where to write the model (default: the bundled model's folder in engine/weights)")
     k = stages.add_parser("check", help="codec pitch agreement on fresh renders; dominant pitch of generated clips")
-    k.add_argument("--model", default="musicgen-mini")
-    k.add_argument("--clips", type=int, default=60)
-    k.add_argument("--samples", type=int, default=24)
-    k.add_argument("--seconds", type=float, default=4.0)
-    k.add_argument("--seed", type=int, default=1)
+    k.add_argument("--model", default="musicgen-mini", help="the model to check (bundled or a directory)")
+    k.add_argument("--clips", type=int, default=60, help="fresh renders for the codec's pitch agreement")
+    k.add_argument("--samples", type=int, default=24, help="generated clips for the dominant-pitch check")
+    k.add_argument("--seconds", type=float, default=4.0, help="length of each generated clip")
+    k.add_argument("--seed", type=int, default=1, help="seed of the renders and the generation")
     k.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
-    k.add_argument("--quiet", action="store_true")
+    k.add_argument("--quiet", action="store_true", help="no progress bars")
     k.set_defaults(func=cmd_check)

@@ -255,6 +255,17 @@ def train_lm(corpus: Corpus, codec, codes: np.ndarray, out: str | Path, s: LMSet
     return {"state": state, "model": model, "tokenizer": tokenizer}
 
 
+def _unset_decoder_token_ids(config_path: Path) -> None:
+    """Write the decoder's pad and BOS ids as null in an exported config.json. MusicGen's BOS / padding id is
+    the codebook size (512), one past the codes, and the decoder config accepts that; but transformers'
+    MusicgenConfig checks the decoder's ids against [0, vocab_size) and warns on every load that 512 lies
+    outside the vocabulary. The id is still on record where generation reads it (the top-level pad and
+    decoder-start ids, generation_config.json), and MusicModel.pad_token_id takes the codebook size."""
+    config = json.loads(config_path.read_text())
+    config["decoder"]["pad_token_id"] = config["decoder"]["bos_token_id"] = None
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def export_mini(model, tokenizer, folder: str | Path, recipe: dict, dtype: torch.dtype = torch.float16) -> int:
     """save_pretrained the model (weights in `dtype`) and tokenizer into `folder`, with recipe.json;
     returns the bytes written."""
@@ -262,6 +273,7 @@ def export_mini(model, tokenizer, folder: str | Path, recipe: dict, dtype: torch
     folder.mkdir(parents=True, exist_ok=True)
     model.to(dtype).save_pretrained(folder)
     model.to(torch.float32)
+    _unset_decoder_token_ids(folder / "config.json")
     tokenizer.save_pretrained(folder)
     (folder / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())

@@ -111,50 +111,58 @@ def register(sub) -> None:
     data = sub.add_parser("data", help="render training data")
     data_sub = data.add_subparsers(dest="dataset", required=True)
     syn = data_sub.add_parser("syntheory", help="render the SynTheory concepts from MIDI with a GM soundfont")
-    syn.add_argument("--out", type=Path, default=Path("data/syntheory"))
+    syn.add_argument("--out", type=Path, default=Path("data/syntheory"), help="data set root (<concept>/info.csv)")
     syn.add_argument("--preset", choices=["quick", "full"], default="quick",
                      help="quick: every class, a few instruments (minutes); full: the original sizes")
     syn.add_argument("--concepts", default="", help="comma-separated (default: all 7)")
-    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--seed", type=int, default=0, help="rendering seed (instruments, voicings)")
     syn.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     syn.add_argument("--soundfont", type=Path, default=None,
                      help="a .sf2 file (default: TimGM6mb from Debian's timgm6mb-soundfont)")
-    syn.add_argument("--quiet", action="store_true")
+    syn.add_argument("--quiet", action="store_true", help="no progress bar")
     syn.set_defaults(func=cmd_data)
 
     ext = sub.add_parser("extract", help="per-layer MusicGen features of a data set's clips")
     add_model_args(ext)
     ext.add_argument("--data", type=Path, default=Path("data/syntheory"), help="data set root (<concept>/info.csv)")
     ext.add_argument("--concepts", default="notes", help="comma-separated concepts")
-    ext.add_argument("--out", type=Path, default=Path("features"))
+    ext.add_argument("--out", type=Path, default=Path("features"), help="features root (<concept>/ shards)")
     ext.add_argument("--prompt", default="", help="text conditioning (default: empty, as the paper)")
     ext.add_argument("--layers", default=None, help="only these layers, e.g. 0-11 (default: all)")
-    ext.add_argument("--batch-size", type=int, default=8)
-    ext.add_argument("--shard-size", type=int, default=256)
-    ext.add_argument("--quiet", action="store_true")
+    ext.add_argument("--batch-size", type=int, default=8, help="clips per forward pass")
+    ext.add_argument("--shard-size", type=int, default=256, help="clips per feature shard (the unit of resuming)")
+    ext.add_argument("--quiet", action="store_true", help="no progress bars")
     ext.set_defaults(func=cmd_extract)
 
-    tr = sub.add_parser("train", help="train per-layer probes and write a direction bank")
-    tr.add_argument("--features", type=Path, default=Path("features"))
-    tr.add_argument("--concepts", default="notes")
-    tr.add_argument("--out", type=Path, default=Path("banks"))
-    tr.add_argument("--method", choices=["rfm", "linear", "diffmeans"], default="rfm")
-    tr.add_argument("--pooling", choices=["mean", "last"], default="mean")
+    tr = sub.add_parser("train", help="train per-layer probes and write a direction bank",
+                        description="Train one-vs-rest probes per layer on `musicrfm extract` features and write "
+                                    "OUT/<concept>.<method>.safetensors with a per-layer score CSV and plot.")
+    tr.add_argument("--features", type=Path, default=Path("features"), help="`musicrfm extract` output (<concept>/)")
+    tr.add_argument("--concepts", default="notes", help="comma-separated concepts")
+    tr.add_argument("--out", type=Path, default=Path("banks"), help="where the banks are written")
+    tr.add_argument("--method", choices=["rfm", "linear", "diffmeans"], default="rfm",
+                    help="rfm (Recursive Feature Machine), linear (ridge/MSE probe) or diffmeans (difference of means)")
+    tr.add_argument("--pooling", choices=["mean", "last"], default="mean",
+                    help="features pooled over time (mean) or at the last position")
     tr.add_argument("--trials", type=int, default=None, help="hyper-parameter search budget (default: the search's own)")
-    tr.add_argument("--layers", default=None, help="only these layers (shard training over machines)")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--device", default="auto")
-    tr.add_argument("--quiet", action="store_true")
+    tr.add_argument("--layers", default=None, help="only these layers, e.g. 0-11 (shard training over machines; "
+                                                   "default: all)")
+    tr.add_argument("--seed", type=int, default=0, help="split and search seed")
+    tr.add_argument("--device", default="auto", help="where probes are fitted (default: cuda if present)")
+    tr.add_argument("--quiet", action="store_true", help="no progress bars")
     tr.set_defaults(func=cmd_train)
 
-    rep = sub.add_parser("report", help="classification report (paper's Table 1 protocol) from features")
-    rep.add_argument("--features", type=Path, default=Path("features"))
-    rep.add_argument("--concepts", default="notes")
-    rep.add_argument("--out", type=Path, default=Path("reports"))
-    rep.add_argument("--trials", type=int, default=None, help="RFM search trials per layer")
+    rep = sub.add_parser("report", help="classification report (paper's Table 1 protocol) from features",
+                         description="RFM on mean-pooled features, RFM on the last position and a linear probe: "
+                                     "best layer by validation, accuracy (R^2 for tempo) on the held-out test split; "
+                                     "OUT/classification.csv and .png.")
+    rep.add_argument("--features", type=Path, default=Path("features"), help="`musicrfm extract` output (<concept>/)")
+    rep.add_argument("--concepts", default="notes", help="comma-separated concepts")
+    rep.add_argument("--out", type=Path, default=Path("reports"), help="where the CSV and plot are written")
+    rep.add_argument("--trials", type=int, default=None, help="RFM search trials per layer (default: the search's own)")
     rep.add_argument("--layers", default=None, help="only these layers (default: all extracted)")
-    rep.add_argument("--seed", type=int, default=0)
-    rep.add_argument("--quiet", action="store_true")
+    rep.add_argument("--seed", type=int, default=0, help="split and search seed")
+    rep.add_argument("--quiet", action="store_true", help="no progress bars")
     rep.set_defaults(func=cmd_report)
 
     nm = sub.add_parser("norms", help="give a direction bank its layers' typical activation norms (relative strength "

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["to_pcm16", "encode_wav", "write_wav", "WavWriter", "WavFormat", "decode_wav", "read_wav"]
+__all__ = ["to_pcm16", "encode_wav", "write_wav", "check_writable", "WavWriter", "WavFormat", "decode_wav",
+           "read_wav"]
 
 _PCM = 1  # WAVE_FORMAT_PCM
 _FLOAT = 3  # WAVE_FORMAT_IEEE_FLOAT
@@ -56,6 +57,32 @@ def encode_wav(pcm: np.ndarray, sample_rate: int) -> bytes:
     """A whole mono 16-bit WAV file in memory, from int16 samples (see `to_pcm16`)."""
     data = np.ascontiguousarray(pcm, dtype="<i2").reshape(-1).tobytes()
     return _header(_check_rate(sample_rate), len(data)) + data
+
+
+def check_writable(path: str | os.PathLike, what: str = "--out") -> Path:
+    """`path` as a file that can be written, checked before the work that fills it (a model load, a
+    generation): its parent directory exists and takes new files, and the path is not a directory. A
+    missing parent is refused, not created: a typo in a folder name should not make a new tree. ValueError
+    names `what` (the option) and the problem in one line. Nothing is left behind: the probe file that
+    proves the directory takes files (os.access says yes to root even on /proc or a read-only mount) is
+    deleted at once."""
+    import tempfile
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a directory; give a file name, e.g. {path / 'out.wav'}")
+    parent = path.parent
+    if not parent.is_dir():
+        problem = "is not a directory" if parent.exists() else "does not exist (create it first)"
+        raise ValueError(f"{what} {path}: the folder {parent} {problem}")
+    try:
+        with tempfile.TemporaryFile(dir=parent, prefix=".musicrfm-write-check-"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{what} {path}: cannot write in {parent} ({exc.strerror or exc})") from None
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"{what} {path}: the file exists and is not writable")
+    return path
 
 
 def write_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int) -> None:

@@ -6,10 +6,11 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 
 def cmd_serve(args) -> int:
-    from musicrfm.engine.model import NOISE_WARNING, bundled_banks, load_model
+    from musicrfm.engine.model import NOISE_WARNING, bundled_banks, check_model_name, load_model
     from musicrfm.engine.generation import load_banks
     from musicrfm.engine.norms import with_layer_norms
     from musicrfm.engine.sampling import SamplingConfig
@@ -29,6 +30,10 @@ def cmd_serve(args) -> int:
         print(f"not loopback: clients need ?token={token} (OSC senders: /musicrfm/auth \"{token}\" first)")
     sampling = SamplingConfig(guidance_scale=args.guidance, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, greedy=args.greedy)
+    # The model name, the banks and the recording folder are checked before the model loads.
+    check_model_name(args.model)
+    if args.record_dir.exists() and not args.record_dir.is_dir():
+        raise ValueError(f"--record-dir {args.record_dir} is a file, not a directory")
     bank_paths = list(args.bank) or bundled_banks(args.model)  # a bundled model's own banks by default
     bank = load_banks(bank_paths)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -58,7 +63,10 @@ def cmd_serve(args) -> int:
             print(f"note: {NOISE_WARNING}", flush=True)
         if bank_paths:
             print(f"banks: {', '.join(str(p) for p in bank_paths)}", flush=True)
-        print(f"page: http://{host}:{port}/   websocket: ws://{host}:{port}/ws?session=main", flush=True)
+        # With a token, the URLs carry it: they are the ones to open or hand out as printed.
+        key = f"token={quote(token, safe='')}" if token else ""
+        print(f"page: http://{host}:{port}/{'?' + key if key else ''}   "
+              f"websocket: ws://{host}:{port}/ws?session=main{'&' + key if key else ''}", flush=True)
         if server.osc_address:
             print(f"osc: udp {server.osc_address[0]}:{server.osc_address[1]}", flush=True)
         print("ready", flush=True)
@@ -70,12 +78,13 @@ def cmd_serve(args) -> int:
 
 def cmd_replay(args) -> int:
     from musicrfm.engine.audio import write_wav
+    from musicrfm.protocol.wav import check_writable
 
     from .recording import REPLAY_AUDIO_TOLERANCE, plan_replay, replay
 
     plan = plan_replay(args.log)  # the log and its WAV, checked before any model loads
     log, rate = plan.log, plan.log.header["frame_rate"]
-    out = args.out or args.log.with_name(args.log.stem + "-replay.wav")
+    out = check_writable(args.out or args.log.with_name(args.log.stem + "-replay.wav"), "--out")
     if log.partial:
         print(f"{args.log}: the last line was cut off mid-write; read the {log.lines} whole lines before it")
     got = "complete (it has its end line)" if log.end else "cut off (no end line)"
@@ -104,18 +113,19 @@ def cmd_replay(args) -> int:
 
 
 def register(sub) -> None:
-    from musicrfm.engine.cli import add_model_args, add_units_arg
+    from musicrfm.engine.cli import add_bank_arg, add_model_args, add_units_arg
 
-    s = sub.add_parser("serve", help="the live steering server: WebSocket (+ browser page) and OSC")
+    s = sub.add_parser("serve", help="the live steering server: WebSocket (+ browser page) and OSC",
+                       description="Serve live steering sessions: the browser page and a WebSocket on --port, OSC "
+                                   "on --osc-port. It prints the page's URL (with its ?token= when there is one).")
     add_model_args(s)
-    s.add_argument("--bank", action="append", type=Path, default=[], metavar="FILE",
-                   help="direction bank (.safetensors); repeatable")
+    add_bank_arg(s)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (anything but loopback needs --token)")
     s.add_argument("--port", type=int, default=8765, help="WebSocket + page port (0: any free port)")
-    s.add_argument("--osc-host", default="127.0.0.1")
+    s.add_argument("--osc-host", default="127.0.0.1", help="address the OSC port binds")
     s.add_argument("--osc-port", type=int, default=None, help="OSC UDP port (default 9000; -1: no OSC)")
     s.add_argument("--token", default=None, help="clients must pass ?token=...; required off loopback "
-                                                 "(one is made up and printed if not given)")
+                                                 "(default: none on loopback, else one made up and printed)")
     s.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="a web page origin (scheme://host[:port]) that may use this server, besides the server's own "
                         "page and loopback pages; repeatable")
@@ -124,7 +134,8 @@ def register(sub) -> None:
                         "against DNS rebinding); repeatable")
     s.add_argument("--lead", type=float, default=0.5, help="seconds of audio generated ahead of playback")
     s.add_argument("--chunk-steps", type=int, default=5, help="generation steps per audio chunk (50 = 1 s)")
-    s.add_argument("--record-dir", type=Path, default=Path("recordings"))
+    s.add_argument("--record-dir", type=Path, default=Path("recordings"),
+                   help="where recordings (WAV + .jsonl log) are written; created at the first recording")
     s.add_argument("--record-max-seconds", type=float, default=3600.0,
                    help="a recording stops (complete, replayable) at this length (default: %(default)g)")
     s.add_argument("--record-max-mb", type=float, default=1024.0,
@@ -144,15 +155,21 @@ def register(sub) -> None:
     s.add_argument("--prompt", default="", help="a new session's prompt")
     s.add_argument("--seed", type=int, default=0, help="a new session's seed")
     g = s.add_argument_group("sampling (a new session's)")
-    g.add_argument("--guidance", type=float, default=3.0)
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=250)
-    g.add_argument("--top-p", type=float, default=0.0)
-    g.add_argument("--greedy", action="store_true")
+    g.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    g.add_argument("--top-k", type=int, default=250, help="sample among the k likeliest codes (0: all)")
+    g.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling mass (0: off)")
+    g.add_argument("--greedy", action="store_true", help="take the likeliest code instead of sampling")
     s.set_defaults(func=cmd_serve)
 
-    r = sub.add_parser("replay", help="regenerate a recorded session from its JSONL log and check the tokens")
+    r = sub.add_parser("replay", help="regenerate a recorded session from its JSONL log and check the tokens",
+                       description="Regenerate a recording made by `musicrfm serve` from its .jsonl log (same "
+                                   "model, device and dtype) and compare the tokens with the log's end line and "
+                                   "the audio with the WAV beside it. Exit 0 and write --out when everything "
+                                   "compared matches; exit 1, writing nothing, when anything differs. A "
+                                   "recording cut off by a crash replays as far as it got.")
     r.add_argument("log", type=Path, help="the .jsonl written beside a recording")
-    r.add_argument("--out", type=Path, default=None, help="output WAV (default: LOG-replay.wav)")
-    r.add_argument("--quiet", action="store_true")
+    r.add_argument("--out", type=Path, default=None,
+                   help="output WAV, in an existing folder (default: LOG-replay.wav beside the log)")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_replay)

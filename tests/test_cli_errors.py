@@ -159,3 +159,53 @@ def test_replay_names_the_log_and_its_problem(tmp_path, log_lines, name):
     result = cli("replay", path, "--out", tmp_path / "out.wav", "--quiet", cwd=tmp_path)
     assert_one_line_error(result, str(path), message)
     assert not (tmp_path / "out.wav").exists()
+
+
+# --- mistakes every command sees before a model loads --------------------------------------------------------
+
+
+@pytest.mark.parametrize("out, message", [
+    ("/proc/x.wav", "--out /proc/x.wav: cannot write in /proc"),
+    ("{tmp}", "is a directory"),
+    ("{tmp}/missing/perf.wav", "does not exist (create it first)"),
+])
+def test_perform_refuses_an_out_it_cannot_write_before_playing(tmp_path, out, message):
+    out = out.replace("{tmp}", str(tmp_path))
+    result = cli("perform", "example", "--out", out, "--quiet", cwd=tmp_path)
+    assert_one_line_error(result, message)
+    assert list(tmp_path.iterdir()) == []  # nothing made, nothing left behind
+    # Live too: refused before the server is asked to play (there is no server on this port at all).
+    result = cli("perform", "example", "--url", "127.0.0.1:9", "--out", out, cwd=tmp_path)
+    assert_one_line_error(result, message)
+
+
+def test_perform_and_serve_refuse_an_unknown_model_at_once(tmp_path):
+    assert_one_line_error(cli("perform", "example", "--model", "musicgen-mni", "--out", tmp_path / "p.wav",
+                              cwd=tmp_path), "did you mean musicgen-mini")
+    assert_one_line_error(cli("serve", "--model", "musicgen-mni", "--port", "0", "--osc-port", "-1",
+                              cwd=tmp_path), "did you mean musicgen-mini")
+    (tmp_path / "recordings").write_text("a file where the folder goes")
+    assert_one_line_error(cli("serve", "--model", "tiny-random", "--port", "0", "--osc-port", "-1",
+                              "--record-dir", tmp_path / "recordings", cwd=tmp_path), "is a file, not a directory")
+
+
+def test_eval_sweep_refuses_absurd_settings_before_the_model(tmp_path):
+    for args, message in ((["--seconds", "1e308"], "--seconds must be > 0 and at most"),
+                          (["--seconds", "nan"], "--seconds must be finite"),
+                          (["--model", "musicgen-mni"], "did you mean musicgen-mini")):
+        result = cli("eval", "sweep", "--preset", "eta", "--out", tmp_path / "sweep", *args, "--quiet", cwd=tmp_path)
+        assert_one_line_error(result, message)
+        assert not (tmp_path / "sweep").exists()
+
+
+def test_listen_refuses_an_out_it_cannot_write_before_connecting(tmp_path):
+    result = cli("listen", "127.0.0.1:9", "--no-audio", "--out", tmp_path / "no" / "rec.wav", cwd=tmp_path)
+    assert_one_line_error(result, "does not exist (create it first)")
+
+
+def test_replay_refuses_an_out_it_cannot_write_before_regenerating(tmp_path, log_lines):
+    path = tmp_path / "rec.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in log_lines))
+    result = cli("replay", path, "--out", "/proc/again.wav", "--quiet", cwd=tmp_path)
+    assert_one_line_error(result, "--out /proc/again.wav: cannot write in /proc")
+    assert "regenerated" not in result.stdout  # refused before the stream was run again

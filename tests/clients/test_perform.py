@@ -26,7 +26,8 @@ def test_the_example_score_parses():
 
 
 def test_the_example_score_plays_out_of_the_box(tmp_path):
-    r = cli("perform", EXAMPLE, "--out", tmp_path / "perf.wav", "--quiet", cwd=tmp_path)
+    """By its bundled name, from a directory that holds nothing: as docs/scores.md and the README run it."""
+    r = cli("perform", "example", "--out", tmp_path / "perf.wav", "--quiet", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     perf = json.loads((tmp_path / "perf.json").read_text())
     assert perf["mode"] == "offline" and perf["frames"] == 600
@@ -108,8 +109,9 @@ def test_offline_and_live_performances_give_the_same_tokens(strong_score, tmp_pa
     assert offline["mode"] == "offline" and offline["frames"] == 200
 
     live = cli("perform", strong_score, "--url", f"{live_server.host}:{live_server.port}", "--out",
-               tmp_path / "live.wav", cwd=tmp_path)
+               tmp_path / "live.wav", "--compare", tmp_path / "off.json", cwd=tmp_path)
     assert live.returncode == 0, live.stderr + live.stdout
+    assert f"tokens match {tmp_path / 'off.json'}" in live.stdout  # the comparison, said in one line
     online = json.loads((tmp_path / "live.json").read_text())
     assert online["mode"] == "live" and online["recording"]["frames"] == [0, 200]
     assert online["tokens_sha256"] == offline["tokens_sha256"]
@@ -122,8 +124,10 @@ def test_offline_and_live_performances_give_the_same_tokens(strong_score, tmp_pa
     # And a score without the strong cues gives other tokens: the comparison above can fail.
     weak = strong_score.read_text().replace("coefficient = 40", "coefficient = 0")
     (tmp_path / "weak.toml").write_text(weak)
-    other = cli("perform", tmp_path / "weak.toml", "--out", tmp_path / "weak.wav", "--quiet", cwd=tmp_path)
+    other = cli("perform", tmp_path / "weak.toml", "--out", tmp_path / "weak.wav", "--compare", tmp_path / "off.json",
+                "--quiet", cwd=tmp_path)
     assert json.loads((tmp_path / "weak.json").read_text())["tokens_sha256"] != offline["tokens_sha256"], other.stderr
+    assert other.returncode == 1 and "tokens differ" in other.stderr, other.stdout + other.stderr
 
 
 def test_live_performance_with_a_direction_the_server_lacks_fails_clearly(tmp_path, live_server):
@@ -131,3 +135,19 @@ def test_live_performance_with_a_direction_the_server_lacks_fails_clearly(tmp_pa
     path.write_text('seconds = 1\n[[cue]]\nat = 0\ndirection = { key = "chords:major", coefficient = 1 }\n')
     r = cli("perform", path, "--url", f"{live_server.host}:{live_server.port}", cwd=tmp_path)
     assert r.returncode == 2 and "lack chords:major" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_docs_perform_commands_work_from_any_directory(tmp_path, monkeypatch):
+    """Every `musicrfm perform SCORE` in the README and docs/scores.md names a score that resolves from an empty
+    directory (a bundled name), and none needs a bank a fresh machine lacks."""
+    from musicrfm.perform import resolve_score
+
+    root = EXAMPLE.parents[2]
+    lines = [line for doc in ("README.md", "docs/scores.md") for line in (root / doc).read_text().splitlines()
+             if "musicrfm perform " in line]
+    assert lines
+    monkeypatch.chdir(tmp_path)
+    for line in lines:
+        score = re.search(r"musicrfm perform ([\w./-]+)", line).group(1)
+        assert resolve_score(Path(score)).is_file(), line
+        assert "--bank" not in line, line

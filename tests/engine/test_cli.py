@@ -85,3 +85,82 @@ def test_bad_banks_are_named(tmp_path, bank_file):
 
     r = run("generate", "--model", "tiny-random", "--bank", tmp_path / "missing.safetensors", "--out", tmp_path / "x.wav", cwd=tmp_path)
     assert r.returncode == 2 and "missing.safetensors" in r.stderr
+
+
+# --- refused before the model loads ------------------------------------------------------------------------
+
+EARLY = {
+    # the bundled model's own banks hold notes:C..B: the error names the key and the bank's close keys
+    "unknown-direction": (["--steer", "notes:H=50"], ["no direction 'notes:H'", "did you mean 'notes:G'"]),
+    "missing-bank": (["--bank", "missing.safetensors", "--steer", "notes:C=1"], ["missing.safetensors"]),
+    "negative-seconds": (["--seconds", "-1"], ["--seconds must be > 0"]),
+    "zero-seconds": (["--seconds", "0"], ["--seconds must be > 0"]),
+    "absurd-seconds": (["--seconds", "1e308"], ["--seconds must be > 0 and at most 86400"]),
+    "nan-seconds": (["--seconds", "nan"], ["--seconds must be finite"]),
+    "negative-context": (["--context-seconds", "-1"], ["--context-seconds must be in"]),
+    "nan-keep": (["--keep-seconds", "nan"], ["--keep-seconds must be finite"]),
+    "out-in-proc": (["--out", "/proc/x.wav"], ["--out /proc/x.wav: cannot write in /proc"]),
+    "out-a-directory": (["--out", "{tmp}"], ["is a directory"]),
+    "out-missing-folder": (["--out", "{tmp}/no/such/take.wav"], ["the folder", "does not exist"]),
+    "unknown-model": (["--model", "musicgen-mni"], ["did you mean musicgen-mini"]),
+}
+
+
+@pytest.mark.parametrize("name", list(EARLY))
+def test_mistakes_are_refused_before_the_model_loads(tmp_path, name):
+    """On the bundled model (the default), as a first-time user runs it: one line naming the problem, exit 2,
+    no "model: ..." line (printed once the model has loaded), no file or folder left behind."""
+    args, needles = EARLY[name]
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "take.wav")]
+    r = run("generate", "--prompt", "piano note, middle register", "--seconds", "1", *args, "--quiet",
+            cwd=tmp_path)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("musicrfm: error: "), r.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert "model:" not in r.stderr and "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []  # no WAV, no sidecar, no folder made, no probe file left
+
+
+def _gate_run(tmp_path, bank_file, name, *args):
+    out = tmp_path / f"{name}.wav"
+    r = run("generate", "--model", "tiny-random", "--seconds", "0.4", "--bank", bank_file, "--steer", "notes:C=2",
+            "--gate", "0.5", "--out", out, "--quiet", *args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    return json.loads(out.with_suffix(".json").read_text())
+
+
+def test_the_gate_seed_follows_the_seed_unless_given(tmp_path, bank_file):
+    from musicrfm.engine.generation import default_gate_seed
+    from musicrfm.engine.steering import gate_open
+
+    one, two = (_gate_run(tmp_path, bank_file, f"seed{s}", "--seed", str(s)) for s in (1, 2))
+    seeds = [one["steering"]["gate_seed"], two["steering"]["gate_seed"]]
+    assert seeds == [default_gate_seed(1), default_gate_seed(2)]  # the sidecar records the value used
+    assert seeds[0] not in (1, seeds[1])  # derived, not the seed itself, and one per seed
+    patterns = [[gate_open(s, step, 0.5) for step in range(200)] for s in seeds]
+    assert patterns[0] != patterns[1]  # two seeds, two on/off patterns at the same p
+    explicit = _gate_run(tmp_path, bank_file, "explicit", "--seed", "1", "--gate-seed", "5")
+    assert explicit["steering"]["gate_seed"] == 5  # an explicit --gate-seed wins
+    # The recorded value reproduces the run.
+    r = run("generate", "--from-sidecar", tmp_path / "seed1.json", "--out", tmp_path / "again.wav", "--quiet",
+            cwd=tmp_path)
+    assert r.returncode == 0 and "tokens match the sidecar" in r.stdout, r.stdout + r.stderr
+
+
+def test_from_sidecar_says_whether_the_tokens_match(tmp_path, bank_file):
+    side = _gate_run(tmp_path, bank_file, "take", "--seed", "3")
+    r = run("generate", "--from-sidecar", tmp_path / "take.json", "--out", tmp_path / "again.wav", "--quiet",
+            cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"tokens match the sidecar (sha256 {side['tokens_sha256'][:16]}" in r.stdout
+    # A sidecar whose tokens this run cannot give (as another device or dtype would): said, exit 1, no file.
+    (tmp_path / "other.json").write_text(json.dumps({**side, "tokens_sha256": "0" * 64}))
+    r = run("generate", "--from-sidecar", tmp_path / "other.json", "--out", tmp_path / "differs.wav", "--quiet",
+            cwd=tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "tokens differ" in r.stderr and "0000000000000000" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "differs.wav").exists() and not (tmp_path / "differs.json").exists()

@@ -343,7 +343,7 @@ def test_missing_clap_weights_are_a_clear_error(tmp_path, monkeypatch):
         ClapEmbedder("laion/clap-htsat-unfused")
     message = str(caught.value)
     assert "'laion/clap-htsat-unfused'" in message and "nothing is downloaded" in message
-    assert "huggingface-cli download laion/clap-htsat-unfused" in message and CLAP_UNAVAILABLE in message
+    assert "`hf download laion/clap-htsat-unfused`" in message and CLAP_UNAVAILABLE in message
     assert isinstance(caught.value, FileNotFoundError)
     with pytest.raises(ClapWeightsNotFoundError, match="directory not found: .*no-such-dir"):
         ClapEmbedder(tmp_path / "no-such-dir")

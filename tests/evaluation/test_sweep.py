@@ -250,7 +250,7 @@ def test_cli_eval_sweep_with_clap(banks, tmp_path, capsys):
     clap = _save_tiny_clap(tmp_path / "clap")
     out = tmp_path / "gate"
     code = cli_main(["eval", "sweep", "--preset", "pairs", "--model", "tiny-random", "--bank", banks["notes"],
-                     banks["chords"], "--concept", "notes,chords", "--prompts", "warm piano,dark drone",
+                     "--bank", banks["chords"], "--concept", "notes,chords", "--prompts", "warm piano,dark drone",
                      "--samples", "2", "--seconds", "1", "--eta0", "3", "--out", str(out), "--clap", str(clap),
                      "--quiet"])
     captured = capsys.readouterr()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -405,6 +406,13 @@ def test_binding_beyond_loopback_needs_a_token(test_bank_path, tmp_path):
         assert http_get("127.0.0.1", server.port, "/?token=wrong")[0] == 403
         status, kind, _ = http_get("127.0.0.1", server.port, "/?token=" + token)
         assert status == 200 and kind.startswith("text/html")
+        # The URLs it prints carry the token: the page's opens as printed, the WebSocket's connects.
+        page = re.search(r"page: http://0\.0\.0\.0:(\d+)(/\S*)\s+websocket: (ws://\S+)",
+                         wait_for_output(server, "page: ", timeout=5))
+        assert page and page.group(2) == f"/?token={token}", server.output
+        assert http_get("127.0.0.1", int(page.group(1)), page.group(2))[0] == 200
+        assert page.group(3).endswith(f"/ws?session=main&token={token}")
+        assert ws_status(page.group(3).replace("0.0.0.0", "127.0.0.1")) is None
     finally:
         assert stop_server(server) == 0
 
@@ -417,6 +425,7 @@ def test_binding_beyond_loopback_needs_a_token(test_bank_path, tmp_path):
         assert ws_status(base + "&token=abc") is None
         assert http_get("127.0.0.1", server.port, "/")[0] == 403
         assert http_get("127.0.0.1", server.port, "/?token=abc")[0] == 200
+        assert f"page: http://0.0.0.0:{server.port}/?token=abc " in wait_for_output(server, "page: ", timeout=5)
     finally:
         assert stop_server(server) == 0
 
