@@ -62,7 +62,7 @@ def test_every_option_of_every_command_shows_its_default():
                      "3.0)", "(default: 250)", "sampling seed (default: 0)", "5.12 s for musicgen-mini",
                      "(default: derived from --seed"]),
     (("serve",), ["(0: any free port) (default: 8765)", "ahead of playback (default: 0.5)",
-                  "(default: recordings)", "(default: 8)", "0..this (default: 2.0)", "(default: musicgen-mini)"]),
+                  "(default: recordings)", "(default: 8)", "(default: 1.0 relative", "(default: musicgen-mini)"]),
     (("train",), ["(default: features)", "(default: notes)", "(default: banks)", "(default: rfm)", "(default: mean)",
                   "split and search seed (default: 0)", "(default: cuda if present)"]),
     (("report",), ["(default: features)", "(default: reports)", "split and search seed (default: 0)"]),
