@@ -234,7 +234,7 @@ class Provenance:
 class LayerNorms:
     """The typical size of the activations a bank's directions are added to: per layer, the mean and standard
     deviation of the per-token norm |h| at the injection point, over `tokens` token positions; `source` says
-    where they were measured ("extraction: ..." or "measured at load: ..."). Relative strength is a fraction
+    where they were measured ("extraction: ..." or "measured: ..."). Relative strength is a fraction
     of `mean`."""
 
     mean: tuple[float, ...]

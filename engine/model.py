@@ -290,6 +290,17 @@ def bundled_prompts(name: str) -> tuple[str, ...]:
     return tuple(json.loads(recipe.read_text()).get("example_prompts", ()))
 
 
+def bundled_layer_norms(name: str, site: str) -> dict | None:
+    """A bundled model's typical activation norms at an injection point (its recipe's `layer_norms`, the
+    engine.bank.LayerNorms dict), for a bank that carries none; None for other models or when not recorded."""
+    if name not in BUNDLED_MODELS:
+        return None
+    recipe = bundled_model_folder(name) / "recipe.json"
+    if not recipe.is_file():
+        return None
+    return (json.loads(recipe.read_text()).get("layer_norms") or {}).get(site)
+
+
 # --- loading ----------------------------------------------------------------------------------------
 
 

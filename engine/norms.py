@@ -19,7 +19,7 @@ import torch
 from .bank import DirectionBank, LayerNorms
 from .decoder import INJECTION_POINTS, MusicgenDecoder, delayed_inputs
 from .loop import Generator
-from .model import MusicModel, bundled_prompts
+from .model import MusicModel, bundled_layer_norms, bundled_prompts
 
 log = logging.getLogger("musicrfm.norms")
 
@@ -91,17 +91,20 @@ def measure_layer_norms(model: MusicModel, site: str = "residual", prompts: Sequ
         codes = gen.codes()[None]
         read_activations(model, codes, prompt, lambda layer, h: acc.add(layer, h[:, 1:]), site)
     label = ", ".join(repr(p) for p in prompts)
-    return acc.result(f"measured at load: {len(prompts)} unsteered {seconds:g} s generations ({label})"[:300])
+    return acc.result(f"measured: {len(prompts)} unsteered {seconds:g} s generations ({label})"[:300])
 
 
 def with_layer_norms(bank: DirectionBank | None, model: MusicModel, recorded: dict | None = None) -> DirectionBank | None:
     """`bank` with its layer norms: as it carries them; else as a sidecar or recording `recorded` them when it was
-    made (so it replays to the same strength); else measured now (once; said in the log) for a bank made before
-    banks carried them."""
+    made (so it replays to the same strength); else a bundled model's own (its recipe); else measured now (once;
+    said in the log) for a bank made before banks carried them."""
     if bank is None or bank.layer_norms is not None:
         return bank
     if recorded is not None:
         return bank.with_layer_norms(LayerNorms.from_dict(recorded))
+    bundled = bundled_layer_norms(model.name, bank.injection_point)
+    if bundled is not None:  # a bundled model records its own (musicrfm mini export)
+        return bank.with_layer_norms(LayerNorms.from_dict(bundled))
     log.warning("the direction bank carries no layer norms (made before musicrfm recorded them): measuring them "
                 "with a short unsteered pass; re-export the bank to skip this")
     return bank.with_layer_norms(measure_layer_norms(model, bank.injection_point))

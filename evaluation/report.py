@@ -342,6 +342,10 @@ def _write_summary(path: Path, settings: SweepSettings, configs: Sequence[Config
         f"- {settings.samples} samples per configuration x {settings.seconds:g} s; prompts cycled: "
         + "; ".join(f"\"{p}\"" for p in settings.prompts) + f"; seed {settings.seed}",
         f"- units stored: {done} of {total}",
+        (f"- strength (eta0 / x) in **{settings.units}** units"
+         + (": a fraction of each layer's typical activation norm (`vector_norm` in results.csv: the norm added, "
+            "in hidden-state units)" if settings.units == "relative" else ": hidden-state units, as the paper")
+         + (f"; layer weighting `{settings.layers}`" if settings.layers else "")),
         f"- FD and unbiased MMD² against the unsteered reference (same prompts and seeds), embedding "
         f"**{settings.embedder_name}**, RBF bandwidth frozen from the reference (median heuristic)"
         + ("; this embedding is not CLAP: values are comparable only within this embedding" if not settings.clap else ""),

@@ -121,6 +121,16 @@ def cmd_export(args) -> int:
     }
     out = args.out or bundled_model_folder("musicgen-mini")
     size = export_mini(model, tokenizer, out, recipe)
+    # The model's typical activation norms at each injection point, for banks that carry none (relative strength):
+    # measured on the exported model itself, as it will run.
+    from musicrfm.engine.decoder import INJECTION_POINTS
+    from musicrfm.engine.model import load_model
+    from musicrfm.engine.norms import measure_layer_norms
+
+    exported = load_model(str(out), device="cpu", dtype="float32")
+    recipe["layer_norms"] = {site: measure_layer_norms(exported, site, prompts=CAPTIONS[:4]).to_dict()
+                             for site in INJECTION_POINTS}
+    (Path(out) / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
     print(f"exported musicgen-mini to {out}: {size / 1e6:.1f} MB")
     return 0
 

@@ -23,7 +23,7 @@ def test_measured_norms_are_the_generated_tokens_norms_and_deterministic(tiny):
     assert norms.num_layers == tiny.num_layers and norms.tokens >= 20
     assert norms == measure_layer_norms(tiny, prompts=["piano"], seconds=0.5)  # replays get the same strength
     assert all(m > 0 for m in norms.mean) and all(s >= 0 for s in norms.std)
-    assert norms.source.startswith("measured at load")
+    assert norms.source.startswith("measured: ")
     attention = measure_layer_norms(tiny, "attention", prompts=["piano"], seconds=0.5)
     assert attention.mean != norms.mean  # another injection point, another size
     with pytest.raises(ValueError, match="site must be one of residual, attention"):
@@ -49,8 +49,31 @@ def test_a_bank_without_norms_is_given_them_once_and_said(tiny, caplog):
     with caplog.at_level(logging.WARNING, logger="musicrfm.norms"):
         measured = with_layer_norms(_bank(tiny), tiny)
     assert "carries no layer norms" in caplog.text
-    assert measured.layer_norms.source.startswith("measured at load")
+    assert measured.layer_norms.source.startswith("measured: ")
     spec = SteeringSpec(controls=(DirectionControl("notes:C", 0.5),), layers=LayerWeighting("all"))
     plan = SteeringPlan.compile(spec, measured, tiny.fingerprint)
     assert plan.vector_norms()["notes:C"] == pytest.approx([0.5 * m for m in measured.layer_norms.mean], rel=1e-4)
     assert with_layer_norms(None, tiny) is None
+
+
+def test_the_bundled_model_brings_its_own_norms_for_a_bank_without_them(caplog):
+    """musicgen-mini's recipe records its norms at both injection points (`musicrfm mini export` measures them):
+    a bank of that model without its own takes them, with nothing measured."""
+    from musicrfm.engine.model import bundled_layer_norms, load_model
+
+    mini = load_model("musicgen-mini")
+    for site in ("residual", "attention"):
+        recorded = bundled_layer_norms("musicgen-mini", site)
+        assert recorded is not None and len(recorded["mean"]) == mini.num_layers
+    assert bundled_layer_norms("tiny-random", "residual") is None
+    with caplog.at_level(logging.WARNING, logger="musicrfm.norms"):
+        given = with_layer_norms(_bank(mini), mini)
+    assert "carries no layer norms" not in caplog.text
+    assert given.layer_norms == LayerNorms.from_dict(bundled_layer_norms("musicgen-mini", "residual"))
+    # about the size the extraction measured for the bundled banks (generated tokens vs rendered clips: within 15 %)
+    from musicrfm.engine.bank import DirectionBank as Bank
+    from musicrfm.engine.model import bundled_banks
+
+    extraction = Bank.load(bundled_banks("musicgen-mini")[0]).layer_norms
+    assert extraction.source.startswith("extraction")
+    assert given.layer_norms.mean == pytest.approx(extraction.mean, rel=0.15)

@@ -69,7 +69,7 @@ def test_a_bank_without_norms_is_measured_once_and_the_sidecar_replays_it(tiny, 
     with caplog.at_level(logging.WARNING, logger="musicrfm.norms"):
         side = _render(tiny, banks / "bare.safetensors", 0.5, "relative")
     assert "carries no layer norms" in caplog.text
-    assert side["layer_norms"]["source"].startswith("measured at load")
+    assert side["layer_norms"]["source"].startswith("measured: ")
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="musicrfm.norms"):
         again = generate_from_sidecar(side, model=tiny, progress=False)

@@ -357,7 +357,7 @@ def test_recordings_say_their_units_and_norms_and_version_1_logs_replay_in_raw_u
 
     relative = record("relative", {"directions": {"notes:C": {"coefficient": 1.5}}})
     lines = [json.loads(line) for line in open(relative["log"])]
-    assert lines[0]["version"] == 2 and lines[0]["layer_norms"]["source"].startswith("measured at load")
+    assert lines[0]["version"] == 2 and lines[0]["layer_norms"]["source"].startswith("measured: ")
     assert lines[1]["state"]["units"] == "relative"
     assert replay(relative["log"], model=tiny, progress=False).matches
 
