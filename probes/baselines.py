@@ -12,7 +12,9 @@
                     "linear probe" row of the classification report (ridge picked by validation accuracy).
 
 Computation runs in float64 on the features' device; directions are float32 unit vectors in the original
-feature space. Validation AUCs come from the linear scores x . w, never from hard labels.
+feature space. Validation AUCs come from the linear scores x . w, never from hard labels. Features with
+nothing to probe raise rfm.DegenerateFeatures (a ValueError and a ProbeFailure: training reports the layer
+and goes on).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .rfm import ProbeResult, check_classification_inputs, fit_temperature, roc_auc
+from .rfm import DegenerateFeatures, ProbeResult, check_classification_inputs, fit_temperature, roc_auc
 
 __all__ = ["DEFAULT_RIDGE_GRID", "LinearClassifier", "LinearRegressor", "fit_linear_directions",
            "fit_linear_multiclass", "fit_linear_regression", "fit_mean_difference"]
@@ -71,7 +73,7 @@ class _RidgePath:
         self.eigenvalues = e.clamp_min(0.0)
         self.top = float(self.eigenvalues.max())
         if not self.top > 0:
-            raise ValueError("all training feature vectors are identical: there is nothing to probe")
+            raise DegenerateFeatures("all training feature vectors are identical: there is nothing to probe")
 
     def weights(self, relative_ridge: float) -> Tensor:
         """W [d, c] for lam = relative_ridge * (largest eigenvalue)."""
@@ -108,7 +110,7 @@ def fit_linear_directions(X_tr: Tensor, labels_tr: Tensor, X_val: Tensor, labels
     for c in range(num_classes):
         w = best_w[:, c]
         if not float(w.norm()) > 0:
-            raise ValueError(f"class {c}: the ridge weight vector is zero (features carry no variance)")
+            raise DegenerateFeatures(f"class {c}: the ridge weight vector is zero (features carry no variance)")
         results.append(ProbeResult(direction=(w / w.norm()).to(torch.float32), val_auc=float(best_auc[c]),
                                    config=None, best_iteration=0, class_index=c, method="linear",
                                    sign_margin=1.0, ridge=best_ridge[c]))
@@ -131,7 +133,7 @@ def fit_mean_difference(X_tr: Tensor, labels_tr: Tensor, X_val: Tensor, labels_v
     norms = directions.norm(dim=1)
     if bool((norms == 0).any()):
         flat = torch.nonzero(norms == 0).flatten().tolist()
-        raise ValueError(f"classes {flat}: class mean equals the rest's mean, there is no direction")
+        raise DegenerateFeatures(f"classes {flat}: class mean equals the rest's mean, there is no direction")
     directions = directions / norms[:, None]
     auc = roc_auc(Xv @ directions.T, positive)
     return [ProbeResult(direction=directions[c].to(torch.float32), val_auc=float(auc[c]), config=None,

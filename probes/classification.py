@@ -4,12 +4,14 @@ how well each concept can be read off MusicGen (not how steered audio sounds: th
 Per concept and probe (RFM on mean-pooled features, RFM on the last position, linear probe on mean-pooled
 features): on the same seeded stratified 70/15/15 split as `train`, a multiclass probe per layer (a
 regression for tempo), the layer with the best validation score kept, and its score on the held-out test
-part reported: accuracy, or R^2 for tempo. Writes a CSV and a grouped bar chart.
+part reported: accuracy, or R^2 for tempo. Writes a CSV and a grouped bar chart. A layer where no probe can
+be fitted (rfm.ProbeFailure) is reported on stderr and skipped.
 """
 
 from __future__ import annotations
 
 import csv
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from .extract import load_features
+from .rfm import ProbeFailure
 from .train import REGRESSION_CONCEPTS, split_indices
 
 VARIANTS = (("rfm", "mean", "RFM, mean-pooled"), ("rfm", "last", "RFM, last position"),
@@ -72,10 +75,16 @@ def classification_report(feature_root: str | Path, concepts: Sequence[str], out
             best = None
             for j, layer in enumerate(tqdm(fs.layers, desc=f"{concept}: {name}", disable=not progress)):
                 X = fs.features[pooling][:, j]
-                val, test = _fit_and_score(method, regression, X[tr], y[tr], X[va], y[va], X[te], y[te],
-                                           len(fs.classes), search)
+                try:
+                    val, test = _fit_and_score(method, regression, X[tr], y[tr], X[va], y[va], X[te], y[te],
+                                               len(fs.classes), search)
+                except ProbeFailure as exc:
+                    tqdm.write(f"warning: {concept}: {name}: layer {layer} skipped: no probe ({exc})", file=sys.stderr)
+                    continue
                 if best is None or val > best[1]:
                     best = (layer, val, test)
+            if best is None:
+                raise ProbeFailure(f"{concept}: {name}: no probe could be fitted at any layer")
             rows.append(ReportRow(concept, name, "r2" if regression else "accuracy", *best))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,12 @@ Decisions that differ from, or go beyond, the reference code (docs/probes.md has
 
 Precision: Gram matrices (n^2 r) run in float32, kernel matrices, solves and AGOP algebra in float64.
 Everything runs on the device of the training features (or SearchConfig.device).
+
+Robustness (docs/probes.md, "Numerical robustness"): training distances are symmetrised exactly, M is kept
+positive semi-definite, float32 gradient factors are checked against their exact mean and redone in
+float64 when they miss it, and a failed Cholesky is retried on a float64 kernel with the ridge raised. A fit
+that still fails ends its trial (a failed trial; the search goes on); when every trial fails the fit
+functions raise ProbeFailure, which per-layer training reports and survives.
 """
 
 from __future__ import annotations
@@ -58,6 +64,8 @@ __all__ = [
     "roc_auc",
     "fit_temperature",
     "check_classification_inputs",
+    "ProbeFailure",
+    "DegenerateFeatures",
 ]
 
 # Features are scaled so that the mean squared distance between training points is TARGET_RMS_DISTANCE^2.
@@ -67,6 +75,27 @@ TARGET_RMS_DISTANCE = 10.0
 _COINCIDENT_SQ_DISTANCE = 1e-6 * TARGET_RMS_DISTANCE**2
 # Rows of query points processed at once by KernelPredictor (bounds the [rows, n] kernel block).
 _PREDICT_CHUNK = 4096
+# Diagonal jitters tried on K + reg I when its Cholesky fails. The first three only guard rounding (kernel
+# from float32 Gram matrices); the float64 kernel then gets the whole ladder, its top raising the ridge to
+# reg + 1e-2 (K's diagonal is 1). A fit that fails even so is a failed trial of the search.
+_ROUNDING_JITTERS = (0.0, 1e-10, 1e-8, 1e-6)
+_ESCALATED_JITTERS = (0.0, 1e-10, 1e-8, 1e-6, 1e-4, 1e-3, 1e-2)
+# Gradient factors computed in float32 are redone in float64 when their mean misses the exact one by more
+# than this fraction of their RMS row norm (x sqrt(n)); see _gradient_factors.
+_GRADIENT_TOLERANCE = 1e-3
+
+
+class ProbeFailure(RuntimeError):
+    """No probe could be fitted on these features: every trial of the search failed numerically, or the
+    features are degenerate. The message says why; per-layer training reports it and goes on."""
+
+
+class DegenerateFeatures(ProbeFailure, ValueError):
+    """The training features carry nothing to probe (e.g. every training vector is the same)."""
+
+
+class _FitFailure(ArithmeticError):
+    """One fit of one trial failed numerically (the search counts it as a failed trial and goes on)."""
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -188,7 +217,7 @@ class FeatureMap:
         centred = X - mean
         mean_sq_norm = float(centred.square().sum(1).mean())
         if not mean_sq_norm > 0:
-            raise ValueError("all training feature vectors are identical: there is nothing to probe")
+            raise DegenerateFeatures("all training feature vectors are identical: there is nothing to probe")
         # Mean squared distance between two training points = 2 * mean squared norm about the mean.
         scale = math.sqrt(2.0 * mean_sq_norm) / TARGET_RMS_DISTANCE
         basis = None
@@ -230,12 +259,20 @@ class FeatureMap:
 # Kernel algebra (float64 unless stated)
 
 
-def _sq_distances(A: Tensor, B: Tensor, metric: Tensor | None, outside_a: Tensor | None = None) -> Tensor:
+def _sq_distances(A: Tensor, B: Tensor, metric: Tensor | None, outside_a: Tensor | None = None,
+                  exact: bool = False) -> Tensor:
     """Squared distances ||a - b||_M^2 [len(A), len(B)] in float64, through one float32 Gram matrix.
 
     `metric` None means M = I; then `outside_a` (the squared norm of each a outside the basis, which the
-    training points B lack) is added. A learned M lies inside the basis and ignores that part.
+    training points B lack) is added. A learned M lies inside the basis and ignores that part. `exact`:
+    the Gram matrix in float64 too (a fit retries so when the kernel from the float32 one fails its
+    Cholesky).
     """
+    if exact:
+        same = B is A
+        A = A.double()
+        B = A if same else B.double()
+        metric = None if metric is None else metric.double()
     AM = A if metric is None else A @ metric
     BM = AM if B is A else (B if metric is None else B @ metric)
     a2 = (AM * A).sum(1)
@@ -244,6 +281,11 @@ def _sq_distances(A: Tensor, B: Tensor, metric: Tensor | None, outside_a: Tensor
     if metric is None and outside_a is not None:
         d2 += outside_a.double()[:, None]
     if B is A:
+        # Exactly symmetric, so K and the gradient weights W are too: (A M) A^T in float32 is not, by up to
+        # ~1e-7 of |A M| |A| (1e-3 of the mean distance for an anisotropic M), and the AGOP algebra that
+        # assumes W = W^T multiplies that by alpha (~1e4 with near-duplicate points and a small ridge): the
+        # centred AGOP came out indefinite, then M, then K beyond any jitter.
+        d2 = (d2 + d2.T) / 2.0
         d2.diagonal().zero_()  # exact zeros where the Gram's rounding would leave ~1e-6
     return d2.clamp_min_(0.0)
 
@@ -260,18 +302,25 @@ def _gradient_weights(K: Tensor, s: Tensor, d2: Tensor, config: RFMConfig) -> Te
     return W.masked_fill_(d2 <= _COINCIDENT_SQ_DISTANCE, 0.0)
 
 
-def _solve_krr(K: Tensor, reg: float, Y: Tensor) -> Tensor:
-    """alpha = (K + reg I)^-1 Y by Cholesky; K is positive definite, so jitter is only a rounding guard."""
-    A = K.clone()
+def _solve_krr(K: Tensor, reg: float, Y: Tensor, jitters: Sequence[float] = _ESCALATED_JITTERS) -> Tensor:
+    """alpha = (K + reg I)^-1 Y by Cholesky, float64. K is positive semi-definite in exact arithmetic (M is
+    kept PSD), so the jitters (added to the diagonal in turn) only absorb rounding; raises _FitFailure
+    when the last one does not make K + reg I positive definite, or the solution is not finite."""
+    A = K.to(torch.float64, copy=True)
     A.diagonal().add_(reg)
-    for jitter in (0.0, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2):
-        if jitter:
-            A.diagonal().add_(jitter)
+    added = 0.0
+    for jitter in jitters:
+        if jitter > added:
+            A.diagonal().add_(jitter - added)
+            added = jitter
         chol, info = torch.linalg.cholesky_ex(A)
         if int(info) == 0:
-            return torch.cholesky_solve(Y, chol)
-    raise RuntimeError(f"kernel matrix is not positive definite even with jitter 1e-2 (reg={reg}); "
-                       "features contain NaN/inf or are degenerate")
+            alpha = torch.cholesky_solve(Y.to(torch.float64), chol)
+            if bool(torch.isfinite(alpha).all()):
+                return alpha
+            break
+    raise _FitFailure(f"kernel matrix K + reg I is not positive definite (or its solve not finite) even with the "
+                      f"ridge raised from {reg:.3g} to {reg + added:.3g}")
 
 
 def _gradient_factors(Z: Tensor, W: Tensor, alpha: Tensor, outputs: Sequence[int]) -> Iterator[Tensor]:
@@ -279,11 +328,29 @@ def _gradient_factors(Z: Tensor, W: Tensor, alpha: Tensor, outputs: Sequence[int
 
     grad f_c(x_j) = sum_i alpha_ic W_ji M (x_j - x_i), so H_c = u_c * Z - W (alpha_c * Z), u_c = W alpha_c
     (float32: n^2 r flops per output).
+
+    Float32 is checked, not trusted: near-duplicate training points with a small ridge get large alphas of
+    opposite signs whose terms cancel, and the float32 products can lose several digits (~1 % in the
+    test's pairs). The exact mean of H_c's rows costs n^2 + n r in float64 (mean_j H_c[j] =
+    Z^T (u_c - alpha_c * (W^T 1)) / n); an output whose float32 rows miss it by more than
+    _GRADIENT_TOLERANCE of their RMS norm (scaled by sqrt(n), as averaging shrinks random rounding) is
+    recomputed in float64 and yielded as such.
     """
-    u = (W @ alpha).to(torch.float32)
+    n = Z.shape[0]
+    u64 = W @ alpha
+    exact_mean = (Z.double().T @ (u64 - alpha * W.sum(0)[:, None])).T / n  # [c, r]
+    u = u64.to(torch.float32)
     W32, alpha32 = W.to(torch.float32), alpha.to(torch.float32)
+    Z64 = W64 = None
     for c in outputs:
-        yield u[:, c, None] * Z - W32 @ (alpha32[:, c, None] * Z)
+        H = u[:, c, None] * Z - W32 @ (alpha32[:, c, None] * Z)
+        rms = math.sqrt(float(H.square().sum(dtype=torch.float64)) / n)
+        miss = float((H.sum(0, dtype=torch.float64) / n - exact_mean[c]).norm())
+        if not miss * math.sqrt(n) <= _GRADIENT_TOLERANCE * rms:  # NaN goes to float64 too
+            if Z64 is None:
+                Z64, W64 = Z.double(), W.double()
+            H = u64[:, c, None] * Z64 - W64 @ (alpha[:, c, None].double() * Z64)
+        yield H
 
 
 def _agop_sum(Z: Tensor, W: Tensor, alpha: Tensor, center: bool) -> Tensor:
@@ -306,15 +373,40 @@ def _agop_sum(Z: Tensor, W: Tensor, alpha: Tensor, center: bool) -> Tensor:
         B.diagonal().add_(u.square().sum(1))
         Z64 = Z.double()
         S = Z64.T @ B @ Z64
+        if center:
+            # sum_j H_c[j] = Z^T (u_c - alpha_c * (W^T 1)): the mean gradient of every output, removed.
+            column = Z64.T @ (u - alpha * W.sum(0)[:, None])  # [r, c]
+            S -= column @ column.T / n
     else:
         S = torch.zeros(r, r, dtype=torch.float64, device=Z.device)
         for H in _gradient_factors(Z, W, alpha, range(c)):
+            if center:
+                # Centred rows, then the product: PSD by construction (subtracting n hbar hbar^T afterwards
+                # cancels badly where the gradients are nearly all alike).
+                H = H - (H.sum(0, dtype=torch.float64) / H.shape[0]).to(H.dtype)
             S += (H.T @ H).double()
-    if center:
-        # sum_j H_c[j] = Z^T (u_c - alpha_c * (W 1)): the mean gradient of every output, removed.
-        column = Z.double().T @ (u - alpha * W.sum(1, keepdim=True))  # [r, c]
-        S -= column @ column.T / n
     return (S + S.T) / 2.0
+
+
+def _clip_to_psd(S: Tensor) -> Tensor | None:
+    """S [r, r] float64 symmetric, with eigenvalues below -1e-9 of its trace set to zero (None: not finite).
+
+    A metric M must be positive semi-definite: then ||x - z||_M is a distance and the kernel matrix is PSD
+    (0 < q <= 2). AGOPs are PSD in exact arithmetic; rounding of the centred form can leave small negative
+    eigenvalues, and an indefinite M makes K indefinite whatever the ridge. A Cholesky test skips the
+    eigendecomposition in the usual case."""
+    if not bool(torch.isfinite(S).all()):
+        return None
+    tol = 1e-9 * max(float(S.diagonal().sum()), 1e-300)
+    shifted = S.clone()
+    shifted.diagonal().add_(tol)
+    if int(torch.linalg.cholesky_ex(shifted)[1]) == 0:
+        return S
+    try:
+        evals, evecs = torch.linalg.eigh(S)
+    except torch.linalg.LinAlgError:
+        return None
+    return (evecs * evals.clamp_min(0.0)) @ evecs.T
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -421,6 +513,7 @@ class ProbeResult:
     predictor: KernelPredictor | None = None  # kept only with keep_predictors=True (memory: n x r + r x r)
     output_index: int = -1  # the predictor's output column that scores this class
     ridge: float = float("nan")  # the linear probe's ridge (baselines.fit_linear_directions)
+    failed_trials: int = 0  # search trials stopped by a numerical failure (shared by every class of the call)
 
 
 @dataclass(frozen=True, eq=False)
@@ -432,6 +525,7 @@ class Classifier:
     val_accuracy: float
     val_auc: float  # mean one-vs-rest AUC over classes present in validation
     search_fits: int
+    failed_trials: int = 0  # search trials stopped by a numerical failure
 
     @property
     def config(self) -> RFMConfig:
@@ -462,6 +556,7 @@ class Regressor:
     val_mse: float  # in z units (1.0 = predicting the training mean)
     val_r2: float
     search_fits: int
+    failed_trials: int = 0  # search trials stopped by a numerical failure
 
     @property
     def config(self) -> RFMConfig:
@@ -526,6 +621,20 @@ class _Outcome:
     per_output: list[_Snapshot | None] = field(default_factory=list)
     per_output_score: list[float] = field(default_factory=list)
     fits: int = 0
+    failures: list[tuple[int, int, str]] = field(default_factory=list)  # (trial, iteration, reason) per failed trial
+    trials: int = 0
+
+    def failure_summary(self) -> str:
+        """Why no fit succeeded, for ProbeFailure's message."""
+        if not self.failures:
+            return f"no fit completed in the search's budget ({self.fits} fits)"
+        reasons: dict[str, int] = {}
+        for _, _, reason in self.failures:
+            reasons[reason] = reasons.get(reason, 0) + 1
+        common = max(reasons, key=reasons.get)
+        rest = "" if len(self.failures) == self.trials else ", the rest never ran within the budget"
+        return (f"every trial of the search failed numerically ({len(self.failures)} of {self.trials} trials "
+                f"failed{rest}; e.g. {common})")
 
 
 class _Problem:
@@ -541,18 +650,37 @@ class _Problem:
         # Under M = I the distances do not depend on the trial: computed once, shared by every trial.
         self._euclidean = (_sq_distances(self.Z, self.Z, None),
                            _sq_distances(self.Z_val, self.Z, None, self.outside_val))
+        self._euclidean_exact: Tensor | None = None  # the training part in float64, made when first needed
 
     def distances(self, metric: Tensor | None) -> tuple[Tensor, Tensor]:
         if metric is None:
             return self._euclidean
         return _sq_distances(self.Z, self.Z, metric), _sq_distances(self.Z_val, self.Z, metric)
 
+    def exact_train_distances(self, metric: Tensor | None) -> Tensor:
+        """Training squared distances with a float64 Gram matrix (the retry of a fit whose solve failed)."""
+        if metric is not None:
+            return _sq_distances(self.Z, self.Z, metric, exact=True)
+        if self._euclidean_exact is None:
+            self._euclidean_exact = _sq_distances(self.Z, self.Z, None, exact=True)
+        return self._euclidean_exact
+
     def fit(self, config: RFMConfig, metric: Tensor | None) -> _Fit:
-        """One KRR fit with its validation scores."""
+        """One KRR fit with its validation scores; raises _FitFailure when it fails numerically.
+
+        The kernel comes from float32 Gram matrices with a rounding guard; if its Cholesky fails, the
+        training kernel is rebuilt in float64 throughout and solved with the ridge raised step by step."""
         d2, d2_val = self.distances(metric)
         K, s = _kernel(d2, config)
-        alpha = _solve_krr(K, config.reg, self.Y)
+        try:
+            alpha = _solve_krr(K, config.reg, self.Y, _ROUNDING_JITTERS)
+        except _FitFailure:
+            d2 = self.exact_train_distances(metric)
+            K, s = _kernel(d2, config)
+            alpha = _solve_krr(K, config.reg, self.Y, _ESCALATED_JITTERS)
         key, per_output = self.evaluate(_kernel(d2_val, config)[0] @ alpha)
+        if not all(math.isfinite(k) for k in key):
+            raise _FitFailure("the fit's validation score is not finite")
         return _Fit(alpha, key, per_output, K, s, d2)
 
     def next_metric(self, config: RFMConfig, metric: Tensor | None, alpha: Tensor,
@@ -569,6 +697,10 @@ class _Problem:
         if metric is not None:
             m = metric.double()
             S = m @ S @ m
+            S = (S + S.T) / 2.0
+        S = _clip_to_psd(S)
+        if S is None:
+            return None
         Z64 = self.Z.double()
         norm = float(((Z64 @ S) * Z64).sum(1).mean())  # mean z^T S z: S is n x AGOP, the scale goes anyway
         if not (math.isfinite(norm) and norm > 1e-300):
@@ -580,8 +712,8 @@ class _Problem:
 
 
 def _run_search(problem: _Problem, search: SearchConfig, n_outputs: int) -> _Outcome:
-    out = _Outcome(per_output=[None] * n_outputs, per_output_score=[-math.inf] * n_outputs)
     running = [_Trial(i, c) for i, c in enumerate(search.sample())]
+    out = _Outcome(per_output=[None] * n_outputs, per_output_score=[-math.inf] * n_outputs, trials=len(running))
     for end in search.rung_ends():
         # Successive halving: of the trials entering this rung, the best ceil(k / halving) that have not
         # stopped go on. Only their M stays alive (one r x r matrix each); ties go to the lower index.
@@ -618,7 +750,14 @@ def _step(problem: _Problem, trial: _Trial, out: _Outcome, rung_end: int) -> Non
         if trial.metric is None:
             trial.done = True
             return
-    fit = problem.fit(config, trial.metric)
+    try:
+        fit = problem.fit(config, trial.metric)
+    except _FitFailure as exc:
+        # A failed trial: it stops here (the fits it completed before stay candidates) and the search goes on.
+        out.fits += 1
+        out.failures.append((trial.index, t, str(exc)))
+        trial.done, trial.metric = True, None
+        return
     out.fits += 1
     snap = _Snapshot(config, t, trial.metric, fit.alpha, fit.key)
     if out.best is None or fit.key > out.best.key:
@@ -770,7 +909,7 @@ def fit_binary_directions(X_tr: Tensor, labels_tr: Tensor, X_val: Tensor, labels
     problem, _ = _classification_problem(X_tr, labels_tr, X_val, labels_val, num_classes, search, multiclass=False)
     outcome = _run_search(problem, search, num_classes)
     if any(snap is None for snap in outcome.per_output):  # every class has validation AUCs (checked above)
-        raise RuntimeError("the search recorded no validation AUC for some class")
+        raise ProbeFailure(outcome.failure_summary())
     directions: dict[int, _Direction] = {}
     for snap in {id(s): s for s in outcome.per_output}.values():  # classes sharing a fit share its kernel
         directions.update(_directions(problem, snap, [c for c, s in enumerate(outcome.per_output) if s is snap]))
@@ -781,7 +920,8 @@ def fit_binary_directions(X_tr: Tensor, labels_tr: Tensor, X_val: Tensor, labels
             direction=q.vector, val_auc=outcome.per_output_score[c], config=snap.config,
             best_iteration=snap.iteration, class_index=c, method="rfm", eigenvalue=q.eigenvalue,
             explained=q.explained, sign_margin=q.sign_margin, search_fits=outcome.fits,
-            predictor=problem.predictor(snap) if keep_predictors else None, output_index=c))
+            predictor=problem.predictor(snap) if keep_predictors else None, output_index=c,
+            failed_trials=len(outcome.failures)))
     return results
 
 
@@ -791,11 +931,14 @@ def fit_multiclass(X_tr: Tensor, labels_tr: Tensor, X_val: Tensor, labels_val: T
     problem, labels_val = _classification_problem(X_tr, labels_tr, X_val, labels_val, num_classes, search,
                                                   multiclass=True)
     outcome = _run_search(problem, search, num_classes)
+    if outcome.best is None:
+        raise ProbeFailure(outcome.failure_summary())
     predictor = problem.predictor(outcome.best)
     scores = predictor.scores(X_val)
     accuracy, mean_auc = outcome.best.key
     return Classifier(predictor=predictor, temperature=fit_temperature(scores, labels_val),
-                      val_accuracy=accuracy, val_auc=mean_auc, search_fits=outcome.fits)
+                      val_accuracy=accuracy, val_auc=mean_auc, search_fits=outcome.fits,
+                      failed_trials=len(outcome.failures))
 
 
 def fit_regression(X_tr: Tensor, y_tr: Tensor, X_val: Tensor, y_val: Tensor,
@@ -820,9 +963,12 @@ def fit_regression(X_tr: Tensor, y_tr: Tensor, X_val: Tensor, y_val: Tensor,
     problem = _Problem(X_tr.to(device), ((y_tr - mean) / std)[:, None], X_val.to(device), evaluate)
     outcome = _run_search(problem, search, 1)
     snap = outcome.best
+    if snap is None:
+        raise ProbeFailure(outcome.failure_summary())
     q = _directions(problem, snap, [0])[0]
     mse = -snap.key[0]
     variance = float(z_val.var(correction=0))
     return Regressor(predictor=problem.predictor(snap), target_mean=mean, target_std=std, direction=q.vector,
                      eigenvalue=q.eigenvalue, explained=q.explained, sign_margin=q.sign_margin, val_mse=mse,
-                     val_r2=1.0 - mse / variance if variance > 0 else float("nan"), search_fits=outcome.fits)
+                     val_r2=1.0 - mse / variance if variance > 0 else float("nan"), search_fits=outcome.fits,
+                     failed_trials=len(outcome.failures))

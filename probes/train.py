@@ -8,6 +8,14 @@ with its validation AUC. Tempo is a regression: one direction, "+" raises the BP
 Each finished layer is written to `parts/` at once, so a run resumes where it stopped and layers can be
 trained on different machines (`--layers 0-23` here, `--layers 24-47` there, then any run assembles the
 bank once every layer is present).
+
+A layer where no probe can be fitted (every trial of the RFM search failed numerically, or the features
+are degenerate: `rfm.ProbeFailure`) does not stop the run. It is reported (a warning line naming the layer
+and the reason) and left out of the bank's layer weighting: a bank needs a unit vector at every layer, so
+the layer keeps a fallback direction, the difference of class means (for tempo: the covariance of the
+features with the BPM) or, where that is zero too, the nearest probed layer's direction, with its score
+set to chance (AUC 0.5, R^2 0), and the scores CSV (`status`, `note`) and the bank's metadata
+(`fallback_layers`) say which layers and why. If no layer at all can be probed, no bank is written.
 """
 
 from __future__ import annotations
@@ -15,7 +23,8 @@ from __future__ import annotations
 import csv
 import json
 import os
-from dataclasses import asdict, dataclass
+import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -28,9 +37,13 @@ from musicrfm.engine.bank import DirectionBank, Provenance
 from musicrfm.engine.model import pick_device
 
 from .extract import FeatureError, load_features, load_layer_norms
+from .rfm import ProbeFailure
 
 METHODS = ("rfm", "linear", "diffmeans")
 REGRESSION_CONCEPTS = ("tempos",)
+# The score a fallback layer gets: what a probe that reads nothing scores.
+CHANCE_SCORE = {"auc": 0.5, "r2": 0.0}
+_LAYER_KEY = "musicrfm.layer"  # a part's metadata entry: {"status": "ok"} or {"status": "fallback", "reason": ...}
 
 
 @dataclass(frozen=True)
@@ -82,6 +95,7 @@ class TrainResult:
     csv_path: Path
     plot_path: Path | None
     missing_layers: list[int]
+    fallback_layers: dict[int, str] = field(default_factory=dict)  # layer -> why no probe was fitted there
 
     def summary(self) -> str:
         best = self.scores.mean(0)
@@ -89,6 +103,9 @@ class TrainResult:
         p = self.provenance
         text = (f"{self.concept} [{p.method}]: {len(self.classes)} classes x {len(self.layers)} layers; best layer "
                 f"{self.layers[top]} (mean {p.score_name} {float(best[top]):.3f}); scores in {self.csv_path}")
+        if self.fallback_layers:
+            text += (f"; no probe at layers {sorted(self.fallback_layers)} (fallback directions at chance score, "
+                     "reasons in the CSV)")
         if self.bank_path is not None:
             return text + f"; bank {self.bank_path}"
         return text + f"; bank not written yet: layers {self.missing_layers} still to train"
@@ -110,6 +127,39 @@ def _fit_layer(method: str, regression: bool, X_tr, y_tr, X_val, y_val, num_clas
     else:
         results = baselines.fit_mean_difference(X_tr, y_tr, X_val, y_val, num_classes)
     return torch.stack([r.direction for r in results]), torch.tensor([r.val_auc for r in results])
+
+
+def _fallback_directions(regression: bool, X_tr, y_tr, num_classes: int) -> torch.Tensor:
+    """[C, d] unit directions of a layer without a probe: class mean minus the mean of the other classes'
+    points (tempo: the covariance of the features with the BPM, + faster); a zero row where that is zero."""
+    X = X_tr.double()
+    if regression:
+        y = y_tr.double()
+        v = ((X - X.mean(0)).T @ (y - y.mean()))[None]
+    else:
+        onehot = torch.nn.functional.one_hot(y_tr.long(), num_classes).double()  # every class has a point
+        counts = onehot.sum(0)
+        class_sums = onehot.T @ X
+        rest = (X.shape[0] - counts).clamp_min(1)[:, None]
+        v = class_sums / counts[:, None] - (X.sum(0) - class_sums) / rest
+    norms = v.norm(dim=1, keepdim=True)
+    return torch.where(norms > 0, v / norms.clamp_min(1e-300), torch.zeros_like(v)).float()
+
+
+def _fallback_kind(regression: bool, some_zero: bool) -> str:
+    """What a fallback layer's vectors are, in words (the CSV, the bank's metadata, the warning)."""
+    kind = "the covariance of the features with the target" if regression else "the difference of class means"
+    return kind + (" (the nearest probed layer's direction where that is zero)" if some_zero else "")
+
+
+def _fill_from_nearest(D: torch.Tensor, layers: list[int], probed: set[int]) -> None:
+    """Zero rows of D [C, L', d] (fallback layers whose class means coincide) take the direction of the
+    nearest probed layer (ties: the lower one), in place."""
+    for j, layer in enumerate(layers):
+        zero = D[:, j].norm(dim=1) == 0
+        if bool(zero.any()) and probed:
+            source = min(probed, key=lambda k: (abs(k - layer), k))
+            D[zero, j] = D[zero, layers.index(source)]
 
 
 def train_concept(feature_dir: str | Path, out_dir: str | Path, settings: TrainSettings = TrainSettings(),
@@ -142,6 +192,7 @@ def train_concept(feature_dir: str | Path, out_dir: str | Path, settings: TrainS
     meta = {"concept": concept, "fingerprint": head.fingerprint.to_dict(), "classes": classes,
             "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()
                          if k != "layers"}, "prompt": head.prompt, "search": asdict(search) if settings.method == "rfm" else None}
+    meta = json.loads(json.dumps(meta))  # as a part stores it (tuples become lists), so a resumed run compares equal
 
     for layer in tqdm(layers, desc=f"train {name}", unit="layer", disable=not progress):
         path = parts / f"layer-{layer:03d}.safetensors"
@@ -152,45 +203,67 @@ def train_concept(feature_dir: str | Path, out_dir: str | Path, settings: TrainS
             continue
         X = load_features(feature_dir, head.fingerprint, layers=[layer], poolings=[settings.pooling])
         X = X.features[settings.pooling][:, 0]
-        directions, scores = _fit_layer(settings.method, regression, X[train_idx], y_all[train_idx], X[val_idx],
-                                        y_all[val_idx], len(classes), search)
+        status = {"status": "ok"}
+        try:
+            directions, scores = _fit_layer(settings.method, regression, X[train_idx], y_all[train_idx], X[val_idx],
+                                            y_all[val_idx], len(classes), search)
+        except ProbeFailure as exc:
+            chance = CHANCE_SCORE["r2" if regression else "auc"]
+            directions = _fallback_directions(regression, X[train_idx], y_all[train_idx], len(classes))
+            scores = torch.full((len(classes),), chance)
+            status = {"status": "fallback", "reason": str(exc),
+                      "direction": _fallback_kind(regression, bool((directions.norm(dim=1) == 0).any()))}
+            tqdm.write(f"warning: {name} layer {layer}: no probe ({exc}); left out: the bank keeps "
+                       f"{status['direction']} there, scored at chance ({chance}) so layer weighting by score "
+                       "ignores it", file=sys.stderr)
         tmp = path.with_suffix(".tmp")
         save_file({"directions": directions.float().contiguous(), "scores": scores.float()}, str(tmp),
-                  metadata={"musicrfm": json.dumps(meta)})
+                  metadata={"musicrfm": json.dumps(meta), _LAYER_KEY: json.dumps(status)})
         os.replace(tmp, path)
 
     # Everything trained so far (this run or others), in layer order.
     done = sorted(int(p.stem.split("-")[1]) for p in parts.glob("layer-*.safetensors"))
-    dirs, scores = [], []
+    dirs, scores, fallback, kinds = [], [], {}, {}
     for layer in done:
         with safe_open(str(parts / f"layer-{layer:03d}.safetensors"), framework="pt") as f:
             dirs.append(f.get_tensor("directions"))
             scores.append(f.get_tensor("scores"))
+            status = json.loads((f.metadata() or {}).get(_LAYER_KEY, '{"status": "ok"}'))
+        if status["status"] != "ok":
+            fallback[layer] = status.get("reason", "no probe")
+            kinds[layer] = status.get("direction", "a fallback direction")
     D, S = torch.stack(dirs, 1), torch.stack(scores, 1)  # [C, L', d], [C, L']
+    _fill_from_nearest(D, done, {k for k in done if k not in fallback})
     provenance = Provenance(settings.method, "r2" if regression else "auc")
     score_name = provenance.score_name
+    notes = {layer: f"no probe: {reason}; direction: {kinds[layer]}; score: chance ({CHANCE_SCORE[score_name]})"
+             for layer, reason in fallback.items()}
     csv_path = out_dir / f"{name}.scores.csv"
     with csv_path.open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["layer", "class", score_name])
+        w.writerow(["layer", "class", score_name, "status", "note"])
         for j, layer in enumerate(done):
             for c, cls in enumerate(classes):
-                w.writerow([layer, cls, f"{float(S[c, j]):.6f}"])
+                w.writerow([layer, cls, f"{float(S[c, j]):.6f}", "fallback" if layer in fallback else "ok",
+                            notes.get(layer, "")])
     plot_path = _plot_scores(out_dir / f"{name}.scores.png", concept, provenance, done, S)
     all_layers = list(range(head.fingerprint.num_layers))
     missing_layers = [i for i in all_layers if i not in done]
     bank_path = None
+    if not missing_layers and len(fallback) == len(done):
+        raise ProbeFailure(f"{name}: no probe could be fitted at any layer (reasons in {csv_path}); no bank written")
+    fallback_meta = {"fallback_layers": [{"layer": k, "reason": fallback[k], "direction": kinds[k]} for k in fallback]}
     if not missing_layers:
         bank = DirectionBank.from_arrays(
             concept, classes, D, S, head.fingerprint, method=provenance.method, pooling=settings.pooling,
             score_name=provenance.score_name,
             metadata={"prompt": head.prompt, "split": "stratified 70/15/15", "seed": settings.seed,
-                      "search": meta["search"], "features": str(feature_dir)},
+                      "search": meta["search"], "features": str(feature_dir), **(fallback_meta if fallback else {})},
             layer_norms=load_layer_norms(feature_dir, head.fingerprint.num_layers),
         )
         bank_path = out_dir / f"{name}.safetensors"
         bank.save(bank_path)
-    return TrainResult(concept, provenance, classes, done, S, bank_path, csv_path, plot_path, missing_layers)
+    return TrainResult(concept, provenance, classes, done, S, bank_path, csv_path, plot_path, missing_layers, fallback)
 
 
 def scores_figure(concept: str, provenance: Provenance, layers: list[int], scores: torch.Tensor):

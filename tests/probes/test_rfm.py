@@ -11,9 +11,12 @@ import math
 import pytest
 import torch
 
+from musicrfm.probes import rfm
 from musicrfm.probes.baselines import fit_linear_directions, fit_linear_multiclass, fit_mean_difference
 from musicrfm.probes.rfm import (
+    DegenerateFeatures,
     FeatureMap,
+    ProbeFailure,
     RFMConfig,
     SearchConfig,
     fit_binary_directions,
@@ -256,3 +259,147 @@ def test_high_dimensional_features_use_the_training_span():
     results = fit_binary_directions(X[:200], y[:200], X[200:], y[200:], 2, SMALL)
     assert abs(float(results[1].direction @ u)) > 0.8
     assert results[1].direction.shape == (300,)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Numerical robustness (issue 14): near-duplicate float16 features, failed trials, failed layers
+
+
+def near_duplicate_features(seed: int, n_train: int = 264, n_val: int = 66, d: int = 32, classes: int = 12,
+                            members: int = 4):
+    """Like tiny-random's `notes` features, on which `musicrfm train` used to stop: a large common offset,
+    one dominant direction and a fast-decaying spectrum (nearly rank-deficient), groups of `members`
+    near-identical same-class clips, rounded to float16, and one exact duplicate training row."""
+    g = torch.Generator().manual_seed(seed)
+    n = n_train + n_val
+    labels = torch.arange(n) % classes
+    spectrum = torch.cat([torch.tensor([1.0, 0.1]), torch.logspace(-1.8, -3.6, d - 2)]).double()
+    basis = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+    groups = torch.arange(n) // (classes * members) * classes + labels
+    group_centres = torch.randn(int(groups.max()) + 1, d, generator=g, dtype=torch.float64)
+    class_centres = torch.randn(classes, d, generator=g, dtype=torch.float64)
+    X = (class_centres[labels] + group_centres[groups] + 0.01 * torch.randn(n, d, generator=g, dtype=torch.float64))
+    X = (X * spectrum) @ basis.T
+    X = 0.4 * torch.randn(d, generator=g, dtype=torch.float64) + 0.02 * X / X.norm(dim=1).mean()
+    X = X.to(torch.float16)
+    X[1] = X[1 + classes]
+    return X[:n_train], labels[:n_train], X[n_train:], labels[n_train:]
+
+
+def test_near_duplicate_float16_features_train(monkeypatch):
+    """These features (seed 1) stopped the search with 'kernel matrix is not positive definite even with
+    jitter 1e-2': the float32 distance matrix under a learned M was not symmetric, the centred AGOP's
+    algebra (which assumes it is) multiplied that by alphas ~1e3, and M came out indefinite, then K. Now
+    every M stays positive semi-definite and no trial fails."""
+    X, y, Xv, yv = near_duplicate_features(seed=1)
+    assert len(torch.unique(X, dim=0)) < len(X)  # the duplicate row
+    metrics = []
+    next_metric = rfm._Problem.next_metric
+
+    def recording(self, *args, **kwargs):
+        M = next_metric(self, *args, **kwargs)
+        if M is not None:
+            metrics.append(torch.linalg.eigvalsh(M.double()))
+        return M
+
+    monkeypatch.setattr(rfm._Problem, "next_metric", recording)
+    search = SearchConfig(trials=4, iterations=5, halving=1, patience=None, bandwidth_range=(30.0, 100.0),
+                          reg_range=(1e-5, 1e-4), exponent_range=(1.0, 1.4), center_grads=(True,))
+    results = fit_binary_directions(X, y, Xv, yv, 12, search)
+    assert len(metrics) >= 8
+    for evals in metrics:
+        assert float(evals[0]) >= -1e-6 * float(evals[-1])
+    assert all(r.failed_trials == 0 and r.search_fits == 4 * 6 for r in results)
+    for r in results:
+        assert torch.isfinite(r.direction).all() and math.isclose(float(r.direction.norm()), 1.0, rel_tol=1e-5)
+    assert sum(r.val_auc for r in results) / 12 > 0.8
+
+
+def test_training_distances_are_exactly_symmetric():
+    g = torch.Generator().manual_seed(0)
+    Z = torch.randn(200, 16, generator=g) * torch.logspace(0, -3, 16)
+    A = torch.randn(16, 16, generator=g)
+    M = A @ A.T + torch.diag(torch.logspace(3, -3, 16))  # anisotropic, as learned metrics are
+    d2 = rfm._sq_distances(Z, Z, M)
+    assert torch.equal(d2, d2.T) and bool((d2.diagonal() == 0).all())
+    exact = rfm._sq_distances(Z, Z, M, exact=True)
+    assert exact.dtype == torch.float64 and torch.equal(exact, exact.T)
+
+
+def test_gradient_factors_redo_cancelling_sums_in_float64():
+    """Near-duplicate points with large alphas of opposite signs: the float32 products lose ~1 % to
+    rounding, which the check against the exact mean gradient catches; the factors then come in float64."""
+    g = torch.Generator().manual_seed(0)
+    n, r = 60, 8
+    Z = torch.randn(n, r, generator=g)
+    Z[1::2] = Z[0::2] + 1e-5 * torch.randn(n // 2, r, generator=g)
+    config = RFMConfig(bandwidth=30.0, exponent=1.0)
+    d2 = rfm._sq_distances(Z, Z, None, exact=True)
+    K, s = rfm._kernel(d2, config)
+    W = rfm._gradient_weights(K, s, d2, config)
+    alpha = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    alpha[1::2] = -alpha[0::2] * (1 + 1e-7 * torch.randn(n // 2, 2, generator=g, dtype=torch.float64))
+    Z64 = Z.double()
+    for c, H in enumerate(rfm._gradient_factors(Z, W, alpha, range(2))):
+        exact = (W @ alpha[:, c]).unsqueeze(1) * Z64 - W @ (alpha[:, c, None] * Z64)
+        H32 = (W @ alpha[:, c]).float().unsqueeze(1) * Z - W.float() @ (alpha[:, c, None].float() * Z)
+        assert float((H32.double() - exact).norm() / exact.norm()) > 1e-3  # float32 is not good enough here
+        assert H.dtype == torch.float64
+        assert float((H - exact).norm() / exact.norm()) < 1e-10
+    # Well-conditioned sums stay in float32.
+    X, y, Xv, yv, _ = split("sign")
+    problem, _ = rfm._classification_problem(X, y, Xv, yv, 2, SMALL, multiclass=False)
+    fit = problem.fit(RFMConfig(), None)
+    W = rfm._gradient_weights(fit.K, fit.s, fit.d2, RFMConfig())
+    assert all(H.dtype == torch.float32 for H in rfm._gradient_factors(problem.Z, W, fit.alpha, range(2)))
+
+
+def test_failed_trials_are_skipped_and_a_search_where_all_fail_raises(monkeypatch):
+    X, y, Xv, yv, u = split("sign")
+    solve = rfm._solve_krr
+    threshold = 1e-2
+
+    def failing_small_ridges(K, reg, Y, jitters=rfm._ESCALATED_JITTERS):
+        if reg < threshold:
+            raise rfm._FitFailure(f"forced failure at reg {reg:.3g}")
+        return solve(K, reg, Y, jitters)
+
+    monkeypatch.setattr(rfm, "_solve_krr", failing_small_ridges)
+    search = SearchConfig(trials=8, iterations=3, seed=0)
+    small_ridges = sum(c.reg < threshold for c in search.sample())
+    assert 0 < small_ridges < 8
+    results = fit_binary_directions(X, y, Xv, yv, 2, search)
+    assert all(r.failed_trials == small_ridges for r in results)
+    assert all(r.config.reg >= threshold for r in results)  # the kept fits come from trials that worked
+    assert abs(float(results[1].direction @ u)) > 0.9
+    assert fit_multiclass(X, y, Xv, yv, 2, search).failed_trials == small_ridges
+
+    threshold = math.inf  # every fit of every trial fails
+    with pytest.raises(ProbeFailure, match=r"every trial of the search failed numerically \(8 of 8 trials.*forced"):
+        fit_binary_directions(X, y, Xv, yv, 2, search)
+    with pytest.raises(ProbeFailure, match="every trial"):
+        fit_multiclass(X, y, Xv, yv, 2, search)
+    with pytest.raises(ProbeFailure, match="every trial"):
+        fit_regression(X, X @ u, Xv, Xv @ u, search)
+
+
+def test_identical_features_are_degenerate_for_every_probe():
+    y, yv = torch.arange(20) % 2, torch.arange(10) % 2
+    X, Xv = torch.ones(20, 4), torch.ones(10, 4)
+    for fit in (lambda: fit_binary_directions(X, y, Xv, yv, 2, SMALL), lambda: fit_linear_directions(X, y, Xv, yv, 2),
+                lambda: fit_mean_difference(X, y, Xv, yv, 2)):
+        with pytest.raises(DegenerateFeatures) as info:
+            fit()
+        assert isinstance(info.value, ProbeFailure) and isinstance(info.value, ValueError)
+
+
+def test_solve_escalates_the_ridge_then_fails():
+    K = torch.ones(4, 4, dtype=torch.float64)
+    K[0, 1] = K[1, 0] = 1.5  # indefinite: not a kernel matrix
+    Y = torch.eye(4, dtype=torch.float64)
+    alpha = rfm._solve_krr(K, 0.5, Y)  # the ridge alone is not enough; 1e-2 more is
+    assert torch.isfinite(alpha).all()
+    with pytest.raises(rfm._FitFailure, match="ridge raised from 0.001 to 0.011"):
+        rfm._solve_krr(K, 1e-3, Y)
+    with pytest.raises(rfm._FitFailure):
+        rfm._solve_krr(K, 1e-3, Y, rfm._ROUNDING_JITTERS)

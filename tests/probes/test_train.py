@@ -1,12 +1,22 @@
 """Training per-layer probes into a bank the engine loads; sharding by layer; the stratified split."""
 
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from musicrfm.engine.audio import read_wav, write_wav
 from musicrfm.engine.bank import DirectionBank
-from musicrfm.probes.extract import ExtractionSettings, FeatureError, extract_concept
+from musicrfm.probes import rfm, train
+from musicrfm.probes.extract import ExtractionSettings, FeatureError, extract_concept, load_features
 from musicrfm.probes.baselines import fit_linear_regression
 from musicrfm.probes.classification import classification_report
 from musicrfm.probes.train import TrainSettings, split_indices, train_concept
@@ -90,3 +100,108 @@ def test_linear_regression_recovers_a_planted_target():
     reg = fit_linear_regression(X[:200], y[:200], X[200:], y[200:])
     assert reg.val_r2 > 0.99 and float(reg.direction @ u) > 0.99
     assert abs(float(reg.predict(X[:1])[0]) - float(y[0])) < 3
+
+
+# ---------------------------------------------------------------------------------------------------
+# A layer without a probe (issue 14): reported, left out of the weighting, the bank still written
+
+
+def _csv_rows(path):
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_a_layer_where_every_trial_fails_is_reported_and_the_bank_still_written(feature_dir, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """Every RFM trial fails numerically at layer 1 (the solver forced to fail there): the layer gets the
+    difference of class means at chance score, the CSV and the bank say so, and the bank is written."""
+    fit_layer, calls = train._fit_layer, []
+
+    def fail(K, reg, Y, jitters=()):
+        raise rfm._FitFailure("forced: K + reg I is not positive definite")
+
+    def second_layer_fails(*args):
+        calls.append(1)
+        with monkeypatch.context() as m:
+            if len(calls) == 2:
+                m.setattr(rfm, "_solve_krr", fail)
+            return fit_layer(*args)
+
+    monkeypatch.setattr(train, "_fit_layer", second_layer_fails)
+    result = train_concept(feature_dir, tmp_path, TrainSettings(trials=3), progress=False)
+    err = capsys.readouterr().err
+    assert "warning: pitch.rfm layer 1: no probe (every trial of the search failed numerically" in err
+    assert "forced" in err and "layer 0" not in err
+    assert list(result.fallback_layers) == [1] and "no probe at layers [1]" in result.summary()
+
+    rows = _csv_rows(result.csv_path)
+    assert list(rows[0]) == ["layer", "class", "auc", "status", "note"] and len(rows) == 2 * 4
+    for row in rows:
+        if row["layer"] == "1":
+            assert row["status"] == "fallback" and row["auc"] == "0.500000"
+            assert "every trial" in row["note"] and "forced" in row["note"]
+            assert "difference of class means" in row["note"] and "chance (0.5)" in row["note"]
+        else:
+            assert row["status"] == "ok" and row["note"] == ""
+
+    bank = DirectionBank.load(result.bank_path)
+    (entry,) = bank.metadata["fallback_layers"]
+    assert entry["layer"] == 1 and "forced" in entry["reason"] and entry["direction"] == "the difference of class means"
+    fs = load_features(feature_dir, layers=[1], poolings=["mean"])
+    tr, _, _ = split_indices(fs.labels, 0)
+    X = fs.features["mean"][tr, 0].double()
+    low = torch.tensor([fs.labels[i] == "low" for i in tr])
+    expected = X[low].mean(0) - X[~low].mean(0)
+    for name, sign in (("pitch:low", 1), ("pitch:high", -1)):
+        d = bank[name]
+        assert float(d.scores[1]) == 0.5 and float(d.scores.max()) > 0.5
+        cos = float(d.vectors[1].double() @ expected / expected.norm())
+        assert cos * sign > 0.9999
+
+    # A resumed run reads the layer's status back from its part: same CSV and bank, no second warning.
+    again = train_concept(feature_dir, tmp_path, TrainSettings(trials=3), progress=False)
+    assert again.fallback_layers == result.fallback_layers and "warning" not in capsys.readouterr().err
+    assert DirectionBank.load(again.bank_path).metadata == bank.metadata
+
+
+def _with_constant_layers(src, dst, layers):
+    """A copy of a feature directory whose mean-pooled features at `layers` are the same for every clip."""
+    shutil.copytree(src, dst)
+    for part in sorted(dst.glob("part-*.safetensors")):
+        with safe_open(str(part), framework="pt") as f:
+            tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        tensors["mean"][:, layers] = 0.25
+        save_file(tensors, str(part), metadata=metadata)
+    return dst
+
+
+def test_cli_train_warns_about_a_degenerate_layer_and_exits_0(feature_dir, tmp_path):
+    """`musicrfm train` on features constant at layer 2: a warning, exit 0, a bank whose layer 2 borrows
+    layer 1's directions (class means coincide there too), scored at chance."""
+    features = tmp_path / "features"
+    _with_constant_layers(feature_dir, features / "pitch", [2])
+    cli = [shutil.which("musicrfm")] if shutil.which("musicrfm") else [sys.executable, "-m", "musicrfm"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([*cli, "train", "--features", str(features), "--concepts", "pitch", "--out",
+                        str(tmp_path / "banks"), "--trials", "2", "--quiet"], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ("warning: pitch.rfm layer 2: no probe (all training feature vectors are identical: there is nothing "
+            "to probe)") in r.stderr
+    assert "no probe at layers [2]" in r.stdout and "bank" in r.stdout
+    bank = DirectionBank.load(tmp_path / "banks" / "pitch.rfm.safetensors")
+    assert [e["layer"] for e in bank.metadata["fallback_layers"]] == [2]
+    assert "nearest probed layer" in bank.metadata["fallback_layers"][0]["direction"]
+    for name in bank.keys():
+        assert torch.equal(bank[name].vectors[2], bank[name].vectors[1]) and float(bank[name].scores[2]) == 0.5
+    rows = [row for row in _csv_rows(tmp_path / "banks" / "pitch.rfm.scores.csv") if row["layer"] == "2"]
+    assert rows and all(row["status"] == "fallback" and "identical" in row["note"] for row in rows)
+
+
+def test_no_bank_when_no_layer_can_be_probed(feature_dir, tmp_path):
+    features = _with_constant_layers(feature_dir, tmp_path / "features" / "pitch", [0, 1, 2, 3])
+    with pytest.raises(rfm.ProbeFailure, match="no probe could be fitted at any layer"):
+        train_concept(features, tmp_path / "banks", TrainSettings(method="diffmeans"), progress=False)
+    assert not (tmp_path / "banks" / "pitch.diffmeans.safetensors").exists()
+    rows = _csv_rows(tmp_path / "banks" / "pitch.diffmeans.scores.csv")
+    assert len(rows) == 8 and all(row["status"] == "fallback" for row in rows)
