@@ -28,7 +28,7 @@ from typing import Callable, Protocol
 
 
 from musicrfm.protocol import fields
-from musicrfm.protocol.wire import AudioHeader, ProtocolError, pack_audio
+from musicrfm.protocol.wire import AudioHeader, ProtocolError, SharedMessage, pack_audio
 from .limits import TokenBucket
 from .recording import Recorder
 from .stream import Applied, Cause, Stream, StreamChunk
@@ -196,6 +196,7 @@ class Session:
                 log.exception("session %s: closing client %s failed", self.name, listener.client_id)
 
     def _broadcast(self, message: dict) -> None:
+        message = SharedMessage(message)  # encoded once per wire format, not once per listener
         for listener in list(self._listeners.values()):
             self._deliver(listener, listener.send_message, message)
         for callback in list(self._subscribers):

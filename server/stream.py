@@ -228,6 +228,7 @@ class Stream:
         self._generator_plan: SteeringPlan | None = None  # the CPU plan the generator runs (see _sync_generator)
         self._device_weights: tuple[torch.Tensor, torch.Tensor] | None = None  # (CPU weighted, on the device)
         self._pending: list[Change] = []  # in the order they will apply: by (step, order)
+        self._fresh = 0  # _pending[:_fresh] are checked on what they meet; the others are checked again when needed
         self._front: Change | None = None  # the last change taken from the queue: where the queue goes on from
         self._floor = 0  # the first step a change submitted now can apply at (the next one while a step runs)
         self._order = 0
@@ -273,25 +274,34 @@ class Stream:
 
     def _before(self, i: int) -> tuple[ControlState, SteeringPlan | None]:
         """The state (and its plan) a change queued at position `i` will meet."""
+        self._refresh(i)
         last = self._pending[i - 1] if i else self._front
         if last is not None:
             return last.state, last.plan
         return self.state, self._plan
 
     def _insert(self, i: int, change: Change) -> None:
-        """Queue `change` at `i`. One that came out of step order changes what the changes after it meet:
-        they are checked again on it (at most MAX_OUT_OF_ORDER_CHANGES wait for the future then); one that
-        no longer fits is kept unchecked, and checked once more when it applies, on what it meets then."""
+        """Queue `change` at `i` (checked on what `_before(i)` gave). One that came out of step order changes what
+        the changes after it meet: they are checked again on it, but only once something needs what they make
+        (a change queued after them, or their step: `_refresh`), so a knob turned while 64 far-future changes
+        wait costs one check, not 65."""
         self._pending.insert(i, change)
-        base, plan = change.state, change.plan
-        for j in range(i + 1, len(self._pending)):
+        self._fresh = i + 1
+
+    def _refresh(self, n: int) -> None:
+        """Check the first `n` queued changes again where what they meet changed since they were checked (see
+        `_insert`); one that no longer fits is kept unchecked (it changes nothing in what the next ones meet) and
+        is checked once more when it applies, on what it meets then."""
+        for j in range(self._fresh, min(n, len(self._pending))):
+            last = self._pending[j - 1] if j else self._front
+            base, plan = (last.state, last.plan) if last is not None else (self.state, self._plan)
             later = self._pending[j]
             try:
                 later = self._checked(later, later.step, base, plan)
             except (ProtocolError, ValueError):
                 later = replace(later, base=None, state=base, plan=plan)
             self._pending[j] = later
-            base, plan = later.state, later.plan
+        self._fresh = max(self._fresh, min(n, len(self._pending)))
 
     def _checked(self, change: Change, at: int, base: ControlState, base_plan: SteeringPlan | None) -> Change:
         """`change` with what it does at step `at` on `base` (whose plan is `base_plan`); ProtocolError if it
@@ -348,10 +358,17 @@ class Stream:
         came. `stepping`: a step runs next, so a change submitted from now on applies at the step after."""
         with self._lock:
             step = self.step
-            due = [c for c in self._pending if c.at_step is None or c.at_step <= step]
+            waiting = [c.at_step is not None and c.at_step > step for c in self._pending]
+            due = len(waiting) - sum(waiting)
             if due:
-                self._pending = [c for c in self._pending if c.at_step is not None and c.at_step > step]
+                prefix = not any(waiting[:due])  # (always, but for changes a stop moved: `_meets`)
+                self._refresh(due if prefix else len(self._pending))  # what is taken is checked on what it meets
+                due = [c for c, wait in zip(self._pending, waiting) if not wait]
+                self._pending = [c for c, wait in zip(self._pending, waiting) if wait]
                 self._front = due[-1]
+                self._fresh = max(0, self._fresh - len(due)) if prefix else 0
+            else:
+                due = []
             self._floor = step + 1 if stepping else step
         return sorted(due, key=lambda c: c.order)
 
