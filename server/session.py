@@ -111,6 +111,7 @@ class Session:
     def __init__(self, name: str, stream: Stream, config: SessionConfig, bank_paths: list[Path]):
         self.name = name
         self.stream = stream
+        stream.pace_prompts = True  # live: a flood of prompts is encoded within PROMPT_ENCODE_SHARE of the time
         self.config = config
         self.bank_paths = bank_paths
         self.sample_rate = stream.model.sample_rate

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 import threading
 import time
 import zlib
@@ -60,6 +61,13 @@ MAX_OUT_OF_ORDER_CHANGES = 64
 # A stream's control history (what a recording started mid-stream writes first), compressed. At ~20 bytes a step
 # where something changed, this holds hours of knob turning; past it, a recording needs a new stream.
 MAX_HISTORY_BYTES = 2 * 1024 * 1024
+# Prompt changes in a live session (`Stream.pace_prompts`): encoding a prompt holds up generation (a 2,000-character
+# prompt took 0.5 s on tiny-random, whose tokenizer reads characters), so after an encoding that took d seconds a
+# change to another prompt applies PROMPT_MIN_SECONDS, or d / PROMPT_ENCODE_SHARE, later at the earliest: it waits,
+# with the changes that came after it, and whatever prompts come meanwhile are encoded once, the last of them.
+# Unbounded, a stream of distinct long prompts encoded one every step or two and the audio fell far behind.
+PROMPT_MIN_SECONDS = 0.1
+PROMPT_ENCODE_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -232,6 +240,10 @@ class Stream:
         self._front: Change | None = None  # the last change taken from the queue: where the queue goes on from
         self._floor = 0  # the first step a change submitted now can apply at (the next one while a step runs)
         self._order = 0
+        # Live sessions pace prompt changes (PROMPT_ENCODE_SHARE); offline runs and replays apply every change at
+        # its step (a recording's log holds the steps its changes applied at, paced or not).
+        self.pace_prompts = False
+        self._prompt_ready = 0  # the first step at which a change to another prompt may apply (pace_prompts)
         self._lock = threading.Lock()  # guards the queue (submit runs on the event loop, steps in a worker)
 
     # --- inbox --------------------------------------------------------------------------------------
@@ -359,18 +371,33 @@ class Stream:
         with self._lock:
             step = self.step
             waiting = [c.at_step is not None and c.at_step > step for c in self._pending]
-            due = len(waiting) - sum(waiting)
-            if due:
-                prefix = not any(waiting[:due])  # (always, but for changes a stop moved: `_meets`)
-                self._refresh(due if prefix else len(self._pending))  # what is taken is checked on what it meets
+            due: list[Change] = []
+            if not all(waiting):
+                front = self._front
+                n = len(waiting) - sum(waiting)
+                prefix = not any(waiting[:n])  # (always, but for changes a stop moved: `_meets`)
+                self._refresh(n if prefix else len(self._pending))  # what is taken is checked on what it meets
                 due = [c for c, wait in zip(self._pending, waiting) if not wait]
                 self._pending = [c for c, wait in zip(self._pending, waiting) if wait]
                 self._front = due[-1]
-                self._fresh = max(0, self._fresh - len(due)) if prefix else 0
-            else:
-                due = []
+                self._fresh = max(0, self._fresh - n) if prefix else 0
+                due.sort(key=lambda c: c.order)
+                if stepping and self.pace_prompts and step < self._prompt_ready:
+                    due = self._hold_prompt(due, front)
             self._floor = step + 1 if stepping else step
-        return sorted(due, key=lambda c: c.order)
+        return due
+
+    def _hold_prompt(self, due: list[Change], front: Change | None) -> list[Change]:
+        """The changes of `due` (in the order they apply) before the first that sets another prompt than the
+        generator's; that one and those after it go back to the front of the queue until `_prompt_ready`."""
+        prompt = self.generator.prompt if self.generator is not None else None
+        cut = next((k for k, c in enumerate(due) if c.kind == "set" and c.body.get("prompt", prompt) != prompt), None)
+        if cut is None:
+            return due
+        self._pending = [*sorted(due[cut:], key=lambda c: (c.step, c.order)), *self._pending]
+        self._fresh = 0  # checked again when they apply, at another step than they were checked for
+        self._front = due[cut - 1] if cut else front
+        return due[:cut]
 
     def _settle(self) -> None:
         """No step runs next (the stream paused, stopped or restarted): changes apply at the current step."""
@@ -394,7 +421,7 @@ class Stream:
         gen = self.generator
         for change in self._due(stepping=False):
             self._apply(change, applied, tail)
-        self._sync_generator()
+        self._sync_generator(prompt=False)  # (generate() encodes it, before the next step)
         self._settle()
         out = np.concatenate(tail).astype(np.float32) if tail else np.zeros(0, np.float32)
         ended = gen is not None and self.generator is not gen
@@ -441,14 +468,20 @@ class Stream:
         self._plan = plan  # the generator follows once the step's changes are all applied: _sync_generator
         self._record(change.cause, step, applied)
 
-    def _sync_generator(self) -> None:
+    def _sync_generator(self, prompt: bool = True) -> None:
         """Give the generator the current state's prompt, sampling and plan, once all the changes due at a step
-        have applied: of 50 prompts due at one step only the last is encoded (encoding is the costly part)."""
+        have applied: of 50 prompts due at one step only the last is encoded (encoding is the costly part).
+        `prompt` False (no step runs next): the prompt waits for the next step, so that the prompts set while a
+        stream is paused, or held for want of listeners, are encoded once, the last of them."""
         gen = self.generator
         if gen is None:
             return
-        if gen.prompt != self.state.prompt:
+        if prompt and gen.prompt != self.state.prompt:
+            started = time.perf_counter()
             gen.set_prompt(self.state.prompt)
+            if self.pace_prompts:
+                wait = max(PROMPT_MIN_SECONDS, (time.perf_counter() - started) / PROMPT_ENCODE_SHARE)
+                self._prompt_ready = gen.step + math.ceil(wait * self.model.frame_rate)
         if gen.sampling != self.state.sampling:
             gen.set_sampling(self.state.sampling)
         if self._generator_plan is not self._plan:
@@ -466,6 +499,7 @@ class Stream:
         self.decoder = StreamingDecoder(self.model.hf.audio_encoder)
         self.samples_emitted = 0
         self.history.clear()
+        self._prompt_ready = 0
 
     def _end_stream(self) -> np.ndarray:
         tail = self.decoder.flush().reshape(-1).float().cpu().numpy()
@@ -487,13 +521,14 @@ class Stream:
         audio: list[np.ndarray] = []
         codes: list[torch.Tensor] = []
         ended, ran = False, 0
-        for _ in range(max_steps):
+        for i in range(max_steps):
             due = self._due(stepping=True)
+            gen = self.generator
             if due:
                 self._decode(codes, audio)  # frames so far go out before a change can end the stream
-                gen = self.generator
                 for change in due:
                     self._apply(change, applied, audio)
+            if due or i == 0:  # (the first step also takes a prompt set while no step ran: apply_due)
                 self._sync_generator()
                 ended = gen is not None and self.generator is not gen
             if ended or self.state.playback != "playing":

@@ -150,6 +150,11 @@ def test_a_burst_of_long_prompts_does_not_stop_a_listeners_audio(live_server):
         c.wait_audio(10, since=after, timeout=60)
         c.send({"type": "transport", "command": "stop"})
         assert last["cause"]["via"] == "websocket"
+        # Each is echoed, in the order sent; paced by what encoding one costs (docs/protocol.md), they apply
+        # together at a few steps, and only the last prompt of each is encoded.
+        echoes = [m for m in c.messages[mark:] if m["type"] == "state" and m["state"]["prompt"][:4].isdigit()]
+        assert [int(m["state"]["prompt"][:4]) for m in echoes] == list(range(50))
+        assert len({m["step"] for m in echoes}) <= 5, sorted({m["step"] for m in echoes})
         assert contiguity_problems(c.audio) == [] and {f.header.epoch for f in c.audio} == {state["epoch"]}
         gaps = [b.arrived - a.arrived for a, b in zip(c.audio[3:], c.audio[4:])]
         assert max(gaps) < MAX_AUDIO_GAP, max(gaps)
