@@ -160,6 +160,63 @@ def test_a_burst_of_long_prompts_does_not_stop_a_listeners_audio(live_server):
         assert max(gaps) < MAX_AUDIO_GAP, max(gaps)
 
 
+def test_a_recording_started_mid_stream_writes_the_history_off_the_event_loop(tiny, test_bank_path, tmp_path,
+                                                                              monkeypatch):
+    """A recording started mid-stream first writes the stream's whole history (megabytes of log lines after hours
+    of knob turning). That happens in the session's worker, where the stream steps: the event loop, which every
+    client's messages and audio go through, runs on meanwhile."""
+    import asyncio
+    import threading
+
+    from musicrfm.engine.generation import load_banks
+    from musicrfm.server import session as session_module
+    from musicrfm.server.session import Session, SessionConfig
+    from musicrfm.server.stream import Cause, Stream
+    from test_hostile_ws import FakeListener
+
+    made_in: list[str] = []
+
+    class SlowRecorder(session_module.Recorder):
+        def __init__(self, *args, **kwargs):
+            made_in.append(threading.current_thread().name)
+            time.sleep(1.0)  # as long as a long history takes to write
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(session_module, "Recorder", SlowRecorder)
+
+    async def main() -> tuple[int, dict]:
+        session = Session("rec", Stream(tiny, load_banks([test_bank_path])), SessionConfig(record_dir=tmp_path),
+                          [test_bank_path])
+        session.start()
+        listener = FakeListener(1)
+        session.add_listener(listener)
+        cause = Cause("websocket", 1, None)
+        try:
+            await session.handle({"type": "transport", "command": "play"}, cause)
+            for i in range(20):  # a history of changes at several steps
+                await session.handle({"type": "set", "directions": {"notes:C": {"coefficient": i / 10}}}, cause)
+                await asyncio.sleep(0.02)
+            await session.handle({"type": "record", "command": "start"}, cause)
+            ticks, deadline = 0, time.monotonic() + 60
+            while not any(m["type"] == "recording" and m["status"] == "started" for m in listener.messages):
+                assert time.monotonic() < deadline, listener.messages[-3:]
+                await asyncio.sleep(0.02)  # the loop's own heartbeat: it stops while something blocks the loop
+                ticks += 1
+            await session.handle({"type": "record", "command": "stop"}, cause)
+            while not any(m["type"] == "recording" and m["status"] == "stopped" for m in listener.messages):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+        finally:
+            await session.close()
+        return ticks, next(m for m in listener.messages if m["type"] == "recording" and m["status"] == "stopped")
+
+    ticks, stopped = asyncio.run(main())
+    assert made_in and made_in[0].startswith("session-rec"), made_in  # the session's worker thread
+    assert ticks >= 20, ticks  # ~50 heartbeats during the 1 s write, not 0
+    header, states, end = read_log(stopped["log"])
+    assert end is not None and len(states) >= 2 and states[0][0] == 0  # the history from step 0, then the rest
+
+
 # --- item 7: sessions nobody uses ---------------------------------------------------------------------------
 
 
