@@ -139,7 +139,7 @@ class Hub:
 
     def get_session(self, name: str) -> Session:
         if not valid_session_name(name):
-            raise ProtocolError(f"bad session name {name!r}: 1-64 letters, digits, '-' or '_'")
+            raise ProtocolError(f"bad session name {fields.shown(name)}: 1-64 letters, digits, '-' or '_'")
         session = self.sessions.get(name)
         if session is not None:
             session.touch()  # a message for it (OSC, or a client joining): it is in use

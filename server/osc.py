@@ -113,7 +113,7 @@ def _parse_message(data: bytes) -> tuple[str, str, list[Any]]:
         if index < len(data):
             tags, index = osc_types.get_string(data, index)
             if not tags.startswith(","):
-                raise OscError(f"{shown(address)}: the type tag string must start with ',', got {tags[:20]!r}")
+                raise OscError(f"{shown(address)}: the type tag string must start with ',', got {shown(tags, 40)}")
             tags = tags[1:]
     except OscError:
         raise
@@ -121,7 +121,8 @@ def _parse_message(data: bytes) -> tuple[str, str, list[Any]]:
         raise OscError(f"malformed OSC message: {exc}") from None
     unknown = sorted(set(tags) - _ARG_TAGS)
     if unknown:  # checked before python-osc sees them: it logs unknown tags on the root logger
-        raise OscError(f"{shown(address)}: unsupported OSC type tag(s) {''.join(unknown)!r}; use i, f, s (or T/F)")
+        raise OscError(f"{shown(address)}: unsupported OSC type tag(s) {shown(''.join(unknown), 40)}; use i, f, s "
+                       "(or T/F)")
     try:
         params = OscMessage(data).params
     except Exception as exc:
@@ -227,7 +228,7 @@ def _bool_arg(address: str, tags: str, params: list) -> bool:
         return tag == "T"
     if tag in "ihfd" and value in (0, 1):  # NaN compares unequal to both
         return bool(value)
-    raise OscError(f"{address} takes 1 or 0 (i, or T/F), got {value!r} ({tag})")
+    raise OscError(f"{address} takes 1 or 0 (i, or T/F), got {shown(value)} ({tag})")
 
 
 def _str_arg(address: str, tags: str, params: list) -> str:

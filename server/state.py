@@ -276,6 +276,6 @@ def _check_strength(state: ControlState) -> None:
         # `not x <= limit` also refuses NaN (inf * 0 in a product).
         if any(not x <= MAX_STRENGTH for x in (coefficient, peak, weight, coefficient * peak,
                                                coefficient * peak * weight)):
-            raise ProtocolError(f"direction {key!r}: too strong (|coefficient| {coefficient:g}, schedule peak "
-                                f"{peak:g}, layer weight {weight:g}): each, and their product, must be at most "
+            raise ProtocolError(f"direction {fields.shown(key)}: too strong (|coefficient| {coefficient:g}, schedule "
+                                f"peak {peak:g}, layer weight {weight:g}): each, and their product, must be at most "
                                 f"{MAX_STRENGTH:g}")

@@ -48,6 +48,7 @@ from musicrfm.engine.model import MusicModel
 from musicrfm.engine.norms import with_layer_norms
 from musicrfm.engine.steering import SteeringPlan
 
+from musicrfm.protocol import fields
 from musicrfm.protocol.wire import ProtocolError
 from .state import TRANSPORT_COMMANDS, ControlState, apply_patch
 
@@ -188,7 +189,7 @@ def parse_change(message: dict, cause: Cause, order: int = 0) -> Change:
     kind = message.get("type")
     at_step = message.get("at_step")
     if at_step is not None and (isinstance(at_step, bool) or not isinstance(at_step, int) or not 0 <= at_step < 2**40):
-        raise ProtocolError(f"at_step must be a whole step number >= 0, got {at_step!r}")
+        raise ProtocolError(f"at_step must be a whole step number >= 0, got {fields.shown(at_step)}")
     if kind == "set":
         body = {k: v for k, v in message.items() if k not in ("type", "id", "at_step")}
         if not body:
@@ -197,20 +198,21 @@ def parse_change(message: dict, cause: Cause, order: int = 0) -> Change:
     if kind == "transport":
         extra = [k for k in message if k not in ("type", "id", "at_step", "command", "seed")]
         if extra:
-            raise ProtocolError(f"transport: unknown field {extra[0]!r}")
+            raise ProtocolError(f"transport: unknown field {fields.shown(extra[0])}")
         command = message.get("command")
         if command not in TRANSPORT_COMMANDS:
-            raise ProtocolError(f"transport command must be one of {', '.join(TRANSPORT_COMMANDS)}, got {command!r}")
+            raise ProtocolError(f"transport command must be one of {', '.join(TRANSPORT_COMMANDS)}, got "
+                                f"{fields.shown(command)}")
         body = {"command": command}
         if "seed" in message:
             seed = message["seed"]
             if command != "reset":
                 raise ProtocolError("transport: only reset takes a seed")
             if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-                raise ProtocolError(f"transport seed must be a whole number >= 0, got {seed!r}")
+                raise ProtocolError(f"transport seed must be a whole number >= 0, got {fields.shown(seed)}")
             body["seed"] = seed
         return Change("transport", body, cause, at_step, order)
-    raise ProtocolError(f"not a control change: {kind!r}")
+    raise ProtocolError(f"not a control change: {fields.shown(kind)}")
 
 
 class Stream:

@@ -404,6 +404,8 @@ BAD = [
     (message(f"{S}/direction/notes:C/knob", ("f", -0.1)), "outside [0, 1]"),
     (message(f"{S}/direction/notes:C/active", ("i", 2)), "1 or 0"),
     (message(f"{S}/direction/notes:C/active", ("f", 0.5)), "1 or 0"),
+    (message(f"{S}/direction/notes:C/active", ("s", "k" * 5000)), "'kkkk"),  # quoted in part, with its length:
+    (message(f"{S}/direction/notes:C/active", ("s", "k" * 5000)), "... (5002 characters)"),
     (message(f"{S}/direction/notes:C/schedule", ("s", "wobble:x=1")), "schedule"),
     (message(f"{S}/direction/notes:C/remove", ("i", 1)), "no arguments"),
     (message(f"{S}/direction/notes:H/coefficient", ("f", 0.4)), "unknown direction 'notes:H'"),
