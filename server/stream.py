@@ -383,21 +383,27 @@ class Stream:
                 self._pending = [c for c, wait in zip(self._pending, waiting) if wait]
                 self._front = due[-1]
                 self._fresh = max(0, self._fresh - n) if prefix else 0
-                due.sort(key=lambda c: c.order)
+                in_queue_order = due
+                due = sorted(due, key=lambda c: c.order)
                 if stepping and self.pace_prompts and step < self._prompt_ready:
-                    due = self._hold_prompt(due, front)
+                    due = self._hold_prompt(due, front, prefix and all(a is b for a, b in zip(due, in_queue_order)))
             self._floor = step + 1 if stepping else step
         return due
 
-    def _hold_prompt(self, due: list[Change], front: Change | None) -> list[Change]:
+    def _hold_prompt(self, due: list[Change], front: Change | None, same_order: bool) -> list[Change]:
         """The changes of `due` (in the order they apply) before the first that sets another prompt than the
-        generator's; that one and those after it go back to the front of the queue until `_prompt_ready`."""
+        generator's; that one and those after it go back to the front of the queue until `_prompt_ready`.
+        `same_order`: `due` was the head of the queue in this order, so what was checked still holds."""
         prompt = self.generator.prompt if self.generator is not None else None
         cut = next((k for k, c in enumerate(due) if c.kind == "set" and c.body.get("prompt", prompt) != prompt), None)
         if cut is None:
             return due
-        self._pending = [*sorted(due[cut:], key=lambda c: (c.step, c.order)), *self._pending]
-        self._fresh = 0  # checked again when they apply, at another step than they were checked for
+        held = due[cut:]
+        self._pending = [*held, *self._pending] if same_order else [*sorted(held, key=lambda c: (c.step, c.order)),
+                                                                      *self._pending]
+        # Held in order, they meet what they were checked on (checked once more when they apply, at another step),
+        # not checked again at every step they wait.
+        self._fresh = len(held) + self._fresh if same_order else 0
         self._front = due[cut - 1] if cut else front
         return due[:cut]
 

@@ -301,7 +301,7 @@ def test_prompts_due_at_one_step_are_encoded_once(tiny, bank):
     assert len(encoded) == 1
 
 
-def test_a_live_stream_paces_prompt_changes_by_what_encoding_them_costs(tiny, bank):
+def test_a_live_stream_paces_prompt_changes_by_what_encoding_them_costs(tiny, bank, monkeypatch):
     """A new prompt every step, each encoding taking 40 ms (a step is 20 ms): a live stream (`pace_prompts`)
     holds a prompt change, and every change after it, until PROMPT_ENCODE_SHARE of the time has gone to encoding;
     whatever came meanwhile applies together, in order, and only its last prompt is encoded. Every change is still
@@ -310,6 +310,12 @@ def test_a_live_stream_paces_prompt_changes_by_what_encoding_them_costs(tiny, ba
     import time as clock
 
     from musicrfm.server.stream import PROMPT_ENCODE_SHARE
+
+    from musicrfm.server import stream as stream_module
+
+    checks = []
+    real_patch = stream_module.apply_patch
+    monkeypatch.setattr(stream_module, "apply_patch", lambda *a, **kw: checks.append(1) or real_patch(*a, **kw))
 
     def run(pace: bool) -> tuple[list[str], list]:
         s = Stream(tiny, bank)
@@ -338,6 +344,7 @@ def test_a_live_stream_paces_prompt_changes_by_what_encoding_them_costs(tiny, ba
         return encoded, applied
 
     encoded, applied = run(pace=True)
+    assert len(checks) <= 2 * 48, len(checks)  # once when sent, once more when it applied later: not every step held
     assert [a.state.prompt for a in applied if a.state.prompt != applied[0].state.prompt][-1] == "prompt 39"
     assert [a.version for a in applied] == sorted(a.version for a in applied)  # in the order they came
     assert len(applied) == 48 and [a.step for a in applied] == sorted(a.step for a in applied)
