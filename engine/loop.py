@@ -26,10 +26,15 @@ import torch
 
 from musicrfm.protocol.wire import end_step
 
-from .decoder import MusicgenDecoder, delayed_inputs, frame_at
+from .decoder import MusicgenDecoder, TextConditioning, delayed_inputs, frame_at
 from .model import MusicModel
 from .sampling import SamplingConfig, guided_logits, sample_tokens
 from .steering import SteeringPlan
+
+
+# Prompts whose text-encoder output a generator keeps: a live session switching between a few prompts encodes
+# each once (an encoding is [rows, tokens, d_model]: up to ~8 MB for musicgen-large's longest prompts).
+PROMPT_CACHE = 8
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,7 @@ class Generator:
         self.rng = torch.Generator(device=model.device).manual_seed(seed)
         self._guidance = sampling.uses_guidance
         self.decoder = MusicgenDecoder(model, rows=2 if self._guidance else 1, capacity=self.context_steps)
+        self._encoded: dict[str, TextConditioning] = {}  # prompt -> its encoding, least recently used first
         self.set_prompt(prompt)
 
         self._codes = torch.full((k, 1024), model.pad_token_id, dtype=torch.long, device=model.device)
@@ -93,11 +99,18 @@ class Generator:
     # --- live controls ------------------------------------------------------------------------------
 
     def set_prompt(self, prompt: str) -> None:
-        """Takes effect at the next step; the audio context is kept, so there is no gap."""
+        """Takes effect at the next step; the audio context is kept, so there is no gap. The text encoder's
+        output for the last PROMPT_CACHE prompts is kept: going back to one of them encodes nothing."""
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+        cond = self._encoded.pop(prompt, None)
+        if cond is None:
+            cond = self.decoder.encode_text([prompt], guidance=self._guidance)
+        self._encoded[prompt] = cond  # the most recent last
+        while len(self._encoded) > PROMPT_CACHE:
+            del self._encoded[next(iter(self._encoded))]
         self.prompt = prompt
-        self.decoder.set_conditioning(self.decoder.encode_text([prompt], guidance=self._guidance))
+        self.decoder.set_conditioning(cond)
 
     def check_sampling(self, sampling: SamplingConfig) -> None:
         """Raise ValueError if this stream cannot switch to `sampling` (a stream started without guidance has

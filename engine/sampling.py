@@ -23,7 +23,7 @@ class SamplingConfig:
         for name in ("guidance_scale", "temperature", "top_p"):
             object.__setattr__(self, name, fields.number(f"sampling {name}", getattr(self, name)))
         if not isinstance(self.greedy, bool):
-            raise ValueError(f"sampling greedy must be true or false, got {self.greedy!r}")
+            raise ValueError(f"sampling greedy must be true or false, got {fields.shown(self.greedy)}")
         if self.guidance_scale < 0:
             raise ValueError(f"sampling guidance_scale must be >= 0, got {self.guidance_scale}")
         if self.temperature <= 0 and not self.greedy:

@@ -126,11 +126,12 @@ def _cue_patch(where: str, cue: dict, frame_rate: float, coefficients: dict[str,
                                                          "units", "sampling", "seed")))
         given = patch.pop("directions", {})
         if not isinstance(given, dict):
-            raise _fail(where, f"set.directions must be a table of \"concept:class\" = {{...}}, got {given!r:.80}")
+            raise _fail(where, f"set.directions must be a table of \"concept:class\" = {{...}}, got "
+                               f"{fields.shown(given)}")
         directions.update(given)
     if "prompt" in cue:
         if not isinstance(cue["prompt"], str):
-            raise _fail(where, f"prompt must be a string, got {cue['prompt']!r}")
+            raise _fail(where, f"prompt must be a string, got {fields.shown(cue['prompt'])}")
         patch["prompt"] = cue["prompt"]
     if "direction" in cue:
         d = dict(_table(f"{where} direction", cue["direction"], ("key", "coefficient", "schedule", "active")))
@@ -142,7 +143,8 @@ def _cue_patch(where: str, cue: dict, frame_rate: float, coefficients: dict[str,
         keys = cue["remove"] if isinstance(cue["remove"], list) else [cue["remove"]]
         for key in keys:
             if not isinstance(key, str):
-                raise _fail(where, f"remove names directions (\"concept:class\" or a list of them), got {key!r:.80}")
+                raise _fail(where, f"remove names directions (\"concept:class\" or a list of them), got "
+                                   f"{fields.shown(key)}")
             directions[key] = None
     if "ramp" in cue:
         r = _table(f"{where} ramp", cue["ramp"], ("direction", "to", "from", "seconds", "steps"))
@@ -199,14 +201,14 @@ def parse_score(data: dict, *, frame_rate: float = 50.0, path: Path | None = Non
         raise _fail(name, f"seconds must be > 0 and at most {MAX_SCORE_SECONDS} (a day), got {seconds:g}")
     model = data.get("model")
     if model is not None and not isinstance(model, str):
-        raise _fail(name, f"model must be a model name (a string), got {model!r:.80}")
+        raise _fail(name, f"model must be a model name (a string), got {fields.shown(model)}")
     title = data.get("title", "")
     if not isinstance(title, str):
-        raise _fail(name, f"title must be a string, got {title!r:.80}")
+        raise _fail(name, f"title must be a string, got {fields.shown(title)}")
     seed = fields.whole(f"{name} seed", data.get("seed", 0), 0, error=ScoreError)
     prompt = data.get("prompt", "")
     if not isinstance(prompt, str):
-        raise _fail(name, f"prompt must be a string, got {prompt!r}")
+        raise _fail(name, f"prompt must be a string, got {fields.shown(prompt)}")
     base = path.parent if path else Path(".")
     banks = data.get("banks", [])
     if not isinstance(banks, list) or not all(isinstance(b, str) for b in banks):

@@ -106,7 +106,40 @@ MAX_NESTING = 32  # objects / arrays within each other in one message (the proto
 def check_finite(value: Any, where: str = "message") -> None:
     """Refuse NaN / inf anywhere (msgpack floats carry them, and JSON its NaN / Infinity literals), and
     nesting deeper than MAX_NESTING (msgpack decodes ~1000 levels: recursing over them, or printing them in an
-    error, would overflow Python's stack). Iterative, and the path named in the error is only built for it."""
+    error, would overflow Python's stack). Iterative; every message is checked, so a first pass only looks (a
+    60 KB message holds ~12,000 values), and the path named in an error is only found for it."""
+    if not _finite_and_shallow(value):
+        _name_the_problem(value, where)
+
+
+_PLAIN = frozenset({str, int, bool, type(None), bytes})  # what a decoder gives that cannot be a problem
+
+
+def _finite_and_shallow(value: Any) -> bool:
+    level, depth = [value], 0
+    while level:
+        deeper: list = []
+        for v in level:
+            if type(v) in _PLAIN:
+                continue
+            if isinstance(v, float):
+                if not math.isfinite(v):
+                    return False
+                continue
+            if isinstance(v, dict):
+                deeper.extend(v.values())
+            elif isinstance(v, (list, tuple)):
+                deeper.extend(v)
+            else:
+                continue
+            if depth >= MAX_NESTING:  # a container this deep
+                return False
+        level, depth = deeper, depth + 1
+    return True
+
+
+def _name_the_problem(value: Any, where: str) -> None:
+    """Raise the ProtocolError naming where `check_finite`'s first pass found a problem."""
     todo: list[tuple[Any, tuple | None, int]] = [(value, None, 0)]  # (value, (parent path, key) or None, depth)
     while todo:
         value, path, depth = todo.pop()
@@ -128,7 +161,14 @@ def _path(where: str, path: tuple | None) -> str:
 
 
 def encode_message(message: dict, encoding: str = "json") -> bytes | str:
-    """A message for the wire: JSON text, or a msgpack binary frame."""
+    """A message for the wire: JSON text, or a msgpack binary frame (a `SharedMessage` is encoded once per
+    encoding, however many clients it goes to)."""
+    if isinstance(message, SharedMessage):
+        return message.encoded(encoding)
+    return _encode(message, encoding)
+
+
+def _encode(message: dict, encoding: str) -> bytes | str:
     if encoding == "json":
         return json.dumps(message, separators=(",", ":"), allow_nan=False)
     if encoding == "msgpack":
@@ -160,3 +200,20 @@ def is_loopback(host: str) -> bool:
 def valid_session_name(name: str) -> bool:
     return (isinstance(name, str) and 0 < len(name) <= SESSION_NAME_MAX
             and all(c.isascii() and (c.isalnum() or c in "-_") for c in name))
+
+
+class SharedMessage(dict):
+    """A message that goes to many clients (a session's `state`, `stats`, ...): `encode_message` encodes it once
+    per encoding and hands every client the same frame. Not to be changed once sent."""
+
+    __slots__ = ("_frames",)
+
+    def encoded(self, encoding: str) -> bytes | str:
+        try:
+            frames = self._frames
+        except AttributeError:
+            frames = self._frames = {}
+        frame = frames.get(encoding)
+        if frame is None:
+            frame = frames[encoding] = _encode(self, encoding)
+        return frame

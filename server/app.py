@@ -36,12 +36,15 @@ from websockets.http11 import Request, Response
 from musicrfm.engine.bank import DirectionBank
 from musicrfm.engine.model import NOISE_WARNING, MusicModel, bundled_prompts
 
-from musicrfm.protocol.wire import (MAX_MESSAGE_BYTES, PROTOCOL_VERSION, AUDIO_HEADER_BYTES, ProtocolError, decode_message,
-                       encode_message, is_loopback, valid_session_name)
+from musicrfm.protocol import fields
+from musicrfm.protocol.wire import (MAX_MESSAGE_BYTES, MAX_NESTING, PROTOCOL_VERSION, AUDIO_HEADER_BYTES, ProtocolError,
+                       decode_message, encode_message, is_loopback, valid_session_name)
 from .limits import TokenBucket
-from .session import Cause, Session, SessionConfig
-from .state import ControlState
-from .stream import Stream
+from .session import RECORD_START_BURST, RECORD_START_SECONDS, Cause, Session, SessionConfig
+from .state import (MAX_DIRECTION_KEY_CHARS, MAX_DIRECTIONS, MAX_PROMPT_CHARS, MAX_SCHEDULE_POINTS, MAX_STATE_BYTES,
+                    ControlState)
+from .stream import (MAX_FUTURE_CHANGES, MAX_OUT_OF_ORDER_CHANGES, PROMPT_ENCODE_SHARE, PROMPT_MIN_SECONDS,
+                     Stream)
 
 log = logging.getLogger("musicrfm.server")
 SEND_BUFFER_BYTES = 128 * 1024  # a connection's kernel send buffer (about 1 s of audio; Linux doubles it)
@@ -136,7 +139,7 @@ class Hub:
 
     def get_session(self, name: str) -> Session:
         if not valid_session_name(name):
-            raise ProtocolError(f"bad session name {name!r}: 1-64 letters, digits, '-' or '_'")
+            raise ProtocolError(f"bad session name {fields.shown(name)}: 1-64 letters, digits, '-' or '_'")
         session = self.sessions.get(name)
         if session is not None:
             session.touch()  # a message for it (OSC, or a client joining): it is in use
@@ -163,9 +166,7 @@ class Hub:
                 "codebooks": m.num_codebooks, "audio": {"format": "f32le", "header_bytes": AUDIO_HEADER_BYTES},
                 "model": m.name, "random_weights": m.is_random, "note": NOISE_WARNING if m.is_random else "",
                 "directions": self.directions, "example_prompts": self.example_prompts,
-                "limits": {"max_message_bytes": MAX_MESSAGE_BYTES,
-                           "messages_per_second": self.config.messages_per_second,
-                           "coefficient_max": self.config.coefficient_max},
+                "limits": self.limits(),
                 # What a coefficient means: the units new sessions start in, and (relative units) each layer's
                 # typical activation norm, so a client can show a strength in hidden-state units too.
                 "strength": {"units": self.config.initial.steering.units,
@@ -174,6 +175,21 @@ class Hub:
                              if self.bank is not None and self.bank.layer_norms is not None else None},
                 "version": state["version"], "epoch": state["epoch"], "step": state["step"], "state": state["state"],
                 "recording": state["recording"]}
+
+    def limits(self) -> dict:
+        """The bounds a client may meet, as `hello` lists them (docs/protocol.md, "Server messages")."""
+        c, s = self.config, self.config.session
+        return {"max_message_bytes": MAX_MESSAGE_BYTES, "messages_per_second": c.messages_per_second,
+                "message_burst": c.message_burst, "coefficient_max": c.coefficient_max,
+                "max_sessions": c.max_sessions, "idle_seconds": c.idle_seconds,
+                "max_id_chars": ID_MAX_CHARS, "max_nesting": MAX_NESTING, "max_prompt_chars": MAX_PROMPT_CHARS,
+                "max_directions": MAX_DIRECTIONS, "max_direction_key_chars": MAX_DIRECTION_KEY_CHARS,
+                "max_schedule_points": MAX_SCHEDULE_POINTS, "max_state_bytes": MAX_STATE_BYTES,
+                "max_future_changes": MAX_FUTURE_CHANGES, "max_out_of_order_changes": MAX_OUT_OF_ORDER_CHANGES,
+                "prompt_min_seconds": PROMPT_MIN_SECONDS, "prompt_encode_share": PROMPT_ENCODE_SHARE,
+                "record_start_burst": RECORD_START_BURST, "record_start_seconds": RECORD_START_SECONDS,
+                "record_max_seconds": s.record_max_seconds, "record_max_mb": s.record_max_mb,
+                "record_min_free_mb": s.record_min_free_mb}
 
     async def close(self) -> None:
         if self._reaper is not None:

@@ -52,9 +52,10 @@ MAX_ERROR_TEXT = 1000                   # characters of an /musicrfm/error reply
 MAX_REPLY_BYTES = 8192                  # echo bundles are split so that each datagram stays below this
 ERROR_REPLIES_PER_SECOND = 50           # /musicrfm/error replies, all senders together (bursts of 100):
                                         # a flood of bad (or source-spoofed) packets is not reflected
-MESSAGES_PER_SECOND = 100               # messages one sender (ip:port) may send, a bundle counting its messages;
-MESSAGE_BURST = 200                     # over that, a datagram is refused whole (as a WebSocket client's are)
-MAX_RATE_SENDERS = 1024                 # senders whose rate is remembered (the least recent are forgotten)
+MESSAGES_PER_SECOND = 100               # messages one sending host (IP address, whatever its source ports) may send,
+MESSAGE_BURST = 200                     # a bundle counting its messages; over that, a datagram is refused whole (as a
+                                        # WebSocket client's are). Per IP, not ip:port: a new source port is free
+MAX_RATE_SENDERS = 1024                 # hosts whose rate is remembered (the least recent are forgotten)
 _BUNDLE_TAG = b"#bundle\x00"
 _ARG_TAGS = frozenset("ifdhsTFN")       # argument types accepted at all (others: a clear error)
 
@@ -112,7 +113,7 @@ def _parse_message(data: bytes) -> tuple[str, str, list[Any]]:
         if index < len(data):
             tags, index = osc_types.get_string(data, index)
             if not tags.startswith(","):
-                raise OscError(f"{shown(address)}: the type tag string must start with ',', got {tags[:20]!r}")
+                raise OscError(f"{shown(address)}: the type tag string must start with ',', got {shown(tags, 40)}")
             tags = tags[1:]
     except OscError:
         raise
@@ -120,7 +121,8 @@ def _parse_message(data: bytes) -> tuple[str, str, list[Any]]:
         raise OscError(f"malformed OSC message: {exc}") from None
     unknown = sorted(set(tags) - _ARG_TAGS)
     if unknown:  # checked before python-osc sees them: it logs unknown tags on the root logger
-        raise OscError(f"{shown(address)}: unsupported OSC type tag(s) {''.join(unknown)!r}; use i, f, s (or T/F)")
+        raise OscError(f"{shown(address)}: unsupported OSC type tag(s) {shown(''.join(unknown), 40)}; use i, f, s "
+                       "(or T/F)")
     try:
         params = OscMessage(data).params
     except Exception as exc:
@@ -226,7 +228,7 @@ def _bool_arg(address: str, tags: str, params: list) -> bool:
         return tag == "T"
     if tag in "ihfd" and value in (0, 1):  # NaN compares unequal to both
         return bool(value)
-    raise OscError(f"{address} takes 1 or 0 (i, or T/F), got {value!r} ({tag})")
+    raise OscError(f"{address} takes 1 or 0 (i, or T/F), got {shown(value)} ({tag})")
 
 
 def _str_arg(address: str, tags: str, params: list) -> str:
@@ -439,7 +441,7 @@ class OscServer:
         self._log = RateLimitedLog(log, "OSC warnings")
         self._error_tokens = 2.0 * ERROR_REPLIES_PER_SECOND
         self._error_time = time.monotonic()
-        self._rates: collections.OrderedDict[Address, TokenBucket] = collections.OrderedDict()
+        self._rates: collections.OrderedDict[str, TokenBucket] = collections.OrderedDict()  # by IP address
 
     async def start(self, host: str = "127.0.0.1", port: int = 9000) -> Address:
         """Bind the UDP socket; returns the bound (host, port) (port 0 picks a free one)."""
@@ -486,8 +488,8 @@ class OscServer:
         except OscError as exc:  # (its reply is limited with every other error reply)
             self._refuse(sender, str(exc))
             return
-        if not self._rate(sender).take(len(messages)):
-            self._refuse(sender, f"rate limit: at most {MESSAGES_PER_SECOND} OSC messages a second from one sender "
+        if not self._rate(sender[0]).take(len(messages)):
+            self._refuse(sender, f"rate limit: at most {MESSAGES_PER_SECOND} OSC messages a second from one host "
                                  f"(bursts of {MESSAGE_BURST}); this datagram ({len(messages)} messages) was dropped")
             return
         for address, tags, params in messages:
@@ -507,13 +509,14 @@ class OscServer:
                 continue
             self._enqueue(sender, action)
 
-    def _rate(self, sender: Address) -> TokenBucket:
-        """The sender's message bucket (the least recently heard of MAX_RATE_SENDERS are forgotten)."""
-        bucket = self._rates.get(sender)
+    def _rate(self, host: str) -> TokenBucket:
+        """The message bucket of a sending host, all its source ports together (a flood from many ports of one
+        host is one flood); the least recently heard of MAX_RATE_SENDERS hosts are forgotten."""
+        bucket = self._rates.get(host)
         if bucket is None:
-            bucket = self._rates[sender] = TokenBucket(MESSAGES_PER_SECOND, MESSAGE_BURST)
+            bucket = self._rates[host] = TokenBucket(MESSAGES_PER_SECOND, MESSAGE_BURST)
         else:
-            self._rates.move_to_end(sender)
+            self._rates.move_to_end(host)
         while len(self._rates) > MAX_RATE_SENDERS:
             self._rates.popitem(last=False)
         return bucket

@@ -153,7 +153,7 @@ _HEADER_FIELDS: dict[str, Any] = {  # key -> check(where, value)
 
 def _string(where: str, value: Any) -> str:
     if not isinstance(value, str):
-        raise ProtocolError(f"{where} must be a string, got {value!r:.80}")
+        raise ProtocolError(f"{where} must be a string, got {fields.shown(value)}")
     return value
 
 
@@ -182,7 +182,8 @@ def load_log(path: str | os.PathLike) -> SessionLog:
         raise ProtocolError(f"{path}: not a musicrfm session log (first line must be its header)")
     version = header.get("version")
     if isinstance(version, bool) or version not in (1, LOG_VERSION):
-        raise ProtocolError(f"{path}: session log version {fields.shown(version)} is not supported (1 or {LOG_VERSION})")
+        raise ProtocolError(f"{path}: session log version {fields.shown(version, 40)} is not supported (1 or "
+                            f"{LOG_VERSION})")
     for key, check in _HEADER_FIELDS.items():
         if key not in header:
             raise ProtocolError(f"{path}: the header (line 1) lacks {key!r}")
@@ -202,12 +203,13 @@ def load_log(path: str | os.PathLike) -> SessionLog:
             if states and step < states[-1][0]:
                 raise ProtocolError(f"{where}: step {step} comes before the previous line's {states[-1][0]}")
             if not isinstance(record.get("state"), dict):
-                raise ProtocolError(f"{where}: a state line's state must be an object, got {record.get('state')!r:.80}")
+                raise ProtocolError(f"{where}: a state line's state must be an object, got "
+                                    f"{fields.shown(record.get('state'))}")
             states.append((step, legacy_spec(record["state"]) if version == 1 else record["state"], n))
         elif kind == "end":
             end = _end_line(where, record, header)
         else:
-            raise ProtocolError(f"{where}: unknown line type {kind!r:.40}")
+            raise ProtocolError(f"{where}: unknown line type {fields.shown(kind, 40)}")
     if not states:
         raise ProtocolError(f"{path}: the log holds no control state")
     return SessionLog(path, header, states, end, len(raw_lines), partial=bool(rest.strip()))
@@ -216,7 +218,7 @@ def load_log(path: str | os.PathLike) -> SessionLog:
 def _end_line(where: str, record: dict, header: dict) -> dict:
     frames = record.get("frames")
     if not (isinstance(frames, list) and len(frames) == 2):
-        raise ProtocolError(f"{where}: frames must be [first, end], got {frames!r:.80}")
+        raise ProtocolError(f"{where}: frames must be [first, end], got {fields.shown(frames)}")
     first = fields.whole(f"{where} frames[0]", frames[0], 0, 2**40, error=ProtocolError)
     last = fields.whole(f"{where} frames[1]", frames[1], first, 2**40, error=ProtocolError)
     if first != header["first_frame"]:
@@ -226,7 +228,7 @@ def _end_line(where: str, record: dict, header: dict) -> dict:
         raise ProtocolError(f"{where}: {last - first} frames cannot fit in {samples} samples")
     sha = record.get("tokens_sha256")
     if not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
-        raise ProtocolError(f"{where}: tokens_sha256 must be 64 hex digits, got {sha!r:.80}")
+        raise ProtocolError(f"{where}: tokens_sha256 must be 64 hex digits, got {fields.shown(sha)}")
     return record
 
 

@@ -28,7 +28,7 @@ from typing import Callable, Protocol
 
 
 from musicrfm.protocol import fields
-from musicrfm.protocol.wire import AudioHeader, ProtocolError, pack_audio
+from musicrfm.protocol.wire import AudioHeader, ProtocolError, SharedMessage, pack_audio
 from .limits import TokenBucket
 from .recording import Recorder
 from .stream import Applied, Cause, Stream, StreamChunk
@@ -111,6 +111,7 @@ class Session:
     def __init__(self, name: str, stream: Stream, config: SessionConfig, bank_paths: list[Path]):
         self.name = name
         self.stream = stream
+        stream.pace_prompts = True  # live: a flood of prompts is encoded within PROMPT_ENCODE_SHARE of the time
         self.config = config
         self.bank_paths = bank_paths
         self.sample_rate = stream.model.sample_rate
@@ -196,6 +197,7 @@ class Session:
                 log.exception("session %s: closing client %s failed", self.name, listener.client_id)
 
     def _broadcast(self, message: dict) -> None:
+        message = SharedMessage(message)  # encoded once per wire format, not once per listener
         for listener in list(self._listeners.values()):
             self._deliver(listener, listener.send_message, message)
         for callback in list(self._subscribers):
@@ -262,15 +264,19 @@ class Session:
     async def _work(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
+    @property
+    def held(self) -> bool:
+        """No step runs now: the stream is not playing, or nobody listens (module docstring)."""
+        return self.stream.state.playback != "playing" or not self._listeners
+
     async def _run(self) -> None:
         try:
             while not self._closed:
                 self._wake.clear()
-                held = self.stream.state.playback != "playing" or not self._listeners
-                if held:  # while generating, generate() applies changes
+                if self.held:  # while generating, generate() applies changes
                     self._publish(await self._work(self.stream.apply_due))
-                self._handle_record_requests()
-                if self.stream.state.playback != "playing" or not self._listeners:
+                await self._handle_record_requests()
+                if self.held:
                     if self._clock.running:
                         self._clock.pause(self._generated())
                     await self._idle(None)
@@ -366,7 +372,7 @@ class Session:
 
     # --- recording ----------------------------------------------------------------------------------
 
-    def _handle_record_requests(self) -> None:
+    async def _handle_record_requests(self) -> None:
         requests, self._record_requests = self._record_requests, []
         for command, cause in requests:
             if command == "start":
@@ -374,13 +380,13 @@ class Session:
                     self._armed = True
                     if self.stream.generator is None:  # the recording starts with the next stream
                         self._broadcast({"type": "recording", "status": "armed"})
-                self._start_armed_recording()
+                await self._start_armed_recording()
             elif self._recorder is not None:
                 self._finish_recording()
             elif self._armed:
                 self._armed = False
                 self._broadcast({"type": "recording", "status": "disarmed"})
-        self._start_armed_recording()  # an armed recording whose stream has begun
+        await self._start_armed_recording()  # an armed recording whose stream has begun
 
     def _check_can_record(self) -> None:
         """ProtocolError when a recording may not start now: too many started lately, or too little disk."""
@@ -400,7 +406,7 @@ class Session:
             raise ProtocolError(f"record: only {free:.0f} MB free under {c.record_dir} (a recording needs "
                                 f"--record-min-free-mb {c.record_min_free_mb:g}); not recording")
 
-    def _start_armed_recording(self) -> None:
+    async def _start_armed_recording(self) -> None:
         if not (self._armed and self.stream.generator is not None and self._recorder is None):
             return
         self._armed = False
@@ -408,7 +414,9 @@ class Session:
         base = self.config.record_dir / f"{self.name}-{self.stream.epoch}-{stamp}"
         try:
             self._check_disk()  # again: an armed recording may start long after it was asked for
-            self._recorder = Recorder(base, self.stream, self.bank_paths, max_bytes=int(self.config.record_max_mb * 1e6))
+            # In the worker, where the stream steps (so it does not step meanwhile): a recording started mid-stream
+            # first writes the stream's whole history, which for a long stream is many megabytes of log lines.
+            self._recorder = await self._work(self._new_recorder, base)
         except (ProtocolError, OSError) as exc:
             log.warning("session %s: %s", self.name, exc)
             self._broadcast({"type": "warning", "message": str(exc)})
@@ -416,6 +424,9 @@ class Session:
             return
         self._broadcast({"type": "recording", "status": "started", "wav": str(self._recorder.wav_path),
                          "log": str(self._recorder.log_path), "frames": [self._recorder.first_frame, None]})
+
+    def _new_recorder(self, base: Path) -> Recorder:
+        return Recorder(base, self.stream, self.bank_paths, max_bytes=int(self.config.record_max_mb * 1e6))
 
     def _finish_recording(self, reason: str | None = None) -> None:
         recorder, self._recorder = self._recorder, None

@@ -222,7 +222,11 @@ def apply_patch(state: ControlState, patch: Mapping[str, Any], *, step: int,
     new = replace(state, **changes)
     _check_strength(new)
     as_dict = new.to_dict()
-    _check_integers(as_dict)
+    # Only what the patch set can hold a number beyond 64 bits: the rest of the state was checked when it was set.
+    given = patch.get("directions")
+    _check_integers({"directions": {k: as_dict["directions"][k] for k in given if k in as_dict["directions"]}
+                     if isinstance(given, dict) else {},
+                     **{name: as_dict[name] for name in patch if name != "directions"}})
     size = len(json.dumps(as_dict, separators=(",", ":")))
     if size > MAX_STATE_BYTES:
         raise ProtocolError(f"the state would be {size} bytes of JSON (at most {MAX_STATE_BYTES}): fewer directions, "
@@ -232,16 +236,30 @@ def apply_patch(state: ControlState, patch: Mapping[str, Any], *, step: int,
 
 def _check_integers(state: dict) -> None:
     """Every whole number in the state fits in 64 bits: a schedule's `length` of 10**400 is valid JSON, but the
-    state is sent to msgpack clients too, and msgpack (like most JSON readers) cannot carry it."""
-    todo: list[tuple[str, Any]] = [("state", state)]
+    state is sent to msgpack clients too, and msgpack (like most JSON readers) cannot carry it. (The walk names
+    nothing until it finds a bad number, then finds where it is: building every value's path cost more than
+    the rest of a change's checks.)"""
+    todo: list[Any] = [state]
     while todo:
-        where, value = todo.pop()
+        value = todo.pop()
         if isinstance(value, dict):
-            todo.extend((f"{where}.{k}", v) for k, v in value.items())
+            todo.extend(value.values())
         elif isinstance(value, list):
-            todo.extend((f"{where}[{i}]", v) for i, v in enumerate(value))
-        elif isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**64:
-            raise ProtocolError(f"{where.removeprefix('state.')}: {value} does not fit in 64 bits")
+            todo.extend(value)
+        elif isinstance(value, int) and not -2**63 <= value < 2**64:  # (a bool is an int in range)
+            raise ProtocolError(f"{_where(state, value).removeprefix('state.')}: {value} does not fit in 64 bits")
+
+
+def _where(node: Any, target: Any, where: str = "state") -> str:
+    """The path of `target` (the very object) in `node`, as 'state.directions.notes:C.schedule.length'."""
+    if node is target:
+        return where
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for k, v in items:
+        found = _where(v, target, f"{where}.{k}" if isinstance(node, dict) else f"{where}[{k}]")
+        if found:
+            return found
+    return ""
 
 
 def _check_strength(state: ControlState) -> None:
@@ -258,6 +276,6 @@ def _check_strength(state: ControlState) -> None:
         # `not x <= limit` also refuses NaN (inf * 0 in a product).
         if any(not x <= MAX_STRENGTH for x in (coefficient, peak, weight, coefficient * peak,
                                                coefficient * peak * weight)):
-            raise ProtocolError(f"direction {key!r}: too strong (|coefficient| {coefficient:g}, schedule peak "
-                                f"{peak:g}, layer weight {weight:g}): each, and their product, must be at most "
+            raise ProtocolError(f"direction {fields.shown(key)}: too strong (|coefficient| {coefficient:g}, schedule "
+                                f"peak {peak:g}, layer weight {weight:g}): each, and their product, must be at most "
                                 f"{MAX_STRENGTH:g}")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 import threading
 import time
 import zlib
@@ -47,6 +48,7 @@ from musicrfm.engine.model import MusicModel
 from musicrfm.engine.norms import with_layer_norms
 from musicrfm.engine.steering import SteeringPlan
 
+from musicrfm.protocol import fields
 from musicrfm.protocol.wire import ProtocolError
 from .state import TRANSPORT_COMMANDS, ControlState, apply_patch
 
@@ -60,6 +62,13 @@ MAX_OUT_OF_ORDER_CHANGES = 64
 # A stream's control history (what a recording started mid-stream writes first), compressed. At ~20 bytes a step
 # where something changed, this holds hours of knob turning; past it, a recording needs a new stream.
 MAX_HISTORY_BYTES = 2 * 1024 * 1024
+# Prompt changes in a live session (`Stream.pace_prompts`): encoding a prompt holds up generation (a 2,000-character
+# prompt took 0.5 s on tiny-random, whose tokenizer reads characters), so after an encoding that took d seconds a
+# change to another prompt applies PROMPT_MIN_SECONDS, or d / PROMPT_ENCODE_SHARE, later at the earliest: it waits,
+# with the changes that came after it, and whatever prompts come meanwhile are encoded once, the last of them.
+# Unbounded, a stream of distinct long prompts encoded one every step or two and the audio fell far behind.
+PROMPT_MIN_SECONDS = 0.1
+PROMPT_ENCODE_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -180,7 +189,7 @@ def parse_change(message: dict, cause: Cause, order: int = 0) -> Change:
     kind = message.get("type")
     at_step = message.get("at_step")
     if at_step is not None and (isinstance(at_step, bool) or not isinstance(at_step, int) or not 0 <= at_step < 2**40):
-        raise ProtocolError(f"at_step must be a whole step number >= 0, got {at_step!r}")
+        raise ProtocolError(f"at_step must be a whole step number >= 0, got {fields.shown(at_step)}")
     if kind == "set":
         body = {k: v for k, v in message.items() if k not in ("type", "id", "at_step")}
         if not body:
@@ -189,20 +198,21 @@ def parse_change(message: dict, cause: Cause, order: int = 0) -> Change:
     if kind == "transport":
         extra = [k for k in message if k not in ("type", "id", "at_step", "command", "seed")]
         if extra:
-            raise ProtocolError(f"transport: unknown field {extra[0]!r}")
+            raise ProtocolError(f"transport: unknown field {fields.shown(extra[0])}")
         command = message.get("command")
         if command not in TRANSPORT_COMMANDS:
-            raise ProtocolError(f"transport command must be one of {', '.join(TRANSPORT_COMMANDS)}, got {command!r}")
+            raise ProtocolError(f"transport command must be one of {', '.join(TRANSPORT_COMMANDS)}, got "
+                                f"{fields.shown(command)}")
         body = {"command": command}
         if "seed" in message:
             seed = message["seed"]
             if command != "reset":
                 raise ProtocolError("transport: only reset takes a seed")
             if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-                raise ProtocolError(f"transport seed must be a whole number >= 0, got {seed!r}")
+                raise ProtocolError(f"transport seed must be a whole number >= 0, got {fields.shown(seed)}")
             body["seed"] = seed
         return Change("transport", body, cause, at_step, order)
-    raise ProtocolError(f"not a control change: {kind!r}")
+    raise ProtocolError(f"not a control change: {fields.shown(kind)}")
 
 
 class Stream:
@@ -228,9 +238,14 @@ class Stream:
         self._generator_plan: SteeringPlan | None = None  # the CPU plan the generator runs (see _sync_generator)
         self._device_weights: tuple[torch.Tensor, torch.Tensor] | None = None  # (CPU weighted, on the device)
         self._pending: list[Change] = []  # in the order they will apply: by (step, order)
+        self._fresh = 0  # _pending[:_fresh] are checked on what they meet; the others are checked again when needed
         self._front: Change | None = None  # the last change taken from the queue: where the queue goes on from
         self._floor = 0  # the first step a change submitted now can apply at (the next one while a step runs)
         self._order = 0
+        # Live sessions pace prompt changes (PROMPT_ENCODE_SHARE); offline runs and replays apply every change at
+        # its step (a recording's log holds the steps its changes applied at, paced or not).
+        self.pace_prompts = False
+        self._prompt_ready = 0  # the first step at which a change to another prompt may apply (pace_prompts)
         self._lock = threading.Lock()  # guards the queue (submit runs on the event loop, steps in a worker)
 
     # --- inbox --------------------------------------------------------------------------------------
@@ -273,25 +288,34 @@ class Stream:
 
     def _before(self, i: int) -> tuple[ControlState, SteeringPlan | None]:
         """The state (and its plan) a change queued at position `i` will meet."""
+        self._refresh(i)
         last = self._pending[i - 1] if i else self._front
         if last is not None:
             return last.state, last.plan
         return self.state, self._plan
 
     def _insert(self, i: int, change: Change) -> None:
-        """Queue `change` at `i`. One that came out of step order changes what the changes after it meet:
-        they are checked again on it (at most MAX_OUT_OF_ORDER_CHANGES wait for the future then); one that
-        no longer fits is kept unchecked, and checked once more when it applies, on what it meets then."""
+        """Queue `change` at `i` (checked on what `_before(i)` gave). One that came out of step order changes what
+        the changes after it meet: they are checked again on it, but only once something needs what they make
+        (a change queued after them, or their step: `_refresh`), so a knob turned while 64 far-future changes
+        wait costs one check, not 65."""
         self._pending.insert(i, change)
-        base, plan = change.state, change.plan
-        for j in range(i + 1, len(self._pending)):
+        self._fresh = i + 1
+
+    def _refresh(self, n: int) -> None:
+        """Check the first `n` queued changes again where what they meet changed since they were checked (see
+        `_insert`); one that no longer fits is kept unchecked (it changes nothing in what the next ones meet) and
+        is checked once more when it applies, on what it meets then."""
+        for j in range(self._fresh, min(n, len(self._pending))):
+            last = self._pending[j - 1] if j else self._front
+            base, plan = (last.state, last.plan) if last is not None else (self.state, self._plan)
             later = self._pending[j]
             try:
                 later = self._checked(later, later.step, base, plan)
             except (ProtocolError, ValueError):
                 later = replace(later, base=None, state=base, plan=plan)
             self._pending[j] = later
-            base, plan = later.state, later.plan
+        self._fresh = max(self._fresh, min(n, len(self._pending)))
 
     def _checked(self, change: Change, at: int, base: ControlState, base_plan: SteeringPlan | None) -> Change:
         """`change` with what it does at step `at` on `base` (whose plan is `base_plan`); ProtocolError if it
@@ -348,12 +372,40 @@ class Stream:
         came. `stepping`: a step runs next, so a change submitted from now on applies at the step after."""
         with self._lock:
             step = self.step
-            due = [c for c in self._pending if c.at_step is None or c.at_step <= step]
-            if due:
-                self._pending = [c for c in self._pending if c.at_step is not None and c.at_step > step]
+            waiting = [c.at_step is not None and c.at_step > step for c in self._pending]
+            due: list[Change] = []
+            if not all(waiting):
+                front = self._front
+                n = len(waiting) - sum(waiting)
+                prefix = not any(waiting[:n])  # (always, but for changes a stop moved: `_meets`)
+                self._refresh(n if prefix else len(self._pending))  # what is taken is checked on what it meets
+                due = [c for c, wait in zip(self._pending, waiting) if not wait]
+                self._pending = [c for c, wait in zip(self._pending, waiting) if wait]
                 self._front = due[-1]
+                self._fresh = max(0, self._fresh - n) if prefix else 0
+                in_queue_order = due
+                due = sorted(due, key=lambda c: c.order)
+                if stepping and self.pace_prompts and step < self._prompt_ready:
+                    due = self._hold_prompt(due, front, prefix and all(a is b for a, b in zip(due, in_queue_order)))
             self._floor = step + 1 if stepping else step
-        return sorted(due, key=lambda c: c.order)
+        return due
+
+    def _hold_prompt(self, due: list[Change], front: Change | None, same_order: bool) -> list[Change]:
+        """The changes of `due` (in the order they apply) before the first that sets another prompt than the
+        generator's; that one and those after it go back to the front of the queue until `_prompt_ready`.
+        `same_order`: `due` was the head of the queue in this order, so what was checked still holds."""
+        prompt = self.generator.prompt if self.generator is not None else None
+        cut = next((k for k, c in enumerate(due) if c.kind == "set" and c.body.get("prompt", prompt) != prompt), None)
+        if cut is None:
+            return due
+        held = due[cut:]
+        self._pending = [*held, *self._pending] if same_order else [*sorted(held, key=lambda c: (c.step, c.order)),
+                                                                      *self._pending]
+        # Held in order, they meet what they were checked on (checked once more when they apply, at another step),
+        # not checked again at every step they wait.
+        self._fresh = len(held) + self._fresh if same_order else 0
+        self._front = due[cut - 1] if cut else front
+        return due[:cut]
 
     def _settle(self) -> None:
         """No step runs next (the stream paused, stopped or restarted): changes apply at the current step."""
@@ -377,7 +429,7 @@ class Stream:
         gen = self.generator
         for change in self._due(stepping=False):
             self._apply(change, applied, tail)
-        self._sync_generator()
+        self._sync_generator(prompt=False)  # (generate() encodes it, before the next step)
         self._settle()
         out = np.concatenate(tail).astype(np.float32) if tail else np.zeros(0, np.float32)
         ended = gen is not None and self.generator is not gen
@@ -424,14 +476,20 @@ class Stream:
         self._plan = plan  # the generator follows once the step's changes are all applied: _sync_generator
         self._record(change.cause, step, applied)
 
-    def _sync_generator(self) -> None:
+    def _sync_generator(self, prompt: bool = True) -> None:
         """Give the generator the current state's prompt, sampling and plan, once all the changes due at a step
-        have applied: of 50 prompts due at one step only the last is encoded (encoding is the costly part)."""
+        have applied: of 50 prompts due at one step only the last is encoded (encoding is the costly part).
+        `prompt` False (no step runs next): the prompt waits for the next step, so that the prompts set while a
+        stream is paused, or held for want of listeners, are encoded once, the last of them."""
         gen = self.generator
         if gen is None:
             return
-        if gen.prompt != self.state.prompt:
+        if prompt and gen.prompt != self.state.prompt:
+            started = time.perf_counter()
             gen.set_prompt(self.state.prompt)
+            if self.pace_prompts:
+                wait = max(PROMPT_MIN_SECONDS, (time.perf_counter() - started) / PROMPT_ENCODE_SHARE)
+                self._prompt_ready = gen.step + math.ceil(wait * self.model.frame_rate)
         if gen.sampling != self.state.sampling:
             gen.set_sampling(self.state.sampling)
         if self._generator_plan is not self._plan:
@@ -449,6 +507,7 @@ class Stream:
         self.decoder = StreamingDecoder(self.model.hf.audio_encoder)
         self.samples_emitted = 0
         self.history.clear()
+        self._prompt_ready = 0
 
     def _end_stream(self) -> np.ndarray:
         tail = self.decoder.flush().reshape(-1).float().cpu().numpy()
@@ -470,13 +529,14 @@ class Stream:
         audio: list[np.ndarray] = []
         codes: list[torch.Tensor] = []
         ended, ran = False, 0
-        for _ in range(max_steps):
+        for i in range(max_steps):
             due = self._due(stepping=True)
+            gen = self.generator
             if due:
                 self._decode(codes, audio)  # frames so far go out before a change can end the stream
-                gen = self.generator
                 for change in due:
                     self._apply(change, applied, audio)
+            if due or i == 0:  # (the first step also takes a prompt set while no step ran: apply_due)
                 self._sync_generator()
                 ended = gen is not None and self.generator is not gen
             if ended or self.state.playback != "playing":

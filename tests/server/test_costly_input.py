@@ -150,9 +150,71 @@ def test_a_burst_of_long_prompts_does_not_stop_a_listeners_audio(live_server):
         c.wait_audio(10, since=after, timeout=60)
         c.send({"type": "transport", "command": "stop"})
         assert last["cause"]["via"] == "websocket"
+        # Each is echoed, in the order sent; paced by what encoding one costs (docs/protocol.md), they apply
+        # together at a few steps, and only the last prompt of each is encoded.
+        echoes = [m for m in c.messages[mark:] if m["type"] == "state" and m["state"]["prompt"][:4].isdigit()]
+        assert [int(m["state"]["prompt"][:4]) for m in echoes] == list(range(50))
+        assert len({m["step"] for m in echoes}) <= 5, sorted({m["step"] for m in echoes})
         assert contiguity_problems(c.audio) == [] and {f.header.epoch for f in c.audio} == {state["epoch"]}
         gaps = [b.arrived - a.arrived for a, b in zip(c.audio[3:], c.audio[4:])]
         assert max(gaps) < MAX_AUDIO_GAP, max(gaps)
+
+
+def test_a_recording_started_mid_stream_writes_the_history_off_the_event_loop(tiny, test_bank_path, tmp_path,
+                                                                              monkeypatch):
+    """A recording started mid-stream first writes the stream's whole history (megabytes of log lines after hours
+    of knob turning). That happens in the session's worker, where the stream steps: the event loop, which every
+    client's messages and audio go through, runs on meanwhile."""
+    import asyncio
+    import threading
+
+    from musicrfm.engine.generation import load_banks
+    from musicrfm.server import session as session_module
+    from musicrfm.server.session import Session, SessionConfig
+    from musicrfm.server.stream import Cause, Stream
+    from test_hostile_ws import FakeListener
+
+    made_in: list[str] = []
+
+    class SlowRecorder(session_module.Recorder):
+        def __init__(self, *args, **kwargs):
+            made_in.append(threading.current_thread().name)
+            time.sleep(1.0)  # as long as a long history takes to write
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(session_module, "Recorder", SlowRecorder)
+
+    async def main() -> tuple[int, dict]:
+        session = Session("rec", Stream(tiny, load_banks([test_bank_path])), SessionConfig(record_dir=tmp_path),
+                          [test_bank_path])
+        session.start()
+        listener = FakeListener(1)
+        session.add_listener(listener)
+        cause = Cause("websocket", 1, None)
+        try:
+            await session.handle({"type": "transport", "command": "play"}, cause)
+            for i in range(20):  # a history of changes at several steps
+                await session.handle({"type": "set", "directions": {"notes:C": {"coefficient": i / 10}}}, cause)
+                await asyncio.sleep(0.02)
+            await session.handle({"type": "record", "command": "start"}, cause)
+            ticks, deadline = 0, time.monotonic() + 60
+            while not any(m["type"] == "recording" and m["status"] == "started" for m in listener.messages):
+                assert time.monotonic() < deadline, listener.messages[-3:]
+                await asyncio.sleep(0.02)  # the loop's own heartbeat: it stops while something blocks the loop
+                ticks += 1
+            await session.handle({"type": "record", "command": "stop"}, cause)
+            while not any(m["type"] == "recording" and m["status"] == "stopped" for m in listener.messages):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+        finally:
+            await session.close()
+        return ticks, next(m for m in listener.messages if m["type"] == "recording" and m["status"] == "stopped")
+
+    ticks, stopped = asyncio.run(main())
+    assert made_in and made_in[0].startswith("session-rec"), made_in  # the session's worker thread
+    assert ticks >= 20, ticks  # ~50 heartbeats during the 1 s write, not 0
+    header, states, end = read_log(stopped["log"])
+    assert end is not None and len(states) >= 2 and states[0][0] == 0  # the history from step 0, then the rest
 
 
 # --- item 7: sessions nobody uses ---------------------------------------------------------------------------

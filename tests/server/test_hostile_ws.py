@@ -200,7 +200,12 @@ def test_long_input_is_never_echoed_in_full(live_server):
                         {"type": "set", "directions": {"k" * 60000: {"coefficient": 0.5}}},
                         {"type": "set", "gate": {"p": "k" * 60000}},
                         {"type": "k" * 60000},
-                        {"type": "record", "command": "k" * 60000}):
+                        {"type": "record", "command": "k" * 60000},
+                        {"type": "transport", "command": "k" * 60000},
+                        {"type": "transport", "command": "play", "k" * 60000: 1},
+                        {"type": "transport", "command": "reset", "seed": "k" * 60000},
+                        {"type": "set", "at_step": "k" * 60000, "prompt": "x"},
+                        {"type": "set", "sampling": {"greedy": "k" * 60000}}):
             error = c.request({**message, "id": "long"})
             assert error["type"] == "error", error
             assert len(error["message"]) <= 500 and "kkkk" in error["message"], error["message"][:600]

@@ -26,7 +26,8 @@ from pythonosc.osc_packet import OscPacket
 from pythonosc.udp_client import SimpleUDPClient
 
 from musicrfm.server.app import RELATIVE_KNOB_MAX
-from musicrfm.server.osc import MAX_BUNDLE_DEPTH, OscServer, float32_decimal, key_from_osc, key_to_osc, parse_packet
+from musicrfm.server.osc import (MAX_BUNDLE_DEPTH, MESSAGE_BURST, MESSAGES_PER_SECOND, OscServer, float32_decimal,
+                                 key_from_osc, key_to_osc, parse_packet)
 from musicrfm.protocol.wire import ProtocolError
 
 from live_client import LiveClient
@@ -357,6 +358,32 @@ def test_bundles_apply_each_message_in_order(osc, client):
     ]
 
 
+def test_the_rate_limit_is_per_host_not_per_source_port(osc):
+    """A flood from many source ports of one host is one flood: the host's bucket (MESSAGE_BURST at once, then
+    MESSAGES_PER_SECOND) is shared by all its ports, so a third port gets no fresh allowance."""
+    half = MESSAGE_BURST // 2
+    flood = OscBundleBuilder(IMMEDIATELY)
+    for i in range(half):
+        flood.add_content(OscMessage(message(f"{S}/gate", ("f", round(i / half, 3)))))
+    packet = flood.build().dgram
+    senders = [Client(osc.port) for _ in range(3)]  # three source ports of 127.0.0.1
+    try:
+        assert len({c.port for c in senders}) == 3
+        for c in senders:
+            c.send_raw(packet)
+        error = senders[2].error()
+        assert "rate limit" in error and "one host" in error, error
+        assert [c.packet(0.3) for c in senders[:2]] == [None, None]  # the first two were taken, unanswered
+        time.sleep(2 * half / MESSAGES_PER_SECOND)  # the bucket refills at the host's rate ...
+        senders[2].send_raw(packet)  # ... and the third port's next flood is taken
+        senders[2].sync()
+        gates = [m for m, cause in osc.session().handled if "gate" in m]
+        assert len(gates) == 3 * half, len(gates)
+    finally:
+        for c in senders:
+            c.close()
+
+
 # --- errors -----------------------------------------------------------------------------------------
 
 BAD = [
@@ -377,6 +404,8 @@ BAD = [
     (message(f"{S}/direction/notes:C/knob", ("f", -0.1)), "outside [0, 1]"),
     (message(f"{S}/direction/notes:C/active", ("i", 2)), "1 or 0"),
     (message(f"{S}/direction/notes:C/active", ("f", 0.5)), "1 or 0"),
+    (message(f"{S}/direction/notes:C/active", ("s", "k" * 5000)), "'kkkk"),  # quoted in part, with its length:
+    (message(f"{S}/direction/notes:C/active", ("s", "k" * 5000)), "... (5002 characters)"),
     (message(f"{S}/direction/notes:C/schedule", ("s", "wobble:x=1")), "schedule"),
     (message(f"{S}/direction/notes:C/remove", ("i", 1)), "no arguments"),
     (message(f"{S}/direction/notes:H/coefficient", ("f", 0.4)), "unknown direction 'notes:H'"),

@@ -73,8 +73,15 @@ def test_hello_describes_the_server_and_the_session(live_server, tiny):
         assert h["model"] == "tiny-random" and h["random_weights"] is True and "noise" in h["note"]
         assert h["directions"] == ["notes:C", "notes:G"]  # the test bank's
         assert h["example_prompts"] == []  # only a bundled model has example prompts
-        assert h["limits"] == {"max_message_bytes": MAX_MESSAGE_BYTES, "messages_per_second": 100,
-                               "coefficient_max": RELATIVE_KNOB_MAX}
+        # Every bound a client may meet, with this server's settings (--max-sessions 16 here).
+        assert h["limits"] == {
+            "max_message_bytes": MAX_MESSAGE_BYTES, "messages_per_second": 100, "message_burst": 200,
+            "coefficient_max": RELATIVE_KNOB_MAX, "max_sessions": 16, "idle_seconds": 300, "max_id_chars": 64,
+            "max_nesting": 32, "max_prompt_chars": 2000, "max_directions": 64, "max_direction_key_chars": 128,
+            "max_schedule_points": 64, "max_state_bytes": 32768, "max_future_changes": 4096,
+            "max_out_of_order_changes": 64, "prompt_min_seconds": 0.1, "prompt_encode_share": 0.25,
+            "record_start_burst": 3, "record_start_seconds": 10,
+            "record_max_seconds": 3600, "record_max_mb": 1024, "record_min_free_mb": 512}
         # what a coefficient means: relative units, the full knob, and the layer norms (the test bank's)
         strength = h["strength"]
         assert strength["units"] == "relative" and strength["coefficient_max"] == RELATIVE_KNOB_MAX
@@ -84,6 +91,22 @@ def test_hello_describes_the_server_and_the_session(live_server, tiny):
         assert h["state"]["playback"] == "stopped" and h["state"]["directions"] == {}
         assert h["recording"] == {"status": "off"}
         assert b.hello["state"] == h["state"]
+        # The limits are the ones the server applies: one character past each is refused, naming it.
+        limits = h["limits"]
+        for patch, says in (
+                ({"prompt": "p" * (limits["max_prompt_chars"] + 1)},
+                 f"at most {limits['max_prompt_chars']} characters"),
+                ({"directions": {"notes:" + "C" * limits["max_direction_key_chars"]: {"coefficient": 1}}},
+                 f"at most {limits['max_direction_key_chars']} characters"),
+                ({"directions": {"notes:C": {"coefficient": 1, "schedule": {"kind": "keyframes", "points": [
+                    [i, 0.5] for i in range(limits["max_schedule_points"] + 1)]}}}},
+                 f"at most {limits['max_schedule_points']} keyframe points")):
+            error = a.request({"type": "set", "id": "over", **patch})
+            assert error["type"] == "error" and says in error["message"], (says, error)
+        mark = a.mark()
+        a.send({"type": "get", "id": "i" * (limits["max_id_chars"] + 1)})
+        error = a.wait(lambda m: m["type"] == "error", since=mark)  # (its id is not echoed: it is null)
+        assert f"at most {limits['max_id_chars']} characters" in error["message"] and error["id"] is None, error
 
 
 # --- transport ------------------------------------------------------------------------------------------

@@ -301,6 +301,62 @@ def test_prompts_due_at_one_step_are_encoded_once(tiny, bank):
     assert len(encoded) == 1
 
 
+def test_a_live_stream_paces_prompt_changes_by_what_encoding_them_costs(tiny, bank, monkeypatch):
+    """A new prompt every step, each encoding taking 40 ms (a step is 20 ms): a live stream (`pace_prompts`)
+    holds a prompt change, and every change after it, until PROMPT_ENCODE_SHARE of the time has gone to encoding;
+    whatever came meanwhile applies together, in order, and only its last prompt is encoded. Every change is still
+    applied and echoed, in the order it came, at the step it applied at (which the history, and so a recording's
+    replay, keeps). Offline (no pacing) each step's prompt is encoded."""
+    import time as clock
+
+    from musicrfm.server.stream import PROMPT_ENCODE_SHARE
+
+    from musicrfm.server import stream as stream_module
+
+    checks = []
+    real_patch = stream_module.apply_patch
+    monkeypatch.setattr(stream_module, "apply_patch", lambda *a, **kw: checks.append(1) or real_patch(*a, **kw))
+
+    def run(pace: bool) -> tuple[list[str], list]:
+        s = Stream(tiny, bank)
+        s.pace_prompts = pace
+        s.submit({"type": "transport", "command": "play"}, CAUSE)
+        s.apply_due()
+        s.generate(1)
+        gen, encoded = s.generator, []
+        real = gen.decoder.encode_text
+
+        def slow(texts, **kw):
+            clock.sleep(0.04)
+            encoded.append(texts[0])
+            return real(texts, **kw)
+
+        gen.decoder.encode_text = slow
+        applied = []
+        for i in range(40):
+            s.submit({"type": "set", "prompt": f"prompt {i}"}, CAUSE)
+            if i % 5 == 2:
+                s.submit({"type": "set", "gate": {"p": 0.5 + i / 100}}, CAUSE)  # held with the prompt before it
+            applied += s.generate(1).applied
+        while s.pending:
+            applied += s.generate(1).applied
+        assert s.generator.prompt == s.state.prompt == "prompt 39"
+        return encoded, applied
+
+    encoded, applied = run(pace=True)
+    assert len(checks) <= 2 * 48, len(checks)  # once when sent, once more when it applied later: not every step held
+    assert [a.state.prompt for a in applied if a.state.prompt != applied[0].state.prompt][-1] == "prompt 39"
+    assert [a.version for a in applied] == sorted(a.version for a in applied)  # in the order they came
+    assert len(applied) == 48 and [a.step for a in applied] == sorted(a.step for a in applied)
+    gates = [a.state.steering.gate_p for a in applied if a.cause == CAUSE]
+    assert sorted(set(gates), key=gates.index) == [1.0] + [0.5 + i / 100 for i in range(2, 40, 5)]
+    wait_steps = 0.04 / PROMPT_ENCODE_SHARE * tiny.frame_rate  # 8 steps after a 40 ms encoding (at least)
+    assert 2 <= len(encoded) <= 40 / wait_steps + 2, encoded
+    assert len({a.step for a in applied}) <= len(encoded) + 1  # the held changes applied together
+    offline, applied = run(pace=False)
+    assert len(offline) == 40 and [a.step for a in applied][::6] == list(range(1, 41, 5))
+
+
 def test_the_history_stays_bounded_and_a_recording_started_after_10000_changes_replays(tiny, test_bank_path,
                                                                                           tmp_path):
     """The history a recording started mid-stream replays from: 10,000 changes over 100 steps keep one entry a
