@@ -159,7 +159,7 @@ def generate(
     check_seconds(seconds)
     fields.whole("chunk_steps", chunk_steps, 1)
     if not isinstance(prompt, str):
-        raise ValueError(f"prompt must be a string, got {prompt!r:.80}")
+        raise ValueError(f"prompt must be a string, got {fields.shown(prompt)}")
     frames = max(1, round(seconds * model.frame_rate))
     bank = load_steering_banks(spec, bank_paths)
     plan = None
@@ -210,7 +210,7 @@ def check_sidecar(settings: Any, where: str = "sidecar") -> tuple[SteeringSpec |
     if not isinstance(settings, dict):
         raise ValueError(f"{where}: a render sidecar is a JSON object, got {type(settings).__name__}")
     if settings.get("format") != SIDECAR_FORMAT:
-        raise ValueError(f"{where}: not a musicrfm render sidecar (format {settings.get('format')!r:.80})")
+        raise ValueError(f"{where}: not a musicrfm render sidecar (format {fields.shown(settings.get('format'))})")
     version = settings.get("version")
     if isinstance(version, bool) or version not in (1, SIDECAR_VERSION):
         raise ValueError(f"{where}: sidecar version {fields.shown(version)} is not supported (1 or {SIDECAR_VERSION})")
@@ -219,7 +219,7 @@ def check_sidecar(settings: Any, where: str = "sidecar") -> tuple[SteeringSpec |
             raise ValueError(f"{where}: the sidecar lacks {key!r}")
     for key in _SIDECAR_STRINGS:
         if not isinstance(settings[key], str):
-            raise ValueError(f"{where}: {key} must be a string, got {settings[key]!r:.80}")
+            raise ValueError(f"{where}: {key} must be a string, got {fields.shown(settings[key])}")
     check_bank_entries(f"{where}: banks", settings["banks"])
     if not isinstance(settings.get("tokens_sha256", ""), str):  # optional: what a regeneration is compared with
         raise ValueError(f"{where}: tokens_sha256 must be a string, got {fields.shown(settings['tokens_sha256'])}")

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from musicrfm.protocol import fields
+
 __all__ = [
     "ModelFingerprint",
     "MusicModel",
@@ -315,7 +317,7 @@ def check_model_name(name: str) -> str:
     something shaped like a Hugging Face id (owner/name). Anything else is a typo (`musicgen-mni`): a
     ModelLoadError at once that offers the close names, instead of hub lookups that retry and fail late."""
     if not isinstance(name, str) or not name:
-        raise ModelLoadError(f"a model name is a non-empty string, got {name!r:.80}")
+        raise ModelLoadError(f"a model name is a non-empty string, got {fields.shown(name)}")
     if name in BUNDLED_MODELS or is_random_model(name) or Path(name).expanduser().is_dir():
         return name
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace("/", ""):

@@ -110,14 +110,14 @@ def _choice(owner: str, name: str, value: Any, options: Sequence[str]) -> str:
 def _unknown_name(what: str, name: str, options: Sequence[str]) -> ValueError:
     near = [o for o in options if name and o.startswith(name)] or difflib.get_close_matches(name, options, n=1)
     hint = f" (did you mean {' or '.join(map(repr, near))}?)" if near else ""
-    return ValueError(f"unknown {what} {name!r}{hint}; choose one of {', '.join(options)}")
+    return ValueError(f"unknown {what} {checks.shown(name)}{hint}; choose one of {', '.join(options)}")
 
 
 def _check_params(owner: str, given: Sequence[str], allowed: Sequence[str]) -> None:
     bad = [g for g in given if g not in allowed]
     if bad:
         takes = f"takes {', '.join(allowed)}" if allowed else "takes no parameters"
-        raise ValueError(f"{owner} {takes}; got {', '.join(repr(b) for b in bad)}")
+        raise ValueError(f"{owner} {takes}; got {', '.join(checks.shown(b) for b in bad[:3])}")
 
 
 def _split_options(text: Any, what: str) -> tuple[str, dict[str, str]]:
@@ -129,9 +129,9 @@ def _split_options(text: Any, what: str) -> tuple[str, dict[str, str]]:
     for item in rest.split(",") if rest.strip() else []:
         key, eq, value = (s.strip() for s in item.partition("="))
         if not eq or not key or not value:
-            raise ValueError(f"{what} {text!r}: expected key=value, got {item.strip()!r}")
+            raise ValueError(f"{what} {checks.shown(text)}: expected key=value, got {checks.shown(item.strip())}")
         if key in options:
-            raise ValueError(f"{what} {text!r}: {key!r} is given twice")
+            raise ValueError(f"{what} {checks.shown(text)}: {checks.shown(key)} is given twice")
         options[key] = value
     return name.strip(), options
 
@@ -163,7 +163,7 @@ def _check_unused_at_default(obj, owner: str, used: Sequence[str], skip: str) ->
     for name, default in _defaults(type(obj)).items():
         if name != skip and name not in used and getattr(obj, name) != default:
             takes = f"takes {', '.join(used)}" if used else "takes no parameters"
-            raise ValueError(f"{owner} {takes}; {name}={getattr(obj, name)!r} does not apply")
+            raise ValueError(f"{owner} {takes}; {name}={checks.shown(getattr(obj, name))} does not apply")
 
 
 # --- schedules --------------------------------------------------------------------------------------
@@ -231,13 +231,13 @@ class Schedule:
         try:
             raw = [tuple(p) for p in self.points]
         except TypeError:
-            raise ValueError(f"{owner}: points must be (step, value) pairs, got {self.points!r}") from None
+            raise ValueError(f"{owner}: points must be (step, value) pairs, got {checks.shown(self.points)}") from None
         if not raw:
             raise ValueError(f"{owner}: needs at least one (step, value) point")
         points = []
         for p in raw:
             if len(p) != 2:
-                raise ValueError(f"{owner}: points must be (step, value) pairs, got {p!r}")
+                raise ValueError(f"{owner}: points must be (step, value) pairs, got {checks.shown(p)}")
             points.append((_whole(owner, "a point's step", p[0]), _number(owner, f"the value at step {p[0]}", p[1])))
         steps = [s for s, _ in points]
         if any(b <= a for a, b in zip(steps, steps[1:])):
@@ -307,7 +307,7 @@ class Schedule:
     @classmethod
     def from_dict(cls, d: dict) -> "Schedule":
         if not isinstance(d, dict) or "kind" not in d:
-            raise ValueError(f"a schedule must be a dict with a 'kind', got {d!r}")
+            raise ValueError(f"a schedule must be a dict with a 'kind', got {checks.shown(d)}")
         kind = d["kind"]
         if kind not in _SCHEDULE_PARAMS:
             raise _unknown_name("schedule", str(kind), SCHEDULE_KINDS)
@@ -327,7 +327,7 @@ class Schedule:
             for step, value in options.items():
                 s, v = _literal(step), _literal(value)
                 if not isinstance(s, int) or isinstance(v, str):
-                    raise ValueError(f"schedule {text!r}: keyframes are STEP=VALUE with a whole step, got {step}={value}")
+                    raise ValueError(f"schedule {checks.shown(text)}: keyframes are STEP=VALUE with a whole step, got {step}={value}")
                 points.append((s, v))
             return cls("keyframes", points=tuple(points))
         _check_params(f"{kind} schedule", list(options), _SCHEDULE_PARAMS[kind])
@@ -394,7 +394,7 @@ class LayerWeighting:
             try:
                 values = tuple(_number(owner, f"weight {i}", w) for i, w in enumerate(self.layer_weights))
             except TypeError:
-                raise ValueError(f"{owner}: weights must be a list of numbers, got {self.layer_weights!r}") from None
+                raise ValueError(f"{owner}: weights must be a list of numbers, got {checks.shown(self.layer_weights)}") from None
             if not values:
                 raise ValueError(f"{owner}: needs one weight per layer")
             _set(self, "layer_weights", values)
@@ -437,7 +437,7 @@ class LayerWeighting:
     @classmethod
     def from_dict(cls, d: dict) -> "LayerWeighting":
         if not isinstance(d, dict) or "mode" not in d:
-            raise ValueError(f"a layer weighting must be a dict with a 'mode', got {d!r}")
+            raise ValueError(f"a layer weighting must be a dict with a 'mode', got {checks.shown(d)}")
         mode = d["mode"]
         if mode not in _LAYER_PARAMS:
             raise _unknown_name("layer weighting", str(mode), LAYER_MODES)
@@ -487,12 +487,12 @@ class DirectionControl:
     def __post_init__(self) -> None:
         concept, sep, cls = self.key.partition(":") if isinstance(self.key, str) else ("", "", "")
         if not (concept and sep and cls):
-            raise ValueError(f"a control's key must be 'concept:class' (e.g. 'notes:C'), got {self.key!r}")
-        _set(self, "coefficient", _number(f"control {self.key!r}", "coefficient", self.coefficient))
+            raise ValueError(f"a control's key must be 'concept:class' (e.g. 'notes:C'), got {checks.shown(self.key)}")
+        _set(self, "coefficient", _number(f"control {checks.shown(self.key)}", "coefficient", self.coefficient))
         if not isinstance(self.schedule, Schedule):
-            raise ValueError(f"control {self.key!r}: schedule must be a Schedule, got {type(self.schedule).__name__}")
+            raise ValueError(f"control {checks.shown(self.key)}: schedule must be a Schedule, got {type(self.schedule).__name__}")
         if not isinstance(self.active, bool):
-            raise ValueError(f"control {self.key!r}: active must be true or false, got {self.active!r}")
+            raise ValueError(f"control {checks.shown(self.key)}: active must be true or false, got {checks.shown(self.active)}")
 
     def to_dict(self) -> dict:
         return {"key": self.key, "coefficient": self.coefficient, "schedule": self.schedule.to_dict(),
@@ -501,10 +501,10 @@ class DirectionControl:
     @classmethod
     def from_dict(cls, d: dict) -> "DirectionControl":
         if not isinstance(d, dict):
-            raise ValueError(f"a control must be a dict, got {d!r}")
+            raise ValueError(f"a control must be a dict, got {checks.shown(d)}")
         _check_params("a control", list(d), ("key", "coefficient", "schedule", "active"))
         if "key" not in d or "coefficient" not in d:
-            raise ValueError(f"a control needs 'key' and 'coefficient', got {d!r}")
+            raise ValueError(f"a control needs 'key' and 'coefficient', got {checks.shown(d)}")
         schedule = Schedule.from_dict(d["schedule"]) if "schedule" in d else Schedule()
         return cls(d["key"], d["coefficient"], schedule, d.get("active", True))
 
@@ -514,7 +514,7 @@ def crossfade(a_key: str, b_key: str, coefficient: float, start: int = 0, length
     """Fade direction `a_key` out while `b_key` fades in, both at strength `coefficient` (paper Sec. 6.2's
     n1 -> n2). Equal-power by default: for orthogonal unit directions the total norm stays constant."""
     if a_key == b_key:
-        raise ValueError(f"crossfade needs two different directions, got {a_key!r} twice")
+        raise ValueError(f"crossfade needs two different directions, got {checks.shown(a_key)} twice")
     return (DirectionControl(a_key, coefficient, Schedule("fade_out", start=start, length=length, curve=curve)),
             DirectionControl(b_key, coefficient, Schedule("fade_in", start=start, length=length, curve=curve)))
 
@@ -539,7 +539,7 @@ class SteeringSpec:
         try:
             controls = tuple(self.controls)
         except TypeError:
-            raise ValueError(f"controls must be a sequence of DirectionControl, got {self.controls!r}") from None
+            raise ValueError(f"controls must be a sequence of DirectionControl, got {checks.shown(self.controls)}") from None
         for c in controls:
             if not isinstance(c, DirectionControl):
                 raise ValueError(f"controls must be DirectionControl objects, got {type(c).__name__}")
@@ -567,12 +567,12 @@ class SteeringSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "SteeringSpec":
         if not isinstance(d, dict):
-            raise ValueError(f"a steering spec must be a dict, got {d!r}")
+            raise ValueError(f"a steering spec must be a dict, got {checks.shown(d)}")
         _check_params("a steering spec", list(d), _SPEC_FIELDS)
         kwargs = dict(d)
         if "controls" in kwargs:
             if not isinstance(kwargs["controls"], list):
-                raise ValueError(f"a steering spec's controls must be a list, got {kwargs['controls']!r}")
+                raise ValueError(f"a steering spec's controls must be a list, got {checks.shown(kwargs['controls'])}")
             kwargs["controls"] = tuple(DirectionControl.from_dict(c) for c in kwargs["controls"])
         if "layers" in kwargs:
             kwargs["layers"] = LayerWeighting.from_dict(kwargs["layers"])

@@ -448,3 +448,18 @@ def test_legacy_specs_read_as_they_were_made():
     flat = steering_module.legacy_spec({"layers": "linear:w0=2", "units": "relative"})
     assert flat == {"layers": "linear:w0=2,margin=0", "units": "relative"}
     assert steering_module.legacy_spec({"layers": "topk:k=2"}) == {"layers": "topk:k=2", "units": "raw"}
+
+
+@pytest.mark.parametrize("make", [
+    lambda big: Schedule.parse(f"linear_rise:{big}"),
+    lambda big: Schedule.parse(big),
+    lambda big: LayerWeighting.parse(f"exponential:{big}=1"),
+    lambda big: DirectionControl(big, 0.5),
+    lambda big: Schedule.from_dict({"kind": "keyframes", "points": [[0, 1, big]]}),
+])
+def test_errors_quote_a_huge_value_short(make):
+    """A 60 KB value from a client is quoted cut short, with its length, never in full."""
+    big = "x" * 60_000
+    with pytest.raises(ValueError) as info:
+        make(big)
+    assert len(str(info.value)) < 1_500 and "characters)" in str(info.value)
