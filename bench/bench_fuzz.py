@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--costly", type=int, default=None, help="valid-but-costly messages (default: 5%% of --messages)")
     ap.add_argument("--costly-kinds", default=",".join(COSTLY_KINDS),
                     help=f"which valid-but-costly kinds to send (default: all: {','.join(COSTLY_KINDS)})")
+    ap.add_argument("--threads", type=int, default=None, help="the server's `serve --threads` (default: its own)")
     args = ap.parse_args(argv)
     kinds = tuple(k for k in args.costly_kinds.split(",") if k)
     unknown = set(kinds) - set(COSTLY_KINDS)
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         bank = Path(tmp) / "notes.safetensors"
         make_bank(args.model, bank)
-        server = start_server(bank, Path(tmp) / "recordings", "--max-sessions", "16", model=args.model)
+        threads = ("--threads", str(args.threads)) if args.threads else ()
+        server = start_server(bank, Path(tmp) / "recordings", "--max-sessions", "16", *threads, model=args.model)
         try:
             attackers, datagrams = build_attack(args.seed, scale=scale, costly=costly, costly_kinds=kinds)
             planned = sum(len(a.frames) for a in attackers) + len(datagrams)

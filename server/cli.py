@@ -4,12 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 from urllib.parse import quote
 
 
+def compute_threads(requested: int | None, device: str) -> int | None:
+    """Torch's CPU threads for the model: `requested`, or on a CPU device one core fewer than the machine has, so
+    that the event loop (every client's messages, state broadcasts, audio frames) keeps a core of its own (on 2
+    cores, 2 torch threads let a flood of messages stall a listener 1.1 s where 1 thread kept it at 0.3 s:
+    docs/BENCHMARKS.md); None: leave torch's default (a GPU does the model's work)."""
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--threads must be >= 1, got {requested}")
+        return requested
+    if device != "cpu":
+        return None
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
 def cmd_serve(args) -> int:
+    import torch
+
     from musicrfm.engine.model import NOISE_WARNING, bundled_banks, check_model_name, load_model
     from musicrfm.engine.generation import load_banks
     from musicrfm.engine.norms import with_layer_norms
@@ -37,6 +54,9 @@ def cmd_serve(args) -> int:
     bank_paths = list(args.bank) or bundled_banks(args.model)  # a bundled model's own banks by default
     bank = load_banks(bank_paths)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
+    threads = compute_threads(args.threads, model.device.type)
+    if threads is not None:
+        torch.set_num_threads(threads)
     bank = with_layer_norms(bank, model)  # relative strength needs them; a bank made before they were kept
     knob_max = args.coefficient_max
     if knob_max is None:  # the same full knob in either units: raw units scale it by the typical layer norm
@@ -59,6 +79,8 @@ def cmd_serve(args) -> int:
     def ready(server) -> None:
         host, port = server.ws_address
         print(f"musicrfm serving {model.describe()}", flush=True)
+        if model.device.type == "cpu":
+            print(f"torch threads: {torch.get_num_threads()} (--threads; the event loop keeps the rest)", flush=True)
         if model.is_random:
             print(f"note: {NOISE_WARNING}", flush=True)
         if bank_paths:
@@ -152,6 +174,9 @@ def register(sub) -> None:
                    help="the full knob (OSC /knob 1, the page's knob at its top) in --units (default: 1.0 relative, "
                         "i.e. each layer's typical norm; in raw units the same strength in hidden-state units)")
     add_units_arg(s)
+    s.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for the model (default: on CPU, one fewer than the cores, leaving the "
+                        "event loop one; on a GPU, torch's default)")
     s.add_argument("--prompt", default="", help="a new session's prompt")
     s.add_argument("--seed", type=int, default=0, help="a new session's seed")
     g = s.add_argument_group("sampling (a new session's)")
