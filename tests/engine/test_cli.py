@@ -21,6 +21,29 @@ def run(*args, cwd):
     return subprocess.run([*CLI, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+def run_here(*args, cwd):
+    """`musicrfm ARGS` in this process (what `run` does in a subprocess, without starting Python and torch again):
+    the same exit code and output. The tests that must see a real process (bad banks, errors) use `run`."""
+    import contextlib
+    import io
+    import os
+    import types
+
+    from musicrfm.main import main
+
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        os.chdir(here)
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
 @pytest.fixture(scope="module")
 def bank_file(test_bank_path):
     return test_bank_path
@@ -42,13 +65,13 @@ def test_generate_steered_writes_wav_and_sidecar_that_regenerates(tmp_path, bank
     assert side["steering"]["layers"] == {"mode": "topk", "k": 2, "w0": 1.0}
 
     again = tmp_path / "again.wav"
-    r = run("generate", "--from-sidecar", out.with_suffix(".json"), "--out", again, "--quiet", cwd=tmp_path)
+    r = run_here("generate", "--from-sidecar", out.with_suffix(".json"), "--out", again, "--quiet", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert json.loads(again.with_suffix(".json").read_text())["tokens_sha256"] == side["tokens_sha256"]
     # Same settings without steering: different tokens (the steering did something).
     plain = tmp_path / "plain.wav"
-    r = run("generate", "--model", "tiny-random", "--prompt", "warm piano", "--seconds", "1.5", "--out", plain, "--seed", "3", "--quiet",
-            cwd=tmp_path)
+    r = run_here("generate", "--model", "tiny-random", "--prompt", "warm piano", "--seconds", "1.5", "--out", plain, "--seed",
+                 "3", "--quiet", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert json.loads(plain.with_suffix(".json").read_text())["tokens_sha256"] != side["tokens_sha256"]
 
@@ -63,7 +86,8 @@ def test_generate_steered_writes_wav_and_sidecar_that_regenerates(tmp_path, bank
     (["--seconds", "0"], "seconds"),
 ])
 def test_bad_settings_get_one_clear_line(tmp_path, bank_file, args, message):
-    r = run("generate", "--model", "tiny-random", "--out", tmp_path / "x.wav", "--bank", bank_file, "--quiet", *args, cwd=tmp_path)
+    r = run_here("generate", "--model", "tiny-random", "--out", tmp_path / "x.wav", "--bank", bank_file, "--quiet", *args,
+                 cwd=tmp_path)
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x.wav").exists()
@@ -127,8 +151,8 @@ def test_mistakes_are_refused_before_the_model_loads(tmp_path, name):
 
 def _gate_run(tmp_path, bank_file, name, *args):
     out = tmp_path / f"{name}.wav"
-    r = run("generate", "--model", "tiny-random", "--seconds", "0.4", "--bank", bank_file, "--steer", "notes:C=2",
-            "--gate", "0.5", "--out", out, "--quiet", *args, cwd=tmp_path)
+    r = run_here("generate", "--model", "tiny-random", "--seconds", "0.4", "--bank", bank_file, "--steer", "notes:C=2",
+                 "--gate", "0.5", "--out", out, "--quiet", *args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     return json.loads(out.with_suffix(".json").read_text())
 
@@ -146,21 +170,21 @@ def test_the_gate_seed_follows_the_seed_unless_given(tmp_path, bank_file):
     explicit = _gate_run(tmp_path, bank_file, "explicit", "--seed", "1", "--gate-seed", "5")
     assert explicit["steering"]["gate_seed"] == 5  # an explicit --gate-seed wins
     # The recorded value reproduces the run.
-    r = run("generate", "--from-sidecar", tmp_path / "seed1.json", "--out", tmp_path / "again.wav", "--quiet",
-            cwd=tmp_path)
+    r = run_here("generate", "--from-sidecar", tmp_path / "seed1.json", "--out", tmp_path / "again.wav", "--quiet",
+                 cwd=tmp_path)
     assert r.returncode == 0 and "tokens match the sidecar" in r.stdout, r.stdout + r.stderr
 
 
 def test_from_sidecar_says_whether_the_tokens_match(tmp_path, bank_file):
     side = _gate_run(tmp_path, bank_file, "take", "--seed", "3")
-    r = run("generate", "--from-sidecar", tmp_path / "take.json", "--out", tmp_path / "again.wav", "--quiet",
-            cwd=tmp_path)
+    r = run_here("generate", "--from-sidecar", tmp_path / "take.json", "--out", tmp_path / "again.wav", "--quiet",
+                 cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert f"tokens match the sidecar (sha256 {side['tokens_sha256'][:16]}" in r.stdout
     # A sidecar whose tokens this run cannot give (as another device or dtype would): said, exit 1, no file.
     (tmp_path / "other.json").write_text(json.dumps({**side, "tokens_sha256": "0" * 64}))
-    r = run("generate", "--from-sidecar", tmp_path / "other.json", "--out", tmp_path / "differs.wav", "--quiet",
-            cwd=tmp_path)
+    r = run_here("generate", "--from-sidecar", tmp_path / "other.json", "--out", tmp_path / "differs.wav", "--quiet",
+                 cwd=tmp_path)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "tokens differ" in r.stderr and "0000000000000000" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "differs.wav").exists() and not (tmp_path / "differs.json").exists()

@@ -27,7 +27,7 @@ CLI = [shutil.which("musicrfm")] if shutil.which("musicrfm") else [sys.executabl
 ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": f"{sys.prefix}/bin:/usr/bin:/bin"}
 
 # The closed-loop proof's settings (docs/musicgen-mini.md has the table they produce at full size).
-PROOF_ETA = "0.1,0.25,0.5,1"  # relative strengths: fractions of each layer's typical norm
+PROOF_ETA = "0.1,0.5,1"  # relative strengths: fractions of each layer's typical norm
 
 
 def run(*args, cwd, timeout=900):
@@ -137,7 +137,7 @@ def test_closed_loop_steering_moves_the_pitch_class(tmp_path):
     paper gate p = 0.3 and exponential layer weighting): the independent pitch check's accuracy goes from
     about chance unsteered to >= 0.6, rising over the grid; FD and MMD² are reported beside it."""
     out = tmp_path / "proof"
-    r = run("eval", "sweep", "--preset", "eta", "--concept", "notes", "--samples", "24", "--seconds", "3",
+    r = run("eval", "sweep", "--preset", "eta", "--concept", "notes", "--samples", "16", "--seconds", "3",
             "--eta0", PROOF_ETA, "--out", out, "--quiet", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     reference, steered = _sweep_table(out, "notes")
@@ -146,8 +146,8 @@ def test_closed_loop_steering_moves_the_pitch_class(tmp_path):
     accuracy = [float(row["check_acc"]) for _, row in steered]
     assert chance <= 0.25, (chance, accuracy)
     assert max(accuracy) >= 0.6, (chance, accuracy)
-    # rising over the grid (one clip of 24 = 0.042 of slack for sampling noise between neighbours)
-    assert all(b >= a - 0.05 for a, b in zip([chance, *accuracy], accuracy)), (chance, accuracy)
+    # rising over the grid (one clip, 1/12 of the per-class mean at 16 samples, of slack between neighbours)
+    assert all(b >= a - 0.09 for a, b in zip([chance, *accuracy], accuracy)), (chance, accuracy)
     assert accuracy[-1] - chance >= 0.4, (chance, accuracy)
     for _, row in steered:
         assert float(row["fd"]) > 0 and row["mmd2"] != "" and row["embedding"]
