@@ -3,6 +3,7 @@ the public protocol speak to it over real sockets."""
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import signal
@@ -103,3 +104,13 @@ def live_server(request, tmp_path_factory, test_bank_path):
     yield server
     code = stop_server(server)
     assert code == 0, "the server did not shut down cleanly:\n" + "\n".join(server.output)
+
+
+def http_get(port: int, path: str, headers: dict | None = None, timeout: float = 10.0) -> http.client.HTTPResponse:
+    """One plain HTTP GET to the server on loopback; the response with its whole `body` read."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn.request("GET", path, headers=headers or {})
+    response = conn.getresponse()
+    response.body = response.read()
+    conn.close()
+    return response

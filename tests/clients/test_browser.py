@@ -96,6 +96,15 @@ class Page:
         self.page.wait_for_timeout(50)  # lets Playwright deliver the pending framesent events
         return [m for _, m in self.sent[first:] if m.get("type") == "set"]
 
+    def record_briefly(self) -> None:
+        """Press record, let a little audio (3,200 samples) arrive, and stop: the recording has stopped on return."""
+        self.page.locator("#record").check()
+        self.wait("window.musicrfm.recording && window.musicrfm.recording.status === 'started'")
+        received = self.js("window.musicrfm.samplesReceived")
+        self.wait("(n) => window.musicrfm.samplesReceived > n + 3200", arg=received)
+        self.page.locator("#record").uncheck()
+        self.wait("window.musicrfm.recording.status === 'stopped'")
+
     def close(self):
         self.context.close()
 
@@ -327,12 +336,7 @@ def test_page_works_in_token_mode(browser, test_bank_path, tmp_path):
         assert page.js("document.styleSheets[0].cssRules.length") > 0  # and the stylesheet
         assert not any("token=t0k3n" in u for u in page.requests[1:] if "/ws" not in u)  # by the cookie
         # A recording downloads by the same cookie: its link carries no token.
-        page.page.locator("#record").check()
-        page.wait("window.musicrfm.recording && window.musicrfm.recording.status === 'started'")
-        received = page.js("window.musicrfm.samplesReceived")
-        page.wait("(n) => window.musicrfm.samplesReceived > n + 3200", arg=received)
-        page.page.locator("#record").uncheck()
-        page.wait("window.musicrfm.recording.status === 'stopped'")
+        page.record_briefly()
         wav = Path(page.js("window.musicrfm.recording.wav"))
         link = page.page.locator("#downloads a").first
         assert link.get_attribute("href") == f"/recordings/{wav.name}"
@@ -622,12 +626,7 @@ def test_page_meter_text_matches_its_bar_and_a_recording_can_be_downloaded(brows
         assert page.js("document.getElementById('meter-rms').style.width") in ("0%", "0.00%")
 
         # Record: once it stops, the page offers the WAV and the log, and they download as they are on disk.
-        page.page.locator("#record").check()
-        page.wait("window.musicrfm.recording && window.musicrfm.recording.status === 'started'")
-        received = page.js("window.musicrfm.samplesReceived")
-        page.wait("(n) => window.musicrfm.samplesReceived > n + 3200", arg=received)
-        page.page.locator("#record").uncheck()
-        page.wait("window.musicrfm.recording.status === 'stopped'")
+        page.record_briefly()
         done = page.js("window.musicrfm.recording")
         expect(page.page.locator("#recordings")).to_be_visible()
         links = page.page.locator("#downloads li").first.locator("a")

@@ -3,22 +3,17 @@ recording's files as attachments, nothing else from the disk, and the same acces
 
 from __future__ import annotations
 
-import http.client
+import functools
 import os
 
 import pytest
 
 from live_client import LiveClient
-from live_server import start_server, stop_server
+from live_server import http_get, start_server, stop_server
 
 
-def http_get(port: int, path: str, headers: dict | None = None) -> http.client.HTTPResponse:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    conn.request("GET", path, headers=headers or {})
-    response = conn.getresponse()
-    response.body = response.read()
-    conn.close()
-    return response
+# Downloads may be large: a longer socket timeout than the other HTTP tests'.
+http_get = functools.partial(http_get, timeout=30.0)
 
 
 def test_a_recording_downloads_as_an_attachment(live_server):

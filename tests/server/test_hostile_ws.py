@@ -6,7 +6,6 @@ serve` over real sockets, except one in-process test of the session's listener i
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
 import re
 import time
@@ -17,7 +16,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from musicrfm.server.session import Session, SessionConfig
 from musicrfm.server.stream import Cause, Stream
 
-from live_server import said, start_server, stop_server
+from live_server import http_get, said, start_server, stop_server
 from live_client import LiveClient, RawClient
 
 
@@ -28,15 +27,6 @@ SERVER_ARGS = ("--max-sessions", "16")
 def client(server, session: str, encoding: str = "json", **kwargs) -> LiveClient:
     params = {"encoding": encoding} if encoding != "json" else {}
     return LiveClient(server.ws_url(session, **params), encoding=encoding, **kwargs)
-
-
-def http_get(port: int, path: str, headers: dict | None = None) -> http.client.HTTPResponse:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    conn.request("GET", path, headers=headers or {})
-    response = conn.getresponse()
-    response.body = response.read()
-    conn.close()
-    return response
 
 
 def ws_refusal(url: str, **kwargs) -> int | None:
