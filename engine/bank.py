@@ -279,8 +279,7 @@ class LayerNorms:
         missing = [k for k in ("mean", "std", "tokens") if k not in d]
         if missing:
             raise BankFormatError(f"layer_norms lacks {', '.join(missing)}")
-        return cls(tuple(d["mean"]) if isinstance(d["mean"], list) else d["mean"],
-                   tuple(d["std"]) if isinstance(d["std"], list) else d["std"], d["tokens"], d.get("source", ""))
+        return cls(d["mean"], d["std"], d["tokens"], d.get("source", ""))  # __post_init__ checks and makes tuples
 
     def combined(self, other: "LayerNorms") -> "LayerNorms":
         """Both measurements pooled (weighted by their token counts): two banks of one model, read at one point."""
