@@ -1,4 +1,13 @@
-"""The decode loop: one MusicGen step at a time, steered, paused between steps, endless if asked.
+"""The decode loop: MusicGen steps, steered, paused between steps, endless if asked; one stream or many at once.
+
+Streams and the engine. A `Generator` is one stream: its tokens, its position, its sampling settings and RNG,
+its steering plan, its prompt. An `Engine` owns one decoder on one device and steps any number of streams
+together: `Engine.step(generators)` feeds each of them one position in ONE batched forward (each stream its
+own rows of the decoder's cache, its own conditioning, position, steering), then samples each with its own
+settings and RNG. A generator made without an engine gets one of its own, so stepping alone and stepping in
+company are the same code, and a stream's tokens are the same either way: the batched step's shapes do not
+depend on the other streams (static cache and text shapes, rows padded to a power of two >= MIN_ROWS), and
+feeding several positions at once (a re-prompt refill, an audio prompt) runs for that stream alone.
 
 Positions and steps. MusicGen predicts K codebooks per position with the delay pattern: position p
 carries codebook k of frame `decoder.frame_at(p, k)` = p - k - 1 (BOS where that is negative), so frame f
@@ -14,13 +23,16 @@ whose frames fall before the new window), and generation goes on from the same s
 dropped or regenerated, so the audio has no gap; the new window simply sees less of the past.
 
 Steering. Each step reads `self.plan` once (the server swaps it between steps) and hands the decoder
-`plan.at(steps)`: the plan's per-layer vectors for that step. A re-prompt refill is steered with the coefficients of the steps at
+`plan.at(steps)`: the plan's per-layer vectors for that step, stacked with the other streams' by
+`BatchSteering`. A re-prompt refill is steered with the coefficients of the steps at
 which those positions were first generated, under the plan current at the time of the refill.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -29,12 +41,41 @@ from musicrfm.protocol.wire import end_step
 from .decoder import MusicgenDecoder, TextConditioning, delayed_inputs, frame_at
 from .model import MusicModel
 from .sampling import SamplingConfig, guided_logits, sample_tokens
-from .steering import SteeringPlan
+from .steering import BatchSteering, SteeringPlan
 
+log = logging.getLogger("musicrfm.loop")
 
 # Prompts whose text-encoder output a generator keeps: a live session switching between a few prompts encodes
 # each once (an encoding is [rows, tokens, d_model]: up to ~8 MB for musicgen-large's longest prompts).
 PROMPT_CACHE = 8
+# The fewest rows a batched step computes. On the CPU a matrix product over fewer than 4 rows takes another
+# kernel that rounds differently (measured: tests/engine/test_batched.py), so a stream stepping alone would not
+# get the numbers it gets in company. Padding one stream's 2 rows to 4 costs it ~40 % on a 2-core CPU (nothing
+# on a GPU), so a render that will never have company (`generate`) may ask for min_rows=1.
+MIN_ROWS = 4
+# Text tokens of a prompt the cross-attention reads: every stream holds this many keys (shorter prompts are
+# masked), so that its numbers do not depend on another stream's prompt. MusicGen's captions are ~10-40 tokens.
+MAX_TEXT_TOKENS = 256
+
+
+def padded_rows(rows: int, minimum: int = MIN_ROWS) -> int:
+    """Rows a batched step computes when `rows` are in use: a power of two, at least `minimum` (a few static
+    shapes, each of which a CUDA graph can capture)."""
+    n = minimum
+    while n < rows:
+        n *= 2
+    return n
+
+
+def text_tokens_for(model: MusicModel) -> int:
+    """The prompt tokens an engine reads: the tokenizer's own limit, at most MAX_TEXT_TOKENS."""
+    limit = getattr(model.tokenizer, "model_max_length", MAX_TEXT_TOKENS)
+    return int(min(limit, MAX_TEXT_TOKENS)) if isinstance(limit, int) and limit > 0 else MAX_TEXT_TOKENS
+
+
+def default_context_steps(model: MusicModel) -> int:
+    """30 s of context (the released models' training length), or the model's positions if fewer."""
+    return min(int(model.decoder_config.max_position_embeddings), round(30 * model.frame_rate))
 
 
 @dataclass(frozen=True)
@@ -50,8 +91,92 @@ class Chunk:
         return int(self.codes.shape[1])
 
 
+class Engine:
+    """One MusicGen decoder on one device, stepping any number of streams together (module docstring).
+
+    Each attached generator holds a slot: `rows_per_slot` rows of the decoder (conditional, then unconditional
+    when the engine carries guidance rows). Slots stay packed at [0, n): when a stream leaves, the last one
+    moves into its place, so a step computes `padded_rows(n * rows_per_slot)` rows whatever the history.
+    `min_rows` 1: no padding, for a stream that steps alone for good (MIN_ROWS)."""
+
+    def __init__(self, model: MusicModel, *, context_steps: int | None = None, guidance: bool = True,
+                 slots: int = 1, text_tokens: int | None = None, min_rows: int = MIN_ROWS):
+        self.model = model
+        self.min_rows = min_rows
+        self.context_steps = context_steps or default_context_steps(model)
+        self.rows_per_slot = 2 if guidance else 1
+        self.text_tokens = text_tokens or text_tokens_for(model)
+        self.decoder = MusicgenDecoder(model, rows=self.padded(max(1, slots) * self.rows_per_slot),
+                                       capacity=self.context_steps, text_tokens=self.text_tokens)
+        self.streams: list[Generator] = []  # by slot
+
+    def padded(self, rows: int) -> int:
+        return padded_rows(rows, self.min_rows)
+
+    @property
+    def guidance(self) -> bool:
+        return self.rows_per_slot == 2
+
+    def attach(self, gen: "Generator") -> int:
+        """A slot for `gen` (called by Generator)."""
+        self.streams.append(gen)
+        self.decoder.grow(self.padded(len(self.streams) * self.rows_per_slot))
+        return len(self.streams) - 1
+
+    def detach(self, gen: "Generator") -> None:
+        """Free `gen`'s slot; the last stream moves into it (its cache, conditioning and length with it)."""
+        slot = self.streams.index(gen)
+        last = self.streams.pop()
+        if last is not gen:
+            self.decoder.move_rows(self.slot_rows(last.slot), self.slot_rows(slot))
+            last.slot = slot
+            self.streams[slot] = last
+
+    def slot_rows(self, slot: int, count: int | None = None) -> slice:
+        """The decoder rows of `slot` (its first `count`: the conditional row alone is 1)."""
+        start = slot * self.rows_per_slot
+        return slice(start, start + (count or self.rows_per_slot))
+
+    @torch.no_grad()
+    def step(self, generators: Sequence["Generator"]) -> None:
+        """One generation step for each of `generators` (all attached here). Those that feed one position go
+        through one batched forward; one that feeds several (a refill after re-prompting, an audio prompt)
+        runs alone first."""
+        for gen in generators:
+            if gen.engine is not self or gen.slot is None:
+                raise ValueError("a generator stepped by an engine must be attached to it")
+            gen._prepare()
+        logits: dict[int, torch.Tensor] = {}
+        batched = []
+        for gen in generators:
+            if gen._feed_start() < gen.step:
+                logits[id(gen)] = gen._feed_alone()
+            else:
+                batched.append(gen)
+        if batched:
+            m = self.padded(len(self.streams) * self.rows_per_slot)
+            tokens = torch.full((m, self.model.num_codebooks, 1), self.model.pad_token_id, dtype=torch.long,
+                                device=self.model.device)
+            stepping = [False] * m
+            steered = []
+            for gen in batched:
+                rows = gen.rows
+                tokens[rows] = gen._inputs(gen.step, gen.step)
+                stepping[rows] = [True] * (rows.stop - rows.start)
+                plan = gen.plan  # read once: a swap by another thread applies from the next step
+                steering = plan.at([gen.step]) if plan is not None else None
+                if steering is not None:
+                    steered.append((gen.rows if steering.rows == "both" else self.slot_rows(gen.slot, 1), steering))
+            out = self.decoder.step(tokens, stepping, BatchSteering.stack(m, steered))
+            for gen in batched:
+                logits[id(gen)] = out[gen.rows]
+        for gen in generators:
+            gen._take(logits[id(gen)])
+
+
 class Generator:
-    """Steps a MusicGen decoder for one stream. Drive it with `run(steps)` or `chunk(steps)`."""
+    """Steps a MusicGen decoder for one stream. Drive it with `run(steps)` or `chunk(steps)` alone, or with
+    `Engine.step` together with other streams on the same engine (`engine=`)."""
 
     def __init__(
         self,
@@ -65,11 +190,20 @@ class Generator:
         keep_steps: int | None = None,
         total_frames: int | None = None,
         audio_prompt: torch.Tensor | None = None,
+        engine: Engine | None = None,
     ):
         self.model = model
         self.num_codebooks = k = model.num_codebooks
-        positions = int(model.decoder_config.max_position_embeddings)
-        self.context_steps = context_steps or min(positions, round(30 * model.frame_rate))
+        self._guidance = sampling.uses_guidance
+        if engine is None:
+            engine = Engine(model, context_steps=context_steps, guidance=self._guidance)
+        elif context_steps is not None and context_steps != engine.context_steps:
+            raise ValueError(f"context_steps {context_steps} differs from the engine's {engine.context_steps}")
+        if self._guidance and not engine.guidance:
+            raise ValueError("this engine has no unconditional rows: guidance needs an engine made with guidance")
+        if engine.model is not model:
+            raise ValueError("the engine runs another model")
+        self.context_steps = engine.context_steps
         # Keep 20 s of a 30 s window (audiocraft's choice); small models keep two thirds of theirs.
         default_keep = min(round(20 * model.frame_rate), 2 * self.context_steps // 3)
         self.keep_steps = keep_steps if keep_steps is not None else default_keep
@@ -83,10 +217,15 @@ class Generator:
         self.plan = plan
         self.seed = seed
         self.rng = torch.Generator(device=model.device).manual_seed(seed)
-        self._guidance = sampling.uses_guidance
-        self.decoder = MusicgenDecoder(model, rows=2 if self._guidance else 1, capacity=self.context_steps)
+        self.engine = engine
+        self.slot: int | None = engine.attach(self)
         self._encoded: dict[str, TextConditioning] = {}  # prompt -> its encoding, least recently used first
-        self.set_prompt(prompt)
+        self.decoder.reset(self.rows)
+        try:
+            self.set_prompt(prompt)
+        except Exception:
+            self.close()
+            raise
 
         self._codes = torch.full((k, 1024), model.pad_token_id, dtype=torch.long, device=model.device)
         self._known = [0] * k  # frames known per codebook (prompt or generated), contiguous from 0
@@ -95,6 +234,23 @@ class Generator:
         self._emitted = 0  # frames already returned by chunk()
         if audio_prompt is not None:
             self._set_audio_prompt(audio_prompt)
+
+    @property
+    def decoder(self) -> MusicgenDecoder:
+        return self.engine.decoder
+
+    @property
+    def rows(self) -> slice:
+        """This stream's rows of the decoder: the conditional one, and the unconditional one under guidance."""
+        if self.slot is None:
+            raise RuntimeError("this generator was closed")
+        return self.engine.slot_rows(self.slot, 2 if self._guidance else 1)
+
+    def close(self) -> None:
+        """Give the engine its slot back (a stream that ended); the generator cannot step any more."""
+        if self.slot is not None:
+            self.engine.detach(self)
+            self.slot = None
 
     # --- live controls ------------------------------------------------------------------------------
 
@@ -105,12 +261,15 @@ class Generator:
             raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
         cond = self._encoded.pop(prompt, None)
         if cond is None:
+            tokens = len(self.model.tokenizer(prompt)["input_ids"])
+            if tokens > self.engine.text_tokens:
+                log.warning("prompt of %d text tokens: the model reads its first %d", tokens, self.engine.text_tokens)
             cond = self.decoder.encode_text([prompt], guidance=self._guidance)
         self._encoded[prompt] = cond  # the most recent last
         while len(self._encoded) > PROMPT_CACHE:
             del self._encoded[next(iter(self._encoded))]
         self.prompt = prompt
-        self.decoder.set_conditioning(cond)
+        self.decoder.set_conditioning(cond, self.rows)
 
     def check_sampling(self, sampling: SamplingConfig) -> None:
         """Raise ValueError if this stream cannot switch to `sampling` (a stream started without guidance has
@@ -167,24 +326,28 @@ class Generator:
         return delayed_inputs(self._codes[None], first, last, self.model.pad_token_id,
                               window_start=self._offset, end=self.total_frames)
 
-    def _reprompt(self) -> None:
-        self._offset = self.step - self.keep_steps
-        self.decoder.reset()
-
-    @torch.no_grad()
-    def advance(self) -> None:
-        """One generation step: feed position `step` (after a re-prompt, the whole refill), predict the
-        next position, keep the tokens the delay pattern leaves free."""
+    def _prepare(self) -> None:
+        """Before a step: refuse a finished stream; re-prompt when the context is full."""
         if self.finished:
             raise RuntimeError("generation finished: all total_frames are complete")
         if self.step - self._offset >= self.context_steps:
-            self._reprompt()
-        first = self._offset + self.decoder.length
-        plan = self.plan  # read once: a swap by another thread applies from the next step
-        steering = plan.at(range(first, self.step + 1)) if plan is not None else None  # None: nothing to add
-        logits = self.decoder.forward(self._inputs(first, self.step), steering)
-        tokens = sample_tokens(guided_logits(logits, self.sampling, 1), self.sampling, self.rng)[0]  # [K]
+            self._offset = self.step - self.keep_steps
+            self.decoder.reset(self.rows)
 
+    def _feed_start(self) -> int:
+        """The first global position this step feeds (`step` itself, unless the cache must be refilled)."""
+        return self._offset + self.decoder.lengths[self.rows.start]
+
+    def _feed_alone(self) -> torch.Tensor:
+        """Feed positions _feed_start()..step in one pass of this stream's rows alone; logits [R, K, V]."""
+        first = self._feed_start()
+        plan = self.plan
+        steering = plan.at(range(first, self.step + 1)) if plan is not None else None
+        return self.decoder.forward(self._inputs(first, self.step), steering, rows=self.rows, cond_rows=1)
+
+    def _take(self, logits: torch.Tensor) -> None:
+        """Sample the step's tokens from this stream's logits [R, K, V]; keep those the delay pattern leaves free."""
+        tokens = sample_tokens(guided_logits(logits, self.sampling, 1), self.sampling, self.rng)[0]  # [K]
         predicted = self.step + 1
         self._ensure_capacity(predicted)
         for k in range(self.num_codebooks):
@@ -195,19 +358,28 @@ class Generator:
             self._known[k] = frame + 1
         self.step += 1
 
+    def advance(self) -> None:
+        """One generation step of this stream alone: feed position `step` (after a re-prompt, the whole refill),
+        predict the next position, keep the tokens the delay pattern leaves free."""
+        self.engine.step([self])
+
     def run(self, steps: int) -> None:
         for _ in range(steps):
             if self.finished:
                 return
             self.advance()
 
+    def take_chunk(self, start_step: int) -> Chunk:
+        """The frames completed since the last chunk was taken (steps from `start_step` to now)."""
+        first, end = self._emitted, self.frames_complete
+        self._emitted = end
+        return Chunk(codes=self.codes(first, end), first_frame=first, steps=(start_step, self.step))
+
     def chunk(self, steps: int) -> Chunk:
         """Run up to `steps` steps and return the frames they completed (possibly none)."""
         start = self.step
         self.run(steps)
-        first, end = self._emitted, self.frames_complete
-        self._emitted = end
-        return Chunk(codes=self.codes(first, end), first_frame=first, steps=(start, self.step))
+        return self.take_chunk(start)
 
     def steps_for_frames(self, frames: int) -> int:
         """Steps still needed until `frames` frames are complete."""

@@ -51,6 +51,7 @@ __all__ = [
     "gate_open",
     "gate_uniform",
     "StepSteering",
+    "BatchSteering",
     "apply_steering",
     "SCHEDULE_KINDS",
     "LAYER_MODES",
@@ -757,6 +758,52 @@ class StepSteering:
 
     def apply(self, h: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return apply_steering(h, v, self.rule)
+
+    def layers(self) -> torch.Tensor:
+        """[L, d]: every layer's vector for one step."""
+        if self._per_layer is None:
+            raise ValueError("layers() is for one step; this steering covers a refill of several positions")
+        return self._per_layer
+
+
+class BatchSteering:
+    """The steering of one batched decode step (engine.decoder.RowSteering): each row of the batch has its own
+    vectors (zeros where a row is not steered), its rule and its injection point. Built from the streams'
+    `StepSteering`s, so a row gets exactly the vectors it gets when its stream steps alone."""
+
+    def __init__(self, vectors: dict[str, torch.Tensor], norm_rows: dict[str, torch.Tensor]):
+        self._vectors = vectors  # site -> [M, L, d]
+        self._norm_rows = norm_rows  # site -> [M, 1, 1] bool: rows that take the norm-preserving rule
+
+    @classmethod
+    def stack(cls, rows: int, entries: Sequence[tuple[slice, StepSteering]]) -> "BatchSteering | None":
+        """`entries`: (the batch rows a stream's step steering applies to, that steering)."""
+        if not entries:
+            return None
+        vectors: dict[str, torch.Tensor] = {}
+        norm: dict[str, list[bool]] = {}
+        for where, step in entries:
+            v = step.layers()
+            if step.site not in vectors:
+                vectors[step.site] = v.new_zeros(rows, *v.shape)
+                norm[step.site] = [False] * rows
+            vectors[step.site][where] = v
+            if step.rule == "norm":
+                for r in range(*where.indices(rows)):
+                    norm[step.site][r] = True
+        norm_rows = {site: torch.tensor(flags, device=vectors[site].device)[:, None, None]
+                     for site, flags in norm.items() if any(flags)}
+        return cls(vectors, norm_rows)
+
+    def steer(self, site: str, layer: int, h: torch.Tensor) -> torch.Tensor:
+        vectors = self._vectors.get(site)
+        if vectors is None:
+            return h
+        v = vectors[:, layer, None].to(h.dtype)  # [M, 1, d]
+        norm = self._norm_rows.get(site)
+        if norm is None:
+            return h + v
+        return torch.where(norm, apply_steering(h, v, "norm"), h + v)
 
 
 def apply_steering(h: torch.Tensor, v: torch.Tensor, rule: str) -> torch.Tensor:

@@ -26,7 +26,7 @@ def test_greedy_without_guidance_matches_transformers(tiny, hf_codes):
     ref = hf_codes("bass", 30, do_sample=False, guidance_scale=1.0)
     gen = Generator(tiny, "bass", sampling=SamplingConfig(greedy=True, guidance_scale=1.0), total_frames=27)
     gen.run(10_000)
-    assert gen.decoder.rows == 1  # no unconditional rows computed at scale 1
+    assert gen.engine.rows_per_slot == 1  # no unconditional rows computed at scale 1
     assert torch.equal(gen.codes(), ref)
 
 
@@ -73,7 +73,7 @@ def test_stream_runs_past_three_context_lengths(tiny, monkeypatch):
     resets = []
     gen = Generator(tiny, "organ", seed=3, context_steps=context, keep_steps=keep)
     reset = gen.decoder.reset
-    monkeypatch.setattr(gen.decoder, "reset", lambda: (resets.append(gen.step), reset())[1])
+    monkeypatch.setattr(gen.decoder, "reset", lambda rows=None: (resets.append(gen.step), reset(rows))[1])
     total = 0
     for _ in range(40):
         chunk = gen.chunk(5)
@@ -106,9 +106,9 @@ def test_reprompt_refill_equals_feeding_the_window_step_by_step(tiny):
         logits = fresh.forward(window[:, :, t:t + 1])
     gen2 = Generator(tiny, "flute", sampling=GREEDY, context_steps=24, keep_steps=10)
     gen2.run(24)
-    refill = gen2.decoder
-    gen2._reprompt()
-    batched = refill.forward(gen2._inputs(first, gen2.step))
+    gen2._prepare()  # re-prompts: the cache is empty, the next feed is the whole window
+    assert gen2._feed_start() == first
+    batched = gen2._feed_alone()
     torch.testing.assert_close(batched, logits, rtol=1e-4, atol=1e-5)
     # BOS wherever a codebook's frame falls before the window.
     assert (window[0, 1:, 0] == tiny.pad_token_id).all() and (window[0, 3, :3] == tiny.pad_token_id).all()

@@ -27,19 +27,22 @@ def _plan(tiny, bank, **spec):
 
 
 class Recorder:
-    """Replaces engine.steering.apply_steering to see every update the decoder makes."""
+    """Spies on engine.steering.BatchSteering.steer, the update every decode step makes, and keeps what it did
+    to one generator's rows (and how far it moved any other row of the batch: padding, never steered)."""
 
     def __init__(self, monkeypatch, gen):
         self.calls = []
-        self.gen = gen
-        real = engine_steering.apply_steering
+        real = engine_steering.BatchSteering.steer
 
-        def spy(h, v, rule):
-            out = real(h, v, rule)
-            self.calls.append(dict(step=gen.step, h=h.clone(), v=v.clone(), out=out.clone(), rule=rule))
+        def spy(this, site, layer, h):
+            out = real(this, site, layer, h)
+            if out is not h:
+                rows = gen.rows
+                self.calls.append(dict(step=gen.step, site=site, layer=layer, h=h[rows].clone(), out=out[rows].clone(),
+                                       others=float((out - h)[rows.stop:].abs().max())))
             return out
 
-        monkeypatch.setattr(engine_steering, "apply_steering", spy)
+        monkeypatch.setattr(engine_steering.BatchSteering, "steer", spy)
 
 
 def test_exact_vectors_at_each_layer_and_both_rows(tiny, bank, monkeypatch):
@@ -49,27 +52,29 @@ def test_exact_vectors_at_each_layer_and_both_rows(tiny, bank, monkeypatch):
     rec = Recorder(monkeypatch, gen)
     gen.run(3)
     # One update per layer per step: the decoder never skips or repeats a layer.
-    assert len(rec.calls) == 3 * tiny.num_layers
+    assert [c["layer"] for c in rec.calls] == list(range(tiny.num_layers)) * 3
+    assert gen.decoder.rows > 2  # the batch holds padding rows besides the stream's two ...
     top2 = {1, 2}
-    for n, call in enumerate(rec.calls):
-        layer = n % tiny.num_layers
+    for call in rec.calls:
         expected = torch.zeros(tiny.hidden_size)
-        if layer in top2:
-            expected = 0.7 * bank["notes:C"].vectors[layer] - 0.2 * bank["notes:E"].vectors[layer]
-        torch.testing.assert_close(call["v"], expected)
+        if call["layer"] in top2:
+            expected = 0.7 * bank["notes:C"].vectors[call["layer"]] - 0.2 * bank["notes:E"].vectors[call["layer"]]
         assert call["h"].shape[0] == 2  # both guidance rows went through the update
         torch.testing.assert_close(call["out"], call["h"] + expected)
+        assert call["others"] == 0.0  # ... which are never steered
 
 
 def test_conditional_row_only(tiny, bank):
+    """A refill's forward (several positions for one stream's rows) spares the unconditional row."""
     plan = _plan(tiny, bank, controls=(DirectionControl("notes:D", 1.0),), rows="cond",
                  layers=LayerWeighting(mode="all"))
     steered, plain = Generator(tiny, "piano", plan=plan), Generator(tiny, "piano")
     seen = {"steered": {}, "plain": {}}
     tokens = steered._inputs(0, 0)
-    steered.decoder.forward(tokens, plan.at([0]),
+    steered.decoder.forward(tokens, plan.at([0]), rows=steered.rows, cond_rows=1,
                             capture=lambda i, h: seen["steered"].__setitem__(i, h.clone()))
-    plain.decoder.forward(tokens, None, capture=lambda i, h: seen["plain"].__setitem__(i, h.clone()))
+    plain.decoder.forward(tokens, None, rows=plain.rows, cond_rows=1,
+                          capture=lambda i, h: seen["plain"].__setitem__(i, h.clone()))
     s, p = seen["steered"], seen["plain"]
     # Row 0 (conditional) moved by exactly the direction at layer 0; row 1 (unconditional) untouched
     # at every layer.
@@ -90,9 +95,9 @@ def test_gate_fires_on_the_right_steps_and_schedule_clock_keeps_running(tiny, ba
     expected = [s for s in range(60) if gate_open(11, s, 0.3) and sched(s) > 0]
     assert fired == expected and 8 <= len(fired) <= 30
     for call in rec.calls:  # strength follows the step's schedule value, not a count of gated-in steps
-        layer_vec = bank["notes:C"].vectors
-        scale = call["v"].norm() / layer_vec[0].norm()
-        assert scale.item() == pytest.approx(0.5 * sched(call["step"]), rel=1e-5)
+        layer_vec = bank["notes:C"].vectors[call["layer"]]
+        scale = (call["out"] - call["h"])[0].norm() / layer_vec.norm()
+        assert scale.item() == pytest.approx(0.5 * sched(call["step"]), rel=1e-4)
 
 
 def test_attention_site_and_norm_rule(tiny, monkeypatch):
@@ -106,12 +111,13 @@ def test_attention_site_and_norm_rule(tiny, monkeypatch):
     gen = Generator(tiny, "piano", plan=plan)
     rec = Recorder(monkeypatch, gen)
     gen.run(2)
-    assert len(rec.calls) == 2 * tiny.num_layers and all(c["rule"] == "norm" for c in rec.calls)
-    call = rec.calls[0]
-    h, v = call["h"], call["v"]
-    assert h.shape[0] == 1  # conditional row only
-    expected = (h + h.norm(dim=-1, keepdim=True) * v) / (1 + v.norm())
-    torch.testing.assert_close(call["out"], expected)
+    assert len(rec.calls) == 2 * tiny.num_layers and all(c["site"] == "attention" for c in rec.calls)
+    for call in rec.calls:
+        h, out = call["h"], call["out"]
+        v = plan.at([call["step"]]).layers()[call["layer"]]
+        expected = (h[0] + h[0].norm() * v) / (1 + v.norm())
+        torch.testing.assert_close(out[0], expected)  # the conditional row, by the norm-preserving rule
+        assert torch.equal(out[1], h[1])  # the unconditional row untouched
     # With a bank read at the residual stream, an attention-site plan is refused.
     with pytest.raises(ValueError, match="injection point"):
         _plan(tiny, DirectionBank.from_arrays("x", ["y"], vecs, torch.ones(1, tiny.num_layers), tiny.fingerprint,
