@@ -34,6 +34,7 @@ __all__ = [
     "CodecInfo",
     "StreamingSettings",
     "StreamingDecoder",
+    "push_together",
     "decode_tokens",
     "relative_error",
     "SeamStats",
@@ -186,6 +187,10 @@ class StreamingDecoder:
 
     def push(self, codes: torch.Tensor) -> torch.Tensor:
         """Add newly completed frames [K, n]; returns the float32 audio that became final (maybe empty)."""
+        return push_together([self], [codes])[0]
+
+    def _take(self, codes: torch.Tensor) -> int:
+        """Add frames [K, n] to the window; returns how many pending frames are final now (0: no decode due)."""
         codes = _check_codes(codes, self.info, "[K, n]", (2,))
         if self._frames is not None and codes.shape[0] != self._frames.shape[0]:
             raise ValueError(f"this stream has {self._frames.shape[0]} codebooks, the pushed codes have "
@@ -195,10 +200,8 @@ class StreamingDecoder:
         self._pending += codes.shape[1]
         self.frames_in += codes.shape[1]
         self.last_window_frames = 0
-        ready = self._pending - self.settings.hold_back
-        if ready <= 0:  # nothing becomes final yet: skip the decode (chunks smaller than hold_back)
-            return torch.zeros(0)
-        return self._emit(ready)
+        # Nothing becomes final while fewer than hold_back frames wait (chunks smaller than hold_back): no decode.
+        return max(0, self._pending - self.settings.hold_back)
 
     def flush(self) -> torch.Tensor:
         """End the stream: return the held-back audio (its right edge is final now) and reset."""
@@ -206,13 +209,15 @@ class StreamingDecoder:
         self.reset()
         return out
 
-    def _emit(self, count: int) -> torch.Tensor:
-        """Decode the window and return the audio of the first `count` pending frames."""
+    def _emit(self, count: int, audio: torch.Tensor | None = None) -> torch.Tensor:
+        """Return the audio of the first `count` pending frames from the window's decode (`audio`, when it was
+        decoded in a batch; else decoded here)."""
         assert self._frames is not None and 0 < count <= self._pending
         hop, fade = self.info.hop_length, self.settings.crossfade
         window = self._frames
         self.last_window_frames = window.shape[1]
-        audio = _decode(self.codec, window[None], hop)[0]
+        if audio is None:
+            audio = _decode(self.codec, window[None], hop)[0]
         start = (window.shape[1] - self._pending) * hop  # where the not-yet-emitted audio begins
         stop = start + count * hop
         segment = audio[start:stop].clone()
@@ -232,6 +237,23 @@ class StreamingDecoder:
         self._frames = window[:, window.shape[1] - keep :]
         self.samples_out += len(segment)
         return segment
+
+
+def push_together(decoders: list[StreamingDecoder], codes: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`decoder.push(codes)` for several streams at once: the windows due for a decode that have the same length
+    on the same codec (streams that step together, in their steady state) decode in one batched call."""
+    ready = [d._take(c) for d, c in zip(decoders, codes)]
+    out = [torch.zeros(0) for _ in decoders]
+    batches: dict[tuple[int, int], list[int]] = {}
+    for i, (d, n) in enumerate(zip(decoders, ready)):
+        if n:
+            batches.setdefault((id(d.codec), d._frames.shape[1]), []).append(i)
+    for members in batches.values():
+        first = decoders[members[0]]
+        audio = _decode(first.codec, torch.stack([decoders[i]._frames for i in members]), first.info.hop_length)
+        for row, i in enumerate(members):
+            out[i] = decoders[i]._emit(ready[i], audio[row])
+    return out
 
 
 # --- measuring a streamed decode --------------------------------------------------------------------

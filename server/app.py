@@ -34,12 +34,14 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from musicrfm.engine.bank import DirectionBank
+from musicrfm.engine.loop import Engine
 from musicrfm.engine.model import NOISE_WARNING, MusicModel, bundled_prompts
 
 from musicrfm.protocol import fields
 from musicrfm.protocol.wire import (MAX_MESSAGE_BYTES, MAX_NESTING, PROTOCOL_VERSION, AUDIO_HEADER_BYTES, ProtocolError,
                        decode_message, encode_message, is_loopback, valid_session_name)
 from .limits import TokenBucket
+from .scheduler import DeviceScheduler
 from .session import RECORD_START_BURST, RECORD_START_SECONDS, Cause, Session, SessionConfig
 from .state import (MAX_DIRECTION_KEY_CHARS, MAX_DIRECTIONS, MAX_PROMPT_CHARS, MAX_SCHEDULE_POINTS, MAX_STATE_BYTES,
                     ControlState)
@@ -107,6 +109,10 @@ class Hub:
         self.directions: list[str] = sorted(bank.keys()) if bank is not None else []
         self.example_prompts: list[str] = list(bundled_prompts(model.name))  # read once, sent in every hello
         self.coefficient_max = config.coefficient_max
+        # One engine on the model's device for every session: the sessions that need audio at the same time step
+        # together in one batched forward (server/scheduler.py), on the device's one thread.
+        self.engine = Engine(model, context_steps=config.context_steps, slots=min(config.max_sessions, 8))
+        self.scheduler = DeviceScheduler(model.frame_rate)
         self._client_ids = itertools.count(1)
         self._reaper: asyncio.Task | None = None
 
@@ -151,8 +157,8 @@ class Hub:
                                     f"of them kept for 'main'); a session nobody uses closes after "
                                     f"{self.config.idle_seconds:g} s")
             stream = Stream(self.model, self.bank, self.config.initial, context_steps=self.config.context_steps,
-                            keep_steps=self.config.keep_steps)
-            session = Session(name, stream, self.config.session, self.bank_paths)
+                            keep_steps=self.config.keep_steps, engine=self.engine)
+            session = Session(name, stream, self.config.session, self.bank_paths, self.scheduler)
             session.start()
             self.sessions[name] = session
             log.info("session %s created", name)
@@ -195,6 +201,7 @@ class Hub:
         if self._reaper is not None:
             self._reaper.cancel()
         await asyncio.gather(*(s.close() for s in self.sessions.values()))
+        self.scheduler.close()
 
 
 def _valid_id(value) -> bool:
@@ -491,7 +498,8 @@ class Server:
         if not self._token_ok(request, query, cookie=True):
             return connection.respond(HTTPStatus.FORBIDDEN, refused)
         if url.path == "/health":
-            body = json.dumps({"ok": True, "sessions": sorted(self.hub.sessions)}).encode()
+            body = json.dumps({"ok": True, "sessions": sorted(self.hub.sessions),
+                               "device": self.hub.scheduler.load.to_dict()}).encode()
             return Response(200, "OK", Headers([("Content-Type", "application/json"),
                                                 ("Content-Length", str(len(body)))]), body)
         if url.path.startswith("/recordings/"):

@@ -1,8 +1,8 @@
 """A live session: one `Stream` paced against a real-time clock, its listeners, its recording.
 
 All of a session's bookkeeping runs on the event loop; the model work (`Stream.generate`, and applying
-changes, which may encode a prompt) runs in the session's own worker thread, one call at a time, so the
-loop never blocks and two sessions generate side by side.
+changes, which may encode a prompt) runs on the device's thread (server/scheduler.py), so the loop never
+blocks, and the sessions that need audio at the same time step together in one batched forward.
 
 Nobody listening: a playing session whose last WebSocket listener left holds generation (its playback stays
 `playing`, its clock stops) until a listener joins, which goes on with the same stream: a session does not spend
@@ -20,7 +20,6 @@ import asyncio
 import logging
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +30,7 @@ from musicrfm.protocol import fields
 from musicrfm.protocol.wire import AudioHeader, ProtocolError, SharedMessage, pack_audio
 from .limits import TokenBucket
 from .recording import Recorder
+from .scheduler import DeviceScheduler
 from .stream import Applied, Cause, Stream, StreamChunk
 
 log = logging.getLogger("musicrfm.session")
@@ -108,7 +108,9 @@ class _Clock:
 
 
 class Session:
-    def __init__(self, name: str, stream: Stream, config: SessionConfig, bank_paths: list[Path]):
+    def __init__(self, name: str, stream: Stream, config: SessionConfig, bank_paths: list[Path],
+                 scheduler: DeviceScheduler | None = None):
+        """`scheduler`: the device's, shared with the other sessions (the server's); None: one of its own."""
         self.name = name
         self.stream = stream
         stream.pace_prompts = True  # live: a flood of prompts is encoded within PROMPT_ENCODE_SHARE of the time
@@ -122,7 +124,8 @@ class Session:
         self._record_requests: list[tuple[str, Cause]] = []
         self._clock = _Clock(self.sample_rate)
         self._wake = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"session-{name}")
+        self._own_scheduler = scheduler is None
+        self._scheduler = scheduler or DeviceScheduler(stream.model.frame_rate, name=f"session-{name}")
         self._task: asyncio.Task | None = None
         self._closed = False
         self.last_active = time.monotonic()  # the last client message, OSC packet, join or leave (idle reaping)
@@ -148,7 +151,9 @@ class Session:
             await asyncio.gather(self._task, return_exceptions=True)
         if self._recorder is not None:
             self._finish_recording()
-        self._executor.shutdown(wait=True)
+        await self._scheduler.run(self.stream.close)  # the stream's place on the device goes back
+        if self._own_scheduler:
+            self._scheduler.close()
 
     # --- clients ------------------------------------------------------------------------------------
 
@@ -262,7 +267,7 @@ class Session:
         return (self._generated() - self._clock.position(self._generated())) / self.sample_rate
 
     async def _work(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await self._scheduler.run(fn, *args)
 
     @property
     def held(self) -> bool:
@@ -291,7 +296,7 @@ class Session:
                 if lead >= self.config.lead_seconds:
                     await self._idle(lead - self.config.lead_seconds + 0.002)
                     continue
-                chunk = await self._work(self.stream.generate, self.config.chunk_steps)
+                chunk = await self._scheduler.generate(self.stream, self.config.chunk_steps)
                 self._publish(chunk)
                 self._stats()
         except Exception:

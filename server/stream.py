@@ -41,9 +41,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from musicrfm.engine.audio import StreamingDecoder
+from musicrfm.engine.audio import StreamingDecoder, push_together
 from musicrfm.engine.bank import DirectionBank
-from musicrfm.engine.loop import Generator
+from musicrfm.engine.loop import Engine, Generator
 from musicrfm.engine.model import MusicModel
 from musicrfm.engine.norms import with_layer_norms
 from musicrfm.engine.steering import SteeringPlan
@@ -219,8 +219,11 @@ class Stream:
     """Generation for one session; see the module docstring."""
 
     def __init__(self, model: MusicModel, bank: DirectionBank | None, state: ControlState = ControlState(), *,
-                 context_steps: int | None = None, keep_steps: int | None = None):
+                 context_steps: int | None = None, keep_steps: int | None = None, engine: Engine | None = None):
         self.model = model
+        # The engine its generators step on: shared with the other sessions on the device (the server), or, when
+        # None, one of each generator's own. Either way a stream's tokens are the same (engine.loop).
+        self.engine = engine
         self.bank = bank
         self.site = bank.injection_point if bank is not None else "residual"
         self.known_keys = frozenset(bank.keys()) if bank is not None else frozenset()
@@ -502,7 +505,7 @@ class Stream:
         self._plan = self._cpu_plan(s, self._plan)  # the state may have been set directly (a replay's first)
         self.generator = Generator(self.model, s.prompt, sampling=s.sampling, seed=s.seed,
                                    plan=self._on_device(self._plan), context_steps=self.context_steps,
-                                   keep_steps=self.keep_steps)
+                                   keep_steps=self.keep_steps, engine=self.engine)
         self._generator_plan = self._plan
         self.decoder = StreamingDecoder(self.model.hf.audio_encoder)
         self.samples_emitted = 0
@@ -513,45 +516,97 @@ class Stream:
         tail = self.decoder.flush().reshape(-1).float().cpu().numpy()
         self.samples_emitted += tail.shape[0]
         self.finished_codes = self.generator.codes()  # the ended stream's tokens, for its recording
+        self.generator.close()
         self.generator = self.decoder = None
         self.state = replace(self.state, playback="stopped")
         return tail
 
     # --- generating ---------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def generate(self, max_steps: int) -> StreamChunk:
         """Run up to `max_steps` steps while playing, applying due changes before each step, and decode the
         frames they complete. Returns early when a change pauses or ends the stream at its step."""
-        started = time.perf_counter()
-        first_sample, epoch, start = self.samples_emitted, self.epoch, self.step
-        applied: list[Applied] = []
-        audio: list[np.ndarray] = []
-        codes: list[torch.Tensor] = []
-        ended, ran = False, 0
-        for i in range(max_steps):
-            due = self._due(stepping=True)
-            gen = self.generator
-            if due:
-                self._decode(codes, audio)  # frames so far go out before a change can end the stream
-                for change in due:
-                    self._apply(change, applied, audio)
-            if due or i == 0:  # (the first step also takes a prompt set while no step ran: apply_due)
-                self._sync_generator()
-                ended = gen is not None and self.generator is not gen
-            if ended or self.state.playback != "playing":
-                self._settle()
-                break
-            codes.append(self.generator.chunk(1).codes)
-            ran += 1
-        self._decode(codes, audio)
-        out = np.concatenate(audio).astype(np.float32) if audio else np.zeros(0, np.float32)
-        return StreamChunk(out, first_sample, (start, start + ran), self.version, epoch, applied, ended,
-                           time.perf_counter() - started)
+        return generate_together([self], max_steps)[0]
+
+    def close(self) -> None:
+        """Give the engine back this stream's slot (the session is going away)."""
+        if self.generator is not None:
+            self.generator.close()
 
     def _decode(self, codes: list[torch.Tensor], audio: list[np.ndarray]) -> None:
-        if codes:
-            pcm = self.decoder.push(torch.cat(codes, dim=1)).reshape(-1).float().cpu().numpy()
-            self.samples_emitted += pcm.shape[0]
-            audio.append(pcm)
-            codes.clear()
+        _decode_together([(self, codes, audio)])
+
+
+class _Share:
+    """One stream's part of a chunk that several streams generate together."""
+
+    def __init__(self, stream: Stream):
+        self.stream = stream
+        self.first_sample, self.epoch, self.start = stream.samples_emitted, stream.epoch, stream.step
+        self.applied: list[Applied] = []
+        self.audio: list[np.ndarray] = []
+        self.codes: list[torch.Tensor] = []
+        self.ended = False
+        self.done = False  # paused or ended: no more steps in this chunk
+        self.ran = 0
+
+    def before_step(self, i: int) -> bool:
+        """Apply the changes due before step i of the chunk; False when the stream does not step (any more)."""
+        s = self.stream
+        due = s._due(stepping=True)
+        gen = s.generator
+        if due:
+            s._decode(self.codes, self.audio)  # frames so far go out before a change can end the stream
+            for change in due:
+                s._apply(change, self.applied, self.audio)
+        if due or i == 0:  # (the first step also takes a prompt set while no step ran: apply_due)
+            s._sync_generator()
+            self.ended = gen is not None and s.generator is not gen
+        if self.ended or s.state.playback != "playing":
+            s._settle()
+            self.done = True
+        return not self.done
+
+    def chunk(self, seconds: float) -> StreamChunk:
+        s = self.stream
+        out = np.concatenate(self.audio).astype(np.float32) if self.audio else np.zeros(0, np.float32)
+        return StreamChunk(out, self.first_sample, (self.start, self.start + self.ran), s.version, self.epoch,
+                           self.applied, self.ended, seconds)
+
+
+@torch.no_grad()
+def generate_together(streams: list[Stream], max_steps: int) -> list[StreamChunk]:
+    """`Stream.generate` for several streams at once: each step, the streams that are playing apply their due
+    changes, then advance in one batched forward per engine (engine.loop.Engine.step; streams on one engine get
+    the tokens they would get alone), and their frames decode together at the end. Each chunk's `seconds` is
+    the wall-clock time of the whole call: what the stream waited for its audio."""
+    started = time.perf_counter()
+    shares = [_Share(s) for s in streams]
+    for i in range(max_steps):
+        stepping = [sh for sh in shares if not sh.done and sh.before_step(i)]
+        if not stepping:
+            break
+        engines: dict[int, list[_Share]] = {}
+        for sh in stepping:
+            engines.setdefault(id(sh.stream.generator.engine), []).append(sh)
+        for group in engines.values():
+            group[0].stream.generator.engine.step([sh.stream.generator for sh in group])
+        for sh in stepping:
+            sh.codes.append(sh.stream.generator.take_chunk(sh.stream.step - 1).codes)
+            sh.ran += 1
+    _decode_together([(sh.stream, sh.codes, sh.audio) for sh in shares])
+    seconds = time.perf_counter() - started
+    return [sh.chunk(seconds) for sh in shares]
+
+
+def _decode_together(work: list[tuple[Stream, list[torch.Tensor], list[np.ndarray]]]) -> None:
+    """Decode each stream's pending frames (`codes`, emptied) and append the audio to its `audio`."""
+    work = [(s, codes, audio) for s, codes, audio in work if codes]
+    if not work:
+        return
+    pcms = push_together([s.decoder for s, _, _ in work], [torch.cat(codes, dim=1) for _, codes, _ in work])
+    for (s, codes, audio), pcm in zip(work, pcms):
+        pcm = pcm.reshape(-1).float().cpu().numpy()
+        s.samples_emitted += pcm.shape[0]
+        audio.append(pcm)
+        codes.clear()

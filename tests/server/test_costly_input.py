@@ -211,7 +211,7 @@ def test_a_recording_started_mid_stream_writes_the_history_off_the_event_loop(ti
         return ticks, next(m for m in listener.messages if m["type"] == "recording" and m["status"] == "stopped")
 
     ticks, stopped = asyncio.run(main())
-    assert made_in and made_in[0].startswith("session-rec"), made_in  # the session's worker thread
+    assert made_in and made_in[0].startswith("musicrfm-session-rec"), made_in  # the device thread, not the loop
     assert ticks >= 20, ticks  # ~50 heartbeats during the 1 s write, not 0
     header, states, end = read_log(stopped["log"])
     assert end is not None and len(states) >= 2 and states[0][0] == 0  # the history from step 0, then the rest

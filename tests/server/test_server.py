@@ -4,6 +4,7 @@ server starts and stops run servers of their own."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -19,7 +20,7 @@ from musicrfm.engine.audio import read_wav
 from musicrfm.protocol.connection import HandshakeRefused
 from musicrfm.protocol.wire import AUDIO_MAGIC, MAX_MESSAGE_BYTES
 from musicrfm.server.app import RELATIVE_KNOB_MAX
-from musicrfm.server.recording import read_log
+from musicrfm.server.recording import read_log, replay
 
 from live_server import start_server, stop_server, wait_for_output
 from live_client import LiveClient, RawClient, contiguity_problems
@@ -480,3 +481,43 @@ def test_sigint_closes_clients_with_1001_and_finishes_the_recording(test_bank_pa
     overlap = min(heard.shape[0], audio.shape[0])
     assert overlap > 0 and np.abs(audio[:overlap] - heard[:overlap]).max() <= 1.5 / 32767
     assert not [line for line in server.output if "traceback" in line.lower() or "exception" in line.lower()]
+
+
+# --- sessions on one device ---------------------------------------------------------------------------------
+
+
+def test_sessions_playing_at_once_step_together_and_each_replays_alone(live_server, tiny):
+    """Three sessions play, steered differently, on the server's one engine: their chunks are generated in
+    batched steps (the server's /health shows batches of 2 and more), and each one's recording replays, alone,
+    to the very tokens it was recorded with."""
+    names = [f"t-batch{i}" for i in range(3)]
+    done = []
+    with contextlib.ExitStack() as stack:
+        clients = [stack.enter_context(client(live_server, name)) for name in names]
+        for i, c in enumerate(clients):
+            c.request({"type": "set", "id": f"b-{i}", "prompt": f"prompt number {i}", "seed": 10 + i,
+                       "directions": {"notes:C": {"coefficient": 0.2 * i}, "notes:G": {"coefficient": -0.1 * i}}})
+            mark = c.mark()
+            c.send({"type": "record", "command": "start"})
+            c.wait(lambda m: m["type"] == "recording" and m["status"] == "armed", since=mark)
+        for i, c in enumerate(clients):
+            play(c, f"b-play{i}")
+        deadline, batched = time.monotonic() + 60, False
+        while not batched and time.monotonic() < deadline:
+            health = json.loads(http_get("127.0.0.1", live_server.port, "/health")[2])
+            batched = any(int(n) >= 2 for n in health["device"]["step_ms"])
+            time.sleep(0.2)
+        assert batched, health
+        for i, c in enumerate(clients):
+            c.wait_audio(15, since=c.audio_mark())
+            c.request({"type": "set", "id": f"b-change{i}", "directions": {"notes:C": {"coefficient": 0.5}}})
+        for c in clients:
+            c.wait_audio(15, since=c.audio_mark())
+            mark = c.mark()
+            c.send({"type": "record", "command": "stop"})
+            done.append(c.wait(lambda m: m["type"] == "recording" and m["status"] == "stopped", since=mark))
+            stop(c)
+    for d in done:
+        assert d["frames"][0] == 0 and d["frames"][1] >= 100
+        again = replay(d["log"], model=tiny, progress=False)
+        assert again.matches and again.problems == [], again.problems

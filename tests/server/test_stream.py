@@ -262,15 +262,15 @@ def test_a_change_sent_while_a_step_runs_is_checked_for_the_next_step(tiny, bank
     s.submit({"type": "transport", "command": "play"}, CAUSE)
     s.apply_due()
     gen, sent = s.generator, []
-    real = gen.advance
+    real = gen.engine.step
 
-    def advance():  # the event loop's submit, racing the worker's step 4
+    def step(generators):  # the event loop's submit, racing the worker's step 4
         if gen.step == 4:
             sent.append(s.submit({"type": "set", "directions": {"notes:C": {"coefficient": 1.0,
                                                                             "schedule": "fade_in:length=10"}}}, CAUSE))
-        real()
+        real(generators)
 
-    gen.advance = advance
+    gen.engine.step = step
     s.generate(8)
     assert sent[0].step == 5 and s.history.last.step == 5 and s.history.last.state.steering is sent[0].state.steering
     assert s.state.directions["notes:C"].schedule.start == 5
