@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -96,6 +97,12 @@ class DeviceScheduler:
         self.load = DeviceLoad(frame_rate)
         self.batches = 0  # batches run, and streams they held, for stats and tests
         self.batched_streams = 0
+        self._seen: dict[int, float] = {}  # id(stream) -> when it last stepped
+
+    def active_streams(self, besides: Stream | None = None, within: float = 2.0) -> int:
+        """Streams that stepped in the last `within` seconds (`besides` not counted)."""
+        now = time.monotonic()
+        return sum(1 for key, at in list(self._seen.items()) if now - at <= within and key != id(besides))
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run fn(*args) on the device's thread, after what is already queued there."""
@@ -128,6 +135,9 @@ class DeviceScheduler:
     def _generate(self, streams: list[Stream], steps: int) -> list[StreamChunk]:
         chunks = generate_together(streams, steps)
         ran = [c.steps[1] - c.steps[0] for c in chunks]
+        now = time.monotonic()
+        self._seen = {key: at for key, at in self._seen.items() if now - at <= 60.0}
+        self._seen.update((id(s), now) for s, r in zip(streams, ran) if r)
         stepped = sum(1 for r in ran if r)
         if stepped and chunks:
             self.load.add(stepped, max(ran), chunks[0].seconds)

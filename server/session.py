@@ -131,6 +131,7 @@ class Session:
         self.last_active = time.monotonic()  # the last client message, OSC packet, join or leave (idle reaping)
         self._record_starts = TokenBucket(1.0 / RECORD_START_SECONDS, RECORD_START_BURST)
         self.last_applied: Applied | None = None
+        self._was_held = True
         # stats
         self.underruns = 0
         self._behind_warned = False
@@ -284,8 +285,12 @@ class Session:
                 if self.held:
                     if self._clock.running:
                         self._clock.pause(self._generated())
+                    self._was_held = True
                     await self._idle(None)
                     continue
+                if self._was_held:  # it starts (or goes on) playing: is there room for it on the device?
+                    self._was_held = False
+                    self._check_room()
                 if not self._clock.running and self._generated() > self._clock.anchor:
                     # Playback (re)starts once there is audio to play: at a stream's first chunk, or on resume.
                     self._clock.start(self._clock.anchor)
@@ -317,6 +322,17 @@ class Session:
         if not self._behind_warned and factor is not None and factor < 1.0:
             self._behind_warned = True
             text = f"generation is slower than real time ({factor:.2f}x): audio will stutter"
+            log.warning("session %s: %s", self.name, text)
+            self._broadcast({"type": "warning", "message": text})
+
+    def _check_room(self) -> None:
+        """Warn this session's listeners when the device, by what its batches measured, holds fewer streams at
+        real time than would now be playing: the audio of every session on it may stutter."""
+        room = self._scheduler.load.capacity()
+        playing = self._scheduler.active_streams(besides=self.stream) + 1
+        if room is not None and playing > room:
+            text = (f"this device keeps about {room} stream{'s' if room != 1 else ''} at real time (measured); with "
+                    f"this one {playing} are playing, so every session's audio may stutter")
             log.warning("session %s: %s", self.name, text)
             self._broadcast({"type": "warning", "message": text})
 

@@ -1,0 +1,109 @@
+"""The device's scheduler: chunk requests that wait together are generated together, each stream's chunk is the
+one it gets alone, and the measured cost tells how many streams the device holds at real time."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from musicrfm.engine.loop import Engine
+from musicrfm.server.scheduler import REALTIME_SHARE, DeviceLoad, DeviceScheduler
+from musicrfm.server.session import Session, SessionConfig
+from musicrfm.server.state import ControlState
+from musicrfm.server.stream import Cause, Stream
+
+CAUSE = Cause("score")
+
+
+def _playing(tiny, prompt: str, seed: int, engine: Engine | None) -> Stream:
+    s = Stream(tiny, None, ControlState(prompt=prompt, seed=seed), engine=engine)
+    s.submit({"type": "transport", "command": "play"}, CAUSE)
+    s.apply_due()
+    return s
+
+
+def test_requests_waiting_together_run_as_one_batch_and_give_the_solo_chunks(tiny):
+    prompts = ["piano", "drums and bass", "a choir"]
+
+    async def together() -> tuple[list, list[Stream], DeviceScheduler]:
+        engine = Engine(tiny)
+        streams = [_playing(tiny, p, i, engine) for i, p in enumerate(prompts)]
+        scheduler = DeviceScheduler(tiny.frame_rate)
+        rounds = []
+        try:
+            for _ in range(4):  # four rounds of three requests made at once
+                rounds.append(await asyncio.gather(*(scheduler.generate(s, 5) for s in streams)))
+        finally:
+            scheduler.close()
+        return rounds, streams, scheduler
+
+    rounds, batched, scheduler = asyncio.run(together())
+    # The three requests of a round are made before the device thread takes any: one batch of three each round.
+    assert scheduler.batched_streams == 12 and scheduler.batches == 4
+    assert list(scheduler.load.to_dict()["step_ms"]) == ["3"]
+    alone = [_playing(tiny, p, i, None) for i, p in enumerate(prompts)]
+    for chunks in rounds:
+        for stream, chunk in zip(alone, chunks):
+            solo = stream.generate(5)
+            assert chunk.steps == solo.steps and chunk.first_sample == solo.first_sample
+            np.testing.assert_allclose(chunk.audio, solo.audio, atol=1e-5)  # EnCodec in a batch: the same to ~1e-7
+    for stream, solo in zip(batched, alone):
+        assert stream.generator.codes().shape[1] == 20 - (tiny.num_codebooks - 1)
+        assert stream.generator.codes().tolist() == solo.generator.codes().tolist()
+
+
+def test_device_load_estimates_streams_at_real_time():
+    load = DeviceLoad(frame_rate=50.0)
+    assert load.capacity() is None and load.step_seconds(3) is None
+    budget = REALTIME_SHARE / 50.0  # seconds a step may take: 16 ms
+    load.add(1, 10, 10 * 0.004)  # 4 ms a step alone
+    assert load.step_seconds(1) == pytest.approx(0.004)
+    assert load.capacity() == int(budget / 0.004)  # one size seen: cost assumed to grow in proportion
+    load.add(4, 10, 10 * 0.0067)  # 6.7 ms for four together: 0.9 ms more per stream
+    assert load.step_seconds(8) == pytest.approx(0.004 + 7 * 0.0009)
+    assert load.capacity() == 14  # 4 + 13 x 0.9 = 15.7 ms <= 16 ms < 4 + 14 x 0.9
+    load.add(4, 0, 1.0)  # nothing measured: ignored
+    assert load.to_dict() == {"step_ms": {"1": 4.0, "4": 6.7}, "realtime_streams": load.capacity()}
+
+
+class Listener:
+    def __init__(self, client_id: int):
+        self.client_id, self.messages, self.audio = client_id, [], 0
+
+    def send_audio(self, frame: bytes, samples: int) -> None:
+        self.audio += 1
+
+    def send_message(self, message: dict) -> None:
+        self.messages.append(dict(message))
+
+    def drop(self, reason: str) -> None:
+        pass
+
+
+def test_a_session_starting_to_play_on_a_full_device_is_told_so(tiny, tmp_path):
+    async def main() -> list[dict]:
+        scheduler = DeviceScheduler(tiny.frame_rate)
+        scheduler.load.add(2, 10, 10 * 0.05)  # measured: two streams take 50 ms a step (real time is 20 ms)
+        session = Session("full", Stream(tiny, None), SessionConfig(record_dir=tmp_path), [], scheduler)
+        other = _playing(tiny, "", 0, None)
+        scheduler._seen[id(other)] = time.monotonic() + 3600  # another stream is playing on the device
+        listener = Listener(1)
+        session.add_listener(listener)
+        session.start()
+        try:
+            await session.handle({"type": "transport", "command": "play"}, Cause("websocket", 1, None))
+            deadline = time.monotonic() + 30
+            while listener.audio < 2:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+        finally:
+            await session.close()
+            scheduler.close()
+        return listener.messages
+
+    messages = asyncio.run(main())
+    warnings = [m["message"] for m in messages if m["type"] == "warning"]
+    assert any("keeps about 0 streams at real time" in w and "2 are playing" in w for w in warnings), warnings
