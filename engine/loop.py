@@ -170,8 +170,15 @@ class Engine:
             out = self.decoder.step(tokens, stepping, BatchSteering.stack(m, steered))
             for gen in batched:
                 logits[id(gen)] = out[gen.rows]
+        # Streams with the same sampling settings choose their tokens together (row by row, each with its own RNG).
+        alike: dict[tuple[SamplingConfig, int], list[Generator]] = {}
         for gen in generators:
-            gen._take(logits[id(gen)])
+            alike.setdefault((gen.sampling, gen.rows.stop - gen.rows.start), []).append(gen)
+        for (sampling, _), group in alike.items():
+            guided = guided_logits(torch.stack([logits[id(g)] for g in group], dim=1).flatten(0, 1), sampling,
+                                   len(group))
+            for gen, chosen in zip(group, sample_tokens(guided, sampling, [g.rng for g in group])):
+                gen._take(chosen)
 
 
 class Generator:
@@ -345,9 +352,8 @@ class Generator:
         steering = plan.at(range(first, self.step + 1)) if plan is not None else None
         return self.decoder.forward(self._inputs(first, self.step), steering, rows=self.rows, cond_rows=1)
 
-    def _take(self, logits: torch.Tensor) -> None:
-        """Sample the step's tokens from this stream's logits [R, K, V]; keep those the delay pattern leaves free."""
-        tokens = sample_tokens(guided_logits(logits, self.sampling, 1), self.sampling, self.rng)[0]  # [K]
+    def _take(self, tokens: torch.Tensor) -> None:
+        """Keep the step's tokens [K] that the delay pattern leaves free."""
         predicted = self.step + 1
         self._ensure_capacity(predicted)
         for k in range(self.num_codebooks):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Sequence
 
 import torch
 
@@ -55,8 +56,11 @@ def guided_logits(logits: torch.Tensor, cfg: SamplingConfig, batch: int) -> torc
     return uncond + cfg.guidance_scale * (cond - uncond)
 
 
-def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator) -> torch.Tensor:
-    """Choose one token per (row, codebook) from guided logits [B, K, V] -> [B, K]."""
+def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig,
+                  generator: torch.Generator | Sequence[torch.Generator]) -> torch.Tensor:
+    """Choose one token per (row, codebook) from guided logits [B, K, V] -> [B, K]. With one generator per row
+    (streams stepped together, each with its own RNG), row b draws from generator[b] alone: exactly what it
+    draws when sampled by itself (top-k, top-p and softmax work row by row)."""
     if cfg.greedy:
         return logits.argmax(dim=-1)
     scores = logits.float() / cfg.temperature
@@ -71,5 +75,7 @@ def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Ge
         drop_sorted = (cum - sorted_scores.softmax(dim=-1)) >= cfg.top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         scores = scores.masked_fill(drop, float("-inf"))
-    probs = scores.softmax(dim=-1).reshape(-1, vocab)
-    return torch.multinomial(probs, 1, generator=generator).reshape(logits.shape[:-1])
+    probs = scores.softmax(dim=-1)
+    if isinstance(generator, torch.Generator):
+        return torch.multinomial(probs.reshape(-1, vocab), 1, generator=generator).reshape(logits.shape[:-1])
+    return torch.stack([torch.multinomial(p, 1, generator=g)[:, 0] for p, g in zip(probs, generator)])

@@ -1,11 +1,14 @@
-"""The model work of one device: one thread, and the chunks that playing sessions ask for at the same time
-generated together.
+"""The model work of one device: one thread for the language model, one for the audio codec, and the chunks
+that playing sessions ask for at the same time generated together.
 
 Each session paces itself (server/session.py) and asks for a chunk when its listeners' lead runs low. Requests
 that wait while the device is busy are taken together: their streams step in one batched forward per step
 (server.stream.generate_together over the shared engine.loop.Engine), so N sessions cost about one forward
 per step instead of N. Under light load a request starts at once, alone; as load grows the waiting requests
-gather by themselves, which is when batching pays. Other model work (applying changes while a stream is
+gather by themselves, which is when batching pays. A batch's EnCodec decode runs on the codec thread while the
+next batch steps (a pipeline of two: on a CPU the two halves cost about the same, and each gets a core). When
+nothing is decoding and PIPELINE_FROM or more streams wait, a batch takes half of them, so that the sessions settle into two groups
+that take turns: one steps while the other decodes. Other model work (applying changes while a stream is
 stopped, starting a recording) runs on the same thread between batches, so nothing touches a stream while it
 steps.
 
@@ -24,11 +27,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .stream import Stream, StreamChunk, generate_together
+from .stream import Stream, StreamChunk, decode_together, step_together
 
 log = logging.getLogger("musicrfm.scheduler")
 __all__ = ["DeviceLoad", "DeviceScheduler"]
 
+# Streams waiting, with nothing decoding, from which a batch takes only half of them (the pipeline of two groups,
+# module docstring). Fewer than this step together: for 2-3 streams a batch costs about what one stream does
+# (bench/bench_sessions.py), so splitting them costs more than the overlap gains.
+PIPELINE_FROM = 4
 # Share of real time a device may spend generating and still be called "at real time": the rest is headroom for
 # decoding jitter, the event loop and the network.
 REALTIME_SHARE = 0.8
@@ -92,6 +99,8 @@ class DeviceScheduler:
 
     def __init__(self, frame_rate: float, name: str = "device"):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"musicrfm-{name}")
+        self._codec = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"musicrfm-{name}-codec")
+        self._decoding: set[asyncio.Task] = set()
         self._waiting: list[tuple[Stream, int, asyncio.Future]] = []
         self._draining: asyncio.Task | None = None
         self.load = DeviceLoad(frame_rate)
@@ -117,33 +126,58 @@ class DeviceScheduler:
         return await future
 
     async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._waiting:
-            batch, self._waiting = self._waiting, []
+            if self._decoding or len(self._waiting) < PIPELINE_FROM:
+                batch, self._waiting = self._waiting, []
+            else:  # nothing to overlap with: step half now, the other half while this half decodes (two groups)
+                half = (len(self._waiting) + 1) // 2
+                batch, self._waiting = self._waiting[:half], self._waiting[half:]
             streams = [s for s, _, _ in batch]
             steps = max(n for _, n, _ in batch)  # sessions of one server share chunk_steps
+            started = time.perf_counter()
             try:
-                chunks = await self.run(self._generate, streams, steps)
+                shares = await loop.run_in_executor(self._executor, step_together, streams, steps)
             except Exception as exc:  # a bug: every stream of the batch gets it (its session logs it and stops)
-                for _, _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
+                self._fail(batch, exc)
                 continue
-            for (_, _, future), chunk in zip(batch, chunks):
-                if not future.done():
-                    future.set_result(chunk)
+            # The decode goes on on the codec thread while the next batch steps here.
+            task = loop.create_task(self._decode(batch, shares, started, time.perf_counter() - started))
+            self._decoding.add(task)
+            task.add_done_callback(self._decoding.discard)
 
-    def _generate(self, streams: list[Stream], steps: int) -> list[StreamChunk]:
-        chunks = generate_together(streams, steps)
+    async def _decode(self, batch: list, shares: list, started: float, token_seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            decoded = time.perf_counter()
+            chunks = await loop.run_in_executor(self._codec, decode_together, shares, started)
+            codec_seconds = time.perf_counter() - decoded
+        except Exception as exc:
+            self._fail(batch, exc)
+            return
+        self._account(batch, chunks, max(token_seconds, codec_seconds))
+        for (_, _, future), chunk in zip(batch, chunks):
+            if not future.done():
+                future.set_result(chunk)
+
+    @staticmethod
+    def _fail(batch: list, exc: Exception) -> None:
+        for _, _, future in batch:
+            if not future.done():
+                future.set_exception(exc)
+
+    def _account(self, batch: list, chunks: list[StreamChunk], seconds: float) -> None:
+        """What a batch cost: the slower of its two halves, which is what bounds a pipeline of batches."""
         ran = [c.steps[1] - c.steps[0] for c in chunks]
         now = time.monotonic()
         self._seen = {key: at for key, at in self._seen.items() if now - at <= 60.0}
-        self._seen.update((id(s), now) for s, r in zip(streams, ran) if r)
+        self._seen.update((id(s), now) for (s, _, _), r in zip(batch, ran) if r)
         stepped = sum(1 for r in ran if r)
-        if stepped and chunks:
-            self.load.add(stepped, max(ran), chunks[0].seconds)
+        if stepped:
+            self.load.add(stepped, max(ran), seconds)
         self.batches += 1
-        self.batched_streams += len(streams)
-        return chunks
+        self.batched_streams += len(batch)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+        self._codec.shutdown(wait=True)

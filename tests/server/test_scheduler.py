@@ -41,7 +41,8 @@ def test_requests_waiting_together_run_as_one_batch_and_give_the_solo_chunks(tin
         return rounds, streams, scheduler
 
     rounds, batched, scheduler = asyncio.run(together())
-    # The three requests of a round are made before the device thread takes any: one batch of three each round.
+    # The three requests of a round are made before the device thread takes any: one batch of three each round
+    # (fewer than PIPELINE_FROM: not split into two groups).
     assert scheduler.batched_streams == 12 and scheduler.batches == 4
     assert list(scheduler.load.to_dict()["step_ms"]) == ["3"]
     alone = [_playing(tiny, p, i, None) for i, p in enumerate(prompts)]

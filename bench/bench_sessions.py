@@ -1,0 +1,135 @@
+"""Streams on one device, solo stepping vs batched, side by side in one run.
+
+For each N in --sessions, N live streams (server.stream.Stream: playing, steered on two random directions at
+different strengths, different prompts and seeds) each generate --rounds chunks of --chunk-steps steps as fast
+as they can, the way the server's sessions ask for them:
+  solo     how the server ran sessions before the batched engine: each stream on an engine of its own, in a
+           worker thread of its own (N threads stepping at once: N forward passes, N Python loops, N EnCodec
+           decodes per step, competing for the cores and the GIL)
+  batched  the server now: all N on one engine behind server.scheduler.DeviceScheduler (one forward per step
+           for the streams that wait together; their EnCodec decode on the codec thread while the next batch
+           steps)
+The modes alternate per N (solo, batched, solo, batched, ... --repeats times; medians). Reported per N and
+mode: the audio each stream gets per wall-clock second (x real time: >= 1 holds real time, given the lead the
+server keeps), and CPU seconds spent per second of audio per stream (process time, all threads). Then the most
+streams held at real time in each mode.
+
+    python bench/bench_sessions.py --model musicgen-mini --sessions 1,2,4,8,16 --rounds 10 --repeats 3
+
+Random-weight models make noise; they have the real architecture and cost, which is what is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from transformers.utils import logging as hf_logging
+
+from bench_engine import random_bank
+from musicrfm.engine.loop import Engine
+from musicrfm.engine.model import load_model
+from musicrfm.server.cli import compute_threads
+from musicrfm.server.scheduler import DeviceScheduler
+from musicrfm.server.state import ControlState
+from musicrfm.server.stream import Cause, Stream, generate_together
+
+PROMPTS = ("lofi piano", "drums and bass", "a string quartet", "synth pads", "jazz guitar", "a choir")
+CAUSE = Cause("score")
+
+
+def make_streams(model, bank, n: int, engine: Engine | None) -> list[Stream]:
+    streams = []
+    for i in range(n):
+        s = Stream(model, bank, ControlState(prompt=PROMPTS[i % len(PROMPTS)], seed=i), engine=engine)
+        s.submit({"type": "set", "directions": {"notes:a": {"coefficient": 0.2 + 0.1 * (i % 3)},
+                                                "chords:b": {"coefficient": -0.15}}}, CAUSE)
+        s.submit({"type": "transport", "command": "play"}, CAUSE)
+        s.apply_due()
+        streams.append(s)
+    return streams
+
+
+def run_solo(streams: list[Stream], steps: int, rounds: int) -> tuple[float, float, int]:
+    """Each stream in its own thread, `rounds` chunks; (wall s, CPU s, fewest samples any stream got)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    with ThreadPoolExecutor(len(streams)) as pool:
+        samples = list(pool.map(lambda s: sum(s.generate(steps).audio.shape[0] for _ in range(rounds)), streams))
+    return time.perf_counter() - wall, time.process_time() - cpu, min(samples)
+
+
+def run_batched(streams: list[Stream], steps: int, rounds: int, frame_rate: float) -> tuple[float, float, int]:
+    """The streams as sessions of one scheduler, each asking for its next chunk as soon as it has the last."""
+    async def session(scheduler: DeviceScheduler, stream: Stream) -> int:
+        return sum([(await scheduler.generate(stream, steps)).audio.shape[0] for _ in range(rounds)])
+
+    async def all_sessions() -> list[int]:
+        scheduler = DeviceScheduler(frame_rate)
+        try:
+            return await asyncio.gather(*(session(scheduler, s) for s in streams))
+        finally:
+            scheduler.close()
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    samples = asyncio.run(all_sessions())
+    return time.perf_counter() - wall, time.process_time() - cpu, min(samples)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="musicgen-mini")
+    ap.add_argument("--sessions", default="1,2,4,8,16")
+    ap.add_argument("--chunk-steps", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=10, help="chunks per stream in one measurement")
+    ap.add_argument("--repeats", type=int, default=3, help="measurements per mode and N (medians)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: as `musicrfm serve`)")
+    args = ap.parse_args()
+    hf_logging.set_verbosity_error()
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    threads = compute_threads(args.threads, model.device.type)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    bank = random_bank(model)
+    chunk_seconds = args.chunk_steps / model.frame_rate
+    print(f"# {model.name} on {model.device.type} ({platform.processor() or platform.machine()}), "
+          f"{torch.get_num_threads()} torch threads, chunks of {args.chunk_steps} steps ({chunk_seconds * 1000:.0f} ms)")
+    print(f"{'streams':>7} {'solo x rt':>10} {'batched x rt':>12} {'speed-up':>9} {'solo cpu/s':>11} "
+          f"{'batched cpu/s':>13}")
+    held = {"solo": 0, "batched": 0}
+    for n in (int(x) for x in args.sessions.split(",")):
+        solo = make_streams(model, bank, n, None)
+        batched = make_streams(model, bank, n, Engine(model, slots=n))
+        runs = {"solo": lambda: run_solo(solo, args.chunk_steps, args.rounds),
+                "batched": lambda: run_batched(batched, args.chunk_steps, args.rounds, model.frame_rate)}
+        for streams in (solo, batched):  # warm-up: the delay pattern's first frames, allocations
+            generate_together(streams, args.chunk_steps)
+        walls = {m: [] for m in runs}
+        cpus = {m: [] for m in runs}
+        for _ in range(args.repeats):
+            for mode, run in runs.items():
+                wall, cpu, samples = run()
+                walls[mode].append(wall / (samples / model.sample_rate))  # wall seconds per audio second
+                cpus[mode].append(cpu / (samples / model.sample_rate) / n)
+        modes = runs
+        factor = {m: 1 / statistics.median(walls[m]) for m in modes}
+        cpu = {m: statistics.median(cpus[m]) for m in modes}
+        for m in modes:
+            if factor[m] >= 1.0:
+                held[m] = max(held[m], n)
+        print(f"{n:>7} {factor['solo']:>9.2f}x {factor['batched']:>11.2f}x {factor['batched'] / factor['solo']:>8.2f}x "
+              f"{cpu['solo']:>10.3f}s {cpu['batched']:>12.3f}s")
+        sys.stdout.flush()
+    ratio = f"{held['batched'] / held['solo']:.1f}x" if held["solo"] else "n/a (solo holds none)"
+    print(f"streams held at real time: solo {held['solo']}, batched {held['batched']} ({ratio})")
+
+
+if __name__ == "__main__":
+    main()
