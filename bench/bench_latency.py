@@ -9,6 +9,11 @@
    it receives >= 0.97 s of audio per second and its underruns do not grow after the start.
 
     python bench/bench_latency.py --model tiny-random --knobs 60 --sessions 1,2,4
+    python bench/bench_latency.py --model musicgen-mini --knobs 0 --sessions 1,2,4 --baseline /path/to/old-checkout
+
+`--baseline DIR` runs the sessions part against a second server too, made from another checkout of musicrfm
+(DIR holds the `musicrfm` package, put first on PYTHONPATH): the two alternate per session count, side by side
+in one run (e.g. the server before the batched engine against this one).
     python bench/bench_latency.py --model random-small --device cuda --knobs 200 --sessions 1,2,4,8,16
 
 Random weights make noise, not music; they have the real architecture and cost, which is what is timed.
@@ -48,14 +53,16 @@ def make_bank(model_name: str, path: Path) -> None:
                               torch.rand(2, fp.num_layers, generator=g), fp, method="random", pooling="mean").save(path)
 
 
-def start_server(args, bank: Path, record_dir: Path) -> tuple[subprocess.Popen, str]:
+def start_server(args, bank: Path, record_dir: Path, pythonpath: str | None = None) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "musicrfm", "serve", "--model", args.model, "--bank", str(bank), "--port", "0",
            "--osc-port", "-1", "--record-dir", str(record_dir), "--lead", str(args.lead),
            "--chunk-steps", str(args.chunk_steps), "--max-sessions", "64"]
     if args.device:
         cmd += ["--device", args.device]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, env.get("PYTHONPATH")]))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     seen = []
     for line in proc.stdout:
         seen.append(line)
@@ -152,6 +159,8 @@ def main() -> None:
     ap.add_argument("--lead", type=float, default=0.5)
     ap.add_argument("--chunk-steps", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--baseline", default=None, help="a folder holding another musicrfm package: its server too, "
+                                                      "side by side")
     args = ap.parse_args()
 
     import torch
@@ -167,6 +176,7 @@ def main() -> None:
         bank = Path(tmp) / "bank.safetensors"
         make_bank(args.model, bank)
         proc, address = start_server(args, bank, Path(tmp) / "rec")
+        procs = [proc]
         try:
             if args.knobs:
                 r = asyncio.run(knob_latency(address, args.knobs, args.seed))
@@ -175,18 +185,29 @@ def main() -> None:
                       f"{r['lead_s']:.2f} s later")
                 print(json.dumps({"knob_latency": r}))
             if args.sessions:
-                print("\n| sessions | audio s per s (min / mean) | new underruns (max) | all at real time |")
-                print("|---|---|---|---|")
+                servers = {"this": address}
+                if args.baseline:
+                    base_proc, servers["baseline"] = start_server(args, bank, Path(tmp) / "rec-base", args.baseline)
+                    procs.append(base_proc)
+                print(f"\n| sessions | server | audio s per s (min / mean) | new underruns (max) | all at real time |")
+                print("|---|---|---|---|---|")
                 for n in [int(x) for x in args.sessions.split(",")]:
-                    rows = asyncio.run(concurrent_sessions(address, n, args.seconds))
-                    rates = [r["audio_per_second"] for r in rows]
-                    worst = max(r["new_underruns"] for r in rows)
-                    ok = min(rates) >= 0.97 and worst == 0
-                    print(f"| {n} | {min(rates):.2f} / {statistics.mean(rates):.2f} | {worst} | {'yes' if ok else 'no'} |",
-                          flush=True)
+                    per_server = {}
+                    for name in sorted(servers, reverse=True):  # baseline first, then this one
+                        rows = asyncio.run(concurrent_sessions(servers[name], n, args.seconds))
+                        rates = [r["audio_per_second"] for r in rows]
+                        worst = max(r["new_underruns"] for r in rows)
+                        ok = min(rates) >= 0.97 and worst == 0
+                        per_server[name] = statistics.mean(rates)
+                        print(f"| {n} | {name} | {min(rates):.2f} / {statistics.mean(rates):.2f} | {worst} | "
+                              f"{'yes' if ok else 'no'} |", flush=True)
+                    if len(per_server) == 2:
+                        print(f"| {n} | this / baseline | {per_server['this'] / per_server['baseline']:.2f}x | | |",
+                              flush=True)
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            for p in procs:
+                p.terminate()
+                p.wait(timeout=30)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@ as they can, the way the server's sessions ask for them:
   solo     how the server ran sessions before the batched engine: each stream on an engine of its own, in a
            worker thread of its own (N threads stepping at once: N forward passes, N Python loops, N EnCodec
            decodes per step, competing for the cores and the GIL)
-  batched  the server now: all N on one engine behind server.scheduler.DeviceScheduler (one forward per step
-           for the streams that wait together; their EnCodec decode on the codec thread while the next batch
-           steps)
+  batched  the server now: server.scheduler.DeviceScheduler, its lanes as `musicrfm serve` makes them (one per
+           core on a CPU), the N streams shared out over them; each lane steps the streams that wait together in
+           one batched forward and decodes their chunks in one EnCodec call
 The modes alternate per N (solo, batched, solo, batched, ... --repeats times; medians). Reported per N and
 mode: the audio each stream gets per wall-clock second (x real time: >= 1 holds real time, given the lead the
 server keeps), and CPU seconds spent per second of audio per stream (process time, all threads). Then the most
@@ -35,6 +35,7 @@ from transformers.utils import logging as hf_logging
 from bench_engine import random_bank
 from musicrfm.engine.loop import Engine
 from musicrfm.engine.model import load_model
+from musicrfm.server.app import default_lanes
 from musicrfm.server.cli import compute_threads
 from musicrfm.server.scheduler import DeviceScheduler
 from musicrfm.server.state import ControlState
@@ -44,9 +45,11 @@ PROMPTS = ("lofi piano", "drums and bass", "a string quartet", "synth pads", "ja
 CAUSE = Cause("score")
 
 
-def make_streams(model, bank, n: int, engine: Engine | None) -> list[Stream]:
+def make_streams(model, bank, n: int, scheduler: DeviceScheduler | None) -> list[Stream]:
+    """N playing streams; on the scheduler's lanes (as the server shares them out), or each on its own engine."""
     streams = []
     for i in range(n):
+        engine = scheduler.engine_for_new_stream() if scheduler is not None else None
         s = Stream(model, bank, ControlState(prompt=PROMPTS[i % len(PROMPTS)], seed=i), engine=engine)
         s.submit({"type": "set", "directions": {"notes:a": {"coefficient": 0.2 + 0.1 * (i % 3)},
                                                 "chords:b": {"coefficient": -0.15}}}, CAUSE)
@@ -64,17 +67,13 @@ def run_solo(streams: list[Stream], steps: int, rounds: int) -> tuple[float, flo
     return time.perf_counter() - wall, time.process_time() - cpu, min(samples)
 
 
-def run_batched(streams: list[Stream], steps: int, rounds: int, frame_rate: float) -> tuple[float, float, int]:
-    """The streams as sessions of one scheduler, each asking for its next chunk as soon as it has the last."""
-    async def session(scheduler: DeviceScheduler, stream: Stream) -> int:
+def run_batched(streams: list[Stream], scheduler: DeviceScheduler, steps: int, rounds: int) -> tuple[float, float, int]:
+    """The streams as sessions of the scheduler, each asking for its next chunk as soon as it has the last."""
+    async def session(stream: Stream) -> int:
         return sum([(await scheduler.generate(stream, steps)).audio.shape[0] for _ in range(rounds)])
 
     async def all_sessions() -> list[int]:
-        scheduler = DeviceScheduler(frame_rate)
-        try:
-            return await asyncio.gather(*(session(scheduler, s) for s in streams))
-        finally:
-            scheduler.close()
+        return await asyncio.gather(*(session(s) for s in streams))
 
     wall, cpu = time.perf_counter(), time.process_time()
     samples = asyncio.run(all_sessions())
@@ -91,6 +90,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: as `musicrfm serve`)")
+    ap.add_argument("--lanes", type=int, default=None, help="the scheduler's lanes (default: as `musicrfm serve`)")
     args = ap.parse_args()
     hf_logging.set_verbosity_error()
     model = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -100,15 +100,17 @@ def main() -> None:
     bank = random_bank(model)
     chunk_seconds = args.chunk_steps / model.frame_rate
     print(f"# {model.name} on {model.device.type} ({platform.processor() or platform.machine()}), "
-          f"{torch.get_num_threads()} torch threads, chunks of {args.chunk_steps} steps ({chunk_seconds * 1000:.0f} ms)")
+          f"{torch.get_num_threads()} torch threads, {args.lanes or default_lanes(model.device.type)} lanes, chunks of {args.chunk_steps} steps ({chunk_seconds * 1000:.0f} ms)")
     print(f"{'streams':>7} {'solo x rt':>10} {'batched x rt':>12} {'speed-up':>9} {'solo cpu/s':>11} "
           f"{'batched cpu/s':>13}")
     held = {"solo": 0, "batched": 0}
     for n in (int(x) for x in args.sessions.split(",")):
+        lanes = args.lanes or default_lanes(model.device.type)
+        scheduler = DeviceScheduler(model.frame_rate, [Engine(model, slots=max(1, n // lanes)) for _ in range(lanes)])
         solo = make_streams(model, bank, n, None)
-        batched = make_streams(model, bank, n, Engine(model, slots=n))
+        batched = make_streams(model, bank, n, scheduler)
         runs = {"solo": lambda: run_solo(solo, args.chunk_steps, args.rounds),
-                "batched": lambda: run_batched(batched, args.chunk_steps, args.rounds, model.frame_rate)}
+                "batched": lambda: run_batched(batched, scheduler, args.chunk_steps, args.rounds)}
         for streams in (solo, batched):  # warm-up: the delay pattern's first frames, allocations
             generate_together(streams, args.chunk_steps)
         walls = {m: [] for m in runs}
@@ -119,6 +121,7 @@ def main() -> None:
                 walls[mode].append(wall / (samples / model.sample_rate))  # wall seconds per audio second
                 cpus[mode].append(cpu / (samples / model.sample_rate) / n)
         modes = runs
+        scheduler.close()
         factor = {m: 1 / statistics.median(walls[m]) for m in modes}
         cpu = {m: statistics.median(cpus[m]) for m in modes}
         for m in modes:

@@ -333,7 +333,13 @@ class MusicgenDecoder:
         Static shapes, so that a row's numbers do not depend on the others: every row attends over the whole
         capacity (positions past its length masked) and over `text_tokens` text keys. (Matrix products over
         M rows give the same row results for every M >= MIN_ROWS on the CPU; engine.loop pads to that.)"""
-        m = tokens.shape[0]
+        write = self.write_positions(tokens.shape[0], stepping)
+        logits = self.step_core(tokens, write, steering)
+        self.advance(stepping)
+        return logits
+
+    def write_positions(self, m: int, stepping: list[bool]) -> torch.Tensor:
+        """[M] cache positions `step` writes to: each stepping row's length, the scratch position for the others."""
         if len(stepping) != m or m > self.rows:
             raise ValueError(f"step over {m} rows with {len(stepping)} stepping flags; the decoder holds {self.rows}")
         if not self.cross_k:
@@ -341,20 +347,30 @@ class MusicgenDecoder:
         full = [r for r in range(m) if stepping[r] and self.lengths[r] >= self.capacity]
         if full:
             raise RuntimeError(f"decoder cache full for rows {full}: re-prompt before stepping them")
-        dev = tokens.device
-        write = torch.tensor([self.lengths[r] if stepping[r] else self.capacity for r in range(m)], device=dev)
+        return torch.tensor([self.lengths[r] if stepping[r] else self.capacity for r in range(m)],
+                            device=self.model.device)
+
+    def advance(self, stepping: list[bool]) -> None:
+        for r, steps in enumerate(stepping):
+            if steps:
+                self.lengths[r] += 1
+
+    def step_core(self, tokens: torch.Tensor, write: torch.Tensor, steering: RowSteering | None) -> torch.Tensor:
+        """The tensor work of `step`, nothing else: no host sync, no Python state read or written besides the caches
+        (written in place at `write`), so that it can be captured as a CUDA graph (engine.graphs)."""
+        m = tokens.shape[0]
         h = self._embed(tokens, write.clamp(max=self.capacity - 1)[:, None])
         # Row r attends to its cache positions 0..write[r] (a scratch row to all: finite, and thrown away).
-        keys = torch.arange(self.capacity + 1, device=dev)
-        bias = torch.zeros(m, self.capacity + 1, device=dev, dtype=h.dtype)
+        keys = torch.arange(self.capacity + 1, device=h.device)
+        bias = torch.zeros(m, self.capacity + 1, device=h.device, dtype=h.dtype)
         bias = bias.masked_fill(keys[None, :] > write[:, None], torch.finfo(h.dtype).min)[:, None, None, :]
-        every = torch.arange(m, device=dev)
+        at = write.view(m, 1, 1, 1).expand(m, self.num_heads, 1, self.head_dim)
         rows = slice(0, m)
         for i, layer in enumerate(self.layers):
             att = layer.self_attn
             y = layer.self_attn_layer_norm(h)
-            self.k_cache[i][every, :, write] = self._heads(att.k_proj(y))[:, :, 0]
-            self.v_cache[i][every, :, write] = self._heads(att.v_proj(y))[:, :, 0]
+            self.k_cache[i][rows].scatter_(2, at, self._heads(att.k_proj(y)))
+            self.v_cache[i][rows].scatter_(2, at, self._heads(att.v_proj(y)))
             y = _attend(self._heads(att.q_proj(y)), self.k_cache[i][rows], self.v_cache[i][rows], bias, att.scaling)
             y = att.out_proj(self._merge(y))
             if steering is not None:
@@ -364,9 +380,6 @@ class MusicgenDecoder:
             h = h + self._feed_forward(i, h)
             if steering is not None:
                 h = steering.steer("residual", i, h)
-        for r in range(m):
-            if stepping[r]:
-                self.lengths[r] += 1
         return self._logits(self.final_norm(h))[:, :, -1]
 
 

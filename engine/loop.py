@@ -100,7 +100,10 @@ class Engine:
     `min_rows` 1: no padding, for a stream that steps alone for good (MIN_ROWS)."""
 
     def __init__(self, model: MusicModel, *, context_steps: int | None = None, guidance: bool = True,
-                 slots: int = 1, text_tokens: int | None = None, min_rows: int = MIN_ROWS):
+                 slots: int = 1, text_tokens: int | None = None, min_rows: int = MIN_ROWS,
+                 cuda_graphs: bool = False, site: str = "residual"):
+        """`cuda_graphs`: replay the batched step as CUDA graphs (engine.graphs; steering captured at `site`,
+        the bank's injection point); on a CPU, or if capturing fails, the engine steps eagerly and says why."""
         self.model = model
         self.min_rows = min_rows
         self.context_steps = context_steps or default_context_steps(model)
@@ -109,6 +112,14 @@ class Engine:
         self.decoder = MusicgenDecoder(model, rows=self.padded(max(1, slots) * self.rows_per_slot),
                                        capacity=self.context_steps, text_tokens=self.text_tokens)
         self.streams: list[Generator] = []  # by slot
+        self._step = self.decoder.step
+        if cuda_graphs:
+            from .graphs import CapturedSteps
+
+            captured = CapturedSteps(self.decoder, site)
+            if captured.reason is not None:
+                log.warning("%s: stepping eagerly", captured.reason)
+            self._step = captured
 
     def padded(self, rows: int) -> int:
         return padded_rows(rows, self.min_rows)
@@ -167,7 +178,7 @@ class Engine:
                 steering = plan.at([gen.step]) if plan is not None else None
                 if steering is not None:
                     steered.append((gen.rows if steering.rows == "both" else self.slot_rows(gen.slot, 1), steering))
-            out = self.decoder.step(tokens, stepping, BatchSteering.stack(m, steered))
+            out = self._step(tokens, stepping, BatchSteering.stack(m, steered))
             for gen in batched:
                 logits[id(gen)] = out[gen.rows]
         # Streams with the same sampling settings choose their tokens together (row by row, each with its own RNG).

@@ -795,6 +795,14 @@ class BatchSteering:
                      for site, flags in norm.items() if any(flags)}
         return cls(vectors, norm_rows)
 
+    @property
+    def sites(self) -> tuple[str, ...]:
+        return tuple(self._vectors)
+
+    def at_site(self, site: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(vectors [M, L, d], norm-rule rows [M, 1, 1]) at `site` (None where there are none)."""
+        return self._vectors.get(site), self._norm_rows.get(site)
+
     def steer(self, site: str, layer: int, h: torch.Tensor) -> torch.Tensor:
         vectors = self._vectors.get(site)
         if vectors is None:

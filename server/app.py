@@ -98,6 +98,13 @@ class ServerConfig:
     allow_hosts: tuple[str, ...] = ()
     session: SessionConfig = field(default_factory=SessionConfig)
     initial: ControlState = field(default_factory=ControlState)
+    lanes: int | None = None  # None: default_lanes (one on a GPU, one per core on a CPU)
+    cuda_graphs: bool = False  # replay the batched step as CUDA graphs (engine.graphs)
+
+
+def default_lanes(device: str) -> int:
+    """Lanes of sessions (server/scheduler.py): one on a GPU; on a CPU one per core, at most 8."""
+    return 1 if device != "cpu" else max(1, min(os.cpu_count() or 1, 8))
 
 
 class Hub:
@@ -109,10 +116,14 @@ class Hub:
         self.directions: list[str] = sorted(bank.keys()) if bank is not None else []
         self.example_prompts: list[str] = list(bundled_prompts(model.name))  # read once, sent in every hello
         self.coefficient_max = config.coefficient_max
-        # One engine on the model's device for every session: the sessions that need audio at the same time step
-        # together in one batched forward (server/scheduler.py), on the device's one thread.
-        self.engine = Engine(model, context_steps=config.context_steps, slots=min(config.max_sessions, 8))
-        self.scheduler = DeviceScheduler(model.frame_rate)
+        # The device's lanes (one on a GPU, one per core on a CPU), each an engine and a thread: a lane's sessions
+        # that need audio at the same time step together in one batched forward (server/scheduler.py).
+        lanes = config.lanes or default_lanes(model.device.type)
+        self.engines = [Engine(model, context_steps=config.context_steps,
+                               slots=max(1, min(config.max_sessions, 8) // lanes), cuda_graphs=config.cuda_graphs,
+                               site=bank.injection_point if bank is not None else "residual")
+                        for _ in range(lanes)]
+        self.scheduler = DeviceScheduler(model.frame_rate, self.engines)
         self._client_ids = itertools.count(1)
         self._reaper: asyncio.Task | None = None
 
@@ -157,7 +168,7 @@ class Hub:
                                     f"of them kept for 'main'); a session nobody uses closes after "
                                     f"{self.config.idle_seconds:g} s")
             stream = Stream(self.model, self.bank, self.config.initial, context_steps=self.config.context_steps,
-                            keep_steps=self.config.keep_steps, engine=self.engine)
+                            keep_steps=self.config.keep_steps, engine=self.scheduler.engine_for_new_stream())
             session = Session(name, stream, self.config.session, self.bank_paths, self.scheduler)
             session.start()
             self.sessions[name] = session
@@ -405,6 +416,8 @@ class Server:
         if not is_loopback(config.host) and not config.token:
             raise ValueError(f"binding {config.host} (not loopback) needs a token: pass --token (clients add "
                              f"?token=... to their URL)")
+        if config.lanes is not None and not 1 <= config.lanes <= 64:
+            raise ValueError(f"lanes must be in 1..64, got {config.lanes}")
         if config.max_sessions < 1 or not config.idle_seconds > 0:
             raise ValueError(f"max_sessions must be >= 1 and idle_seconds > 0, got {config.max_sessions} and "
                              f"{config.idle_seconds}")
@@ -499,7 +512,8 @@ class Server:
             return connection.respond(HTTPStatus.FORBIDDEN, refused)
         if url.path == "/health":
             body = json.dumps({"ok": True, "sessions": sorted(self.hub.sessions),
-                               "device": self.hub.scheduler.load.to_dict()}).encode()
+                               "device": {**self.hub.scheduler.load.to_dict(), "lanes": self.hub.scheduler.lanes,
+                                          "realtime_streams": self.hub.scheduler.capacity()}}).encode()
             return Response(200, "OK", Headers([("Content-Type", "application/json"),
                                                 ("Content-Length", str(len(body)))]), body)
         if url.path.startswith("/recordings/"):

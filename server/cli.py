@@ -74,13 +74,15 @@ def cmd_serve(args) -> int:
                               record_min_free_mb=args.record_min_free_mb),
         initial=ControlState(prompt=args.prompt, sampling=sampling, seed=args.seed,
                              steering=SteeringSpec(units=args.units)),
+        lanes=args.lanes, cuda_graphs=args.cuda_graphs,
     )
 
     def ready(server) -> None:
         host, port = server.ws_address
         print(f"musicrfm serving {model.describe()}", flush=True)
         if model.device.type == "cpu":
-            print(f"torch threads: {torch.get_num_threads()} (--threads; the event loop keeps the rest)", flush=True)
+            print(f"torch threads: {torch.get_num_threads()} (--threads); lanes: {server.hub.scheduler.lanes} "
+                  f"(--lanes: sessions are shared out over them, each lane steps its own in one batch)", flush=True)
         if model.is_random:
             print(f"note: {NOISE_WARNING}", flush=True)
         if bank_paths:
@@ -177,6 +179,11 @@ def register(sub) -> None:
     s.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for the model (default: on CPU, one fewer than the cores, leaving the "
                         "event loop one; on a GPU, torch's default)")
+    s.add_argument("--lanes", type=int, default=None,
+                   help="lanes of sessions, each a thread stepping its sessions in one batched forward (default: 1 "
+                        "on a GPU; on a CPU one per core, at most 8)")
+    s.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the batched step as CUDA graphs (a GPU; falls back to eager, saying why, elsewhere)")
     s.add_argument("--prompt", default="", help="a new session's prompt")
     s.add_argument("--seed", type=int, default=0, help="a new session's seed")
     g = s.add_argument_group("sampling (a new session's)")

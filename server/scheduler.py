@@ -1,20 +1,22 @@
-"""The model work of one device: one thread for the language model, one for the audio codec, and the chunks
-that playing sessions ask for at the same time generated together.
+"""The model work of one device: lanes of streams, each lane one thread and one engine, and the chunks that
+the streams of a lane ask for at the same time generated together.
 
 Each session paces itself (server/session.py) and asks for a chunk when its listeners' lead runs low. Requests
-that wait while the device is busy are taken together: their streams step in one batched forward per step
-(server.stream.generate_together over the shared engine.loop.Engine), so N sessions cost about one forward
-per step instead of N. Under light load a request starts at once, alone; as load grows the waiting requests
-gather by themselves, which is when batching pays. A batch's EnCodec decode runs on the codec thread while the
-next batch steps (a pipeline of two: on a CPU the two halves cost about the same, and each gets a core). When
-nothing is decoding and PIPELINE_FROM or more streams wait, a batch takes half of them, so that the sessions settle into two groups
-that take turns: one steps while the other decodes. Other model work (applying changes while a stream is
-stopped, starting a recording) runs on the same thread between batches, so nothing touches a stream while it
-steps.
+that wait while their lane is busy are taken together: their streams step in one batched forward per step
+(server.stream.generate_together over the lane's engine.loop.Engine), so N sessions cost about one forward per
+step instead of N. Under light load a request starts at once, alone; as load grows the waiting requests gather by
+themselves, which is when batching pays (and a short wait, GATHER_SHARE, puts sessions whose requests alternate
+into one batch).
 
-`DeviceLoad` keeps what the batches cost (seconds per step, by how many streams stepped), from which the
-server tells how many streams the device holds at real time, and warns when a session starting to play would
-push the others below it.
+Lanes: on a GPU one lane holds every session (one batch keeps the device busiest). On a CPU each core is a lane:
+a batch of small matrix products does not spread over cores, so N sessions are shared out over the lanes (each
+new one to the lane with the fewest), and every lane batches its own. A stream's tokens are the same in any lane
+and any batch (engine.loop). Other model work of a stream (applying changes while it is stopped, starting a
+recording) runs on its lane's thread, between batches, so nothing touches a stream or its engine while it steps.
+
+`DeviceLoad` keeps what the batches cost (seconds per step, by how many streams stepped), from which the server
+tells how many streams the device holds at real time, and warns when a session starting to play would push the
+others below it.
 """
 
 from __future__ import annotations
@@ -25,17 +27,20 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-from .stream import Stream, StreamChunk, decode_together, step_together
+from musicrfm.engine.loop import Engine
+
+from .stream import Stream, StreamChunk, generate_together
 
 log = logging.getLogger("musicrfm.scheduler")
 __all__ = ["DeviceLoad", "DeviceScheduler"]
 
-# Streams waiting, with nothing decoding, from which a batch takes only half of them (the pipeline of two groups,
-# module docstring). Fewer than this step together: for 2-3 streams a batch costs about what one stream does
-# (bench/bench_sessions.py), so splitting them costs more than the overlap gains.
-PIPELINE_FROM = 4
+# How long a batch may wait for streams that played lately but have not asked yet, as a share of a chunk's
+# duration. Sessions pace themselves, so two sessions whose requests alternate would each step alone forever (each
+# asks while the other's batch runs); one short wait puts them in the same batch, and there they stay, as they ask
+# at the same time from then on.
+GATHER_SHARE = 0.25
 # Share of real time a device may spend generating and still be called "at real time": the rest is headroom for
 # decoding jitter, the event loop and the network.
 REALTIME_SHARE = 0.8
@@ -94,90 +99,112 @@ class DeviceLoad:
         return {"step_ms": steps, "realtime_streams": self.capacity()}
 
 
-class DeviceScheduler:
-    """All model work of one device, on one thread; see the module docstring."""
+class _Lane:
+    """One thread and the engine its streams step on; the requests waiting for it."""
 
-    def __init__(self, frame_rate: float, name: str = "device"):
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"musicrfm-{name}")
-        self._codec = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"musicrfm-{name}-codec")
-        self._decoding: set[asyncio.Task] = set()
-        self._waiting: list[tuple[Stream, int, asyncio.Future]] = []
-        self._draining: asyncio.Task | None = None
+    def __init__(self, engine: Engine | None, name: str):
+        self.engine = engine
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self.waiting: list[tuple[Stream, int, asyncio.Future]] = []
+        self.draining: asyncio.Task | None = None
+        self.streams = 0  # streams given this lane (Hub.get_session -> DeviceScheduler.engine_for_new_stream)
+
+
+class DeviceScheduler:
+    """All model work of one device, in lanes; see the module docstring. `engines`: one per lane (none: one
+    lane for streams that bring engines of their own, as a lone session or a test does)."""
+
+    def __init__(self, frame_rate: float, engines: Sequence[Engine] = (), name: str = "device"):
+        self._lanes = [_Lane(e, f"musicrfm-{name}-{i}") for i, e in enumerate(engines)] or [_Lane(None, f"musicrfm-{name}")]
+        self._by_engine = {id(lane.engine): lane for lane in self._lanes if lane.engine is not None}
         self.load = DeviceLoad(frame_rate)
         self.batches = 0  # batches run, and streams they held, for stats and tests
         self.batched_streams = 0
-        self._seen: dict[int, float] = {}  # id(stream) -> when it last stepped
+        self._seen: dict[int, tuple[float, _Lane]] = {}  # id(stream) -> when it last stepped, and where
+
+    @property
+    def lanes(self) -> int:
+        return len(self._lanes)
+
+    def engine_for_new_stream(self) -> Engine | None:
+        """The engine a new session's stream steps on: the lane with the fewest streams."""
+        lane = min(self._lanes, key=lambda lane: lane.streams)
+        lane.streams += 1
+        return lane.engine
+
+    def release(self, stream: Stream) -> None:
+        """A session went away: its lane has one stream fewer."""
+        lane = self._lane(stream)
+        lane.streams = max(0, lane.streams - 1)
+
+    def _lane(self, stream: Stream) -> _Lane:
+        return self._by_engine.get(id(stream.engine), self._lanes[0])
 
     def active_streams(self, besides: Stream | None = None, within: float = 2.0) -> int:
         """Streams that stepped in the last `within` seconds (`besides` not counted)."""
         now = time.monotonic()
-        return sum(1 for key, at in list(self._seen.items()) if now - at <= within and key != id(besides))
+        return sum(1 for key, (at, _) in list(self._seen.items()) if now - at <= within and key != id(besides))
 
-    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run fn(*args) on the device's thread, after what is already queued there."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    def capacity(self) -> int | None:
+        """Streams the device holds at real time: each lane's measured share, times the lanes."""
+        each = self.load.capacity()
+        return None if each is None else each * len(self._lanes)
+
+    async def run(self, stream: Stream, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run fn(*args), model work for `stream`, on its lane's thread after what is already queued there."""
+        return await asyncio.get_running_loop().run_in_executor(self._lane(stream).executor, fn, *args)
 
     async def generate(self, stream: Stream, steps: int) -> StreamChunk:
-        """`stream.generate(steps)`, together with whatever other streams ask meanwhile."""
+        """`stream.generate(steps)`, together with whatever other streams of its lane ask meanwhile."""
+        lane = self._lane(stream)
         future = asyncio.get_running_loop().create_future()
-        self._waiting.append((stream, steps, future))
-        if self._draining is None or self._draining.done():
-            self._draining = asyncio.get_running_loop().create_task(self._drain(), name="musicrfm device batches")
+        lane.waiting.append((stream, steps, future))
+        if lane.draining is None or lane.draining.done():
+            lane.draining = asyncio.get_running_loop().create_task(self._drain(lane), name="musicrfm batches")
         return await future
 
-    async def _drain(self) -> None:
+    async def _gather(self, lane: _Lane) -> None:
+        """Wait, briefly, for the lane's streams that stepped lately and are not waiting yet (GATHER_SHARE)."""
+        steps = max(n for _, n, _ in lane.waiting)
+        deadline = time.monotonic() + GATHER_SHARE * steps / self.load.frame_rate
+        while time.monotonic() < deadline and len(lane.waiting) < self._active_in(lane):
+            await asyncio.sleep(0.002)
+
+    def _active_in(self, lane: _Lane) -> int:
+        """The lane's streams that stepped in the last second."""
+        now = time.monotonic()
+        return sum(1 for at, where in list(self._seen.values()) if where is lane and now - at <= 1.0)
+
+    async def _drain(self, lane: _Lane) -> None:
         loop = asyncio.get_running_loop()
-        while self._waiting:
-            if self._decoding or len(self._waiting) < PIPELINE_FROM:
-                batch, self._waiting = self._waiting, []
-            else:  # nothing to overlap with: step half now, the other half while this half decodes (two groups)
-                half = (len(self._waiting) + 1) // 2
-                batch, self._waiting = self._waiting[:half], self._waiting[half:]
+        while lane.waiting:
+            await self._gather(lane)
+            batch, lane.waiting = lane.waiting, []
             streams = [s for s, _, _ in batch]
             steps = max(n for _, n, _ in batch)  # sessions of one server share chunk_steps
-            started = time.perf_counter()
             try:
-                shares = await loop.run_in_executor(self._executor, step_together, streams, steps)
+                chunks = await loop.run_in_executor(lane.executor, generate_together, streams, steps)
             except Exception as exc:  # a bug: every stream of the batch gets it (its session logs it and stops)
-                self._fail(batch, exc)
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
                 continue
-            # The decode goes on on the codec thread while the next batch steps here.
-            task = loop.create_task(self._decode(batch, shares, started, time.perf_counter() - started))
-            self._decoding.add(task)
-            task.add_done_callback(self._decoding.discard)
+            self._account(batch, chunks)
+            for (_, _, future), chunk in zip(batch, chunks):
+                if not future.done():
+                    future.set_result(chunk)
 
-    async def _decode(self, batch: list, shares: list, started: float, token_seconds: float) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            decoded = time.perf_counter()
-            chunks = await loop.run_in_executor(self._codec, decode_together, shares, started)
-            codec_seconds = time.perf_counter() - decoded
-        except Exception as exc:
-            self._fail(batch, exc)
-            return
-        self._account(batch, chunks, max(token_seconds, codec_seconds))
-        for (_, _, future), chunk in zip(batch, chunks):
-            if not future.done():
-                future.set_result(chunk)
-
-    @staticmethod
-    def _fail(batch: list, exc: Exception) -> None:
-        for _, _, future in batch:
-            if not future.done():
-                future.set_exception(exc)
-
-    def _account(self, batch: list, chunks: list[StreamChunk], seconds: float) -> None:
-        """What a batch cost: the slower of its two halves, which is what bounds a pipeline of batches."""
+    def _account(self, batch: list, chunks: list[StreamChunk]) -> None:
         ran = [c.steps[1] - c.steps[0] for c in chunks]
         now = time.monotonic()
-        self._seen = {key: at for key, at in self._seen.items() if now - at <= 60.0}
-        self._seen.update((id(s), now) for (s, _, _), r in zip(batch, ran) if r)
+        self._seen = {key: seen for key, seen in self._seen.items() if now - seen[0] <= 60.0}
+        self._seen.update((id(s), (now, self._lane(s))) for (s, _, _), r in zip(batch, ran) if r)
         stepped = sum(1 for r in ran if r)
-        if stepped:
-            self.load.add(stepped, max(ran), seconds)
+        if stepped and chunks:
+            self.load.add(stepped, max(ran), chunks[0].seconds)
         self.batches += 1
         self.batched_streams += len(batch)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
-        self._codec.shutdown(wait=True)
+        for lane in self._lanes:
+            lane.executor.shutdown(wait=True)

@@ -152,7 +152,8 @@ class Session:
             await asyncio.gather(self._task, return_exceptions=True)
         if self._recorder is not None:
             self._finish_recording()
-        await self._scheduler.run(self.stream.close)  # the stream's place on the device goes back
+        await self._scheduler.run(self.stream, self.stream.close)  # the stream's place on the device goes back
+        self._scheduler.release(self.stream)
         if self._own_scheduler:
             self._scheduler.close()
 
@@ -268,7 +269,7 @@ class Session:
         return (self._generated() - self._clock.position(self._generated())) / self.sample_rate
 
     async def _work(self, fn, *args):
-        return await self._scheduler.run(fn, *args)
+        return await self._scheduler.run(self.stream, fn, *args)
 
     @property
     def held(self) -> bool:
@@ -328,7 +329,7 @@ class Session:
     def _check_room(self) -> None:
         """Warn this session's listeners when the device, by what its batches measured, holds fewer streams at
         real time than would now be playing: the audio of every session on it may stutter."""
-        room = self._scheduler.load.capacity()
+        room = self._scheduler.capacity()
         playing = self._scheduler.active_streams(besides=self.stream) + 1
         if room is not None and playing > room:
             text = (f"this device keeps about {room} stream{'s' if room != 1 else ''} at real time (measured); with "

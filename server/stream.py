@@ -19,8 +19,9 @@ A knob's path to the residual stream, in 6 hops:
    when only coefficients, schedules, the gate, rows or rule changed. The `Change` carries both;
 4. at its step, `Stream._apply` installs the carried state and the carried plan, moved to the model's
    device, as `Generator.plan`;
-5. `Generator.advance` asks the plan for the step's steering: `plan.at(steps)` -> `StepSteering`;
-6. `MusicgenDecoder.forward` adds `StepSteering.vector(layer)` at each layer, by its rule, rows and site.
+5. `Engine.step` (this stream with the others of its lane: `generate_together`) asks each plan for the step's
+   steering: `plan.at(steps)` -> `StepSteering`, stacked row by row into a `BatchSteering`;
+6. `MusicgenDecoder.step` adds each row's vector at each layer, by its rule, rows and site.
 
 A change that comes out of step order is checked where it goes in the queue, and the changes after it are
 checked again on it. A change that meets another state or step than the one it was checked for (a stop

@@ -90,7 +90,7 @@ def test_a_session_starting_to_play_on_a_full_device_is_told_so(tiny, tmp_path):
         scheduler.load.add(2, 10, 10 * 0.05)  # measured: two streams take 50 ms a step (real time is 20 ms)
         session = Session("full", Stream(tiny, None), SessionConfig(record_dir=tmp_path), [], scheduler)
         other = _playing(tiny, "", 0, None)
-        scheduler._seen[id(other)] = time.monotonic() + 3600  # another stream is playing on the device
+        scheduler._seen[id(other)] = (time.monotonic() + 3600, None)  # another stream is playing on the device
         listener = Listener(1)
         session.add_listener(listener)
         session.start()
