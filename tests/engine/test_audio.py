@@ -16,6 +16,7 @@ import torch
 
 from musicrfm.engine.audio import (
     StreamingDecoder,
+    push_together,
     decode_tokens,
     read_wav,
     relative_error,
@@ -318,3 +319,26 @@ def test_corrupt_or_unsupported_wav_is_a_value_error(tmp_path):
         f.writeframes(b"\x00" * 30)
     with pytest.raises(ValueError, match="24bit.wav.*16-bit"):
         read_wav(wide)
+
+
+def test_streams_pushed_together_decode_in_one_call_to_what_each_decodes_alone(codec, monkeypatch):
+    """push_together: the windows of equal length on one codec go through EnCodec in one batched call, and each
+    stream gets the audio it gets pushing alone (to float round-off)."""
+    streams = [_codes(60, seed=s) for s in range(3)]
+    alone = [_stream(codec, c, 10)[0] for c in streams]
+    calls = []
+    real = codec.decode
+    monkeypatch.setattr(codec, "decode", lambda codes, *a, **k: (calls.append(codes.shape[1]), real(codes, *a, **k))[1])
+    decoders = [StreamingDecoder(codec) for _ in streams]
+    late = StreamingDecoder(codec)  # a stream that starts a chunk later: its window is shorter for a while
+    pieces = [[] for _ in streams]
+    for i in range(0, 60, 10):
+        out = push_together([*decoders, late], [c[:, i:i + 10] for c in streams] + [_codes(10 if i else 0, seed=i)])
+        for p, o in zip(pieces, out):
+            p.append(o)
+    # Until the late stream's left context is as full as the others' (25 frames), it decodes apart.
+    assert calls == [3, 3, 1, 3, 1, 3, 1, 4, 4]
+    for p, d, ref in zip(pieces, decoders, alone):
+        together = torch.cat([*p, d.flush()])
+        assert together.shape == ref.shape
+        torch.testing.assert_close(together, ref, rtol=0, atol=1e-5)
