@@ -112,14 +112,13 @@ class Engine:
         self.decoder = MusicgenDecoder(model, rows=self.padded(max(1, slots) * self.rows_per_slot),
                                        capacity=self.context_steps, text_tokens=self.text_tokens)
         self.streams: list[Generator] = []  # by slot
-        self._step = self.decoder.step
+        self.captured = None  # engine.graphs.CapturedSteps when asked for CUDA graphs
         if cuda_graphs:
             from .graphs import CapturedSteps
 
-            captured = CapturedSteps(self.decoder, site)
-            if captured.reason is not None:
-                log.warning("%s: stepping eagerly", captured.reason)
-            self._step = captured
+            self.captured = CapturedSteps(self.decoder, site)
+            if self.captured.reason is not None:
+                log.warning("%s: stepping eagerly", self.captured.reason)
 
     def padded(self, rows: int) -> int:
         return padded_rows(rows, self.min_rows)
@@ -178,7 +177,8 @@ class Engine:
                 steering = plan.at([gen.step]) if plan is not None else None
                 if steering is not None:
                     steered.append((gen.rows if steering.rows == "both" else self.slot_rows(gen.slot, 1), steering))
-            out = self._step(tokens, stepping, BatchSteering.stack(m, steered))
+            step = self.captured or self.decoder.step
+            out = step(tokens, stepping, BatchSteering.stack(m, steered))
             for gen in batched:
                 logits[id(gen)] = out[gen.rows]
         # Streams with the same sampling settings choose their tokens together (row by row, each with its own RNG).

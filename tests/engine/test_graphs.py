@@ -74,10 +74,10 @@ def test_the_captured_step_core_is_the_eager_step(tiny, plans):
 def test_without_cuda_an_engine_asked_for_graphs_steps_eagerly_and_says_why(tiny, plans, caplog):
     with caplog.at_level(logging.WARNING, logger="musicrfm.loop"):
         engine = Engine(tiny, context_steps=32, cuda_graphs=True)
-    assert isinstance(engine._step, CapturedSteps) and "CUDA device" in engine._step.reason
+    assert isinstance(engine.captured, CapturedSteps) and "CUDA device" in engine.captured.reason
     assert any("CUDA graphs need a CUDA device" in r.getMessage() for r in caplog.records)
     graphed = Generator(tiny, "piano", seed=5, plan=plans[1], engine=engine)
     plain = Generator(tiny, "piano", seed=5, plan=plans[1], context_steps=32)
     graphed.run(40)
     plain.run(40)
-    assert torch.equal(graphed.codes(), plain.codes()) and engine._step.replays == 0
+    assert torch.equal(graphed.codes(), plain.codes()) and engine.captured.replays == 0
