@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .audio import StreamingDecoder
+from .audio import StreamingDecoder, push_together
 from .bank import DirectionBank, LayerNorms
-from .loop import Engine, Generator
+from .loop import MIN_ROWS, Engine, Generator
 from .norms import with_layer_norms
 from .model import NOISE_WARNING, MusicModel, load_model
 from .sampling import SamplingConfig
@@ -140,13 +140,23 @@ class Generation:
     settings: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Render:
+    """One clip of a batch made by `generate_many`: what may differ between clips made together."""
+
+    prompt: str
+    seed: int = 0
+    spec: SteeringSpec | None = None
+    bank_paths: tuple[str | Path, ...] = ()
+
+
 def generate(
     model: MusicModel,
     prompt: str,
     seconds: float,
     *,
     spec: SteeringSpec | None = None,
-    bank_paths: list[str | Path] = (),
+    bank_paths: Sequence[str | Path] = (),
     sampling: SamplingConfig = SamplingConfig(),
     seed: int = 0,
     chunk_steps: int = 50,
@@ -154,56 +164,99 @@ def generate(
     keep_steps: int | None = None,
     progress: bool = True,
     layer_norms: dict | None = None,
+    min_rows: int = 1,
 ) -> Generation:
-    """`layer_norms`: the norms a sidecar recorded, for a bank that carries none (see engine.norms)."""
+    """One clip. `layer_norms`: the norms a sidecar recorded, for a bank that carries none (see engine.norms).
+    `min_rows` 1: alone for good, no rows padded for company (engine.loop.MIN_ROWS), the fastest way on a CPU."""
+    return generate_many(model, [Render(prompt, seed, spec, tuple(bank_paths))], seconds, sampling=sampling,
+                         chunk_steps=chunk_steps, context_steps=context_steps, keep_steps=keep_steps,
+                         progress=progress, layer_norms=layer_norms, min_rows=min_rows)[0]
+
+
+def generate_many(
+    model: MusicModel,
+    renders: Sequence[Render],
+    seconds: float,
+    *,
+    sampling: SamplingConfig = SamplingConfig(),
+    chunk_steps: int = 50,
+    context_steps: int | None = None,
+    keep_steps: int | None = None,
+    progress: bool = True,
+    layer_norms: dict | None = None,
+    min_rows: int = MIN_ROWS,
+) -> list[Generation]:
+    """Clips of the same length and sampling, made together: one batched forward per step for all of them
+    (engine.loop.Engine), their audio decoded together. Each clip's tokens are the ones it gets made alone with
+    the same `min_rows` (recorded in its sidecar, so `generate_from_sidecar` makes it again exactly)."""
     check_seconds(seconds)
     fields.whole("chunk_steps", chunk_steps, 1)
-    if not isinstance(prompt, str):
-        raise ValueError(f"prompt must be a string, got {fields.shown(prompt)}")
+    fields.whole("min_rows", min_rows, 1, 64)
+    if not renders:
+        return []
     frames = max(1, round(seconds * model.frame_rate))
-    bank = load_steering_banks(spec, bank_paths)
-    plan = None
-    if spec is not None and spec.controls:
-        if spec.units == "relative":
-            bank = with_layer_norms(bank, model, layer_norms)
-        plan = SteeringPlan.compile(spec, bank, model.fingerprint, device=model.device, dtype=model.dtype)
-    # Alone for good: no rows padded for company (loop.MIN_ROWS), the fastest way on a CPU.
-    engine = Engine(model, context_steps=context_steps, guidance=sampling.uses_guidance, min_rows=1)
-    gen = Generator(model, prompt, sampling=sampling, seed=seed, plan=plan, total_frames=frames,
-                    keep_steps=keep_steps, engine=engine)
-    stream = StreamingDecoder(model.hf.audio_encoder)
-    pieces = []
-    with tqdm(total=gen.steps_for_frames(frames), unit="step", disable=not progress,
-              desc=model.progress_label("generating")) as bar:
-        while not gen.finished:
-            chunk = gen.chunk(chunk_steps)
-            bar.update(chunk.steps[1] - chunk.steps[0])
-            pieces.append(stream.push(chunk.codes))
-    pieces.append(stream.flush())
-    audio = torch.cat([p.reshape(-1).float().cpu() for p in pieces]).numpy()
-    codes = gen.codes()
-    settings = {
-        "format": SIDECAR_FORMAT,
-        "version": SIDECAR_VERSION,
-        **provenance(model, bank_paths, bank),
-        "note": NOISE_WARNING if model.is_random else "",
-        "prompt": prompt,
-        "seconds": seconds,
-        "frames": frames,
-        "sample_rate": model.sample_rate,
-        "seed": seed,
-        "sampling": sampling.to_dict(),
-        "steering": spec.to_dict() if spec is not None else None,
-        # What each strength meant in hidden-state units: per direction, the norm it adds at each layer at full
-        # schedule with the gate open.
-        "vector_norms": plan.vector_norms() if plan is not None else None,
-        "context_steps": gen.context_steps,
-        "keep_steps": gen.keep_steps,
-        "chunk_steps": chunk_steps,
-        "tokens_sha256": tokens_sha256(codes),
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
-    }
-    return Generation(audio=audio, sample_rate=model.sample_rate, codes=codes, settings=settings)
+    prepared = []
+    for r in renders:
+        if not isinstance(r.prompt, str):
+            raise ValueError(f"prompt must be a string, got {fields.shown(r.prompt)}")
+        bank = load_steering_banks(r.spec, r.bank_paths)
+        plan = None
+        if r.spec is not None and r.spec.controls:
+            if r.spec.units == "relative":
+                bank = with_layer_norms(bank, model, layer_norms)
+            plan = SteeringPlan.compile(r.spec, bank, model.fingerprint, device=model.device, dtype=model.dtype)
+        prepared.append((r, bank, plan))
+    engine = Engine(model, context_steps=context_steps, guidance=sampling.uses_guidance, slots=len(renders),
+                    min_rows=min_rows)
+    gens = [Generator(model, r.prompt, sampling=sampling, seed=r.seed, plan=plan, total_frames=frames,
+                      keep_steps=keep_steps, engine=engine) for r, _, plan in prepared]
+    streams = [StreamingDecoder(model.hf.audio_encoder) for _ in gens]
+    pieces: list[list[torch.Tensor]] = [[] for _ in gens]
+    label = "generating" if len(gens) == 1 else f"generating {len(gens)} clips"
+    with tqdm(total=gens[0].steps_for_frames(frames), unit="step", disable=not progress,
+              desc=model.progress_label(label)) as bar:
+        while not all(g.finished for g in gens):
+            start = gens[0].step
+            for _ in range(chunk_steps):
+                live = [g for g in gens if not g.finished]
+                if not live:
+                    break
+                engine.step(live)
+            bar.update(gens[0].step - start)
+            chunks = [g.take_chunk(start) for g in gens]
+            for piece, pcm in zip(pieces, push_together(streams, [c.codes for c in chunks])):
+                piece.append(pcm)
+    out = []
+    for (r, bank, plan), gen, stream, piece in zip(prepared, gens, streams, pieces):
+        piece.append(stream.flush())
+        audio = torch.cat([p.reshape(-1).float().cpu() for p in piece]).numpy()
+        codes = gen.codes()
+        gen.close()
+        settings = {
+            "format": SIDECAR_FORMAT,
+            "version": SIDECAR_VERSION,
+            **provenance(model, r.bank_paths, bank),
+            "note": NOISE_WARNING if model.is_random else "",
+            "prompt": r.prompt,
+            "seconds": seconds,
+            "frames": frames,
+            "sample_rate": model.sample_rate,
+            "seed": r.seed,
+            "sampling": sampling.to_dict(),
+            "steering": r.spec.to_dict() if r.spec is not None else None,
+            # What each strength meant in hidden-state units: per direction, the norm it adds at each layer at full
+            # schedule with the gate open.
+            "vector_norms": plan.vector_norms() if plan is not None else None,
+            "context_steps": gen.context_steps,
+            "keep_steps": gen.keep_steps,
+            "chunk_steps": chunk_steps,
+            # Rows the engine computed at least (engine.loop.MIN_ROWS): part of what decides the tokens' last bits.
+            "min_rows": min_rows,
+            "tokens_sha256": tokens_sha256(codes),
+            "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        }
+        out.append(Generation(audio=audio, sample_rate=model.sample_rate, codes=codes, settings=settings))
+    return out
 
 
 def check_sidecar(settings: Any, where: str = "sidecar") -> tuple[SteeringSpec | None, SamplingConfig]:
@@ -229,6 +282,8 @@ def check_sidecar(settings: Any, where: str = "sidecar") -> tuple[SteeringSpec |
         check_seconds(settings["seconds"])
         fields.whole("seed", settings["seed"], 0, 2**63 - 1)
         fields.whole("chunk_steps", settings["chunk_steps"], 1, 10**6)
+        if settings.get("min_rows") is not None:  # (absent in sidecars made before the batched engine: 1)
+            fields.whole("min_rows", settings["min_rows"], 1, 64)
         for key, lo in (("context_steps", 1), ("keep_steps", 0)):
             if settings[key] is not None:
                 fields.whole(key, settings[key], lo, 2**31)
@@ -257,6 +312,7 @@ def generate_from_sidecar(settings: dict, *, progress: bool = True, model: Music
         sampling=sampling, seed=settings["seed"],
         chunk_steps=settings["chunk_steps"], context_steps=settings["context_steps"],
         keep_steps=settings["keep_steps"], progress=progress, layer_norms=settings.get("layer_norms"),
+        min_rows=settings.get("min_rows") or 1,
     )
 
 

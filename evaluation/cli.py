@@ -100,7 +100,9 @@ def register(sub) -> None:
                     help="fan out over Ray: auto (the running cluster), local (start one here) or an address; "
                          "one GPU per worker where the cluster has GPUs")
     sw.add_argument("--workers", type=int, default=None, help="Ray workers (default: one per GPU, else per CPU)")
-    sw.add_argument("--chunk", type=int, default=4, help="samples per unit of work sent to a worker")
+    sw.add_argument("--chunk", type=int, default=8,
+                    help="samples per unit of work sent to a worker, generated together in one batched forward "
+                         "(results do not depend on it)")
     sw.add_argument("--threads", type=int, default=None, help="torch threads where clips are generated")
     sw.add_argument("--save-audio", action="store_true", help="also write every clip to OUT/audio/")
     sw.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -1,7 +1,8 @@
 """`musicrfm eval sweep`'s driver: plan the units of a preset, generate and measure each clip, locally or
 over a Ray cluster, and keep the finished ones in a resumable `units.jsonl`.
 
-Each unit generates with engine.generation.generate (the one decode path) and measures its clip: an
+Each chunk of units generates its clips together with engine.generation.generate_many (the one decode path;
+a clip's tokens do not depend on the chunk) and measures each clip: an
 embedding (for FD / MMD², computed per group against the reference by evaluation.report), CLAP score vs
 the prompt (when CLAP weights are supplied), the independent audio checks, the probe's prediction and, for
 schedules / crossfade, traces over time (evaluation.measure). Finished units are appended to `units.jsonl`
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from musicrfm.engine.generation import file_sha256, generate
+from musicrfm.engine.generation import Render, file_sha256, generate_many
 from musicrfm.engine.model import NOISE_LABEL, is_random_model
 from musicrfm.probes.train import REGRESSION_CONCEPTS
 
@@ -138,13 +139,29 @@ def _trace(ctx: WorkerContext, unit: Unit, audio: np.ndarray, sr: int) -> dict:
 
 
 def run_unit(ctx: WorkerContext, unit: Unit) -> dict:
-    """Generate one clip with engine.generation.generate and measure it. Returns the record stored in units.jsonl."""
+    """Generate one clip and measure it. Returns the record stored in units.jsonl."""
+    return run_chunk(ctx, [unit])[0]
+
+
+def run_chunk(ctx: WorkerContext, units: Sequence[Unit]) -> list[dict]:
+    """Generate a chunk's clips together (engine.generation.generate_many: one batched forward per step; each clip
+    the tokens it gets alone, so chunking never changes a result) and measure each."""
     started = time.perf_counter()
     s = ctx.settings
-    concepts = [c.key.partition(":")[0] for c in unit.spec.controls] if unit.spec is not None else []
-    banks = [p for p in ctx.bank_paths if p in {ctx.concept_bank[c] for c in concepts}]
-    result = generate(ctx.model, unit.prompt, s.seconds, spec=unit.spec, bank_paths=banks, sampling=s.sampling,
-                    seed=unit.seed, progress=False, layer_norms=ctx.layer_norms)
+    renders = []
+    for unit in units:
+        concepts = [c.key.partition(":")[0] for c in unit.spec.controls] if unit.spec is not None else []
+        banks = tuple(p for p in ctx.bank_paths if p in {ctx.concept_bank[c] for c in concepts})
+        renders.append(Render(unit.prompt, unit.seed, unit.spec, banks))
+    results = generate_many(ctx.model, renders, s.seconds, sampling=s.sampling, progress=False,
+                            layer_norms=ctx.layer_norms)
+    each = (time.perf_counter() - started) / len(units)
+    return [_measure(ctx, unit, result, each) for unit, result in zip(units, results)]
+
+
+def _measure(ctx: WorkerContext, unit: Unit, result, generation_seconds: float) -> dict:
+    started = time.perf_counter()
+    s = ctx.settings
     audio, sr = result.audio, result.sample_rate
     embedding = ctx.embedder.embed([audio], sr)[0]
     clap = float(ctx.clap.clap_score([audio], [unit.prompt], sr)[0]) if ctx.clap is not None else None
@@ -170,15 +187,13 @@ def run_unit(ctx: WorkerContext, unit: Unit) -> dict:
         "embedder": ctx.embedder.name, "embedding": [float(v) for v in embedding], "clap": clap,
         "trace": _trace(ctx, unit, audio, sr) if unit.trace else None,
         "sample_rate": sr, "device": result.settings["device"], "dtype": result.settings["dtype"],
-        "worker": f"{platform.node()}:{os.getpid()}", "elapsed_s": round(time.perf_counter() - started, 3),
+        "worker": f"{platform.node()}:{os.getpid()}",
+        # The clip's share of its chunk's generation, and its own measuring.
+        "elapsed_s": round(generation_seconds + time.perf_counter() - started, 3),
     }
     if s.save_audio:
         record["_audio"] = audio
     return record
-
-
-def run_chunk(ctx: WorkerContext, units: Sequence[Unit]) -> list[dict]:
-    return [run_unit(ctx, u) for u in units]
 
 
 class _RayWorker:

@@ -66,14 +66,14 @@ def _rows(path):
 
 @pytest.fixture
 def count_generations(monkeypatch):
-    calls = []
-    real = run.generate
+    calls = []  # the steering spec of every clip generated
+    real = run.generate_many
 
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("spec"))
-        return real(*args, **kwargs)
+    def counting(model, renders, *args, **kwargs):
+        calls.extend(r.spec for r in renders)
+        return real(model, renders, *args, **kwargs)
 
-    monkeypatch.setattr(run, "generate", counting)
+    monkeypatch.setattr(run, "generate_many", counting)
     return calls
 
 
