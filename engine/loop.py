@@ -7,7 +7,10 @@ own rows of the decoder's cache, its own conditioning, position, steering), then
 settings and RNG. A generator made without an engine gets one of its own, so stepping alone and stepping in
 company are the same code, and a stream's tokens are the same either way: the batched step's shapes do not
 depend on the other streams (static cache and text shapes, rows padded to a power of two >= MIN_ROWS), and
-feeding several positions at once (a re-prompt refill, an audio prompt) runs for that stream alone.
+feeding several positions at once (a re-prompt refill, an audio prompt) runs for that stream alone. That is
+tested bit for bit on the CPU. On a GPU the libraries choose matrix-product kernels by shape, and a batch of
+another size may round differently in the last bits (and so, rarely, sample another token): there, a stream
+made in company and made alone are alike, not identical, until it is measured otherwise.
 
 Positions and steps. MusicGen predicts K codebooks per position with the delay pattern: position p
 carries codebook k of frame `decoder.frame_at(p, k)` = p - k - 1 (BOS where that is negative), so frame f
