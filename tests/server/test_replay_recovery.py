@@ -24,7 +24,7 @@ from live_client import LiveClient
 from live_server import start_server
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")  # one intra-op thread: see conftest.py
-CHANGES = 3000  # far more than a live client may queue (MAX_OUT_OF_ORDER_CHANGES), in order in the log
+CHANGES = 2100  # far more than a live client may queue (MAX_OUT_OF_ORDER_CHANGES), in order in the log
 
 
 def replay_cli(log: Path, out: Path, timeout: float = 300) -> subprocess.CompletedProcess:
