@@ -40,7 +40,7 @@ def cmd_eval_sweep(args) -> int:
         eta0=_floats(args.eta0, "--eta0"), units=args.units, layers=args.layers,
         device=None if args.device == "auto" else args.device, dtype=None if args.dtype == "auto" else args.dtype,
         sampling=SamplingConfig(guidance_scale=args.guidance, top_k=args.top_k, temperature=args.temperature),
-        features=str(args.features) if args.features else None, clap=args.clap, probe_layer=args.probe_layer,
+        features=str(args.features) if args.features else None, clap=args.clap, embedder=args.embedder, probe_layer=args.probe_layer,
         probe_trials=args.probe_trials, probe_seed=args.probe_seed, probe_device=args.probe_device,
         window=args.window, hop=args.hop,
         chunk=args.chunk, save_audio=args.save_audio, threads=args.threads)
@@ -90,7 +90,11 @@ def register(sub) -> None:
     sw.add_argument("--probe-device", default="auto", help="where the probe is fitted (default: cuda if present)")
     sw.add_argument("--clap", default=None, metavar="MODEL",
                     help="CLAP weights (HF id in the local cache or a directory): CLAP embedding for FD/MMD and "
-                         "CLAP score; without it FD/MMD use logmel-stats-v1 and CLAP is 'unavailable'")
+                         "CLAP score; without it FD/MMD use --embedder and CLAP is 'unavailable'")
+    sw.add_argument("--embedder", default="logmel-stats-v1", choices=["logmel-stats-v1", "logmel-timbre-v1"],
+                    help="the offline embedding for FD/MMD without CLAP: logmel-stats-v1 (log-mel statistics and the "
+                         "pitch-class profile) or logmel-timbre-v1 (without the profile: on notes/chords sweeps it "
+                         "leaves out the change steering aims at)")
     sw.add_argument("--window", type=float, default=1.0, help="trace window, seconds (schedules, crossfade)")
     sw.add_argument("--hop", type=float, default=0.5, help="trace hop, seconds")
     sw.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")

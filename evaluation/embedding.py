@@ -3,7 +3,8 @@
   AudioEmbedder          protocol: `.name` (recorded with every number), `.embed(audio, sr)` -> [n, d]
   ClapEmbedder(model)    LAION CLAP through transformers (ClapModel + ClapProcessor); user-supplied
                          weights only (a Hugging Face id in the local cache, or a local directory)
-  LogMelStatsEmbedder()  "logmel-stats-v1": the offline fallback, no weights (not CLAP)
+  LogMelStatsEmbedder()  "logmel-stats-v1": the offline fallback, no weights (not CLAP); with
+                         pitch_classes=False "logmel-timbre-v1", the same without the pitch-class profile
   clap_score(audio, texts, sr, model=None)
                          per-pair CLAP cosine, or a result saying "unavailable: no CLAP weights
                          supplied" when no model is given: never an estimate from something else
@@ -99,8 +100,16 @@ def _mel_filterbank(sr: int, n_fft: int, n_mels: int, fmin: float, fmax: float) 
     return bank / np.where(area > 0, area, 1.0)
 
 
+LOGMEL_STATS = "logmel-stats-v1"
+LOGMEL_TIMBRE = "logmel-timbre-v1"
+LOGMEL_EMBEDDERS = (LOGMEL_STATS, LOGMEL_TIMBRE)
+
+
 class LogMelStatsEmbedder:
-    """Hand-made summary statistics of a clip: the documented offline fallback ("logmel-stats-v1").
+    """Hand-made summary statistics of a clip: the documented offline fallback ("logmel-stats-v1"), or the same
+    without its pitch-class profile ("logmel-timbre-v1", `pitch_classes=False`): on a notes or chords sweep the
+    profile is the very thing steering changes, so FD / MMD² on the full embedding partly measure the intended
+    change; the timbre variant measures what else moved.
 
     Each clip is resampled to 16 kHz (fixed, whatever the input rate), then:
       - log-mel spectrogram: 1024-point Hann STFT (64 ms), hop 256 (16 ms), 64 HTK mel bands
@@ -109,7 +118,7 @@ class LogMelStatsEmbedder:
         long-term spectral envelope and how much each band moves);
       - the clip's 12-bin pitch-class profile (`musicrfm.evaluation.audio_checks.pitch_class_profile`, sums to 1),
         scaled by 10 so it is not drowned by the dB statistics.
-    Output: float64 [n, 140]. Deterministic (numpy only, no randomness, no weights).
+    Output: float64 [n, 140] ([n, 128] without the profile). Deterministic (numpy only, no randomness, no weights).
 
     What it captures: timbre and spectral balance, loudness per band (the clip's level is kept:
     a clip 6 dB quieter moves every mean by 6), dynamics per band, pitch-class content.
@@ -121,7 +130,6 @@ class LogMelStatsEmbedder:
     are available, and report its name with every value.
     """
 
-    name = "logmel-stats-v1"
     sample_rate = 16_000
     n_fft = 1024
     hop = 256
@@ -131,12 +139,20 @@ class LogMelStatsEmbedder:
     floor_db = -100.0
     chroma_scale = 10.0
 
-    def __init__(self) -> None:
+    def __init__(self, pitch_classes: bool = True) -> None:
+        self.pitch_classes = pitch_classes
+        self.name = LOGMEL_STATS if pitch_classes else LOGMEL_TIMBRE
         self._bank = _mel_filterbank(self.sample_rate, self.n_fft, self.n_mels, self.fmin, self.fmax)
+
+    @classmethod
+    def named(cls, name: str) -> "LogMelStatsEmbedder":
+        if name not in LOGMEL_EMBEDDERS:
+            raise ValueError(f"unknown embedder {name!r}; choose one of {', '.join(LOGMEL_EMBEDDERS)}")
+        return cls(pitch_classes=name == LOGMEL_STATS)
 
     @property
     def dim(self) -> int:
-        return 2 * self.n_mels + 12
+        return 2 * self.n_mels + (12 if self.pitch_classes else 0)
 
     def embed(self, audio, sample_rate: int) -> np.ndarray:
         rate = _check_rate(sample_rate)
@@ -150,8 +166,10 @@ class LogMelStatsEmbedder:
         power = np.abs(np.fft.rfft(frames * np.hanning(self.n_fft), axis=1)) ** 2
         mel = power @ self._bank.T
         db = 10.0 * np.log10(np.maximum(mel, 10.0 ** (self.floor_db / 10.0)))
-        chroma = pitch_class_profile(x, self.sample_rate)
-        return np.concatenate([db.mean(axis=0), db.std(axis=0), self.chroma_scale * chroma])
+        stats = [db.mean(axis=0), db.std(axis=0)]
+        if self.pitch_classes:
+            stats.append(self.chroma_scale * pitch_class_profile(x, self.sample_rate))
+        return np.concatenate(stats)
 
 
 # --------------------------------------------------------------------------------------------

@@ -277,6 +277,7 @@ class SweepSettings:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     features: str | None = None  # root of `musicrfm extract` output (<root>/<concept>/)
     clap: str | None = None  # CLAP weights (HF id in the local cache, or a directory)
+    embedder: str = "logmel-stats-v1"  # without CLAP: the log-mel embedding (evaluation.embedding.LOGMEL_EMBEDDERS)
     probe_layer: int | None = None
     probe_trials: int | None = None  # None: the search's default (the paper's 100)
     probe_seed: int = 0  # the split / search seed of `musicrfm train` / `report`
@@ -303,16 +304,16 @@ class SweepSettings:
         if self.samples > 2**20:
             raise ValueError(f"too many samples: {self.samples}")
         default_levels(self.units)  # checks the name
+        from .embedding import LOGMEL_EMBEDDERS
+
+        if self.embedder not in LOGMEL_EMBEDDERS:
+            raise ValueError(f"unknown embedder {self.embedder!r}; choose one of {', '.join(LOGMEL_EMBEDDERS)}")
         if self.layers is not None:
             LayerWeighting.parse(self.layers)
 
     @property
     def embedder_name(self) -> str:
-        if self.clap:
-            return f"clap:{self.clap}"
-        from .embedding import LogMelStatsEmbedder
-
-        return LogMelStatsEmbedder.name
+        return f"clap:{self.clap}" if self.clap else self.embedder
 
     def manifest(self) -> dict:
         """What decides the records: a rerun into the same directory must agree on all of it. (`samples`

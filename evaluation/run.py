@@ -73,7 +73,7 @@ class WorkerContext:
         _, self.concept_bank, _ = bank_index(self.bank_paths)
         self.probes = probes
         self.clap = ClapEmbedder(settings.clap, device=str(model.device)) if settings.clap else None
-        self.embedder = self.clap if self.clap is not None else LogMelStatsEmbedder()
+        self.embedder = self.clap if self.clap is not None else LogMelStatsEmbedder.named(settings.embedder)
         self.layer_norms = self._layer_norms()
         if self.embedder.name != settings.embedder_name:
             raise ValueError(f"embedder {self.embedder.name} is not the one the sweep records ({settings.embedder_name})")

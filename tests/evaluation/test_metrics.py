@@ -232,6 +232,19 @@ def test_logmel_stats_embedder():
     np.testing.assert_allclose(louder[:64][loud_bands] - z[0, :64][loud_bands], 20 * np.log10(2.0), atol=0.05)
 
 
+def test_logmel_timbre_embedder_is_the_stats_without_the_pitch_classes():
+    """logmel-timbre-v1 leaves out what a notes sweep steers: two tones a fifth apart differ there only by the
+    spectral envelope, not by a 12-dimensional profile that points at their two pitch classes."""
+    stats, timbre = LogMelStatsEmbedder(), LogMelStatsEmbedder.named("logmel-timbre-v1")
+    assert timbre.name == "logmel-timbre-v1" and timbre.dim == 128 and LogMelStatsEmbedder.named("logmel-stats-v1").dim == 140
+    clips = [_tone(261.63, 32_000), _tone(392.0, 32_000)]
+    full, less = stats.embed(clips, 32_000), timbre.embed(clips, 32_000)
+    np.testing.assert_array_equal(less, full[:, :128])
+    assert np.linalg.norm(less[0] - less[1]) < np.linalg.norm(full[0] - full[1])
+    with pytest.raises(ValueError, match="unknown embedder 'chroma'"):
+        LogMelStatsEmbedder.named("chroma")
+
+
 def test_clip_input_validation():
     assert len(as_clips(np.zeros((3, 100)))) == 3
     with pytest.raises(ValueError, match="NaN"):

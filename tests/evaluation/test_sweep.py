@@ -147,6 +147,14 @@ def test_units_are_seeded_by_sample_index_alone(banks):
         assert u.targets[0]["class"] != u.targets[1]["class"]
 
 
+def test_the_embedder_is_chosen_recorded_and_checked(banks):
+    timbre = SweepSettings("eta", (banks["notes"],), "x", embedder="logmel-timbre-v1")
+    assert timbre.embedder_name == timbre.manifest()["embedder"] == "logmel-timbre-v1"
+    assert SweepSettings("eta", (banks["notes"],), "x", embedder="logmel-timbre-v1", clap="c").embedder_name == "clap:c"
+    with pytest.raises(ValueError, match="unknown embedder 'mfcc'"):
+        SweepSettings("eta", (banks["notes"],), "x", embedder="mfcc")
+
+
 # --- end to end on tiny-random -------------------------------------------------------------------------
 
 
