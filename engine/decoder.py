@@ -26,6 +26,7 @@ features at "residual"):
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -33,6 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from .model import MusicModel
+
+log = logging.getLogger("musicrfm.decoder")
 
 INJECTION_POINTS = ("residual", "attention")
 
@@ -150,6 +153,11 @@ class MusicgenDecoder:
         self.lengths += [0] * (rows - self.rows)
         self.rows = rows
 
+    def _indices(self, rows: slice | None) -> tuple[slice, range]:
+        """`rows` (None: all of them) and the row numbers it covers."""
+        rows = rows if rows is not None else slice(0, self.rows)
+        return rows, range(*rows.indices(self.rows))
+
     def move_rows(self, src: slice, dst: slice) -> None:
         """Copy rows `src` (caches, conditioning, lengths) onto rows `dst`: the engine keeps streams packed."""
         for caches in (self.k_cache, self.v_cache, self.cross_k, self.cross_v):
@@ -166,8 +174,11 @@ class MusicgenDecoder:
         """T5-encode prompts once; with guidance, append the unconditional rows (zero states, masked). With
         `text_tokens` set, a longer prompt is cut to that many tokens (the tokenizer's own truncation)."""
         m = self.model
-        limit = dict(truncation=True, max_length=self.text_tokens) if self.text_tokens else {}
-        batch = m.tokenizer(prompts, return_tensors="pt", padding=True, **limit)
+        batch = m.tokenizer(prompts, return_tensors="pt", padding=True)
+        if self.text_tokens and batch["input_ids"].shape[1] > self.text_tokens:
+            log.warning("prompt of %d text tokens: the model reads its first %d", batch["input_ids"].shape[1],
+                        self.text_tokens)
+            batch = m.tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=self.text_tokens)
         ids = batch["input_ids"].to(m.device)
         mask = batch["attention_mask"].to(m.device)
         states = m.hf.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -185,8 +196,8 @@ class MusicgenDecoder:
     def set_conditioning(self, cond: TextConditioning, rows: slice | None = None) -> None:
         """Precompute every layer's cross-attention keys and values for `rows` (default: all; they do not
         change per step), padded to `text_tokens` keys."""
-        rows = rows if rows is not None else slice(0, self.rows)
-        n = len(range(*rows.indices(self.rows)))
+        rows, indices = self._indices(rows)
+        n = len(indices)
         if cond.states.shape[0] != n:
             raise ValueError(f"conditioning has {cond.states.shape[0]} rows, the decoder rows {rows} are {n}")
         if self.text_tokens is None:
@@ -211,14 +222,8 @@ class MusicgenDecoder:
 
     def reset(self, rows: slice | None = None) -> None:
         """Forget the audio context of `rows` (default all; the caches are reused, not reallocated)."""
-        rows = rows if rows is not None else slice(0, self.rows)
-        for r in range(*rows.indices(self.rows)):
+        for r in self._indices(rows)[1]:
             self.lengths[r] = 0
-
-    @property
-    def length(self) -> int:
-        """Positions held by row 0 (a decoder whose rows all go together, as in extraction)."""
-        return self.lengths[0]
 
     # --- forward ------------------------------------------------------------------------------------
 
@@ -279,8 +284,7 @@ class MusicgenDecoder:
         for steering that spares the guidance rows (default: half)."""
         if capture_site not in INJECTION_POINTS:
             raise ValueError(f"capture_site must be one of {', '.join(INJECTION_POINTS)}, got {capture_site!r}")
-        rows = rows if rows is not None else slice(0, self.rows)
-        indices = range(*rows.indices(self.rows))
+        rows, indices = self._indices(rows)
         n = len(indices)
         b, k, t = tokens.shape
         start = self.lengths[indices[0]]

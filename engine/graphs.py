@@ -26,20 +26,22 @@ from dataclasses import dataclass
 import torch
 
 from .decoder import MusicgenDecoder
-from .steering import BatchSteering, apply_steering
+from .steering import BatchSteering
 
 log = logging.getLogger("musicrfm.graphs")
 __all__ = ["CapturedSteps"]
 
 
-class StaticSteering:
-    """engine.decoder.RowSteering over fixed buffers: every row's vectors at one site, and which rows take the
-    norm-preserving rule. A graph captured with it reads whatever the buffers hold when it replays."""
+class StaticSteering(BatchSteering):
+    """A BatchSteering over fixed buffers, at one site: every row's vectors, and which rows take the
+    norm-preserving rule (always given, so every row goes through the same update). A graph captured with it
+    reads whatever the buffers hold when it replays."""
 
     def __init__(self, site: str, rows: int, layers: int, width: int, device: torch.device, dtype: torch.dtype):
         self.site = site
         self.vectors = torch.zeros(rows, layers, width, device=device, dtype=dtype)
         self.norm = torch.zeros(rows, 1, 1, dtype=torch.bool, device=device)
+        super().__init__({site: self.vectors}, {site: self.norm})
 
     def load(self, steering: BatchSteering | None) -> bool:
         """Copy a step's steering in; False when it steers at another site (that step runs eagerly)."""
@@ -56,12 +58,6 @@ class StaticSteering:
         else:
             self.norm.copy_(norm)
         return True
-
-    def steer(self, site: str, layer: int, h: torch.Tensor) -> torch.Tensor:
-        if site != self.site:
-            return h
-        v = self.vectors[:, layer, None].to(h.dtype)
-        return torch.where(self.norm, apply_steering(h, v, "norm"), h + v)
 
 
 @dataclass

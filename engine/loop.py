@@ -282,9 +282,6 @@ class Generator:
             raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
         cond = self._encoded.pop(prompt, None)
         if cond is None:
-            tokens = len(self.model.tokenizer(prompt)["input_ids"])
-            if tokens > self.engine.text_tokens:
-                log.warning("prompt of %d text tokens: the model reads its first %d", tokens, self.engine.text_tokens)
             cond = self.decoder.encode_text([prompt], guidance=self._guidance)
         self._encoded[prompt] = cond  # the most recent last
         while len(self._encoded) > PROMPT_CACHE:
