@@ -512,8 +512,7 @@ class Server:
             return connection.respond(HTTPStatus.FORBIDDEN, refused)
         if url.path == "/health":
             body = json.dumps({"ok": True, "sessions": sorted(self.hub.sessions),
-                               "device": {**self.hub.scheduler.load.to_dict(), "lanes": self.hub.scheduler.lanes,
-                                          "realtime_streams": self.hub.scheduler.capacity()}}).encode()
+                               "device": self.hub.scheduler.to_dict()}).encode()
             return Response(200, "OK", Headers([("Content-Type", "application/json"),
                                                 ("Content-Length", str(len(body)))]), body)
         if url.path.startswith("/recordings/"):

@@ -22,7 +22,6 @@ others below it.
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +32,6 @@ from musicrfm.engine.loop import Engine
 
 from .stream import Stream, StreamChunk, generate_together
 
-log = logging.getLogger("musicrfm.scheduler")
 __all__ = ["DeviceLoad", "DeviceScheduler"]
 
 # How long a batch may wait for streams that played lately but have not asked yet, as a share of a chunk's
@@ -140,15 +138,20 @@ class DeviceScheduler:
     def _lane(self, stream: Stream) -> _Lane:
         return self._by_engine.get(id(stream.engine), self._lanes[0])
 
-    def active_streams(self, besides: Stream | None = None, within: float = 2.0) -> int:
-        """Streams that stepped in the last `within` seconds (`besides` not counted)."""
+    def active_streams(self, besides: Stream | None = None, within: float = 2.0, lane: _Lane | None = None) -> int:
+        """Streams (of `lane`, or of any) that stepped in the last `within` seconds (`besides` not counted)."""
         now = time.monotonic()
-        return sum(1 for key, (at, _) in list(self._seen.items()) if now - at <= within and key != id(besides))
+        return sum(1 for key, (at, where) in list(self._seen.items())
+                   if now - at <= within and key != id(besides) and (lane is None or where is lane))
 
     def capacity(self) -> int | None:
         """Streams the device holds at real time: each lane's measured share, times the lanes."""
         each = self.load.capacity()
         return None if each is None else each * len(self._lanes)
+
+    def to_dict(self) -> dict:
+        """What /health reports of the device: the measured step cost, the lanes, the streams at real time."""
+        return {**self.load.to_dict(), "lanes": self.lanes, "realtime_streams": self.capacity()}
 
     async def run(self, stream: Stream, fn: Callable[..., Any], *args: Any) -> Any:
         """Run fn(*args), model work for `stream`, on its lane's thread after what is already queued there."""
@@ -167,13 +170,8 @@ class DeviceScheduler:
         """Wait, briefly, for the lane's streams that stepped lately and are not waiting yet (GATHER_SHARE)."""
         steps = max(n for _, n, _ in lane.waiting)
         deadline = time.monotonic() + GATHER_SHARE * steps / self.load.frame_rate
-        while time.monotonic() < deadline and len(lane.waiting) < self._active_in(lane):
+        while time.monotonic() < deadline and len(lane.waiting) < self.active_streams(within=1.0, lane=lane):
             await asyncio.sleep(0.002)
-
-    def _active_in(self, lane: _Lane) -> int:
-        """The lane's streams that stepped in the last second."""
-        now = time.monotonic()
-        return sum(1 for at, where in list(self._seen.values()) if where is lane and now - at <= 1.0)
 
     async def _drain(self, lane: _Lane) -> None:
         loop = asyncio.get_running_loop()

@@ -582,14 +582,6 @@ def generate_together(streams: list[Stream], max_steps: int) -> list[StreamChunk
     the tokens they would get alone), and their frames decode together at the end. Each chunk's `seconds` is
     the wall-clock time of the whole call: what the stream waited for its audio."""
     started = time.perf_counter()
-    return decode_together(step_together(streams, max_steps), started)
-
-
-@torch.no_grad()
-def step_together(streams: list[Stream], max_steps: int) -> list[_Share]:
-    """The token half of `generate_together`: the steps, not the final decode (`decode_together`), so that a
-    server can decode one batch's audio while the next batch steps. Until its decode, a stream is not stepped
-    again (its frames wait in the share)."""
     shares = [_Share(s) for s in streams]
     for i in range(max_steps):
         stepping = [sh for sh in shares if not sh.done and sh.before_step(i)]
@@ -603,13 +595,6 @@ def step_together(streams: list[Stream], max_steps: int) -> list[_Share]:
         for sh in stepping:
             sh.codes.append(sh.stream.generator.take_chunk(sh.stream.step - 1).codes)
             sh.ran += 1
-    return shares
-
-
-@torch.no_grad()
-def decode_together(shares: list[_Share], started: float) -> list[StreamChunk]:
-    """The audio half of `generate_together`: decode what `step_together` left, and make the chunks (`seconds`:
-    the wall-clock time since `started`)."""
     _decode_together([(sh.stream, sh.codes, sh.audio) for sh in shares])
     seconds = time.perf_counter() - started
     return [sh.chunk(seconds) for sh in shares]
