@@ -105,6 +105,13 @@ LOGMEL_TIMBRE = "logmel-timbre-v1"
 LOGMEL_EMBEDDERS = (LOGMEL_STATS, LOGMEL_TIMBRE)
 
 
+def check_logmel_name(name: str) -> str:
+    """`name` if it names one of the log-mel embedders, else a ValueError listing them."""
+    if name not in LOGMEL_EMBEDDERS:
+        raise ValueError(f"unknown embedder {name!r}; choose one of {', '.join(LOGMEL_EMBEDDERS)}")
+    return name
+
+
 class LogMelStatsEmbedder:
     """Hand-made summary statistics of a clip: the documented offline fallback ("logmel-stats-v1"), or the same
     without its pitch-class profile ("logmel-timbre-v1", `pitch_classes=False`): on a notes or chords sweep the
@@ -146,9 +153,7 @@ class LogMelStatsEmbedder:
 
     @classmethod
     def named(cls, name: str) -> "LogMelStatsEmbedder":
-        if name not in LOGMEL_EMBEDDERS:
-            raise ValueError(f"unknown embedder {name!r}; choose one of {', '.join(LOGMEL_EMBEDDERS)}")
-        return cls(pitch_classes=name == LOGMEL_STATS)
+        return cls(pitch_classes=check_logmel_name(name) == LOGMEL_STATS)
 
     @property
     def dim(self) -> int:

@@ -34,6 +34,8 @@ from musicrfm.engine.sampling import SamplingConfig
 from musicrfm.engine.steering import UNITS, DirectionControl, LayerWeighting, Schedule, SteeringSpec
 from musicrfm.probes.train import REGRESSION_CONCEPTS
 
+from .embedding import LOGMEL_STATS, check_logmel_name
+
 __all__ = [
     "PRESETS",
     "PAPER",
@@ -277,7 +279,7 @@ class SweepSettings:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     features: str | None = None  # root of `musicrfm extract` output (<root>/<concept>/)
     clap: str | None = None  # CLAP weights (HF id in the local cache, or a directory)
-    embedder: str = "logmel-stats-v1"  # without CLAP: the log-mel embedding (evaluation.embedding.LOGMEL_EMBEDDERS)
+    embedder: str = LOGMEL_STATS  # without CLAP: the log-mel embedding (evaluation.embedding.LOGMEL_EMBEDDERS)
     probe_layer: int | None = None
     probe_trials: int | None = None  # None: the search's default (the paper's 100)
     probe_seed: int = 0  # the split / search seed of `musicrfm train` / `report`
@@ -304,10 +306,7 @@ class SweepSettings:
         if self.samples > 2**20:
             raise ValueError(f"too many samples: {self.samples}")
         default_levels(self.units)  # checks the name
-        from .embedding import LOGMEL_EMBEDDERS
-
-        if self.embedder not in LOGMEL_EMBEDDERS:
-            raise ValueError(f"unknown embedder {self.embedder!r}; choose one of {', '.join(LOGMEL_EMBEDDERS)}")
+        check_logmel_name(self.embedder)
         if self.layers is not None:
             LayerWeighting.parse(self.layers)
 
