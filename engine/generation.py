@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .audio import StreamingDecoder, push_together
+from .audio import push_together, streaming_decoder
 from .bank import DirectionBank, LayerNorms
 from .loop import MIN_ROWS, Engine, Generator
 from .norms import with_layer_norms
@@ -210,7 +210,7 @@ def generate_many(
                     min_rows=min_rows)
     gens = [Generator(model, r.prompt, sampling=sampling, seed=r.seed, plan=plan, total_frames=frames,
                       keep_steps=keep_steps, engine=engine) for r, _, plan in prepared]
-    streams = [StreamingDecoder(model.hf.audio_encoder) for _ in gens]
+    streams = [streaming_decoder(model.hf.audio_encoder) for _ in gens]
     pieces: list[list[torch.Tensor]] = [[] for _ in gens]
     label = "generating" if len(gens) == 1 else f"generating {len(gens)} clips"
     with tqdm(total=gens[0].steps_for_frames(frames), unit="step", disable=not progress,

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from musicrfm.engine.audio import StreamingSettings
+from musicrfm.engine.audio import StreamingSettings, streaming_decoder
 from musicrfm.engine.model import MusicModel, load_model
 from musicrfm.engine.norms import with_layer_norms
 from musicrfm.engine.steering import legacy_spec
@@ -357,15 +357,17 @@ def replay(path: str | os.PathLike, *, model: MusicModel | None = None, chunk_st
     if out.expected_sha256 is not None and not out.matches:
         out.problems.append(f"tokens differ from the recording: {out.tokens_sha256} != {out.expected_sha256}")
     if plan.recorded is not None:
-        _compare_audio(out, plan.recorded, hop)
+        # Recordings made before the exact decoder used the windowed one: leave out what either held back.
+        held = max(StreamingSettings.hold_back, streaming_decoder(model.hf.audio_encoder).hold_back)
+        _compare_audio(out, plan.recorded, hop, held)
     return out
 
 
-def _compare_audio(out: Replay, recorded: np.ndarray, hop: int) -> None:
+def _compare_audio(out: Replay, recorded: np.ndarray, hop: int, held: int) -> None:
     """The WAV's samples against the regenerated ones, leaving out the last frames before the end: there the
     recording's decoder had not yet seen what came next (or flushed), the replay's flushed."""
     out.recorded_samples = recorded.shape[0]
-    n = min(recorded.shape[0], out.audio.shape[0]) - (StreamingSettings.hold_back + 1) * hop
+    n = min(recorded.shape[0], out.audio.shape[0]) - (held + 1) * hop
     if n <= 0:
         return
     mine = to_pcm16(out.audio[:n]).astype(np.int32)

@@ -42,7 +42,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from musicrfm.engine.audio import StreamingDecoder, push_together
+from musicrfm.engine.audio import AnyStreamingDecoder, push_together, streaming_decoder
 from musicrfm.engine.bank import DirectionBank
 from musicrfm.engine.loop import Engine, Generator
 from musicrfm.engine.model import MusicModel
@@ -234,7 +234,7 @@ class Stream:
         self.version = 0
         self.epoch = -1  # the first stream is epoch 0
         self.generator: Generator | None = None
-        self.decoder: StreamingDecoder | None = None
+        self.decoder: AnyStreamingDecoder | None = None
         self.samples_emitted = 0
         self.history = History()  # the current stream's states since its step 0
         self.finished_codes: torch.Tensor | None = None  # tokens of the last stream that ended
@@ -508,7 +508,7 @@ class Stream:
                                    plan=self._on_device(self._plan), context_steps=self.context_steps,
                                    keep_steps=self.keep_steps, engine=self.engine)
         self._generator_plan = self._plan
-        self.decoder = StreamingDecoder(self.model.hf.audio_encoder)
+        self.decoder = streaming_decoder(self.model.hf.audio_encoder)
         self.samples_emitted = 0
         self.history.clear()
         self._prompt_ready = 0

@@ -15,8 +15,11 @@ import pytest
 import torch
 
 from musicrfm.engine.audio import (
+    ExactLayout,
+    ExactStreamingDecoder,
     StreamingDecoder,
     push_together,
+    streaming_decoder,
     decode_tokens,
     read_wav,
     relative_error,
@@ -26,6 +29,9 @@ from musicrfm.engine.audio import (
 
 MAX_REL_ERROR = 1e-4  # RMS and max error, relative to the one-shot audio's RMS about its mean
 MAX_SEAM_STEP = 1e-4  # worst error step at a seam, relative to the one-shot audio's own jumps
+# The exact decoder computes what the one-shot decode computes, in other slices: float32 round-off only
+# (measured <= 4e-6 max on tiny-random, 1.6e-6 on musicgen-mini, 1.3e-5 on random-small's larger codec).
+EXACT_REL_ERROR = 2e-5
 HOP = 640
 
 
@@ -38,9 +44,9 @@ def codec(tiny):
     return tiny.hf.audio_encoder  # load_model seeds random codecs' codebooks (transformers leaves them 0)
 
 
-def _stream(codec, codes: torch.Tensor, chunk: int, **settings) -> tuple[torch.Tensor, list[int]]:
+def _stream(codec, codes: torch.Tensor, chunk: int, exact: bool = False, **settings) -> tuple[torch.Tensor, list[int]]:
     """Push codes chunk by chunk; (all audio, sample indices where a non-first segment starts)."""
-    dec = StreamingDecoder(codec, **settings)
+    dec = ExactStreamingDecoder(codec) if exact else StreamingDecoder(codec, **settings)
     pieces = [dec.push(codes[:, i : i + chunk]) for i in range(0, codes.shape[1], chunk)] + [dec.flush()]
     lengths = [len(p) for p in pieces if len(p)]
     seams = np.cumsum(lengths)[:-1].tolist()
@@ -189,6 +195,117 @@ def test_window_is_bounded_whatever_the_stream_length(codec, monkeypatch):
     assert decoded[-1] == decoded[len(decoded) // 2] == left + hold + chunk  # steady state, any length
 
 
+
+# --- exact streaming decode (the LSTM's state carried) ----------------------------------------------------
+
+
+def test_musicgen_codecs_stream_exactly(codec):
+    assert isinstance(streaming_decoder(codec), ExactStreamingDecoder)
+    assert ExactStreamingDecoder(codec).hold_back == 4  # 3 frames for the first conv, 1 for the upsampling
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5, 7, 25])
+def test_exact_stream_equals_one_shot(codec, chunk):
+    codes = _codes(113)
+    ref = decode_tokens(codec, codes)
+    audio, _ = _stream(codec, codes, chunk, exact=True)
+    assert audio.shape == ref.shape
+    assert max(relative_error(audio, ref)) < EXACT_REL_ERROR
+
+
+def test_exact_stream_keeps_a_long_lstm_memory_that_the_window_loses(codec):
+    """A trained LSTM may remember longer than 25 frames (the windowed decoder's left context). With a forget
+    gate held open the windowed decode drifts from the one-shot audio; the carried state does not."""
+    import copy
+
+    slow = copy.deepcopy(codec)
+    lstm = ExactLayout.of(slow).lstm
+    with torch.no_grad():
+        for name, bias in lstm.named_parameters():
+            if name.startswith("bias_ih"):
+                bias[lstm.hidden_size : 2 * lstm.hidden_size] = 8.0  # forget gate ~1: the cell keeps everything
+    codes = _codes(150)
+    ref = decode_tokens(slow, codes)
+    windowed, _ = _stream(slow, codes, 5)
+    exact, _ = _stream(slow, codes, 5, exact=True)
+    assert max(relative_error(windowed, ref)) > 10 * MAX_REL_ERROR
+    assert max(relative_error(exact, ref)) < EXACT_REL_ERROR
+
+
+def test_exact_reach_is_what_the_layers_read(codec):
+    """The reaches computed from the layers' shapes equal the influence of one input frame, measured."""
+    layout = ExactLayout.of(codec)
+    torch.manual_seed(0)
+    for layers, reach, per_frame, channels in [
+        (layout.before, layout.before_reach, 1, layout.before[0].conv.in_channels),
+        (layout.after, layout.after_reach, HOP, layout.lstm.hidden_size),
+    ]:
+        x = torch.randn(1, channels, 40)
+        bumped = x.clone()
+        bumped[..., 20] += 1.0
+        with torch.no_grad():
+            a, b = x, bumped
+            for layer in layers:
+                a, b = layer(a), layer(b)
+        changed = ((a - b).abs().amax(dim=1)[0] > 0).reshape(40, per_frame).any(dim=1).nonzero().flatten()
+        # output frame f reads inputs [f - left, f + right]: input 20 moves outputs [20 - right, 20 + left]
+        assert (int(changed.min()), int(changed.max())) == (20 - reach.right, 20 + reach.left)
+
+
+def test_exact_work_per_push_is_bounded(codec):
+    layout = ExactLayout.of(codec)
+    dec = ExactStreamingDecoder(codec)
+    codes = _codes(300)
+    for i in range(0, 300, 5):
+        dec.push(codes[:, i : i + 5])
+        assert dec.last_window_frames <= 5 + layout.before_reach.left + layout.before_reach.right
+        assert dec._codes.shape[1] <= layout.before_reach.left + layout.before_reach.right
+        assert dec._lstm_out.shape[1] <= layout.after_reach.left + layout.after_reach.right
+    assert dec.samples_out == (300 - dec.hold_back) * HOP
+
+
+def test_exact_short_stream_and_reset(codec):
+    dec = ExactStreamingDecoder(codec)
+    assert dec.push(_codes(3)).numel() == 0  # nothing final yet: the first conv reads 3 frames ahead
+    torch.testing.assert_close(dec.flush(), decode_tokens(codec, _codes(3)), rtol=0, atol=1e-5)
+    assert dec.flush().numel() == 0 and dec.frames_in == 0
+    first = torch.cat([dec.push(_codes(30)), dec.flush()])
+    dec.push(_codes(17, seed=3))
+    dec.reset()
+    torch.testing.assert_close(torch.cat([dec.push(_codes(30)), dec.flush()]), first, rtol=0, atol=0)
+
+
+def test_exact_streams_pushed_together_share_calls_and_equal_alone(codec, monkeypatch):
+    streams = [_codes(60, seed=s) for s in range(3)]
+    alone = [_stream(codec, c, 10, exact=True)[0] for c in streams]
+    lstm = ExactLayout.of(codec).lstm
+    batches = []
+    real = lstm.forward
+    monkeypatch.setattr(lstm, "forward", lambda x, *a: (batches.append(x.shape[1]), real(x, *a))[1])
+    decoders = [ExactStreamingDecoder(codec) for _ in streams]
+    late = ExactStreamingDecoder(codec)  # starts a chunk later: out of step with the others for a while
+    pieces = [[] for _ in streams]
+    for i in range(0, 60, 10):
+        out = push_together([*decoders, late], [c[:, i:i + 10] for c in streams] + [_codes(10 if i else 0, seed=i)])
+        for p, o in zip(pieces, out):
+            p.append(o)
+    # round 1: the three; round 2: the three, then the late one alone; from round 3 on all four in one call
+    assert batches == [3, 3, 1, 4, 4, 4, 4]
+    for p, d, ref in zip(pieces, decoders, alone):
+        torch.testing.assert_close(torch.cat([*p, d.flush()]), ref, rtol=0, atol=1e-5)
+
+
+def test_a_codec_of_unknown_layers_streams_windowed(codec):
+    import copy
+
+    odd = copy.deepcopy(codec)
+    odd.decoder.layers.insert(0, torch.nn.Tanh())  # a layer whose reach the exact decoder cannot know
+    assert ExactLayout.of(odd) is None
+    assert isinstance(streaming_decoder(odd), StreamingDecoder)
+    with pytest.raises(ValueError, match="windowed"):
+        ExactStreamingDecoder(odd)
+
+
 # --- input checks ------------------------------------------------------------------------------------
 
 
@@ -201,9 +318,10 @@ def test_window_is_bounded_whatever_the_stream_length(codec, monkeypatch):
     (torch.full((4, 5), 64), r"\[0, 64\).*pad/BOS"),
     (torch.full((4, 5), -1), r"\[0, 64\)"),
 ])
-def test_push_rejects_bad_codes(codec, codes, message):
+@pytest.mark.parametrize("kind", [StreamingDecoder, ExactStreamingDecoder])
+def test_push_rejects_bad_codes(codec, codes, message, kind):
     with pytest.raises(ValueError, match=message):
-        StreamingDecoder(codec).push(codes)
+        kind(codec).push(codes)
 
 
 def test_decode_tokens_rejects_bad_codes(codec):
@@ -215,8 +333,9 @@ def test_decode_tokens_rejects_bad_codes(codec):
         decode_tokens(codec, [[1, 2, 3]])
 
 
-def test_codebook_count_cannot_change_mid_stream(codec):
-    dec = StreamingDecoder(codec)
+@pytest.mark.parametrize("kind", [StreamingDecoder, ExactStreamingDecoder])
+def test_codebook_count_cannot_change_mid_stream(codec, kind):
+    dec = kind(codec)
     dec.push(_codes(2))
     with pytest.raises(ValueError, match="stream has 4 codebooks"):
         dec.push(_codes(2)[:3])
@@ -249,6 +368,8 @@ def test_random_small_codec_streams_within_threshold():
     assert audio.shape == (60 * HOP,)
     assert max(relative_error(audio, ref)) < MAX_REL_ERROR
     assert seam_discontinuity(audio, seams, ref).worst < MAX_SEAM_STEP
+    exact, _ = _stream(codec, codes, 5, exact=True)
+    assert max(relative_error(exact, ref)) < EXACT_REL_ERROR
 
 
 # --- WAV files ---------------------------------------------------------------------------------------
