@@ -7,7 +7,10 @@ arrive; the LSTM carries state from the whole past, so a decode that starts mid-
 settle. Decoding each chunk on its own therefore clicks at every seam, and re-decoding the whole token
 history every chunk (the transformers streamer) costs more the longer the stream runs.
 
-`StreamingDecoder` decodes a bounded window instead: a few already-emitted frames as left context (to
+`ExactStreamingDecoder` (the default for every transformers EnCodec, `streaming_decoder`) carries the LSTM's
+state from push to push and decodes only the frames the convolutions reach: its audio equals the one-shot
+decode to float round-off. `StreamingDecoder`, the fallback for a codec of unknown layers, decodes a bounded
+window instead: a few already-emitted frames as left context (to
 warm up the LSTM and the convolutions' left edge), the frames not yet emitted, and the new ones. It emits
 audio only up to `hold_back` frames before the window's end (the right edge is not final yet), and fades
 from the previous window's estimate into the new one over `crossfade` samples so that the small
