@@ -5,7 +5,8 @@ different strengths, different prompts and seeds) each generate --rounds chunks 
 as they can, the way the server's sessions ask for them:
   solo     how the server ran sessions before the batched engine: each stream on an engine of its own, in a
            worker thread of its own (N threads stepping at once: N forward passes, N Python loops, N EnCodec
-           decodes per step, competing for the cores and the GIL)
+           decodes per step, competing for the cores and the GIL), with the windowed EnCodec decoder it had
+           then (--solo-decoder exact gives solo streams today's decoder, to see the engine's part alone)
   batched  the server now: server.scheduler.DeviceScheduler, its lanes as `musicrfm serve` makes them (one per
            core on a CPU), the N streams shared out over them; each lane steps the streams that wait together in
            one batched forward and decodes their chunks in one EnCodec call
@@ -33,6 +34,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from bench_engine import random_bank
+from musicrfm.engine.audio import StreamingDecoder
 from musicrfm.engine.loop import Engine
 from musicrfm.engine.model import load_model
 from musicrfm.server.app import default_lanes
@@ -91,6 +93,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: as `musicrfm serve`)")
     ap.add_argument("--lanes", type=int, default=None, help="the scheduler's lanes (default: as `musicrfm serve`)")
+    ap.add_argument("--solo-decoder", choices=("windowed", "exact"), default="windowed",
+                    help="EnCodec decoder of the solo streams: windowed (the server before) or exact (today's)")
     args = ap.parse_args()
     hf_logging.set_verbosity_error()
     model = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -100,7 +104,7 @@ def main() -> None:
     bank = random_bank(model)
     chunk_seconds = args.chunk_steps / model.frame_rate
     print(f"# {model.name} on {model.device.type} ({platform.processor() or platform.machine()}), "
-          f"{torch.get_num_threads()} torch threads, {args.lanes or default_lanes(model.device.type)} lanes, chunks of {args.chunk_steps} steps ({chunk_seconds * 1000:.0f} ms)")
+          f"{torch.get_num_threads()} torch threads, {args.lanes or default_lanes(model.device.type)} lanes, chunks of {args.chunk_steps} steps ({chunk_seconds * 1000:.0f} ms); solo streams decode {args.solo_decoder}")
     print(f"{'streams':>7} {'solo x rt':>10} {'batched x rt':>12} {'speed-up':>9} {'solo cpu/s':>11} "
           f"{'batched cpu/s':>13}")
     held = {"solo": 0, "batched": 0}
@@ -108,6 +112,9 @@ def main() -> None:
         lanes = args.lanes or default_lanes(model.device.type)
         scheduler = DeviceScheduler(model.frame_rate, [Engine(model, slots=max(1, n // lanes)) for _ in range(lanes)])
         solo = make_streams(model, bank, n, None)
+        if args.solo_decoder == "windowed":
+            for s in solo:
+                s.decoder = StreamingDecoder(model.hf.audio_encoder)
         batched = make_streams(model, bank, n, scheduler)
         runs = {"solo": lambda: run_solo(solo, args.chunk_steps, args.rounds),
                 "batched": lambda: run_batched(batched, scheduler, args.chunk_steps, args.rounds)}
