@@ -40,6 +40,8 @@ __all__ = [
     "ExactStreamingDecoder",
     "ExactLayout",
     "streaming_decoder",
+    "decoding_of",
+    "DECODINGS",
     "push_together",
     "decode_tokens",
     "relative_error",
@@ -499,11 +501,24 @@ def _exact_round(decoders: list[ExactStreamingDecoder], final: bool = False) -> 
 AnyStreamingDecoder = Union[ExactStreamingDecoder, StreamingDecoder]
 
 
-def streaming_decoder(codec: torch.nn.Module) -> AnyStreamingDecoder:
-    """The decoder a stream should use: exact (carried LSTM state) for transformers' EnCodec, which is every
-    MusicGen's codec; the windowed one for a codec whose layers it does not know."""
-    layout = ExactLayout.of(codec)
-    return ExactStreamingDecoder(codec, layout) if layout is not None else StreamingDecoder(codec)
+DECODINGS = ("auto", "exact", "windowed")
+
+
+def streaming_decoder(codec: torch.nn.Module, decoding: str = "auto") -> AnyStreamingDecoder:
+    """The decoder a stream should use. "auto": exact (carried LSTM state) for transformers' EnCodec, which is
+    every MusicGen's codec, else windowed. "windowed" re-makes audio as streams decoded it before the exact
+    decoder (a recording's replay compares against what it recorded); "exact" refuses a codec it cannot follow."""
+    if decoding not in DECODINGS:
+        raise ValueError(f"decoding must be one of {', '.join(DECODINGS)}, got {decoding!r}")
+    layout = ExactLayout.of(codec) if decoding != "windowed" else None
+    if layout is None:
+        return ExactStreamingDecoder(codec) if decoding == "exact" else StreamingDecoder(codec)
+    return ExactStreamingDecoder(codec, layout)
+
+
+def decoding_of(decoder: AnyStreamingDecoder) -> str:
+    """"exact" or "windowed": what a stream's audio was made with (recordings say it)."""
+    return "exact" if isinstance(decoder, ExactStreamingDecoder) else "windowed"
 
 
 def push_together(decoders: list[AnyStreamingDecoder], codes: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -114,7 +114,11 @@ def cmd_replay(args) -> int:
     got = "complete (it has its end line)" if log.end else "cut off (no end line)"
     print(f"the recording is {got}: frames {plan.first}..{plan.end} ({(plan.end - plan.first) / rate:.2f} s), "
           f"its end from {plan.how}")
-    result = replay(args.log, plan=plan, progress=not args.quiet)
+    windowed = "decoding" not in log.header  # recorded before the exact decoder: windowed audio
+    chunk_steps = args.chunk_steps if args.chunk_steps is not None else (5 if windowed else 50)
+    if chunk_steps < 1:
+        raise ValueError(f"--chunk-steps must be >= 1, got {chunk_steps}")
+    result = replay(args.log, plan=plan, progress=not args.quiet, chunk_steps=chunk_steps)
     first, end = plan.first, plan.first + result.codes.shape[1]
     print(f"regenerated the stream from step 0 to frame {end}: frames {first}..{end} ({(end - first) / rate:.2f} s) "
           f"to compare with the recording")
@@ -203,5 +207,8 @@ def register(sub) -> None:
     r.add_argument("log", type=Path, help="the .jsonl written beside a recording")
     r.add_argument("--out", type=Path, default=None,
                    help="output WAV, in an existing folder (default: LOG-replay.wav beside the log)")
+    r.add_argument("--chunk-steps", type=int, default=None,
+                   help="steps generated per audio chunk (default: 50; for a log from before the exact EnCodec "
+                        "decoder, whose audio depends on it, 5 as `serve` made it)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_replay)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from musicrfm.engine.audio import StreamingSettings, streaming_decoder
+from musicrfm.engine.audio import DECODINGS, decoding_of, streaming_decoder
 from musicrfm.engine.model import MusicModel, load_model
 from musicrfm.engine.norms import with_layer_norms
 from musicrfm.engine.steering import legacy_spec
@@ -74,7 +74,7 @@ class Recorder:
             "type": "header", "format": LOG_FORMAT, "version": LOG_VERSION, **provenance(model, bank_paths, stream.bank),
             "sample_rate": model.sample_rate, "frame_rate": model.frame_rate, "hop": self.hop,
             "context_steps": gen.context_steps, "keep_steps": gen.keep_steps, "epoch": self.epoch,
-            "seed": gen.seed, "first_frame": self.first_frame,
+            "seed": gen.seed, "first_frame": self.first_frame, "decoding": decoding_of(stream.decoder),
         })
         for line in stream.history.lines():  # the stream's controls from step 0 up to now
             self._write(line)
@@ -188,6 +188,9 @@ def load_log(path: str | os.PathLike) -> SessionLog:
         if key not in header:
             raise ProtocolError(f"{path}: the header (line 1) lacks {key!r}")
         check(f"{path} header {key}", header[key])
+    if header.get("decoding", "windowed") not in DECODINGS[1:]:
+        raise ProtocolError(f"{path} header decoding must be one of {', '.join(DECODINGS[1:])}, got "
+                            f"{fields.shown(header['decoding'])}")
     states: list[tuple[int, dict, int]] = []
     end = None
     for n, raw in enumerate(raw_lines[1:], start=2):
@@ -336,7 +339,10 @@ def replay(path: str | os.PathLike, *, model: MusicModel | None = None, chunk_st
         except ValueError as exc:
             raise ProtocolError(f"{log.path} header layer_norms: {exc}") from None
     cause = Cause("replay")
-    stream = Stream(model, bank, context_steps=header["context_steps"], keep_steps=header["keep_steps"])
+    # Logs written before the exact EnCodec decoder (2026-12-01) say no decoding: their WAVs were windowed.
+    decoding = header.get("decoding", "windowed")
+    stream = Stream(model, bank, context_steps=header["context_steps"], keep_steps=header["keep_steps"],
+                    decoding=decoding)
     stream.state = states[0][1]
     upcoming = iter(states[1:])
     waiting = next(upcoming, None)
@@ -357,9 +363,7 @@ def replay(path: str | os.PathLike, *, model: MusicModel | None = None, chunk_st
     if out.expected_sha256 is not None and not out.matches:
         out.problems.append(f"tokens differ from the recording: {out.tokens_sha256} != {out.expected_sha256}")
     if plan.recorded is not None:
-        # Recordings made before the exact decoder used the windowed one: leave out what either held back.
-        held = max(StreamingSettings.hold_back, streaming_decoder(model.hf.audio_encoder).hold_back)
-        _compare_audio(out, plan.recorded, hop, held)
+        _compare_audio(out, plan.recorded, hop, streaming_decoder(model.hf.audio_encoder, decoding).hold_back)
     return out
 
 

@@ -220,8 +220,10 @@ class Stream:
     """Generation for one session; see the module docstring."""
 
     def __init__(self, model: MusicModel, bank: DirectionBank | None, state: ControlState = ControlState(), *,
-                 context_steps: int | None = None, keep_steps: int | None = None, engine: Engine | None = None):
+                 context_steps: int | None = None, keep_steps: int | None = None, engine: Engine | None = None,
+                 decoding: str = "auto"):
         self.model = model
+        self.decoding = decoding  # EnCodec streaming (engine.audio.streaming_decoder): a replay uses the log's
         # The engine its generators step on: shared with the other sessions on the device (the server), or, when
         # None, one of each generator's own. Either way a stream's tokens are the same (engine.loop).
         self.engine = engine
@@ -508,7 +510,7 @@ class Stream:
                                    plan=self._on_device(self._plan), context_steps=self.context_steps,
                                    keep_steps=self.keep_steps, engine=self.engine)
         self._generator_plan = self._plan
-        self.decoder = streaming_decoder(self.model.hf.audio_encoder)
+        self.decoder = streaming_decoder(self.model.hf.audio_encoder, self.decoding)
         self.samples_emitted = 0
         self.history.clear()
         self._prompt_ready = 0

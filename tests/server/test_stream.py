@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -428,3 +429,58 @@ def test_recordings_say_their_units_and_norms_and_version_1_logs_replay_in_raw_u
     old.write_text("".join(json.dumps(line) + "\n" for line in lines))
     again = replay(old, model=tiny, progress=False)
     assert again.matches and again.tokens_sha256 == raw["tokens_sha256"]
+
+
+def test_recordings_say_how_their_audio_was_decoded_and_replay_decodes_the_same_way(tiny, test_bank_path, tmp_path):
+    """New logs say `decoding: exact`; a log without the key comes from before the exact EnCodec decoder and is
+    compared against windowed audio. A codec whose LSTM keeps a long memory (forget gate held open) makes the two
+    decodings differ beyond the replay's tolerance, so the test sees which one replay used."""
+    import copy
+    import json
+
+    from musicrfm.engine.audio import ExactLayout
+    from musicrfm.engine.generation import load_banks
+    from musicrfm.server.recording import Recorder, replay
+
+    model = copy.deepcopy(tiny)
+    lstm = ExactLayout.of(model.hf.audio_encoder).lstm
+    with torch.no_grad():
+        for name, bias in lstm.named_parameters():
+            if name.startswith("bias_ih"):
+                bias[lstm.hidden_size : 2 * lstm.hidden_size] = 8.0
+
+    def record(name: str, decoding: str) -> Path:
+        s = Stream(model, load_banks([test_bank_path]), decoding=decoding)
+        s.submit({"type": "transport", "command": "play"}, CAUSE)
+        s.apply_due()
+        recorder = Recorder(tmp_path / name, s, [test_bank_path])
+        for _ in range(12):
+            chunk = s.generate(5)
+            recorder.add_audio(chunk.first_sample, chunk.audio)
+        recorder.finish(s.generator.codes())
+        return recorder.log_path
+
+    def rewrite(log: Path, decoding: str | None) -> Path:
+        lines = [json.loads(line) for line in open(log)]
+        assert lines[0]["decoding"] in ("exact", "windowed")
+        lines[0].pop("decoding")
+        if decoding is not None:
+            lines[0]["decoding"] = decoding
+        out = log.with_name(f"{log.stem}-{decoding}.jsonl")
+        out.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        out.with_suffix(".wav").write_bytes(log.with_suffix(".wav").read_bytes())
+        return out
+
+    exact = record("exact", "auto")
+    assert json.loads(open(exact).readline())["decoding"] == "exact"
+    assert not replay(exact, model=model, progress=False).problems
+    old = record("old", "windowed")  # as streams decoded before the exact decoder
+    # No key: windowed. Windowed audio depends on how the frames were pushed (its LSTM restarts from each window's
+    # left context), so it reproduces at the recording's chunking; exact audio at any chunking.
+    assert not replay(rewrite(old, None), model=model, progress=False, chunk_steps=5).problems
+    assert not replay(exact, model=model, progress=False, chunk_steps=7).problems
+    mislabelled = replay(rewrite(old, "exact"), model=model, progress=False, chunk_steps=5)
+    assert mislabelled.matches and any("recorded WAV differs" in p for p in mislabelled.problems)
+    bad = rewrite(old, "mp3")
+    with pytest.raises(ValueError, match="decoding must be one of exact, windowed"):
+        replay(bad, model=model, progress=False)
