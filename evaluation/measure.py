@@ -1,7 +1,8 @@
 """Per-clip measurements of generated audio: independent checks, multiclass probe read-outs, traces over time.
 
   check_name(concept)                     the independent check a concept has (None: none)
-  check_clip(concept, cls, audio, sr)     {"pred", "correct", "score"} for notes / chords, else None
+  check_clip(concept, cls, audio, sr)     {"pred", "correct", "score"} for a concept with a check (CHECKS),
+                                          tempo: {"pred", "bpm"} and correct None; else None
   window_bounds(n, sr, window, hop)       [(start, stop)] sample ranges of sliding windows
   check_trace(concept, cls, audio, sr, wins)   pitch-class share of `cls` per window (notes only)
   fit_probe(feature_dir, ...)             the multiclass RFM probe at the best layer (paper Sec. 5.2), fitted
@@ -23,8 +24,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio_checks import estimate_chord_quality, estimate_pitch_class, pitch_class_profile
-from musicrfm.probes.syntheory import PITCH_NAMES
+from .audio_checks import (
+    METER_PULSES,
+    estimate_chord_quality,
+    estimate_interval,
+    estimate_meter,
+    estimate_pitch_class,
+    estimate_progression,
+    estimate_scale,
+    estimate_tempo,
+    pitch_class_profile,
+    same_progression,
+)
+from musicrfm.probes.syntheory import PITCH_NAMES, PROGRESSIONS, SCALE_MODES, TIME_SIGNATURES, _progression_label
 
 __all__ = [
     "CHECKS",
@@ -47,7 +59,18 @@ def _named(what: str, check) -> str:
 CHECKS = {
     "notes": _named("pitch class", estimate_pitch_class),
     "chords": _named("chord quality", estimate_chord_quality),
+    "intervals": _named("interval size", estimate_interval),
+    "scales": _named("scale mode", estimate_scale),
+    "time_signatures": _named("pulses per bar", estimate_meter),
+    "chord_progressions": _named("chord progression", estimate_progression),
+    "tempos": _named("tempo in BPM", estimate_tempo),
 }
+
+# The class names each check can judge: SynTheory's labels (probes.dataset.LABEL_COLUMNS' text)
+INTERVAL_CLASSES = tuple(str(size) for size in range(1, 13))
+PROGRESSION_CLASSES = tuple(_progression_label(mode, degrees) for mode, degrees in PROGRESSIONS)
+# "(3, 4)" -> 3: a time signature's clicks per bar (its numerator; SynTheory clicks eighths in compound meters)
+SIGNATURE_PULSES = {str(signature): signature[0] for signature in TIME_SIGNATURES}
 
 
 def check_name(concept: str) -> str | None:
@@ -73,6 +96,24 @@ def check_clip(concept: str, cls: str, audio: np.ndarray, sr: int) -> dict | Non
     if concept == "chords" and cls in ("major", "minor", "aug", "dim"):
         quality, _root, score = estimate_chord_quality(audio, sr)
         return {"pred": quality, "correct": quality == cls, "score": float(score)}
+    if concept == "intervals" and cls in INTERVAL_CLASSES:
+        semitones, _lower, score = estimate_interval(audio, sr)
+        return {"pred": str(semitones), "correct": str(semitones) == cls, "score": score}
+    if concept == "scales" and cls in SCALE_MODES:
+        mode, _tonic, score = estimate_scale(audio, sr)
+        return {"pred": mode, "correct": mode == cls, "score": score}
+    if concept == "time_signatures" and SIGNATURE_PULSES.get(cls) in METER_PULSES:
+        # judged by clicks per bar: the signature's unit needs the tempo, which steering may move too
+        pulses, _period, score = estimate_meter(audio, sr)
+        return {"pred": f"{pulses} per bar", "correct": pulses == SIGNATURE_PULSES[cls], "score": score}
+    if concept == "chord_progressions" and cls in PROGRESSION_CLASSES:
+        label, _key, score = estimate_progression(audio, sr)
+        # a relative-key twin (same four chords) counts: the two cannot differ by ear
+        return {"pred": label, "correct": same_progression(label, cls), "score": score}
+    if concept == "tempos":
+        # a regression: no class to be right about; the BPM is what the sweep reports (shift vs the reference)
+        bpm = estimate_tempo(audio, sr)
+        return {"pred": f"{bpm:.1f} BPM", "correct": None, "score": None, "bpm": float(bpm)}
     return None
 
 

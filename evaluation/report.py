@@ -54,12 +54,16 @@ def _per_class_mean(pairs: list[tuple[str, bool]]) -> float | None:
 RESULT_COLUMNS = ["preset", "group", "concept", "role", "x", "units", "vector_norm", "configurations", "n_clips",
                   "embedding", "n_ref",
                   "fd", "mmd2", "mmd_bandwidth", "clap", "check", "check_acc", "check_n", "probe_acc",
-                  "probe_p_target", "probe_layer", "probe_n", "note"]
+                  "probe_p_target", "probe_layer", "probe_n", "bpm", "bpm_shift_up", "bpm_shift_down", "note"]
 # vector_norm: the mean over layers of the norm each target's direction adds at full schedule with the gate open,
 # in hidden-state units (the unit sidecar's `vector_norms`): what the strength `x` meant on this model.
+# bpm (tempos only): the median tempo the independent check (audio_checks.estimate_tempo) reads in the row's clips;
+# bpm_shift_up / bpm_shift_down: the median change from the same sample's unsteered clip (same prompt and seed)
+# over the clips steered with a positive / negative coefficient. Medians, because a tempo read is off by an
+# octave now and then.
 CLIP_COLUMNS = ["preset", "config", "sample", "prompt", "seed", "concept", "class", "coefficient", "units",
                 "vector_norm", "role", "window",
-                "check_pred", "check_correct", "probe_pred", "probe_correct", "probe_p_target", "clap",
+                "check_pred", "check_correct", "check_bpm", "probe_pred", "probe_correct", "probe_p_target", "clap",
                 "tokens_sha256", "note"]
 
 
@@ -68,6 +72,24 @@ def _vector_norm(record: dict, target: dict) -> float | None:
     from before sweeps kept it)."""
     norms = (record.get("vector_norms") or {}).get(f"{target['concept']}:{target['class']}")
     return float(np.mean(norms)) if norms else None
+
+
+def _median(values: list[float]) -> float | None:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.median(finite)) if finite else None
+
+
+def _bpm_columns(targets: list[tuple[int, dict]], ref_bpm: dict[int, float]) -> dict:
+    """bpm, bpm_shift_up, bpm_shift_down of a row from its (sample, target) pairs (see RESULT_COLUMNS); empty
+    for concepts without a BPM."""
+    reads = [(i, t, t["check"]["bpm"]) for i, t in targets if t["check"] is not None and "bpm" in t["check"]]
+    if not reads:
+        return {}
+
+    def shift(sign: float) -> float | None:
+        return _median([bpm - ref_bpm[i] for i, t, bpm in reads if np.sign(t["coefficient"]) == sign and i in ref_bpm])
+
+    return {"bpm": _median([bpm for _, _, bpm in reads]), "bpm_shift_up": shift(1.0), "bpm_shift_down": shift(-1.0)}
 
 
 def aggregate(settings: SweepSettings, configs: Sequence[Configuration], records: dict[str, dict],
@@ -86,15 +108,18 @@ def aggregate(settings: SweepSettings, configs: Sequence[Configuration], records
     kernel = RBFKernel.from_reference(ref_emb) if ref_emb is not None and len(ref_emb) >= 2 else None
     embedder = settings.embedder_name
 
+    ref_bpm = {r["sample"]: t["check"]["bpm"] for r in ref for t in r["targets"]
+               if t["concept"] == "tempos" and t["check"] is not None and "bpm" in t["check"]}
     groups: dict[tuple[str, str, str], dict] = {}
     for r in recs:
         for t in r["targets"]:
             key = (t["group"], t["concept"], t["role"])
-            g = groups.setdefault(key, {"x": t["x"], "configs": [], "records": {}, "targets": []})
+            g = groups.setdefault(key, {"x": t["x"], "configs": [], "records": {}, "targets": [], "samples": []})
             if r["config"] not in g["configs"]:
                 g["configs"].append(r["config"])
             g["records"][r["unit"]] = r
             g["targets"].append(t)
+            g["samples"].append(r["sample"])
     keys = list(groups)
     if settings.preset == "pairs":  # Table 5's layout: by attribute, then eta0
         concept_order = {c: i for i, c in enumerate(dict.fromkeys(k[1] for k in keys))}
@@ -109,7 +134,9 @@ def aggregate(settings: SweepSettings, configs: Sequence[Configuration], records
             fd = frechet_distance(ref_emb, emb)
             mmd = mmd2_unbiased(ref_emb, emb, kernel)
         claps = [r["clap"] for r in clips if r["clap"] is not None]
-        checks = [(t["class"], t["check"]["correct"]) for t in g["targets"] if t["check"] is not None]
+        # a regression's check (tempo) reads a value, not a class: it has no accuracy
+        checks = [(t["class"], t["check"]["correct"]) for t in g["targets"]
+                  if t["check"] is not None and t["check"]["correct"] is not None]
         probed = [t for t in g["targets"] if t["probe"] is not None]
         probe = probes.get(concept)
         added = [v for r in clips for t in r["targets"] if t["concept"] == concept and t["role"] == role
@@ -124,7 +151,8 @@ def aggregate(settings: SweepSettings, configs: Sequence[Configuration], records
             "probe_acc": (_per_class_mean([(t["class"], t["probe"]["correct"]) for t in probed]) if probed
                           else probe_missing.get(concept, "unavailable")),
             "probe_p_target": float(np.mean([t["probe"]["p_target"] for t in probed])) if probed else None,
-            "probe_layer": probe.layer if probe is not None else None, "probe_n": len(probed), "note": note,
+            "probe_layer": probe.layer if probe is not None else None, "probe_n": len(probed),
+            **_bpm_columns(list(zip(g["samples"], g["targets"])), ref_bpm), "note": note,
         })
     clip_rows = []
     for r in recs:
@@ -136,6 +164,7 @@ def aggregate(settings: SweepSettings, configs: Sequence[Configuration], records
                 "units": settings.units, "vector_norm": _vector_norm(r, t),
                 "role": t["role"], "window": "-".join(_fmt(float(w)) for w in t["window"]),
                 "check_pred": c["pred"] if c else "", "check_correct": c["correct"] if c else None,
+                "check_bpm": c.get("bpm") if c else None,
                 "probe_pred": p["pred"] if p else "", "probe_correct": p["correct"] if p else None,
                 "probe_p_target": p["p_target"] if p else None, "clap": r["clap"] if r["clap"] is not None else "unavailable",
                 "tokens_sha256": r["tokens_sha256"], "note": note})
@@ -365,6 +394,13 @@ def _write_summary(path: Path, settings: SweepSettings, configs: Sequence[Config
     for r in rows:
         lines.append("| " + " | ".join(_md(r[k]) for k in ("group", "concept", "role", "n_clips", "fd", "mmd2", "clap",
                                                            "check_acc", "probe_acc", "note")) + " |")
+    tempo_rows = [r for r in rows if r.get("bpm") is not None]
+    if tempo_rows:
+        lines += ["", "Tempo read by the independent check (`estimate_tempo`): median BPM of the clips, and the median "
+                  "change from the same sample's unsteered clip, for clips steered up (+eta0) and down (-eta0):", "",
+                  "| group | n | BPM | shift up (BPM) | shift down (BPM) |", "|---|---|---|---|---|"]
+        lines += ["| " + " | ".join(_md(r[k]) for k in ("group", "n_clips", "bpm", "bpm_shift_up", "bpm_shift_down"))
+                  + " |" for r in tempo_rows]
     lines += ["", "Configurations:", ""]
     lines += [f"- `{c.name}`: {c.describe()}" for c in configs]
     lines += ["", "Files: " + ", ".join(f"`{p.name}`" for p in files.values() if p != path) + ", `units.jsonl` "
