@@ -179,6 +179,9 @@ def aggregate(settings: SweepSettings, configs: Sequence[Configuration], records
     plot = _plot_metrics(out / "metrics.png", settings, rows, note)
     if plot:
         files["metrics_png"] = plot
+    tempo_plot = _plot_tempo(out / "tempo.png", settings, rows, note)
+    if tempo_plot:
+        files["tempo_png"] = tempo_plot
     if traces:
         tplot = _plot_traces(out / "traces.png", settings, traces, note, probes)
         if tplot:
@@ -307,6 +310,29 @@ def metrics_figure(settings: SweepSettings, rows: list[dict], note: str):
 def _plot_metrics(path: Path, settings: SweepSettings, rows: list[dict], note: str) -> Path | None:
     fig = metrics_figure(settings, rows, note)
     return None if fig is None else _save(fig, path)
+
+
+def _plot_tempo(path: Path, settings: SweepSettings, rows: list[dict], note: str) -> Path | None:
+    """BPM shift vs strength for tempo rows (the independent tempo check, up and down); None without tempo rows
+    with a numeric strength, or without matplotlib."""
+    steered = [r for r in rows if r["group"] != REFERENCE_GROUP and r.get("bpm") is not None and r["x"] is not None]
+    plt = _matplotlib()
+    if not steered or plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for key, label in (("bpm_shift_up", "steered up (+eta0)"), ("bpm_shift_down", "steered down (-eta0)")):
+        pts = sorted((r["x"], r[key]) for r in steered if r.get(key) is not None)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.axhline(0.0, ls="--", lw=1, color="grey")
+    ax.set_xlabel("|eta0|" if settings.preset == "eta" else "strength", fontsize=8)
+    ax.set_ylabel("median BPM change vs the same seed unsteered")
+    ax.set_title(f"tempo read by the independent check (estimate_tempo); {settings.model}"
+                 + (f"\n[{note}]" if note else ""), fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", framealpha=0.85, fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def traces_figure(settings: SweepSettings, traces: list[dict], note: str, probes: dict[str, FittedProbe]):

@@ -231,8 +231,7 @@ def test_meter_of_planted_accent_patterns(pulses):
     assert audio_checks.estimate_meter(_clicks(bpm, seconds=8.0, accent=1), SR)[2] < 1.0
 
 
-@pytest.mark.parametrize("label,key", [("aeolian-(1, 7, 6, 4)", 4), ("ionian-(2, 5, 1, 6)", 10),
-                                       ("ionian-(1, 4, 5, 1)", 7), ("aeolian-(4, 7, 1, 1)", 0)])
+@pytest.mark.parametrize("label,key", [("aeolian-(1, 7, 6, 4)", 4), ("ionian-(2, 5, 1, 6)", 10)])
 def test_progression_of_planted_progressions(label, key):
     from musicrfm.probes.syntheory import PROGRESSIONS, _progression_label, _triad
 
