@@ -8,6 +8,8 @@
   fit_probe(feature_dir, ...)             the multiclass RFM probe at the best layer (paper Sec. 5.2), fitted
                                           on the same seeded split as `musicrfm train` / `report`
   FittedProbe.proba(model, clips)         softmax over the probe's classes of features re-extracted from audio
+  fit_regressor(feature_dir, ...)         a regression concept's (tempo's) RFM regressor at the best layer
+  FittedRegressor.predict(model, clips)   its reading (BPM) of features re-extracted from audio
 
 The probe reads MusicGen features of the generated audio the way `musicrfm extract` reads training clips
 (probes.extract.encode_audio + decoder_features: EnCodec codes -> BOS + delay pattern -> the residual stream,
@@ -41,11 +43,13 @@ from musicrfm.probes.syntheory import PITCH_NAMES, PROGRESSIONS, SCALE_MODES, TI
 __all__ = [
     "CHECKS",
     "FittedProbe",
+    "FittedRegressor",
     "check_clip",
     "check_name",
     "check_trace",
     "classifier_to_cpu",
     "fit_probe",
+    "fit_regressor",
     "segment",
     "window_bounds",
 ]
@@ -241,3 +245,93 @@ def fit_probe(feature_dir: str | Path, *, fingerprint=None, seed: int = 0, trial
     return FittedProbe(concept=head.concept, classes=tuple(head.classes), layer=lay, prompt=head.prompt,
                        classifier=classifier_to_cpu(clf), val_accuracy=float(clf.val_accuracy),
                        test_accuracy=test, selection=selection)
+
+
+# --------------------------------------------------------------------------------------------
+# The tempo regressor (a regression concept's probe)
+
+
+@dataclass(frozen=True, eq=False)
+class FittedRegressor:
+    """An RFM regression probe (tempo: BPM) at one layer, and how it was chosen: what a regression concept
+    has instead of a multiclass probe. It reads a value, so it has no classes and no accuracy."""
+
+    concept: str
+    layer: int
+    prompt: str  # the text conditioning the training features were extracted with
+    regressor: object  # probes.rfm.Regressor (CPU tensors)
+    val_r2: float
+    test_r2: float
+    selection: str  # how the layer was chosen
+    classes: tuple[str, ...] = ()  # no class to be right about (callers that look one up find none)
+
+    features = FittedProbe.features  # the same re-extraction from audio (reads only `prompt` and `layer`)
+
+    def predict(self, model, clips: Sequence[np.ndarray]) -> np.ndarray:
+        """The regressed value (BPM) of each clip: [n] float64."""
+        return self.regressor.predict(self.features(model, clips)).double().cpu().numpy()
+
+    def describe(self) -> str:
+        return (f"RFM tempo regressor for {self.concept} at layer {self.layer} ({self.selection}; "
+                f"validation R² {self.val_r2:.3f}, test {self.test_r2:.3f})")
+
+
+def fit_regressor(feature_dir: str | Path, *, fingerprint=None, seed: int = 0, trials: int | None = None,
+                  layer: int | None = None, device: str | None = None, cache: str | Path | None = None,
+                  progress: bool = False) -> FittedRegressor:
+    """The regression probe of a regression concept (tempo): RFM regression (probes.rfm.fit_regression, as
+    `musicrfm train` fits it) on mean-pooled features and the concept's numeric targets, on the seeded split of
+    `musicrfm train` (probes.train.split_indices with `seed`), at the layer with the best validation R², or at
+    `layer` if given. `cache` as `fit_probe`'s (the same file; one entry per concept)."""
+    from tqdm import tqdm
+
+    from musicrfm.probes.extract import FeatureError, load_features
+    from musicrfm.probes.rfm import SearchConfig, fit_regression
+    from musicrfm.probes.train import REGRESSION_CONCEPTS, split_indices
+
+    feature_dir = Path(feature_dir)
+    head = load_features(feature_dir, fingerprint, poolings=[])
+    if head.concept not in REGRESSION_CONCEPTS or head.targets is None:
+        raise FeatureError(f"{feature_dir}: {head.concept} has no numeric targets to regress (a regression concept: "
+                           f"{', '.join(REGRESSION_CONCEPTS)})")
+    y = torch.tensor(head.targets, dtype=torch.float64)
+    tr, va, te = split_indices(head.labels, seed)
+    search = SearchConfig(seed=seed, device=device, **({"trials": trials} if trials else {}))
+    key = {"features": str(feature_dir.resolve()), "seed": seed, "trials": search.trials,
+           "layers": head.layers, "clips": len(head.labels), "target": "regression"}
+    stored = None
+    if layer is None and cache is not None and Path(cache).is_file():
+        stored = json.loads(Path(cache).read_text()).get(head.concept)
+        stored = stored if stored and stored.get("key") == key else None
+    if layer is not None:
+        if layer not in head.layers:
+            raise FeatureError(f"{feature_dir}: layer {layer} was not extracted (have {head.layers})")
+        candidates, selection = [layer], "layer given"
+    elif stored is not None:
+        candidates, selection = [stored["layer"]], "best validation R² over layers (cached)"
+    else:
+        candidates, selection = list(head.layers), "best validation R² over layers"
+    fs = load_features(feature_dir, head.fingerprint, layers=candidates, poolings=["mean"])
+    best = None
+    for j, lay in enumerate(tqdm(candidates, desc=f"regressor {head.concept}", unit="layer", disable=not progress)):
+        X = fs.features["mean"][:, j]
+        reg = fit_regression(X[tr], y[tr], X[va], y[va], search)
+        if best is None or reg.val_r2 > best[1].val_r2:  # ties: the lower layer
+            best = (lay, reg, X)
+    lay, reg, X = best
+    if te:
+        pred = reg.predict(X[te]).double().cpu()
+        residual = float((pred - y[te]).square().sum())
+        spread = float((y[te] - y[te].mean()).square().sum())
+        test = 1.0 - residual / spread if spread > 0 else float("nan")
+    else:
+        test = float("nan")
+    if layer is None and cache is not None and stored is None:
+        path = Path(cache)
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        data[head.concept] = {"key": key, "layer": lay, "val_r2": reg.val_r2}
+        path.write_text(json.dumps(data, indent=1) + "\n")
+    cpu = classifier_to_cpu(reg)  # the predictor's tensors; the same fields as a Classifier's
+    return FittedRegressor(concept=head.concept, layer=lay, prompt=head.prompt,
+                           regressor=replace(cpu, direction=cpu.direction.cpu()), val_r2=float(reg.val_r2),
+                           test_r2=test, selection=selection)

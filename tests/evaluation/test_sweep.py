@@ -59,6 +59,28 @@ def features(tiny, tmp_path_factory):
     return str(root / "features")
 
 
+@pytest.fixture(scope="module")
+def tempo_features(tiny, tmp_path_factory):
+    """tiny-random features of click tracks at 60, 120 and 180 BPM with their BPM as targets (a regression)."""
+    root = tmp_path_factory.mktemp("sweep-tempo-features")
+    (root / "audio").mkdir()
+    rng = np.random.default_rng(1)
+    clips, labels, targets = [], [], []
+    for i in range(18):
+        bpm = (60, 120, 180)[i % 3]
+        audio = 0.01 * rng.standard_normal(16000)
+        for start in np.arange(rng.integers(0, 800), 16000 - 320, round(32000 * 60 / bpm)):
+            audio[start:start + 320] += rng.standard_normal(320) * np.exp(-np.arange(320) / 80)
+        path = root / "audio" / f"{bpm}_{i}.wav"
+        write_wav(path, audio, 32000)
+        clips.append(path)
+        labels.append(str(bpm))
+        targets.append(float(bpm))
+    extract_concept(tiny, "tempos", clips, labels, root / "features", settings=ExtractionSettings(batch_size=6),
+                    targets=targets, load_audio=lambda p, r: read_wav(p)[0], progress=False)
+    return str(root / "features")
+
+
 def _rows(path):
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
@@ -207,7 +229,7 @@ def test_eta_sweep_end_to_end_and_resume(tiny, banks, tmp_path, count_generation
         run_sweep(SweepSettings(**{**settings.__dict__, "seconds": 2.0}), model=tiny, progress=False)
 
 
-def test_tempo_bank_is_used_apart_and_signs_pool_into_abs_eta(tiny, banks, tmp_path):
+def test_tempo_bank_is_used_apart_and_signs_pool_into_abs_eta(tiny, banks, tempo_features, tmp_path):
     # Each unit generates with its own concept's bank (a tempo bank is scored by R², the others by AUC).
     fp = tiny.fingerprint
     tempo = DirectionBank.from_arrays("tempos", ["faster"], torch.randn(1, fp.num_layers, fp.hidden_size),
@@ -215,7 +237,8 @@ def test_tempo_bank_is_used_apart_and_signs_pool_into_abs_eta(tiny, banks, tmp_p
     tempo.save(tmp_path / "tempos.safetensors")
     out = tmp_path / "eta"
     settings = SweepSettings("eta", (banks["notes"], str(tmp_path / "tempos.safetensors")), str(out),
-                             concepts=("notes", "tempos"), samples=2, seconds=1.0, eta0=(3.0,))
+                             concepts=("notes", "tempos"), samples=2, seconds=1.0, eta0=(3.0,),
+                             features=tempo_features, probe_trials=4)
     result = run_sweep(settings, model=tiny, progress=False)
     assert result.generated == 2 * 4
     rows = {(r["group"], r["concept"]): r for r in _rows(out / "results.csv")}
@@ -233,6 +256,12 @@ def test_tempo_bank_is_used_apart_and_signs_pool_into_abs_eta(tiny, banks, tmp_p
     assert len(tempo_clips) == 6 and all(c["check_pred"].endswith(" BPM") and float(c["check_bpm"]) > 0
                                          for c in tempo_clips)
     assert "shift up (BPM)" in (out / "summary.md").read_text() and (out / "tempo.png").stat().st_size > 5_000
+    # with tempo features the tempo regressor reads each clip too (a BPM, no accuracy); notes has no features here
+    assert pooled["probe_acc"].startswith("n/a: regression concept") and pooled["probe_n"] == "0"
+    assert all(np.isfinite(float(pooled[k])) for k in ("probe_bpm", "probe_bpm_shift_up", "probe_bpm_shift_down"))
+    assert all(c["probe_pred"].endswith(" BPM") and np.isfinite(float(c["probe_bpm"])) for c in tempo_clips)
+    assert rows[("notes eta0=3.00", "notes")]["probe_acc"].startswith("unavailable: no features of notes")
+    assert "RFM tempo regressor for tempos at layer" in (out / "summary.md").read_text()
 
 
 def test_bpm_shift_is_the_median_change_from_the_same_seed_reference():
