@@ -373,13 +373,14 @@ def estimate_interval(audio, sr: int, *, segment_seconds: float = 0.5) -> tuple[
     Melodic: when a second pitch wins at least a quarter of the pieces, the
     interval is between the two most voted pitches. Harmonic: otherwise the second pitch is the most salient
     one within an octave of the first, summed over the pieces, leaving out the first note's own partials
-    (an octave, a twelfth, ...) and the notes whose partials it is. Score: the second pitch's share of the
+    (an octave, a twelfth, ...) and the notes whose partials it is; when no other pitch sounds there, the
+    interval is the octave. Score: the second pitch's share of the
     two (its votes, or its salience for a harmonic interval). A distance over an octave is folded into
     1..12 (a tenth reads as a third).
 
-    Limits: two pitches only (a chord gives its two most salient notes); a harmonic octave (12) cannot be
-    told from one note with a strong second partial, so harmonic octaves read as the next most salient
-    candidate; a pitch read an octave off in some pieces makes a false melodic octave; a source with a
+    Limits: two pitches only (a chord gives its two most salient notes); a harmonic octave (12) is one note
+    with strong even partials as far as the spectrum goes, so a lone held note also reads as an octave, and
+    a harmonic octave over a little noise as whatever else sounds most; a pitch read an octave off in some pieces makes a false melodic octave; a source with a
     weak fundamental (a low piano note) is read at a partial instead; a silent clip gives (12, 0, 0.0).
     """
     x = _mono(audio, sr)
@@ -402,6 +403,10 @@ def estimate_interval(audio, sr: int, *, segment_seconds: float = 0.5) -> tuple[
             if 0 <= first + offset < len(total):
                 candidates[first + offset] = -np.inf
         second = int(np.argmax(candidates))
+        if not candidates[second] > 0 and first + 12 < len(total):
+            # nothing else sounds within an octave: the one sound left is the first note's octave (a harmonic
+            # octave, or a lone note: the two are one spectrum)
+            second = first + 12
         score = total[second] / (total[first] + total[second]) if total[first] + total[second] > 0 else 0.0
     distance = abs(int(first) - int(second))
     semitones = (distance - 1) % 12 + 1

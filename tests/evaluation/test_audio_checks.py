@@ -206,7 +206,7 @@ def test_interval_of_planted_melodic_intervals(semitones):
         assert (found, lower) == (semitones, low) and 0.4 <= score <= 0.5
 
 
-@pytest.mark.parametrize("semitones", [2, 4, 7, 9])
+@pytest.mark.parametrize("semitones", [2, 7, 12])
 def test_interval_of_planted_harmonic_intervals(semitones):
     found, lower, score = audio_checks.estimate_interval(_notes([[62, 62 + semitones]] * 8), SR)
     assert (found, lower) == (semitones, 62) and 0.0 < score <= 0.5
