@@ -366,22 +366,23 @@ def _sounding_salience(x: np.ndarray, sr: int, lowest: int, n_fft: int, floor: f
 def estimate_interval(audio, sr: int, *, segment_seconds: float = 0.5) -> tuple[int, int, float]:
     """The interval between the clip's two pitches -> (semitones 1..12, lower MIDI pitch, score).
 
-    SynTheory's `intervals` label is the size in semitones, 1 (m2) to 12 (P8), played melodically (the two
-    notes alternating, one beat each) or harmonically (both at once). Method: the clip is cut into
-    `segment_seconds` pieces (one beat at SynTheory's 120 BPM); each voiced piece votes for its most salient
-    MIDI pitch (`pitch_salience`, among the pitches whose fundamental sounds: see `_sounding_salience`).
-    Melodic: when a second pitch wins at least a quarter of the pieces, the
-    interval is between the two most voted pitches. Harmonic: otherwise the second pitch is the most salient
-    one within an octave of the first, summed over the pieces, leaving out the first note's own partials
-    (an octave, a twelfth, ...) and the notes whose partials it is; when no other pitch sounds there, the
-    interval is the octave. Score: the second pitch's share of the
-    two (its votes, or its salience for a harmonic interval). A distance over an octave is folded into
-    1..12 (a tenth reads as a third).
+    SynTheory's `intervals` label is the size in semitones, 1 (m2) to 12 (P8), played melodically (the
+    two notes alternating, one beat each) or harmonically (both at once). Method: the clip is cut into
+    `segment_seconds` pieces (one beat at SynTheory's 120 BPM); each voiced piece votes for its most
+    salient MIDI pitch (`pitch_salience`, among the pitches whose fundamental sounds: see
+    `_sounding_salience`). Melodic: when a second pitch wins at least a quarter of the pieces, the
+    interval is between the two most voted pitches. Harmonic: otherwise the second pitch is the most
+    salient one within an octave of the first, summed over the pieces, leaving out the first note's own
+    partials (an octave, a twelfth, ...) and the notes whose partials it is; when no other pitch sounds
+    there, the interval is the octave. Score: the second pitch's share of the two (its votes, or its
+    salience for a harmonic interval). A distance over an octave is folded into 1..12 (a tenth reads as
+    a third).
 
-    Limits: two pitches only (a chord gives its two most salient notes); a harmonic octave (12) is one note
-    with strong even partials as far as the spectrum goes, so a lone held note also reads as an octave, and
-    a harmonic octave over a little noise as whatever else sounds most; a pitch read an octave off in some pieces makes a false melodic octave; a source with a
-    weak fundamental (a low piano note) is read at a partial instead; a silent clip gives (12, 0, 0.0).
+    Limits: two pitches only (a chord gives its two most salient notes); a harmonic octave (12) is one
+    note with strong even partials as far as the spectrum goes, so a lone held note also reads as an
+    octave, and a harmonic octave over a little noise as whatever else sounds most; a pitch read an
+    octave off in some pieces makes a false melodic octave; a source with a weak fundamental (a low
+    piano note) is read at a partial instead; a silent clip gives (12, 0, 0.0).
     """
     x = _mono(audio, sr)
     pieces = _voiced(_segments(x, sr, segment_seconds))
@@ -510,20 +511,21 @@ def estimate_meter(audio, sr: int, *, pulses: tuple[int, ...] = METER_PULSES,
     """Pulses per bar from accent periodicity -> (pulses per bar, pulse period in seconds, score).
 
     Method: the pulse period is the shortest strong periodicity of `onset_strength` (0.2-1.5 s); onsets
-    are its peaks, one per pulse at most; each onset gets a pulse index (its time over the period, from the first onset) and an accent, the
-    energy in dB of the `accent_seconds` after it (a downbeat is louder, or another sound). For each candidate
-    bar length k in `pulses`, the accents are grouped by pulse index mod k; the bar's downbeat is the
-    group with the highest mean, and the contrast is that mean minus the mean of the other onsets. The k
-    with the highest contrast wins (ties: the shorter bar); the score is that contrast in dB (0: no accent;
-    SynTheory's downbeats, velocity 100 against 75 and another sound, stand out by several dB). Multiples of the true bar lose because their other
+    are its peaks, one per pulse at most; each onset gets a pulse index (its time over the period, from
+    the first onset) and an accent, the energy in dB of the `accent_seconds` after it (a downbeat is
+    louder, or another sound). For each candidate bar length k in `pulses`, the accents are grouped by
+    pulse index mod k; the bar's downbeat is the group with the highest mean, and the contrast is that
+    mean minus the mean of the other onsets. The k with the highest contrast wins (ties: the shorter
+    bar); the score is that contrast in dB (0: no accent; SynTheory's downbeats, velocity 100 against 75
+    and another sound, stand out by several dB). Multiples of the true bar lose because their other
     groups hold downbeats too; divisors lose because their downbeat group holds unaccented pulses.
 
-    Limits: made for click tracks and clearly accented pulses (SynTheory's metronome): a steady pulse with
-    no accent gives a meaningless k (score ~0), and so does music whose onsets are not one regular pulse
-    (syncopation, rubato); a 4 s clip holds few bars of a long meter (12 eighths at 120 BPM = 1.5 s), so
-    long bars rest on one or two downbeats; pulses faster than 0.2 s (eighths above 150 BPM) are read
-    as pairs; k must be seen at least once whole (a bar longer than the
-    clip's onsets is not considered); a clip with fewer than three onsets gives (pulses[0], nan, 0.0).
+    Limits: made for click tracks and clearly accented pulses (SynTheory's metronome): a steady pulse
+    with no accent gives a meaningless k (score ~0 dB), and so does music whose onsets are not one
+    regular pulse (syncopation, rubato); a 4 s clip holds few bars of a long meter (12 eighths at 120
+    BPM = 1.5 s), so long bars rest on one or two downbeats; pulses faster than 0.2 s (eighths above
+    150 BPM) are read as pairs; k must be seen at least once whole (a bar longer than the clip's onsets
+    is not considered); a clip with fewer than three onsets gives (pulses[0], nan, 0.0).
     """
     x = _mono(audio, sr)
     if not pulses or any(int(k) < 2 for k in pulses):
@@ -615,7 +617,8 @@ def same_progression(a: str, b: str) -> bool:
     templates = _progression_templates()
     for label in (a, b):
         if label not in templates:
-            raise ValueError(f"unknown progression {label!r}; expected a SynTheory label such as {next(iter(templates))!r}")
+            raise ValueError(f"unknown progression {label!r}; expected a SynTheory label "
+                             f"such as {next(iter(templates))!r}")
     return a == b or any(np.allclose(templates[a], np.roll(templates[b], key, axis=1)) for key in range(12))
 
 

@@ -64,8 +64,8 @@ RESULT_COLUMNS = ["preset", "group", "concept", "role", "x", "units", "vector_no
 # octave now and then. probe_bpm*: the same from the tempo regressor (with --features holding tempo features).
 CLIP_COLUMNS = ["preset", "config", "sample", "prompt", "seed", "concept", "class", "coefficient", "units",
                 "vector_norm", "role", "window",
-                "check_pred", "check_correct", "check_bpm", "probe_pred", "probe_correct", "probe_p_target", "probe_bpm",
-                "clap", "tokens_sha256", "note"]
+                "check_pred", "check_correct", "check_bpm", "probe_pred", "probe_correct", "probe_p_target",
+                "probe_bpm", "clap", "tokens_sha256", "note"]
 
 
 def _vector_norm(record: dict, target: dict) -> float | None:
@@ -171,7 +171,8 @@ def aggregate(settings: SweepSettings, configs: Sequence[Configuration], records
                 "check_pred": c["pred"] if c else "", "check_correct": c["correct"] if c else None,
                 "check_bpm": c.get("bpm") if c else None,
                 "probe_pred": p["pred"] if p else "", "probe_correct": p["correct"] if p else None,
-                "probe_p_target": p["p_target"] if p else None, "probe_bpm": p.get("bpm") if p else None, "clap": r["clap"] if r["clap"] is not None else "unavailable",
+                "probe_p_target": p["p_target"] if p else None, "probe_bpm": p.get("bpm") if p else None,
+                "clap": r["clap"] if r["clap"] is not None else "unavailable",
                 "tokens_sha256": r["tokens_sha256"], "note": note})
     traces = _mean_traces(recs)
     files = {"results": out / "results.csv", "clips": out / "clips.csv", "summary": out / "summary.md"}
@@ -433,7 +434,8 @@ def _write_summary(path: Path, settings: SweepSettings, configs: Sequence[Config
         lines += ["", "Tempo read by the independent check (`estimate_tempo`) and, with tempo features, by the tempo "
                   "regressor (probe): median BPM of the clips, and the median change from the same sample's "
                   "unsteered clip, for clips steered up (+eta0) and down (-eta0):", "",
-                  "| group | n | BPM | shift up (BPM) | shift down (BPM) | probe BPM | probe shift up | probe shift down |",
+                  "| group | n | BPM | shift up (BPM) | shift down (BPM) | probe BPM | probe shift up "
+                  "| probe shift down |",
                   "|---|---|---|---|---|---|---|---|"]
         lines += ["| " + " | ".join(_md(r.get(k)) for k in ("group", "n_clips", "bpm", "bpm_shift_up", "bpm_shift_down",
                                                              "probe_bpm", "probe_bpm_shift_up", "probe_bpm_shift_down"))

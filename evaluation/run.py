@@ -30,7 +30,8 @@ from musicrfm.engine.generation import Render, file_sha256, generate_many
 from musicrfm.engine.model import NOISE_LABEL, is_random_model
 from musicrfm.probes.train import REGRESSION_CONCEPTS
 
-from .measure import FittedProbe, FittedRegressor, check_clip, check_trace, fit_probe, fit_regressor, segment, window_bounds
+from .measure import (FittedProbe, FittedRegressor, check_clip, check_trace, fit_probe, fit_regressor, segment,
+                      window_bounds)
 from .presets import PAPER_FRAME_RATE, SweepSettings, Unit, build_configurations, plan_units
 from .report import SweepReport, aggregate
 

@@ -194,7 +194,8 @@ def test_tempo_on_rendered_click_tracks(rendered_sample):
 
 def _notes(midis_per_piece, seconds: float = 0.5, sr: int = SR) -> np.ndarray:
     """One piece of `seconds` per entry, each the sum of its MIDI pitches (harmonic tones, plucked)."""
-    pieces = [sum(_harmonic(_midi_hz(m), [1.0, 0.5, 0.3, 0.2], seconds, sr) for m in midis) for midis in midis_per_piece]
+    pieces = [sum(_harmonic(_midi_hz(m), [1.0, 0.5, 0.3, 0.2], seconds, sr) for m in midis)
+              for midis in midis_per_piece]
     return np.concatenate(pieces).astype(np.float32)
 
 

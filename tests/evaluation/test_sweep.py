@@ -318,7 +318,8 @@ def test_every_theory_concept_is_checked_in_sweeps(tiny, theory_banks, tmp_path,
             assert r["check"].startswith(name) and r["check_n"] == "2" and 0.0 <= float(r["check_acc"]) <= 1.0
     clips = _rows(out / "clips.csv")
     allowed = {"intervals": {str(k) for k in range(1, 13)}, "scales": set(SCALE_MODES),
-               "time_signatures": {f"{k} per bar" for k in METER_PULSES}, "chord_progressions": set(PROGRESSION_CLASSES)}
+               "time_signatures": {f"{k} per bar" for k in METER_PULSES},
+               "chord_progressions": set(PROGRESSION_CLASSES)}
     for c in clips:
         assert c["check_pred"] in allowed[c["concept"]], c
         if c["concept"] == "time_signatures":
