@@ -116,7 +116,10 @@ def check_clip(concept: str, cls: str, audio: np.ndarray, sr: int) -> dict | Non
         return {"pred": label, "correct": same_progression(label, cls), "score": score}
     if concept == "tempos":
         # a regression: no class to be right about; the BPM is what the sweep reports (shift vs the reference)
-        bpm = estimate_tempo(audio, sr)
+        try:
+            bpm = estimate_tempo(audio, sr)
+        except ValueError as error:  # a clip (or crossfade window) too short to hold a beat: no reading, no crash
+            return {"pred": f"no tempo: {error}", "correct": None, "score": None, "bpm": float("nan")}
         return {"pred": f"{bpm:.1f} BPM", "correct": None, "score": None, "bpm": float(bpm)}
     return None
 

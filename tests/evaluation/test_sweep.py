@@ -405,3 +405,19 @@ def test_ray_run_equals_the_local_run(tiny, banks, features, tmp_path):
                                                        ("notes crossfade n1->n2", "n2")]
     workers = {json.loads(line)["worker"] for line in (tmp_path / "ray" / "units.jsonl").read_text().splitlines()}
     assert len(workers) == 2  # the work really was split (chunks of 2 samples over 2 workers)
+
+
+def test_check_clip_judges_known_classes_only_and_never_stops_a_sweep_on_a_short_tempo_clip():
+    from musicrfm.evaluation.measure import check_clip
+
+    t = np.arange(32000) / 32000
+    fifth = (np.sin(2 * np.pi * 261.63 * t) + np.sin(2 * np.pi * 392.0 * t)).astype(np.float32)  # C4 + G4
+    assert check_clip("intervals", "7", fifth, 32000) == {"pred": "7", "correct": True, "score": pytest.approx(
+        check_clip("intervals", "4", fifth, 32000)["score"])}
+    assert check_clip("intervals", "4", fifth, 32000)["correct"] is False
+    # classes the checks do not know (a bank trained on other labels): no check rather than a wrong one
+    assert check_clip("intervals", "13", fifth, 32000) is None
+    assert check_clip("time_signatures", "(5, 4)", fifth, 32000) is None
+    assert check_clip("scales", "bebop", fifth, 32000) is None
+    short = check_clip("tempos", "faster", fifth[:3200], 32000)  # 0.1 s holds no beat
+    assert short["pred"].startswith("no tempo: clip too short") and np.isnan(short["bpm"]) and short["correct"] is None
