@@ -388,7 +388,7 @@ def _md(value) -> str:
         return "–"
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.4g}"
-    return str(value)
+    return str(value).replace("|", "\\|")  # a table cell: "tempos |eta0|=0.30" must not split the row
 
 
 def _write_summary(path: Path, settings: SweepSettings, configs: Sequence[Configuration], rows: list[dict],
