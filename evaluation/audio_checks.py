@@ -11,6 +11,10 @@ on clips rendered by `musicrfm.probes.syntheory` (tests/evaluation/test_audio_ch
   estimate_chord_quality(audio, sr) -> (quality, root, score): triad templates on that profile
   estimate_tempo(audio, sr)         -> BPM from the autocorrelation of an onset-strength envelope
   tempo_matches(estimate, truth)    within a tolerance, octave errors (x2, x1/2) accepted
+  estimate_interval(audio, sr)      -> (semitones 1..12, lower MIDI pitch, score): two-pitch detection
+  estimate_scale(audio, sr)         -> (mode, tonic class, score): per-segment notes vs mode templates
+  estimate_meter(audio, sr)         -> (pulses per bar, pulse period s, score): accent periodicity
+  estimate_progression(audio, sr)   -> (progression label, key class, score): per-segment triads
 
   fft_chroma(x, sr)                 raw FFT energy folded onto pitch classes (no harmonic model)
   beat_period(x, sr)                seconds between clicks from the log-energy rise
@@ -23,18 +27,26 @@ from __future__ import annotations
 
 import numpy as np
 
+from musicrfm.probes.syntheory import MODES, PROGRESSIONS, SCALE_MODES, _progression_label, _triad
+
 __all__ = [
     "CHORD_QUALITIES",
     "CHORD_TEMPLATES",
+    "METER_PULSES",
     "beat_period",
     "estimate_chord_quality",
+    "estimate_interval",
+    "estimate_meter",
     "estimate_pitch_class",
+    "estimate_progression",
+    "estimate_scale",
     "estimate_tempo",
     "fft_chroma",
     "mono_signal",
     "onset_strength",
     "pitch_class_profile",
     "pitch_salience",
+    "same_progression",
     "tempo_matches",
 ]
 
@@ -302,6 +314,312 @@ def tempo_matches(estimate: float, truth: float, tol: float = 0.04) -> bool:
     if not np.isfinite(estimate):
         return False
     return any(abs(estimate - truth * f) <= tol * truth * f for f in (1.0, 2.0, 0.5))
+
+
+# --------------------------------------------------------------------------------------------
+# Segments: the pieces of a clip the interval, scale and progression checks read one by one
+
+
+def _segments(x: np.ndarray, sr: int, seconds: float) -> list[np.ndarray]:
+    """Consecutive `seconds`-long pieces of `x`; a tail shorter than half a piece is dropped (a clip shorter
+    than one piece is one piece)."""
+    if not seconds > 0:
+        raise ValueError(f"segment length must be > 0 seconds, got {seconds!r}")
+    size = max(1, round(seconds * sr))
+    pieces = [x[i : i + size] for i in range(0, len(x), size)]
+    if len(pieces) > 1 and len(pieces[-1]) < size / 2:
+        pieces.pop()
+    return pieces
+
+
+def _voiced(pieces: list[np.ndarray], floor: float = 0.05) -> list[np.ndarray]:
+    """The pieces whose RMS is at least `floor` x the loudest piece's (silence and release tails out)."""
+    rms = np.array([np.sqrt(np.mean(np.square(p))) for p in pieces])
+    if not rms.any():
+        return []
+    return [p for p, r in zip(pieces, rms) if r >= floor * rms.max()]
+
+
+def _salience_fft(sr: int, seconds: float) -> int:
+    """The FFT size pitch_salience uses on a `seconds`-long piece: the power of two nearest its length (at
+    least 4,096 samples; a 0.5 s piece at 32 kHz reads 2 Hz bins, under a quarter tone from C2 up)."""
+    return max(4096, 1 << round(float(np.log2(max(1.0, seconds * sr)))))
+
+
+# --------------------------------------------------------------------------------------------
+# Intervals
+
+# Offsets (semitones) at which a note's own partials 2, 3, 4, 5, 6, 8 sit (and, negated, the notes whose
+# partials it is): a second pitch found there may be the first note's overtone, so it is not a candidate.
+_PARTIAL_OFFSETS = (12, 19, 24, 28, 31, 36)
+
+
+def _sounding_salience(x: np.ndarray, sr: int, lowest: int, n_fft: int, floor: float = 0.1) -> np.ndarray:
+    """`pitch_salience`, zero for the pitches whose own fundamental is weaker than `floor` x the strongest
+    fundamental. Two notes a fifth apart are the 2nd and 3rd partials of a note an octave below the lower
+    one, which the harmonic sum rewards; that phantom has no fundamental of its own."""
+    salience = pitch_salience(x, sr, lowest=lowest, n_fft=n_fft)
+    fundamental = pitch_salience(x, sr, lowest=lowest, n_fft=n_fft, harmonics=1)
+    return np.where(fundamental >= floor * fundamental.max(initial=0.0), salience, 0.0)
+
+
+def estimate_interval(audio, sr: int, *, segment_seconds: float = 0.5) -> tuple[int, int, float]:
+    """The interval between the clip's two pitches -> (semitones 1..12, lower MIDI pitch, score).
+
+    SynTheory's `intervals` label is the size in semitones, 1 (m2) to 12 (P8), played melodically (the
+    two notes alternating, one beat each) or harmonically (both at once). Method: the clip is cut into
+    `segment_seconds` pieces (one beat at SynTheory's 120 BPM); each voiced piece votes for its most
+    salient MIDI pitch (`pitch_salience`, among the pitches whose fundamental sounds: see
+    `_sounding_salience`). Melodic: when a second pitch wins at least a quarter of the pieces, the
+    interval is between the two most voted pitches. Harmonic: otherwise the second pitch is the most
+    salient one within an octave of the first, summed over the pieces, leaving out the first note's own
+    partials (an octave, a twelfth, ...) and the notes whose partials it is; when no other pitch sounds
+    there, the interval is the octave. Score: the second pitch's share of the two (its votes, or its
+    salience for a harmonic interval). A distance over an octave is folded into 1..12 (a tenth reads as
+    a third).
+
+    Limits: two pitches only (a chord gives its two most salient notes); a harmonic octave (12) is one
+    note with strong even partials as far as the spectrum goes, so a lone held note also reads as an
+    octave, and a harmonic octave over a little noise as whatever else sounds most; a pitch read an
+    octave off in some pieces makes a false melodic octave; a source with a weak fundamental (a low
+    piano note) is read at a partial instead; a silent clip gives (12, 0, 0.0).
+    """
+    x = _mono(audio, sr)
+    pieces = _voiced(_segments(x, sr, segment_seconds))
+    if not pieces:
+        return 12, 0, 0.0
+    lowest = 24
+    n_fft = _salience_fft(sr, segment_seconds)
+    saliences = np.array([_sounding_salience(p, sr, lowest, n_fft) for p in pieces])
+    votes = np.bincount(saliences.argmax(axis=1), minlength=saliences.shape[1])
+    first, second = np.argsort(votes, kind="stable")[::-1][:2]
+    if votes[second] >= 0.25 * len(pieces):
+        score = votes[second] / (votes[first] + votes[second])
+    else:
+        total = saliences.sum(axis=0)
+        candidates = np.full(len(total), -np.inf)
+        near = np.arange(max(0, first - 12), min(len(total), first + 13))
+        candidates[near] = total[near]
+        for offset in (0, *_PARTIAL_OFFSETS, *(-o for o in _PARTIAL_OFFSETS)):
+            if 0 <= first + offset < len(total):
+                candidates[first + offset] = -np.inf
+        second = int(np.argmax(candidates))
+        if not candidates[second] > 0 and first + 12 < len(total):
+            # nothing else sounds within an octave: the one sound left is the first note's octave (a harmonic
+            # octave, or a lone note: the two are one spectrum)
+            second = first + 12
+        score = total[second] / (total[first] + total[second]) if total[first] + total[second] > 0 else 0.0
+    distance = abs(int(first) - int(second))
+    semitones = (distance - 1) % 12 + 1
+    return semitones, lowest + min(int(first), int(second)), float(score)
+
+
+# --------------------------------------------------------------------------------------------
+# Scales
+
+# SynTheory's scale concept plays a mode from tonic to octave: the tonic's class sounds twice, every other
+# class of the mode once. The templates weigh it so; since the seven modes share one pitch-class set up to
+# transposition, that doubled tonic is what tells them apart.
+_TONIC_WEIGHT = 2.0
+
+
+def estimate_scale(audio, sr: int, *, segment_seconds: float = 0.5,
+                   modes: tuple[str, ...] = SCALE_MODES) -> tuple[str, int, float]:
+    """The clip's mode -> (mode, tonic pitch class, score).
+
+    Method: the clip is cut into `segment_seconds` pieces (one note at SynTheory's 120 BPM); each voiced
+    piece votes for its dominant pitch class (`pitch_class_profile`); the 12-bin vote histogram is compared
+    by cosine with every mode of `modes` (their steps from probes.syntheory.MODES) on every tonic, the
+    tonic's class weighted x2 and the other six classes x1; the best (mode, tonic) and its cosine are
+    returned.
+
+    Limits: the seven diatonic modes are one pitch-class set transposed, so the mode rests on which class
+    is the tonic, read here as the class heard most often: true of a scale played tonic to octave, of a
+    drone, often of a melody ending on its tonic, not of music in general; one note per piece (faster
+    notes blend into a piece's profile, and only its dominant class votes); a silent clip gives
+    (modes[0], 0, 0.0).
+    """
+    x = _mono(audio, sr)
+    unknown = [m for m in modes if m not in MODES]
+    if not modes or unknown:
+        raise ValueError(f"unknown modes {unknown}; expected names from {', '.join(MODES)}")
+    pieces = _voiced(_segments(x, sr, segment_seconds))
+    if not pieces:
+        return modes[0], 0, 0.0
+    n_fft = _salience_fft(sr, segment_seconds)
+    classes = [int(np.argmax(pitch_class_profile(p, sr, n_fft=n_fft))) for p in pieces]
+    counts = np.bincount(classes, minlength=12).astype(np.float64)
+    unit = counts / np.linalg.norm(counts)
+    best = (modes[0], 0, -np.inf)
+    for mode in modes:
+        template = np.zeros(12)
+        template[list(MODES[mode])] = 1.0
+        template[0] = _TONIC_WEIGHT
+        template /= np.linalg.norm(template)
+        for tonic in range(12):
+            score = float(unit @ np.roll(template, tonic))
+            if score > best[2] + 1e-12:
+                best = (mode, tonic, score)
+    return best
+
+
+# --------------------------------------------------------------------------------------------
+# Meter
+
+# Pulses per bar the meter check considers: SynTheory's time signatures click once per beat in simple
+# meters (2/2, 2/4, 3/4, 4/4) and once per eighth in compound ones (3/8, 6/8, 9/8, 12/8), so its bars hold
+# 2, 3, 4, 6, 9 or 12 clicks (the signature's numerator).
+METER_PULSES: tuple[int, ...] = (2, 3, 4, 6, 9, 12)
+
+
+def _onset_peaks(envelope: np.ndarray, rate: float, min_gap_seconds: float = 0.1,
+                 floor: float = 0.2) -> np.ndarray:
+    """Frame indices of the onset envelope's peaks: local maxima above `floor` x its maximum, at least
+    `min_gap_seconds` apart (the stronger kept)."""
+    if envelope.max(initial=0.0) <= 0:
+        return np.zeros(0, dtype=int)
+    above = envelope >= floor * envelope.max()
+    local = np.r_[False, (envelope[1:-1] >= envelope[:-2]) & (envelope[1:-1] > envelope[2:]), False]
+    gap = max(1, round(min_gap_seconds * rate))
+    kept: list[int] = []
+    for i in sorted(np.flatnonzero(above & local), key=lambda i: -envelope[i]):
+        if all(abs(i - k) >= gap for k in kept):
+            kept.append(int(i))
+    return np.array(sorted(kept), dtype=int)
+
+
+def _pulse_period(envelope: np.ndarray, rate: float, shortest: float = 0.2, longest: float = 1.5) -> float:
+    """Seconds between pulses: the shortest strong peak (>= 0.4 x the highest) of the onset envelope's
+    autocorrelation between `shortest` and `longest` seconds (as `beat_period`: the accented bar correlates
+    too, and more strongly, hence the shortest); nan for a clip too short or without onsets."""
+    n = len(envelope)
+    lo, hi = max(1, round(shortest * rate)), min(n - 1, round(longest * rate))
+    if hi <= lo + 2 or envelope.max(initial=0.0) <= 0:
+        return float("nan")
+    centred = envelope - envelope.mean()
+    ac = np.correlate(centred, centred, mode="full")[n - 1 :] / (n - np.arange(n))
+    seg = ac[lo : hi + 1]
+    peaks = [i for i in range(1, len(seg) - 1) if seg[i] >= max(seg[i - 1], seg[i + 1]) and seg[i] > 0]
+    if not peaks:
+        return float("nan")
+    top = max(seg[i] for i in peaks)
+    return (lo + next(i for i in peaks if seg[i] >= 0.4 * top)) / rate
+
+
+def estimate_meter(audio, sr: int, *, pulses: tuple[int, ...] = METER_PULSES,
+                   accent_seconds: float = 0.04) -> tuple[int, float, float]:
+    """Pulses per bar from accent periodicity -> (pulses per bar, pulse period in seconds, score).
+
+    Method: the pulse period is the shortest strong periodicity of `onset_strength` (0.2-1.5 s); onsets
+    are its peaks, one per pulse at most; each onset gets a pulse index (its time over the period, from
+    the first onset) and an accent, the energy in dB of the `accent_seconds` after it (a downbeat is
+    louder, or another sound). For each candidate bar length k in `pulses`, the accents are grouped by
+    pulse index mod k; the bar's downbeat is the group with the highest mean, and the contrast is that
+    mean minus the mean of the other onsets. The k with the highest contrast wins (ties: the shorter
+    bar); the score is that contrast in dB (0: no accent; SynTheory's downbeats, velocity 100 against 75
+    and another sound, stand out by several dB). Multiples of the true bar lose because their other
+    groups hold downbeats too; divisors lose because their downbeat group holds unaccented pulses.
+
+    Limits: made for click tracks and clearly accented pulses (SynTheory's metronome): a steady pulse
+    with no accent gives a meaningless k (score ~0 dB), and so does music whose onsets are not one
+    regular pulse (syncopation, rubato); a 4 s clip holds few bars of a long meter (12 eighths at 120
+    BPM = 1.5 s), so long bars rest on one or two downbeats; pulses faster than 0.2 s (eighths above
+    150 BPM) are read as pairs; k must be seen at least once whole (a bar longer than the clip's onsets
+    is not considered); a clip with fewer than three onsets gives (pulses[0], nan, 0.0).
+    """
+    x = _mono(audio, sr)
+    if not pulses or any(int(k) < 2 for k in pulses):
+        raise ValueError(f"pulses per bar must be integers >= 2, got {pulses!r}")
+    envelope, rate = onset_strength(x, sr)
+    pulse = _pulse_period(envelope, rate)
+    # one onset per pulse: a click's second transient (a drum's rebound, ~0.1 s on) is not a pulse of its own
+    peaks = _onset_peaks(envelope, rate, min_gap_seconds=0.6 * pulse) if np.isfinite(pulse) else []
+    if len(peaks) < 3:
+        return int(pulses[0]), float("nan"), 0.0
+    gaps = np.diff(peaks) / rate
+    period = float(np.median(gaps / np.maximum(1, np.round(gaps / pulse))))  # a missing onset is two gaps
+    index = np.round((peaks - peaks[0]) / rate / period).astype(int)
+    # the envelope's frame i is the rise from STFT frame i to i + 1: the onset's sound starts about there
+    hop = sr / rate
+    width = max(1, round(accent_seconds * sr))
+    accents = np.array([10.0 * np.log10(np.mean(np.square(x[int(p * hop) : int(p * hop) + width])) + 1e-12)
+                        for p in peaks])  # dB
+    best = (int(pulses[0]), -np.inf)
+    for k in sorted(int(k) for k in pulses):
+        if index[-1] + 1 < k:
+            continue
+        phase = index % k
+        means = [accents[phase == f].mean() for f in range(k) if np.any(phase == f)]
+        downbeat = int(np.argmax(means))
+        group = [f for f in range(k) if np.any(phase == f)][downbeat]
+        rest = accents[phase != group]
+        contrast = means[downbeat] - (rest.mean() if rest.size else means[downbeat])
+        if contrast > best[1] + 1e-9:
+            best = (k, float(contrast))
+    return best[0], period, float(max(best[1], 0.0)) if np.isfinite(best[1]) else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Chord progressions
+
+
+def _progression_templates() -> dict[str, np.ndarray]:
+    """SynTheory's progression label -> its four chords in C as unit pitch-class vectors [4, 12] (each
+    triad's three classes), built from probes.syntheory's own voicing (`_triad`)."""
+    out = {}
+    for mode, degrees in PROGRESSIONS:
+        chords = np.zeros((len(degrees), 12))
+        for i, degree in enumerate(degrees):
+            chords[i, [n % 12 for n in _triad(0, mode, degree)]] = 1.0 / np.sqrt(3.0)
+        out[_progression_label(mode, degrees)] = chords
+    return out
+
+
+def estimate_progression(audio, sr: int, *, chord_seconds: float | None = None) -> tuple[str, int, float]:
+    """The clip's chord progression -> (SynTheory progression label, key pitch class, score).
+
+    Method: the clip is cut into one segment per chord (`chord_seconds` each; by default the clip in four
+    equal parts, SynTheory's four chords of 1 s); each segment's `pitch_class_profile` (unit length) is
+    compared by cosine with the chord of every progression of probes.syntheory.PROGRESSIONS (19: 10 major,
+    9 minor) in every key, the cosines averaged over the segments; the best (label, key) and its mean
+    cosine are returned. Labels are key-free, as SynTheory's are.
+
+    Limits: "ionian-(6, 4, 1, 5)" and "aeolian-(1, 6, 3, 7)" are the same four chords (a major key and its
+    relative minor: Am F C G in C), so they cannot be told apart by ear and tie; the first in
+    PROGRESSIONS' order (the ionian one) is returned; a progression of other length, or chords that do not
+    line up with the segments, blends chords; triads only, as `estimate_chord_quality`.
+    """
+    x = _mono(audio, sr)
+    templates = _progression_templates()
+    count = len(next(iter(templates.values())))
+    seconds = chord_seconds if chord_seconds is not None else len(x) / sr / count
+    pieces = _segments(x, sr, seconds)[:count]
+    if len(pieces) < count:
+        raise ValueError(f"clip too short for {count} chords of {seconds:.2f} s: {len(x) / sr:.2f} s")
+    n_fft = _salience_fft(sr, seconds)
+    profiles = np.array([pitch_class_profile(p, sr, n_fft=n_fft) for p in pieces])
+    norms = np.linalg.norm(profiles, axis=1, keepdims=True)
+    if not norms.any():
+        return next(iter(templates)), 0, 0.0
+    unit = np.divide(profiles, norms, out=np.zeros_like(profiles), where=norms > 0)
+    best = (next(iter(templates)), 0, -np.inf)
+    for label, chords in templates.items():
+        for key in range(12):
+            score = float(np.mean(np.sum(unit * np.roll(chords, key, axis=1), axis=1)))
+            if score > best[2] + 1e-12:
+                best = (label, key, score)
+    return best
+
+
+def same_progression(a: str, b: str) -> bool:
+    """True if progression labels `a` and `b` are the same four chords in some keys (equal labels, or a
+    major-key progression and its relative-minor twin, which `estimate_progression` cannot tell apart)."""
+    templates = _progression_templates()
+    for label in (a, b):
+        if label not in templates:
+            raise ValueError(f"unknown progression {label!r}; expected a SynTheory label "
+                             f"such as {next(iter(templates))!r}")
+    return a == b or any(np.allclose(templates[a], np.roll(templates[b], key, axis=1)) for key in range(12))
 
 
 # --------------------------------------------------------------------------------------------

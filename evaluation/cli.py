@@ -83,7 +83,8 @@ def register(sub) -> None:
                          "(default: exponential:kappa=0.95,w0=1 with the 0.1 margin)")
     sw.add_argument("--out", type=Path, required=True, help="output directory (a rerun resumes it)")
     sw.add_argument("--features", type=Path, default=None,
-                    help="`musicrfm extract` output (DIR/<concept>/): fit the multiclass probe and report probe accuracy")
+                    help="`musicrfm extract` output (DIR/<concept>/): fit the multiclass probe and report probe "
+                         "accuracy (tempos: the RFM regressor's BPM)")
     sw.add_argument("--probe-layer", type=int, default=None, help="probe at this layer (default: best by validation)")
     sw.add_argument("--probe-trials", type=int, default=None, help="RFM search trials for the probe (default: 100)")
     sw.add_argument("--probe-seed", type=int, default=0, help="split / search seed (as `musicrfm train --seed`)")

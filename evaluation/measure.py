@@ -1,12 +1,15 @@
 """Per-clip measurements of generated audio: independent checks, multiclass probe read-outs, traces over time.
 
   check_name(concept)                     the independent check a concept has (None: none)
-  check_clip(concept, cls, audio, sr)     {"pred", "correct", "score"} for notes / chords, else None
+  check_clip(concept, cls, audio, sr)     {"pred", "correct", "score"} for a concept with a check (CHECKS),
+                                          tempo: {"pred", "bpm"} and correct None; else None
   window_bounds(n, sr, window, hop)       [(start, stop)] sample ranges of sliding windows
   check_trace(concept, cls, audio, sr, wins)   pitch-class share of `cls` per window (notes only)
   fit_probe(feature_dir, ...)             the multiclass RFM probe at the best layer (paper Sec. 5.2), fitted
                                           on the same seeded split as `musicrfm train` / `report`
   FittedProbe.proba(model, clips)         softmax over the probe's classes of features re-extracted from audio
+  fit_regressor(feature_dir, ...)         a regression concept's (tempo's) RFM regressor at the best layer
+  FittedRegressor.predict(model, clips)   its reading (BPM) of features re-extracted from audio
 
 The probe reads MusicGen features of the generated audio the way `musicrfm extract` reads training clips
 (probes.extract.encode_audio + decoder_features: EnCodec codes -> BOS + delay pattern -> the residual stream,
@@ -23,17 +26,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio_checks import estimate_chord_quality, estimate_pitch_class, pitch_class_profile
-from musicrfm.probes.syntheory import PITCH_NAMES
+from .audio_checks import (
+    METER_PULSES,
+    estimate_chord_quality,
+    estimate_interval,
+    estimate_meter,
+    estimate_pitch_class,
+    estimate_progression,
+    estimate_scale,
+    estimate_tempo,
+    pitch_class_profile,
+    same_progression,
+)
+from musicrfm.probes.syntheory import PITCH_NAMES, PROGRESSIONS, SCALE_MODES, TIME_SIGNATURES, _progression_label
 
 __all__ = [
     "CHECKS",
     "FittedProbe",
+    "FittedRegressor",
     "check_clip",
     "check_name",
     "check_trace",
     "classifier_to_cpu",
     "fit_probe",
+    "fit_regressor",
     "segment",
     "window_bounds",
 ]
@@ -47,7 +63,18 @@ def _named(what: str, check) -> str:
 CHECKS = {
     "notes": _named("pitch class", estimate_pitch_class),
     "chords": _named("chord quality", estimate_chord_quality),
+    "intervals": _named("interval size", estimate_interval),
+    "scales": _named("scale mode", estimate_scale),
+    "time_signatures": _named("pulses per bar", estimate_meter),
+    "chord_progressions": _named("chord progression", estimate_progression),
+    "tempos": _named("tempo in BPM", estimate_tempo),
 }
+
+# The class names each check can judge: SynTheory's labels (probes.dataset.LABEL_COLUMNS' text)
+INTERVAL_CLASSES = tuple(str(size) for size in range(1, 13))
+PROGRESSION_CLASSES = tuple(_progression_label(mode, degrees) for mode, degrees in PROGRESSIONS)
+# "(3, 4)" -> 3: a time signature's clicks per bar (its numerator; SynTheory clicks eighths in compound meters)
+SIGNATURE_PULSES = {str(signature): signature[0] for signature in TIME_SIGNATURES}
 
 
 def check_name(concept: str) -> str | None:
@@ -73,6 +100,27 @@ def check_clip(concept: str, cls: str, audio: np.ndarray, sr: int) -> dict | Non
     if concept == "chords" and cls in ("major", "minor", "aug", "dim"):
         quality, _root, score = estimate_chord_quality(audio, sr)
         return {"pred": quality, "correct": quality == cls, "score": float(score)}
+    if concept == "intervals" and cls in INTERVAL_CLASSES:
+        semitones, _lower, score = estimate_interval(audio, sr)
+        return {"pred": str(semitones), "correct": str(semitones) == cls, "score": score}
+    if concept == "scales" and cls in SCALE_MODES:
+        mode, _tonic, score = estimate_scale(audio, sr)
+        return {"pred": mode, "correct": mode == cls, "score": score}
+    if concept == "time_signatures" and SIGNATURE_PULSES.get(cls) in METER_PULSES:
+        # judged by clicks per bar: the signature's unit needs the tempo, which steering may move too
+        pulses, _period, score = estimate_meter(audio, sr)
+        return {"pred": f"{pulses} per bar", "correct": pulses == SIGNATURE_PULSES[cls], "score": score}
+    if concept == "chord_progressions" and cls in PROGRESSION_CLASSES:
+        label, _key, score = estimate_progression(audio, sr)
+        # a relative-key twin (same four chords) counts: the two cannot differ by ear
+        return {"pred": label, "correct": same_progression(label, cls), "score": score}
+    if concept == "tempos":
+        # a regression: no class to be right about; the BPM is what the sweep reports (shift vs the reference)
+        try:
+            bpm = estimate_tempo(audio, sr)
+        except ValueError as error:  # a clip (or crossfade window) too short to hold a beat: no reading, no crash
+            return {"pred": f"no tempo: {error}", "correct": None, "score": None, "bpm": float("nan")}
+        return {"pred": f"{bpm:.1f} BPM", "correct": None, "score": None, "bpm": float(bpm)}
     return None
 
 
@@ -200,3 +248,93 @@ def fit_probe(feature_dir: str | Path, *, fingerprint=None, seed: int = 0, trial
     return FittedProbe(concept=head.concept, classes=tuple(head.classes), layer=lay, prompt=head.prompt,
                        classifier=classifier_to_cpu(clf), val_accuracy=float(clf.val_accuracy),
                        test_accuracy=test, selection=selection)
+
+
+# --------------------------------------------------------------------------------------------
+# The tempo regressor (a regression concept's probe)
+
+
+@dataclass(frozen=True, eq=False)
+class FittedRegressor:
+    """An RFM regression probe (tempo: BPM) at one layer, and how it was chosen: what a regression concept
+    has instead of a multiclass probe. It reads a value, so it has no classes and no accuracy."""
+
+    concept: str
+    layer: int
+    prompt: str  # the text conditioning the training features were extracted with
+    regressor: object  # probes.rfm.Regressor (CPU tensors)
+    val_r2: float
+    test_r2: float
+    selection: str  # how the layer was chosen
+    classes: tuple[str, ...] = ()  # no class to be right about (callers that look one up find none)
+
+    features = FittedProbe.features  # the same re-extraction from audio (reads only `prompt` and `layer`)
+
+    def predict(self, model, clips: Sequence[np.ndarray]) -> np.ndarray:
+        """The regressed value (BPM) of each clip: [n] float64."""
+        return self.regressor.predict(self.features(model, clips)).double().cpu().numpy()
+
+    def describe(self) -> str:
+        return (f"RFM tempo regressor for {self.concept} at layer {self.layer} ({self.selection}; "
+                f"validation R² {self.val_r2:.3f}, test {self.test_r2:.3f})")
+
+
+def fit_regressor(feature_dir: str | Path, *, fingerprint=None, seed: int = 0, trials: int | None = None,
+                  layer: int | None = None, device: str | None = None, cache: str | Path | None = None,
+                  progress: bool = False) -> FittedRegressor:
+    """The regression probe of a regression concept (tempo): RFM regression (probes.rfm.fit_regression, as
+    `musicrfm train` fits it) on mean-pooled features and the concept's numeric targets, on the seeded split of
+    `musicrfm train` (probes.train.split_indices with `seed`), at the layer with the best validation R², or at
+    `layer` if given. `cache` as `fit_probe`'s (the same file; one entry per concept)."""
+    from tqdm import tqdm
+
+    from musicrfm.probes.extract import FeatureError, load_features
+    from musicrfm.probes.rfm import SearchConfig, fit_regression
+    from musicrfm.probes.train import REGRESSION_CONCEPTS, split_indices
+
+    feature_dir = Path(feature_dir)
+    head = load_features(feature_dir, fingerprint, poolings=[])
+    if head.concept not in REGRESSION_CONCEPTS or head.targets is None:
+        raise FeatureError(f"{feature_dir}: {head.concept} has no numeric targets to regress (a regression concept: "
+                           f"{', '.join(REGRESSION_CONCEPTS)})")
+    y = torch.tensor(head.targets, dtype=torch.float64)
+    tr, va, te = split_indices(head.labels, seed)
+    search = SearchConfig(seed=seed, device=device, **({"trials": trials} if trials else {}))
+    key = {"features": str(feature_dir.resolve()), "seed": seed, "trials": search.trials,
+           "layers": head.layers, "clips": len(head.labels), "target": "regression"}
+    stored = None
+    if layer is None and cache is not None and Path(cache).is_file():
+        stored = json.loads(Path(cache).read_text()).get(head.concept)
+        stored = stored if stored and stored.get("key") == key else None
+    if layer is not None:
+        if layer not in head.layers:
+            raise FeatureError(f"{feature_dir}: layer {layer} was not extracted (have {head.layers})")
+        candidates, selection = [layer], "layer given"
+    elif stored is not None:
+        candidates, selection = [stored["layer"]], "best validation R² over layers (cached)"
+    else:
+        candidates, selection = list(head.layers), "best validation R² over layers"
+    fs = load_features(feature_dir, head.fingerprint, layers=candidates, poolings=["mean"])
+    best = None
+    for j, lay in enumerate(tqdm(candidates, desc=f"regressor {head.concept}", unit="layer", disable=not progress)):
+        X = fs.features["mean"][:, j]
+        reg = fit_regression(X[tr], y[tr], X[va], y[va], search)
+        if best is None or reg.val_r2 > best[1].val_r2:  # ties: the lower layer
+            best = (lay, reg, X)
+    lay, reg, X = best
+    if te:
+        pred = reg.predict(X[te]).double().cpu()
+        residual = float((pred - y[te]).square().sum())
+        spread = float((y[te] - y[te].mean()).square().sum())
+        test = 1.0 - residual / spread if spread > 0 else float("nan")
+    else:
+        test = float("nan")
+    if layer is None and cache is not None and stored is None:
+        path = Path(cache)
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        data[head.concept] = {"key": key, "layer": lay, "val_r2": reg.val_r2}
+        path.write_text(json.dumps(data, indent=1) + "\n")
+    cpu = classifier_to_cpu(reg)  # the predictor's tensors; the same fields as a Classifier's
+    return FittedRegressor(concept=head.concept, layer=lay, prompt=head.prompt,
+                           regressor=replace(cpu, direction=cpu.direction.cpu()), val_r2=float(reg.val_r2),
+                           test_r2=test, selection=selection)

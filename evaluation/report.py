@@ -54,13 +54,18 @@ def _per_class_mean(pairs: list[tuple[str, bool]]) -> float | None:
 RESULT_COLUMNS = ["preset", "group", "concept", "role", "x", "units", "vector_norm", "configurations", "n_clips",
                   "embedding", "n_ref",
                   "fd", "mmd2", "mmd_bandwidth", "clap", "check", "check_acc", "check_n", "probe_acc",
-                  "probe_p_target", "probe_layer", "probe_n", "note"]
+                  "probe_p_target", "probe_layer", "probe_n", "bpm", "bpm_shift_up", "bpm_shift_down",
+                  "probe_bpm", "probe_bpm_shift_up", "probe_bpm_shift_down", "note"]
 # vector_norm: the mean over layers of the norm each target's direction adds at full schedule with the gate open,
 # in hidden-state units (the unit sidecar's `vector_norms`): what the strength `x` meant on this model.
+# bpm (tempos only): the median tempo the independent check (audio_checks.estimate_tempo) reads in the row's clips;
+# bpm_shift_up / bpm_shift_down: the median change from the same sample's unsteered clip (same prompt and seed)
+# over the clips steered with a positive / negative coefficient. Medians, because a tempo read is off by an
+# octave now and then. probe_bpm*: the same from the tempo regressor (with --features holding tempo features).
 CLIP_COLUMNS = ["preset", "config", "sample", "prompt", "seed", "concept", "class", "coefficient", "units",
                 "vector_norm", "role", "window",
-                "check_pred", "check_correct", "probe_pred", "probe_correct", "probe_p_target", "clap",
-                "tokens_sha256", "note"]
+                "check_pred", "check_correct", "check_bpm", "probe_pred", "probe_correct", "probe_p_target",
+                "probe_bpm", "clap", "tokens_sha256", "note"]
 
 
 def _vector_norm(record: dict, target: dict) -> float | None:
@@ -68,6 +73,27 @@ def _vector_norm(record: dict, target: dict) -> float | None:
     from before sweeps kept it)."""
     norms = (record.get("vector_norms") or {}).get(f"{target['concept']}:{target['class']}")
     return float(np.mean(norms)) if norms else None
+
+
+def _median(values: list[float]) -> float | None:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.median(finite)) if finite else None
+
+
+def _bpm_columns(targets: list[tuple[int, dict]], ref_bpm: dict[int, float], source: str = "check") -> dict:
+    """bpm, bpm_shift_up, bpm_shift_down of a row from its (sample, target) pairs (see RESULT_COLUMNS), as the
+    independent check (`source` "check") or the tempo regressor ("probe": probe_bpm, ...) read them; empty for
+    concepts without a BPM."""
+    reads = [(i, t, t[source]["bpm"]) for i, t in targets if t.get(source) is not None and "bpm" in t[source]]
+    if not reads:
+        return {}
+    prefix = "probe_" if source == "probe" else ""
+
+    def shift(sign: float) -> float | None:
+        return _median([bpm - ref_bpm[i] for i, t, bpm in reads if np.sign(t["coefficient"]) == sign and i in ref_bpm])
+
+    return {f"{prefix}bpm": _median([bpm for _, _, bpm in reads]), f"{prefix}bpm_shift_up": shift(1.0),
+            f"{prefix}bpm_shift_down": shift(-1.0)}
 
 
 def aggregate(settings: SweepSettings, configs: Sequence[Configuration], records: dict[str, dict],
@@ -86,15 +112,18 @@ def aggregate(settings: SweepSettings, configs: Sequence[Configuration], records
     kernel = RBFKernel.from_reference(ref_emb) if ref_emb is not None and len(ref_emb) >= 2 else None
     embedder = settings.embedder_name
 
+    ref_bpm, ref_probe_bpm = ({r["sample"]: t[source]["bpm"] for r in ref for t in r["targets"]
+                               if t.get(source) is not None and "bpm" in t[source]} for source in ("check", "probe"))
     groups: dict[tuple[str, str, str], dict] = {}
     for r in recs:
         for t in r["targets"]:
             key = (t["group"], t["concept"], t["role"])
-            g = groups.setdefault(key, {"x": t["x"], "configs": [], "records": {}, "targets": []})
+            g = groups.setdefault(key, {"x": t["x"], "configs": [], "records": {}, "targets": [], "samples": []})
             if r["config"] not in g["configs"]:
                 g["configs"].append(r["config"])
             g["records"][r["unit"]] = r
             g["targets"].append(t)
+            g["samples"].append(r["sample"])
     keys = list(groups)
     if settings.preset == "pairs":  # Table 5's layout: by attribute, then eta0
         concept_order = {c: i for i, c in enumerate(dict.fromkeys(k[1] for k in keys))}
@@ -109,8 +138,10 @@ def aggregate(settings: SweepSettings, configs: Sequence[Configuration], records
             fd = frechet_distance(ref_emb, emb)
             mmd = mmd2_unbiased(ref_emb, emb, kernel)
         claps = [r["clap"] for r in clips if r["clap"] is not None]
-        checks = [(t["class"], t["check"]["correct"]) for t in g["targets"] if t["check"] is not None]
-        probed = [t for t in g["targets"] if t["probe"] is not None]
+        # a regression's check (tempo) reads a value, not a class: it has no accuracy
+        checks = [(t["class"], t["check"]["correct"]) for t in g["targets"]
+                  if t["check"] is not None and t["check"]["correct"] is not None]
+        probed = [t for t in g["targets"] if t["probe"] is not None and t["probe"]["correct"] is not None]
         probe = probes.get(concept)
         added = [v for r in clips for t in r["targets"] if t["concept"] == concept and t["role"] == role
                  for v in [_vector_norm(r, t)] if v is not None]
@@ -124,7 +155,9 @@ def aggregate(settings: SweepSettings, configs: Sequence[Configuration], records
             "probe_acc": (_per_class_mean([(t["class"], t["probe"]["correct"]) for t in probed]) if probed
                           else probe_missing.get(concept, "unavailable")),
             "probe_p_target": float(np.mean([t["probe"]["p_target"] for t in probed])) if probed else None,
-            "probe_layer": probe.layer if probe is not None else None, "probe_n": len(probed), "note": note,
+            "probe_layer": probe.layer if probe is not None else None, "probe_n": len(probed),
+            **_bpm_columns(list(zip(g["samples"], g["targets"])), ref_bpm),
+            **_bpm_columns(list(zip(g["samples"], g["targets"])), ref_probe_bpm, source="probe"), "note": note,
         })
     clip_rows = []
     for r in recs:
@@ -136,8 +169,10 @@ def aggregate(settings: SweepSettings, configs: Sequence[Configuration], records
                 "units": settings.units, "vector_norm": _vector_norm(r, t),
                 "role": t["role"], "window": "-".join(_fmt(float(w)) for w in t["window"]),
                 "check_pred": c["pred"] if c else "", "check_correct": c["correct"] if c else None,
+                "check_bpm": c.get("bpm") if c else None,
                 "probe_pred": p["pred"] if p else "", "probe_correct": p["correct"] if p else None,
-                "probe_p_target": p["p_target"] if p else None, "clap": r["clap"] if r["clap"] is not None else "unavailable",
+                "probe_p_target": p["p_target"] if p else None, "probe_bpm": p.get("bpm") if p else None,
+                "clap": r["clap"] if r["clap"] is not None else "unavailable",
                 "tokens_sha256": r["tokens_sha256"], "note": note})
     traces = _mean_traces(recs)
     files = {"results": out / "results.csv", "clips": out / "clips.csv", "summary": out / "summary.md"}
@@ -150,6 +185,9 @@ def aggregate(settings: SweepSettings, configs: Sequence[Configuration], records
     plot = _plot_metrics(out / "metrics.png", settings, rows, note)
     if plot:
         files["metrics_png"] = plot
+    tempo_plot = _plot_tempo(out / "tempo.png", settings, rows, note)
+    if tempo_plot:
+        files["tempo_png"] = tempo_plot
     if traces:
         tplot = _plot_traces(out / "traces.png", settings, traces, note, probes)
         if tplot:
@@ -280,6 +318,32 @@ def _plot_metrics(path: Path, settings: SweepSettings, rows: list[dict], note: s
     return None if fig is None else _save(fig, path)
 
 
+def _plot_tempo(path: Path, settings: SweepSettings, rows: list[dict], note: str) -> Path | None:
+    """BPM shift vs strength for tempo rows (the independent tempo check, up and down); None without tempo rows
+    with a numeric strength, or without matplotlib."""
+    steered = [r for r in rows if r["group"] != REFERENCE_GROUP and r["x"] is not None
+               and (r.get("bpm") is not None or r.get("probe_bpm") is not None)]
+    plt = _matplotlib()
+    if not steered or plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for prefix, reader, style in (("", "check", "-"), ("probe_", "tempo regressor", ":")):
+        for direction, label in (("up", "steered up (+eta0)"), ("down", "steered down (-eta0)")):
+            key = f"{prefix}bpm_shift_{direction}"
+            pts = sorted((r["x"], r[key]) for r in steered if r.get(key) is not None)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], ls=style, marker="o", label=f"{reader}: {label}")
+    ax.axhline(0.0, ls="--", lw=1, color="grey")
+    ax.set_xlabel("|eta0|" if settings.preset == "eta" else "strength", fontsize=8)
+    ax.set_ylabel("median BPM change vs the same seed unsteered")
+    ax.set_title(f"tempo: the independent check (estimate_tempo), solid; the regressor, dotted; {settings.model}"
+                 + (f"\n[{note}]" if note else ""), fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", framealpha=0.85, fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def traces_figure(settings: SweepSettings, traces: list[dict], note: str, probes: dict[str, FittedProbe]):
     """Fig. 1: the probe softmax of the target class over time per schedule (a), or of n1 and n2 for the
     crossfade (b); beside it the independent check's pitch-class share (notes). None without matplotlib."""
@@ -324,7 +388,7 @@ def _md(value) -> str:
         return "–"
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.4g}"
-    return str(value)
+    return str(value).replace("|", "\\|")  # a table cell: "tempos |eta0|=0.30" must not split the row
 
 
 def _write_summary(path: Path, settings: SweepSettings, configs: Sequence[Configuration], rows: list[dict],
@@ -365,6 +429,17 @@ def _write_summary(path: Path, settings: SweepSettings, configs: Sequence[Config
     for r in rows:
         lines.append("| " + " | ".join(_md(r[k]) for k in ("group", "concept", "role", "n_clips", "fd", "mmd2", "clap",
                                                            "check_acc", "probe_acc", "note")) + " |")
+    tempo_rows = [r for r in rows if r.get("bpm") is not None or r.get("probe_bpm") is not None]
+    if tempo_rows:
+        lines += ["", "Tempo read by the independent check (`estimate_tempo`) and, with tempo features, by the tempo "
+                  "regressor (probe): median BPM of the clips, and the median change from the same sample's "
+                  "unsteered clip, for clips steered up (+eta0) and down (-eta0):", "",
+                  "| group | n | BPM | shift up (BPM) | shift down (BPM) | probe BPM | probe shift up "
+                  "| probe shift down |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["| " + " | ".join(_md(r.get(k)) for k in ("group", "n_clips", "bpm", "bpm_shift_up", "bpm_shift_down",
+                                                             "probe_bpm", "probe_bpm_shift_up", "probe_bpm_shift_down"))
+                  + " |" for r in tempo_rows]
     lines += ["", "Configurations:", ""]
     lines += [f"- `{c.name}`: {c.describe()}" for c in configs]
     lines += ["", "Files: " + ", ".join(f"`{p.name}`" for p in files.values() if p != path) + ", `units.jsonl` "

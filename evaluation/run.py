@@ -30,7 +30,8 @@ from musicrfm.engine.generation import Render, file_sha256, generate_many
 from musicrfm.engine.model import NOISE_LABEL, is_random_model
 from musicrfm.probes.train import REGRESSION_CONCEPTS
 
-from .measure import FittedProbe, check_clip, check_trace, fit_probe, segment, window_bounds
+from .measure import (FittedProbe, FittedRegressor, check_clip, check_trace, fit_probe, fit_regressor, segment,
+                      window_bounds)
 from .presets import PAPER_FRAME_RATE, SweepSettings, Unit, build_configurations, plan_units
 from .report import SweepReport, aggregate
 
@@ -176,6 +177,9 @@ def _measure(ctx: WorkerContext, unit: Unit, result, generation_seconds: float) 
             pred = probe.classes[int(np.argmax(p))]
             entry["probe"] = {"pred": pred, "correct": pred == t["class"],
                               "p_target": float(p[probe.classes.index(t["class"])])}
+        elif isinstance(probe, FittedRegressor):  # a regression (tempo): its reading, no class to be right about
+            bpm = float(probe.predict(ctx.model, [part])[0])
+            entry["probe"] = {"pred": f"{bpm:.1f} BPM", "correct": None, "p_target": None, "bpm": bpm}
         else:
             entry["probe"] = None
         targets.append(entry)
@@ -255,16 +259,25 @@ def _check_manifest(out: Path, manifest: dict) -> None:
 
 
 def _fit_probes(settings: SweepSettings, concepts: Iterable[str], fingerprint, out: Path,
-                progress: bool) -> tuple[dict[str, FittedProbe], dict[str, str]]:
-    """Probes for the concepts with features; the reason for the others."""
+                progress: bool) -> tuple[dict[str, FittedProbe | FittedRegressor], dict[str, str]]:
+    """Probes for the concepts with features (a regressor for a regression concept); the reason for the others
+    (a regression concept has no probe accuracy either way)."""
     probes, missing = {}, {}
     for c in concepts:
         if not settings.features:
             missing[c] = "unavailable: no --features given"
-        elif c in REGRESSION_CONCEPTS:
+        elif c in REGRESSION_CONCEPTS and not (Path(settings.features) / c / "index.json").is_file():
             missing[c] = "n/a: regression concept"
         elif not (Path(settings.features) / c / "index.json").is_file():
             missing[c] = f"unavailable: no features of {c} in {settings.features}"
+        elif c in REGRESSION_CONCEPTS:
+            from musicrfm.engine.model import pick_device
+
+            missing[c] = "n/a: regression concept (the regressor's BPM: probe_bpm)"
+            probes[c] = fit_regressor(Path(settings.features) / c, fingerprint=fingerprint, seed=settings.probe_seed,
+                                      trials=settings.probe_trials, layer=settings.probe_layer,
+                                      device=pick_device(settings.probe_device).type, cache=out / "probe.json",
+                                      progress=progress)
         else:
             from musicrfm.engine.model import pick_device
 

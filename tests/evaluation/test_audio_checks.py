@@ -5,7 +5,9 @@ Rendered samples are seeded draws from the *full* plans (all 92 programs; all ro
 tempos and click setups), rendered in-process with `musicrfm.probes.syntheory.render_clip` (~5 s in all).
 Measured on larger samples with bench/bench_checks.py (docs/evaluation.md): pitch class 0.984
 (674 notes clips, octaves 2-7), chord quality 0.988 (1,000 clips), tempo within 4 % or an
-octave 1.000 (450 clips).
+octave 1.000 (450 clips). The interval, scale, meter and progression checks are tested here on synthetic
+signals only (planted answers); their accuracy on renders is measured by bench/bench_checks.py (--seed 123:
+0.973, 0.983, 0.946 pulses per bar, 0.927 strict / 0.997 with the relative-key twin).
 """
 
 from __future__ import annotations
@@ -186,3 +188,94 @@ def test_tempo_on_rendered_click_tracks(rendered_sample):
     accuracy = np.mean([hit for hit, *_ in results])
     print(f"tempo accuracy (4 % or an octave) on {len(results)} rendered tempo clips: {accuracy:.3f}")
     assert accuracy >= 0.9, (accuracy, [(stem, e) for hit, stem, e in results if not hit])
+
+
+# ------------------------------------------------------------------------------------------
+# Intervals, scales, meter, progressions: planted answers in synthetic signals
+
+
+def _notes(midis_per_piece, seconds: float = 0.5, sr: int = SR) -> np.ndarray:
+    """One piece of `seconds` per entry, each the sum of its MIDI pitches (harmonic tones, plucked)."""
+    pieces = [sum(_harmonic(_midi_hz(m), [1.0, 0.5, 0.3, 0.2], seconds, sr) for m in midis)
+              for midis in midis_per_piece]
+    return np.concatenate(pieces).astype(np.float32)
+
+
+@pytest.mark.parametrize("semitones", [1, 7, 12])
+def test_interval_of_planted_melodic_intervals(semitones):
+    low = 57
+    for pieces in ([[low], [low + semitones]] * 4, [[low + semitones], [low]] * 4):  # up, then down
+        found, lower, score = audio_checks.estimate_interval(_notes(pieces), SR)
+        assert (found, lower) == (semitones, low) and 0.4 <= score <= 0.5
+
+
+@pytest.mark.parametrize("semitones", [2, 7, 12])
+def test_interval_of_planted_harmonic_intervals(semitones):
+    found, lower, score = audio_checks.estimate_interval(_notes([[62, 62 + semitones]] * 8), SR)
+    assert (found, lower) == (semitones, 62) and 0.0 < score <= 0.5
+
+
+@pytest.mark.parametrize("mode,tonic", [("dorian", 2), ("lydian", 5), ("locrian", 11)])
+def test_scale_of_planted_scales(mode, tonic):
+    from musicrfm.probes.syntheory import MODES
+
+    up = [[60 + tonic + step] for step in MODES[mode] + (12,)]
+    for pieces in (up, up[::-1]):
+        assert audio_checks.estimate_scale(_notes(pieces), SR)[:2] == (mode, tonic)
+
+
+@pytest.mark.parametrize("pulses", audio_checks.METER_PULSES)
+def test_meter_of_planted_accent_patterns(pulses):
+    bpm = 240 if pulses in (3, 6, 9, 12) else 120  # SynTheory: eighths click in compound meters
+    found, period, score = audio_checks.estimate_meter(_clicks(bpm, seconds=8.0, accent=pulses), SR)
+    # the downbeat is 0.6 -> 1.0 in amplitude: 4.4 dB louder
+    assert found == pulses and period == pytest.approx(60 / bpm, rel=0.03) and 3.0 < score < 6.0
+    # no accent: no meter to find (a contrast near 0 dB, whatever k is returned)
+    assert audio_checks.estimate_meter(_clicks(bpm, seconds=8.0, accent=1), SR)[2] < 1.0
+
+
+@pytest.mark.parametrize("label,key", [("aeolian-(1, 7, 6, 4)", 4), ("ionian-(2, 5, 1, 6)", 10)])
+def test_progression_of_planted_progressions(label, key):
+    from musicrfm.probes.syntheory import PROGRESSIONS, _progression_label, _triad
+
+    mode, degrees = next((m, d) for m, d in PROGRESSIONS if _progression_label(m, d) == label)
+    chords = [_triad(key, mode, degree) for degree in degrees]
+    found, found_key, score = audio_checks.estimate_progression(_notes(chords, seconds=1.0), SR)
+    assert (found, found_key) == (label, key) and score > 0.8
+    # the chord length given, with a second of silence after the progression
+    audio = np.concatenate([_notes(chords, seconds=1.0), np.zeros(SR, np.float32)])
+    assert audio_checks.estimate_progression(audio, SR, chord_seconds=1.0)[:2] == (label, key)
+
+
+def test_relative_key_progressions_are_the_same_chords():
+    assert audio_checks.same_progression("ionian-(6, 4, 1, 5)", "aeolian-(1, 6, 3, 7)")
+    assert audio_checks.same_progression("ionian-(1, 4, 5, 1)", "ionian-(1, 4, 5, 1)")
+    assert not audio_checks.same_progression("ionian-(1, 4, 5, 1)", "aeolian-(1, 4, 5, 1)")
+    with pytest.raises(ValueError, match="unknown progression"):
+        audio_checks.same_progression("I-IV-V", "ionian-(1, 4, 5, 1)")
+
+
+@pytest.mark.parametrize("check", [audio_checks.estimate_interval, audio_checks.estimate_scale,
+                                   audio_checks.estimate_meter, audio_checks.estimate_progression])
+def test_new_checks_refuse_bad_input_and_read_silence_as_nothing(check):
+    with pytest.raises(ValueError, match="empty"):
+        check(np.zeros(0), SR)
+    with pytest.raises(ValueError, match="NaN"):
+        check(np.array([0.0, np.nan] * 4000), SR)
+    with pytest.raises(ValueError, match="sample rate"):
+        check(np.zeros(SR), 0)
+    with pytest.raises(ValueError, match="1-D mono"):
+        check(np.zeros((2, SR)), SR)
+    assert check(np.zeros(2 * SR), SR)[2] == 0.0  # silence: nothing found, score 0
+
+
+def test_new_checks_refuse_bad_options():
+    tone = _notes([[60]] * 4)
+    with pytest.raises(ValueError, match="unknown modes"):
+        audio_checks.estimate_scale(tone, SR, modes=("ionian", "bebop"))
+    with pytest.raises(ValueError, match="pulses per bar"):
+        audio_checks.estimate_meter(tone, SR, pulses=(1, 4))
+    with pytest.raises(ValueError, match="too short for 4 chords"):
+        audio_checks.estimate_progression(tone, SR, chord_seconds=1.0)
+    with pytest.raises(ValueError, match="segment length"):
+        audio_checks.estimate_interval(tone, SR, segment_seconds=0.0)

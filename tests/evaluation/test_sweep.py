@@ -59,6 +59,28 @@ def features(tiny, tmp_path_factory):
     return str(root / "features")
 
 
+@pytest.fixture(scope="module")
+def tempo_features(tiny, tmp_path_factory):
+    """tiny-random features of click tracks at 60, 120 and 180 BPM with their BPM as targets (a regression)."""
+    root = tmp_path_factory.mktemp("sweep-tempo-features")
+    (root / "audio").mkdir()
+    rng = np.random.default_rng(1)
+    clips, labels, targets = [], [], []
+    for i in range(18):
+        bpm = (60, 120, 180)[i % 3]
+        audio = 0.01 * rng.standard_normal(16000)
+        for start in np.arange(rng.integers(0, 800), 16000 - 320, round(32000 * 60 / bpm)):
+            audio[start:start + 320] += rng.standard_normal(320) * np.exp(-np.arange(320) / 80)
+        path = root / "audio" / f"{bpm}_{i}.wav"
+        write_wav(path, audio, 32000)
+        clips.append(path)
+        labels.append(str(bpm))
+        targets.append(float(bpm))
+    extract_concept(tiny, "tempos", clips, labels, root / "features", settings=ExtractionSettings(batch_size=6),
+                    targets=targets, load_audio=lambda p, r: read_wav(p)[0], progress=False)
+    return str(root / "features")
+
+
 def _rows(path):
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
@@ -207,7 +229,7 @@ def test_eta_sweep_end_to_end_and_resume(tiny, banks, tmp_path, count_generation
         run_sweep(SweepSettings(**{**settings.__dict__, "seconds": 2.0}), model=tiny, progress=False)
 
 
-def test_tempo_bank_is_used_apart_and_signs_pool_into_abs_eta(tiny, banks, tmp_path):
+def test_tempo_bank_is_used_apart_and_signs_pool_into_abs_eta(tiny, banks, tempo_features, tmp_path):
     # Each unit generates with its own concept's bank (a tempo bank is scored by R², the others by AUC).
     fp = tiny.fingerprint
     tempo = DirectionBank.from_arrays("tempos", ["faster"], torch.randn(1, fp.num_layers, fp.hidden_size),
@@ -215,7 +237,8 @@ def test_tempo_bank_is_used_apart_and_signs_pool_into_abs_eta(tiny, banks, tmp_p
     tempo.save(tmp_path / "tempos.safetensors")
     out = tmp_path / "eta"
     settings = SweepSettings("eta", (banks["notes"], str(tmp_path / "tempos.safetensors")), str(out),
-                             concepts=("notes", "tempos"), samples=2, seconds=1.0, eta0=(3.0,))
+                             concepts=("notes", "tempos"), samples=2, seconds=1.0, eta0=(3.0,),
+                             features=tempo_features, probe_trials=4)
     result = run_sweep(settings, model=tiny, progress=False)
     assert result.generated == 2 * 4
     rows = {(r["group"], r["concept"]): r for r in _rows(out / "results.csv")}
@@ -223,7 +246,91 @@ def test_tempo_bank_is_used_apart_and_signs_pool_into_abs_eta(tiny, banks, tmp_p
                          ("notes eta0=3.00", "notes"), ("tempos |eta0|=3.00", "tempos")}
     pooled = rows[("tempos |eta0|=3.00", "tempos")]
     assert pooled["configurations"] == "tempos eta0=-3.00;tempos eta0=+3.00" and pooled["n_clips"] == "4"
-    assert pooled["check"] == "none" and pooled["check_acc"] == ""  # no independent check, no probe for tempo
+    # tempo is a regression: its check reads a BPM per clip (no accuracy), reported as a shift from the reference
+    assert pooled["check"].startswith("tempo in BPM") and pooled["check_acc"] == "" and pooled["check_n"] == "0"
+    for group in ("reference (unsteered)", "tempos |eta0|=3.00"):
+        assert float(rows[(group, "tempos")]["bpm"]) > 0
+    assert np.isfinite(float(pooled["bpm_shift_up"])) and np.isfinite(float(pooled["bpm_shift_down"]))
+    assert rows[("notes eta0=3.00", "notes")]["bpm"] == ""  # only tempo rows read a BPM
+    tempo_clips = [c for c in _rows(out / "clips.csv") if c["concept"] == "tempos"]
+    assert len(tempo_clips) == 6 and all(c["check_pred"].endswith(" BPM") and float(c["check_bpm"]) > 0
+                                         for c in tempo_clips)
+    summary = (out / "summary.md").read_text()
+    assert "shift up (BPM)" in summary and (out / "tempo.png").stat().st_size > 5_000
+    assert "| tempos \\|eta0\\|=3.00 | 4 |" in summary  # the group's pipes escaped: the row keeps its cells
+    # with tempo features the tempo regressor reads each clip too (a BPM, no accuracy); notes has no features here
+    assert pooled["probe_acc"].startswith("n/a: regression concept") and pooled["probe_n"] == "0"
+    assert all(np.isfinite(float(pooled[k])) for k in ("probe_bpm", "probe_bpm_shift_up", "probe_bpm_shift_down"))
+    assert all(c["probe_pred"].endswith(" BPM") and np.isfinite(float(c["probe_bpm"])) for c in tempo_clips)
+    assert rows[("notes eta0=3.00", "notes")]["probe_acc"].startswith("unavailable: no features of notes")
+    assert "RFM tempo regressor for tempos at layer" in (out / "summary.md").read_text()
+
+
+def test_bpm_shift_is_the_median_change_from_the_same_seed_reference():
+    from musicrfm.evaluation.report import _bpm_columns
+
+    ref = {0: 100.0, 1: 120.0, 2: 90.0}
+
+    def target(coefficient, bpm):
+        return {"coefficient": coefficient, "check": {"bpm": bpm, "correct": None}}
+
+    pairs = [(0, target(3.0, 110.0)), (1, target(3.0, 150.0)), (2, target(3.0, 95.0)),  # +10, +30, +5
+             (0, target(-3.0, 80.0)), (1, target(-3.0, float("nan"))), (2, target(-3.0, 70.0))]  # -20, -, -20
+    assert _bpm_columns(pairs, ref) == {"bpm": 95.0, "bpm_shift_up": 10.0, "bpm_shift_down": -20.0}
+    assert _bpm_columns([(0, {"coefficient": 1.0, "check": {"pred": "C", "correct": True}})], ref) == {}
+
+
+@pytest.fixture(scope="module")
+def theory_banks(tiny, tmp_path_factory):
+    """Random directions for tiny-random over a few classes of each concept that has a check besides notes/chords."""
+    fp, g = tiny.fingerprint, torch.Generator().manual_seed(1)
+    root = tmp_path_factory.mktemp("theory-banks")
+    classes = {"intervals": ["3", "7"], "scales": ["dorian", "lydian"], "time_signatures": ["(3, 4)", "(6, 8)"],
+               "chord_progressions": ["ionian-(1, 4, 5, 1)", "aeolian-(1, 6, 3, 7)"]}
+    paths = []
+    for concept, names in classes.items():
+        bank = DirectionBank.from_arrays(concept, names, torch.randn(len(names), fp.num_layers, fp.hidden_size,
+                                                                     generator=g),
+                                         torch.rand(len(names), fp.num_layers, generator=g), fp, method="test",
+                                         pooling="mean")
+        bank.save(root / f"{concept}.safetensors")
+        paths.append(str(root / f"{concept}.safetensors"))
+    return classes, tuple(paths)
+
+
+def test_every_theory_concept_is_checked_in_sweeps(tiny, theory_banks, tmp_path, monkeypatch):
+    # tiny-random's audio is noise: this checks the plumbing (which check, its labels, accuracy toward the
+    # steered class), not whether steering works
+    from musicrfm.evaluation import report
+    from musicrfm.evaluation.audio_checks import METER_PULSES, SCALE_MODES
+    from musicrfm.evaluation.measure import PROGRESSION_CLASSES, SIGNATURE_PULSES
+
+    monkeypatch.setattr(report, "_plot_metrics", lambda *args: None)  # the figure has tests of its own; time
+    classes, paths = theory_banks
+    out = tmp_path / "theory"
+    settings = SweepSettings("eta", paths, str(out), concepts=tuple(classes), samples=2, seconds=0.5, eta0=(3.0,),
+                             chunk=8)
+    run_sweep(settings, model=tiny, progress=False)
+    rows = {(r["group"], r["concept"]): r for r in _rows(out / "results.csv")}
+    names = {"intervals": "interval size", "scales": "scale mode", "time_signatures": "pulses per bar",
+             "chord_progressions": "chord progression"}
+    for concept, name in names.items():
+        for group in ("reference (unsteered)", f"{concept} eta0=3.00"):
+            r = rows[(group, concept)]
+            assert r["check"].startswith(name) and r["check_n"] == "2" and 0.0 <= float(r["check_acc"]) <= 1.0
+    clips = _rows(out / "clips.csv")
+    allowed = {"intervals": {str(k) for k in range(1, 13)}, "scales": set(SCALE_MODES),
+               "time_signatures": {f"{k} per bar" for k in METER_PULSES},
+               "chord_progressions": set(PROGRESSION_CLASSES)}
+    for c in clips:
+        assert c["check_pred"] in allowed[c["concept"]], c
+        if c["concept"] == "time_signatures":
+            assert (c["check_correct"] == "1") == (c["check_pred"] == f"{SIGNATURE_PULSES[c['class']]} per bar")
+        elif c["concept"] != "chord_progressions":  # a progression's relative-key twin also counts
+            assert (c["check_correct"] == "1") == (c["check_pred"] == c["class"])
+    assert {c["class"] for c in clips if c["concept"] == "scales"} == {"dorian", "lydian"}
+    summary = (out / "summary.md").read_text()
+    assert all(f"{concept}: {name}" in summary for concept, name in names.items())
 
 
 def test_schedules_probe_accuracy_and_traces(tiny, banks, features, tmp_path):
@@ -300,3 +407,19 @@ def test_ray_run_equals_the_local_run(tiny, banks, features, tmp_path):
                                                        ("notes crossfade n1->n2", "n2")]
     workers = {json.loads(line)["worker"] for line in (tmp_path / "ray" / "units.jsonl").read_text().splitlines()}
     assert len(workers) == 2  # the work really was split (chunks of 2 samples over 2 workers)
+
+
+def test_check_clip_judges_known_classes_only_and_never_stops_a_sweep_on_a_short_tempo_clip():
+    from musicrfm.evaluation.measure import check_clip
+
+    t = np.arange(32000) / 32000
+    fifth = (np.sin(2 * np.pi * 261.63 * t) + np.sin(2 * np.pi * 392.0 * t)).astype(np.float32)  # C4 + G4
+    assert check_clip("intervals", "7", fifth, 32000) == {"pred": "7", "correct": True, "score": pytest.approx(
+        check_clip("intervals", "4", fifth, 32000)["score"])}
+    assert check_clip("intervals", "4", fifth, 32000)["correct"] is False
+    # classes the checks do not know (a bank trained on other labels): no check rather than a wrong one
+    assert check_clip("intervals", "13", fifth, 32000) is None
+    assert check_clip("time_signatures", "(5, 4)", fifth, 32000) is None
+    assert check_clip("scales", "bebop", fifth, 32000) is None
+    short = check_clip("tempos", "faster", fifth[:3200], 32000)  # 0.1 s holds no beat
+    assert short["pred"].startswith("no tempo: clip too short") and np.isnan(short["bpm"]) and short["correct"] is None
