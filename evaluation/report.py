@@ -70,6 +70,35 @@ def _vector_norm(record: dict, target: dict) -> float | None:
     return float(np.mean(norms)) if norms else None
 
 
+def _units(clips: list[dict], settings: SweepSettings) -> str:
+    """The strength units the clips were steered in: their own spec's (a methods-preset configuration sets its
+    own), else the sweep's."""
+    specs = [r["steering"] for r in clips if r.get("steering")]
+    return specs[0].get("units", settings.units) if specs else settings.units
+
+
+def methods_table(rows: list[dict]) -> list[str]:
+    """The methods preset's results side by side (Markdown lines): per concept and matched strength m, MusicRFM's
+    and the linear-probe method's closed-loop check accuracy, FD and MMD²; the unsteered reference first."""
+    by: dict[tuple[str, float], dict[str, dict]] = {}
+    reference = {r["concept"]: r for r in rows if r["group"] == REFERENCE_GROUP}
+    for r in rows:
+        for method in ("musicrfm", "linear-probe"):
+            if f" {method} m=" in r["group"]:
+                by.setdefault((r["concept"], _num(r["x"])), {})[method] = r
+    if not by:
+        return []
+    cols = ("check_acc", "fd", "mmd2")
+    lines = ["| concept | m | MusicRFM check acc | MusicRFM FD | MusicRFM MMD² | linear-probe check acc | "
+             "linear-probe FD | linear-probe MMD² |", "|---|---|---|---|---|---|---|---|"]
+    for concept, ref in reference.items():
+        lines.append(f"| {concept} | 0 (unsteered) | {_md(ref['check_acc'])} | – | – | {_md(ref['check_acc'])} | – | – |")
+    for (concept, m), pair in by.items():
+        cells = [_md(pair.get(method, {}).get(k)) for method in ("musicrfm", "linear-probe") for k in cols]
+        lines.append(f"| {concept} | {m:g} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def aggregate(settings: SweepSettings, configs: Sequence[Configuration], records: dict[str, dict],
               probes: dict[str, FittedProbe], probe_missing: dict[str, str]) -> SweepReport:
     """Results per (group, concept, role) from the stored records, then every output file."""
@@ -116,7 +145,7 @@ def aggregate(settings: SweepSettings, configs: Sequence[Configuration], records
                  for v in [_vector_norm(r, t)] if v is not None]
         rows.append({
             "preset": settings.preset, "group": group, "concept": concept, "role": role, "x": g["x"],
-            "units": settings.units, "vector_norm": float(np.mean(added)) if added else None,
+            "units": _units(clips, settings), "vector_norm": float(np.mean(added)) if added else None,
             "configurations": ";".join(g["configs"]), "n_clips": len(clips), "embedding": embedder,
             "n_ref": len(ref), "fd": fd, "mmd2": mmd, "mmd_bandwidth": kernel.bandwidth if kernel else None,
             "clap": float(np.mean(claps)) if claps else "unavailable",
@@ -133,7 +162,7 @@ def aggregate(settings: SweepSettings, configs: Sequence[Configuration], records
             clip_rows.append({
                 "preset": settings.preset, "config": r["config"], "sample": r["sample"], "prompt": r["prompt"],
                 "seed": r["seed"], "concept": t["concept"], "class": t["class"], "coefficient": t["coefficient"],
-                "units": settings.units, "vector_norm": _vector_norm(r, t),
+                "units": _units([r], settings), "vector_norm": _vector_norm(r, t),
                 "role": t["role"], "window": "-".join(_fmt(float(w)) for w in t["window"]),
                 "check_pred": c["pred"] if c else "", "check_correct": c["correct"] if c else None,
                 "probe_pred": p["pred"] if p else "", "probe_correct": p["correct"] if p else None,
@@ -365,6 +394,10 @@ def _write_summary(path: Path, settings: SweepSettings, configs: Sequence[Config
     for r in rows:
         lines.append("| " + " | ".join(_md(r[k]) for k in ("group", "concept", "role", "n_clips", "fd", "mmd2", "clap",
                                                            "check_acc", "probe_acc", "note")) + " |")
+    if settings.preset == "methods":
+        lines += ["", "Side by side at matched strength m (the push along the direction per step, summed over the "
+                  "steered layers, as a fraction of each layer's norm; evaluation.presets.method_configurations):", ""]
+        lines += methods_table(rows)
     lines += ["", "Configurations:", ""]
     lines += [f"- `{c.name}`: {c.describe()}" for c in configs]
     lines += ["", "Files: " + ", ".join(f"`{p.name}`" for p in files.values() if p != path) + ", `units.jsonl` "
