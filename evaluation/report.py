@@ -374,7 +374,9 @@ def _write_summary(path: Path, settings: SweepSettings, configs: Sequence[Config
         (f"- strength (eta0 / x) in **{settings.units}** units"
          + (": a fraction of each layer's typical activation norm (`vector_norm` in results.csv: the norm added, "
             "in hidden-state units)" if settings.units == "relative" else ": hidden-state units, as the paper")
-         + (f"; layer weighting `{settings.layers}`" if settings.layers else "")),
+         + (f"; layer weighting `{settings.layers}`" if settings.layers else "")
+         + ("; except where a configuration sets its own (methods: the linear-probe rows are raw alpha, see "
+            "Configurations and the `units` column)" if settings.preset == "methods" else "")),
         f"- FD and unbiased MMD² against the unsteered reference (same prompts and seeds), embedding "
         f"**{settings.embedder_name}**, RBF bandwidth frozen from the reference (median heuristic)"
         + ("; this embedding is not CLAP: values are comparable only within this embedding" if not settings.clap else ""),
