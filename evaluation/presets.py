@@ -162,6 +162,7 @@ class MethodBanks:
     weight_sum: float  # mean over classes of sum_l w_l (MusicRFM's weighting, relative units)
     chosen_layer: int
     num_layers: int
+    linear_weight_sum: float = 0.0  # the same for the attention bank's scores (the crossed configurations)
 
 
 def method_banks(bank_paths: Sequence[str], concepts: Sequence[str],
@@ -184,13 +185,15 @@ def method_banks(bank_paths: Sequence[str], concepts: Sequence[str],
                              f"--method linear --layer-choice clustering`); no {' or '.join(missing)} bank of {c!r} "
                              "among --bank")
         rfm, linear = by_site[(c, "residual")], by_site[(c, "attention")]
-        sums = [float(layers.weights(rfm[f"{c}:{k}"].scores).sum()) for k in rfm.concepts[c]]
-        out[c] = MethodBanks(c, sum(sums) / len(sums), linear.chosen_layer, linear.fingerprint.num_layers)
+        sums = [[float(layers.weights(bank[f"{c}:{k}"].scores).sum()) for k in bank.concepts[c]]
+                for bank in (rfm, linear)]
+        out[c] = MethodBanks(c, sum(sums[0]) / len(sums[0]), linear.chosen_layer, linear.fingerprint.num_layers,
+                             sum(sums[1]) / len(sums[1]))
     return out
 
 
-def method_configurations(info: MethodBanks, levels: Sequence[float],
-                          layers: LayerWeighting = OPTIMAL_LAYERS) -> list[Configuration]:
+def method_configurations(info: MethodBanks, levels: Sequence[float], layers: LayerWeighting = OPTIMAL_LAYERS,
+                          crossed: bool = True) -> list[Configuration]:
     """The two methods on one concept at each matched strength m.
 
     Matched means the same push along the concept direction per step, summed over the steered layers, each as a
@@ -198,18 +201,30 @@ def method_configurations(info: MethodBanks, levels: Sequence[float],
     (n_l the layer's typical norm), a push of s x sum_l w_l, so s = m / sum_l w_l; the norm-preserving rule
     (h + alpha |h| r) / (1 + alpha) at one layer adds alpha / (1 + alpha) of the token's own norm along r (and
     shrinks h by 1 / (1 + alpha)), so alpha = m / (1 - m), a raw (dimensionless) coefficient. The gate is open
-    on every step for both (p = 1), so "per step" holds step by step."""
+    on every step for both (p = 1), so "per step" holds step by step.
+
+    With `crossed` two more configurations per m say which half of the recipe matters: the linear-probe bank
+    steered MusicRFM's way (attention site, every layer weighted, add rule, s = m / its own sum_l w_l) and the
+    MusicRFM bank steered the linear-probe way (residual site, the chosen layer alone, norm-preserving)."""
     configs = []
+    single = LayerWeighting.single(info.chosen_layer, info.num_layers)
     for m in levels:
         if not 0 < m < 1:
             raise ValueError(f"the methods preset's matched strength m must be in (0, 1), got {m}")
         c = info.concept
+        alpha = m / (1.0 - m)
         configs.append(Configuration(f"{c} musicrfm m={m:.2f}", (ControlTemplate(c, m / info.weight_sum, x=m),),
                                      gate_p=1.0, layers=layers, units="relative"))
-        configs.append(Configuration(
-            f"{c} linear-probe m={m:.2f}", (ControlTemplate(c, m / (1.0 - m), x=m),), gate_p=1.0,
-            layers=LayerWeighting.single(info.chosen_layer, info.num_layers), site="attention", rule="norm",
-            units="raw"))
+        configs.append(Configuration(f"{c} linear-probe m={m:.2f}", (ControlTemplate(c, alpha, x=m),), gate_p=1.0,
+                                     layers=single, site="attention", rule="norm", units="raw"))
+        if crossed:
+            configs.append(Configuration(
+                f"{c} crossed: linear bank, musicrfm steering m={m:.2f}",
+                (ControlTemplate(c, m / info.linear_weight_sum, x=m),), gate_p=1.0, layers=layers, site="attention",
+                units="relative"))
+            configs.append(Configuration(
+                f"{c} crossed: rfm bank, linear-probe steering m={m:.2f}", (ControlTemplate(c, alpha, x=m),),
+                gate_p=1.0, layers=single, rule="norm", units="raw"))
     return configs
 
 

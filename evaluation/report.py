@@ -79,23 +79,32 @@ def _units(clips: list[dict], settings: SweepSettings) -> str:
 
 def methods_table(rows: list[dict]) -> list[str]:
     """The methods preset's results side by side (Markdown lines): per concept and matched strength m, MusicRFM's
-    and the linear-probe method's closed-loop check accuracy, FD and MMD²; the unsteered reference first."""
+    and the linear-probe method's closed-loop check accuracy, FD and MMD², then the crossed configurations'
+    check accuracy and FD; the unsteered reference first."""
+    methods = {"musicrfm": " musicrfm m=", "linear-probe": " linear-probe m=",
+               "linear bank, musicrfm steering": "crossed: linear bank, musicrfm steering m=",
+               "rfm bank, linear-probe steering": "crossed: rfm bank, linear-probe steering m="}
     by: dict[tuple[str, float], dict[str, dict]] = {}
     reference = {r["concept"]: r for r in rows if r["group"] == REFERENCE_GROUP}
     for r in rows:
-        for method in ("musicrfm", "linear-probe"):
-            if f" {method} m=" in r["group"]:
+        for method, marker in methods.items():
+            if marker in r["group"]:
                 by.setdefault((r["concept"], _num(r["x"])), {})[method] = r
     if not by:
         return []
-    cols = ("check_acc", "fd", "mmd2")
-    lines = ["| concept | m | MusicRFM check acc | MusicRFM FD | MusicRFM MMD² | linear-probe check acc | "
-             "linear-probe FD | linear-probe MMD² |", "|---|---|---|---|---|---|---|---|"]
+    cells = [("musicrfm", "check_acc"), ("musicrfm", "fd"), ("musicrfm", "mmd2"), ("linear-probe", "check_acc"),
+             ("linear-probe", "fd"), ("linear-probe", "mmd2"), ("linear bank, musicrfm steering", "check_acc"),
+             ("linear bank, musicrfm steering", "fd"), ("rfm bank, linear-probe steering", "check_acc"),
+             ("rfm bank, linear-probe steering", "fd")]
+    names = {"check_acc": "check acc", "fd": "FD", "mmd2": "MMD²"}
+    lines = ["| concept | m | " + " | ".join(f"{m} {names[k]}" for m, k in cells) + " |",
+             "|---|---|" + "---|" * len(cells)]
     for concept, ref in reference.items():
-        lines.append(f"| {concept} | 0 (unsteered) | {_md(ref['check_acc'])} | – | – | {_md(ref['check_acc'])} | – | – |")
-    for (concept, m), pair in by.items():
-        cells = [_md(pair.get(method, {}).get(k)) for method in ("musicrfm", "linear-probe") for k in cols]
-        lines.append(f"| {concept} | {m:g} | " + " | ".join(cells) + " |")
+        lines.append(f"| {concept} | 0 (unsteered) | " + " | ".join(
+            _md(ref["check_acc"]) if k == "check_acc" else "–" for _, k in cells) + " |")
+    for (concept, m), found in by.items():
+        lines.append(f"| {concept} | {m:g} | " + " | ".join(_md(found.get(method, {}).get(k)) for method, k in cells)
+                     + " |")
     return lines
 
 

@@ -334,6 +334,14 @@ def run_sweep(settings: SweepSettings, *, ray: str | None = None, workers: int |
         methods = method_banks(settings.banks, settings.concepts, layers)
     configs = build_configurations(settings.preset, settings.concepts, classes, fingerprint.num_layers,
                                    settings.seconds, settings.eta0, settings.units, methods=methods)
+    _, where, _ = bank_index(settings.banks)
+    for cfg in configs:
+        for t in cfg.controls:
+            if (t.concept, cfg.site) not in where:
+                have = ", ".join(f"{site} ({Path(p).name})" for (c, site), p in where.items() if c == t.concept)
+                raise ValueError(f"preset {settings.preset!r} steers {t.concept} at the {cfg.site} site, but its bank "
+                                 f"was read at: {have}; steer a bank where it was read (an attention bank: "
+                                 "--preset methods, or `musicrfm generate --site attention`)")
     _check_manifest(out, settings.manifest())
     units = plan_units(settings, configs, classes)
     records_path = out / "units.jsonl"

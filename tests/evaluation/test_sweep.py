@@ -324,9 +324,10 @@ def test_methods_preset_compares_musicrfm_and_linear_probe_steering_at_matched_s
     assert info.chosen_layer == 1 and info.weight_sum == pytest.approx(sum(sums) / 3)
     configs = build_configurations("methods", ["notes"], {"notes": NOTES}, fp.num_layers, 1.0, eta0=(0.2, 0.6),
                                    methods={"notes": info})
-    assert [c.name for c in configs] == ["notes musicrfm m=0.20", "notes linear-probe m=0.20",
-                                         "notes musicrfm m=0.60", "notes linear-probe m=0.60"]
-    rfm_cfg, linear_cfg = configs[2], configs[3]
+    assert [c.name for c in configs[:4]] == [
+        "notes musicrfm m=0.20", "notes linear-probe m=0.20", "notes crossed: linear bank, musicrfm steering m=0.20",
+        "notes crossed: rfm bank, linear-probe steering m=0.20"] and len(configs) == 8
+    rfm_cfg, linear_cfg, crossed_linear, crossed_rfm = configs[4:]
     assert rfm_cfg.controls[0].coefficient * info.weight_sum == pytest.approx(0.6)  # s x sum_l w_l = m
     alpha = linear_cfg.controls[0].coefficient
     assert alpha / (1 + alpha) == pytest.approx(0.6)  # the norm rule's push alpha / (1 + alpha) = m
@@ -334,6 +335,10 @@ def test_methods_preset_compares_musicrfm_and_linear_probe_steering_at_matched_s
         "residual", "add", "relative", OPTIMAL_LAYERS, 1.0)
     assert (linear_cfg.site, linear_cfg.rule, linear_cfg.units, linear_cfg.gate_p) == ("attention", "norm", "raw", 1.0)
     assert linear_cfg.layers == LayerWeighting.single(1, fp.num_layers)
+    # The crossed pair swaps the recipes: each bank steered the other method's way, at the same m.
+    assert (crossed_linear.site, crossed_linear.rule, crossed_linear.layers) == ("attention", "add", OPTIMAL_LAYERS)
+    assert crossed_linear.controls[0].coefficient * info.linear_weight_sum == pytest.approx(0.6)
+    assert (crossed_rfm.site, crossed_rfm.rule, crossed_rfm.layers) == ("residual", "norm", linear_cfg.layers)
     with pytest.raises(ValueError, match="must be in \\(0, 1\\)"):
         build_configurations("methods", ["notes"], {"notes": NOTES}, fp.num_layers, 1.0, eta0=(1.0,),
                              methods={"notes": info})
@@ -348,5 +353,8 @@ def test_methods_preset_compares_musicrfm_and_linear_probe_steering_at_matched_s
     assert len(linear) == 2 and all(r["steering"]["site"] == "attention" and r["steering"]["rule"] == "norm"
                                     and r["steering"]["units"] == "raw" for r in linear)
     assert {r["units"] for r in result.rows if "linear-probe" in r["group"]} == {"raw"}
+    with pytest.raises(ValueError, match="steers notes at the residual site, but its bank was read at: attention"):
+        run_sweep(SweepSettings(preset="eta", banks=paths[1:], out=str(tmp_path / "eta"), samples=2, seconds=0.1),
+                  progress=False, model=tiny)
     summary = (tmp_path / "sweep" / "summary.md").read_text()
-    assert "| concept | m | MusicRFM check acc | MusicRFM FD" in summary and "| notes | 0.5 |" in summary
+    assert "| concept | m | musicrfm check acc | musicrfm FD" in summary and "| notes | 0.5 |" in summary
