@@ -266,7 +266,8 @@ def metrics_figure(settings: SweepSettings, rows: list[dict], note: str):
     tempo = any(r["concept"] == "tempos" for r in steered)  # its eta0 is signed: the plot pools |eta0|
     xlabel = {"eta": "control coefficient eta0" + (" (|eta0| for tempos)" if tempo else ""),
               "pairs": "eta0 of the attribute", "topk": "K (layers steered)",
-              "gate": "gate probability p"}.get(settings.preset, "configuration")
+              "gate": "gate probability p", "methods": "matched strength m (push per step, fraction of the norm)"
+              }.get(settings.preset, "configuration")
     labels = list(dict.fromkeys(r["group"] for r in steered))
     use_probe = any(isinstance(r["probe_acc"], float) for r in steered)
     has_clap = any(isinstance(r["clap"], float) for r in steered)
@@ -281,6 +282,8 @@ def metrics_figure(settings: SweepSettings, rows: list[dict], note: str):
         series: dict[str, list[tuple[float, float]]] = {}
         for r in steered:
             name = r["concept"] + (f" ({r['role']})" if r["role"] else "")
+            if settings.preset == "methods":  # one line per method (the group without its " m=..." suffix)
+                name = r["group"].rsplit(" m=", 1)[0]
             x = r["x"] if numeric else labels.index(r["group"])
             series.setdefault(name, []).append((x, _num(r[key])))
         for name, pts in list(series.items()):
