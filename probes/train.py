@@ -278,7 +278,9 @@ def train_concept(feature_dir: str | Path, out_dir: str | Path, settings: TrainS
     if clustering:
         from .clustering import CHOICE_INDEX, LayerClustering, choose_layer
 
-        chosen = choose_layer([LayerClustering(k, *v) for k, v in cluster_scores.items()])
+        # A layer without a probe (fallback) is not a place to steer with this bank's method.
+        candidates = [LayerClustering(k, *v) for k, v in cluster_scores.items() if k not in fallback]
+        chosen = choose_layer(candidates or [LayerClustering(k, *v) for k, v in cluster_scores.items()])
         choice_meta = {"layer_choice": {"method": "clustering", "index": CHOICE_INDEX, "layer": chosen.layer,
                                         "k": len(classes), "ari": {str(k): v[0] for k, v in cluster_scores.items()},
                                         "nmi": {str(k): v[1] for k, v in cluster_scores.items()}}}
