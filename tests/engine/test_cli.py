@@ -212,6 +212,9 @@ def test_generate_at_the_attention_site_with_the_chosen_layer(tmp_path, bank_fil
     weights[1] = 1.0
     assert steering["layers"] == {"mode": "explicit", "weights": weights, "w0": 1.0}
     assert steering["site"] == "attention" and steering["rule"] == "norm"
+    # alpha in relative units is a layer norm times s: said, not refused (older sidecars replay with it).
+    r = run_here(*common, "--out", tmp_path / "r.wav", "--site", "attention", "--rule", "norm", cwd=tmp_path)
+    assert r.returncode == 0 and "give alpha with --units raw" in r.stderr
     r = run_here(*common, "--out", tmp_path / "b.wav", "--units", "raw", cwd=tmp_path)
     assert r.returncode == 2 and "read at the 'attention' injection point, but steering is set to site 'residual'" in r.stderr
     r = run_here("generate", "--model", "tiny-random", "--seconds", "0.2", "--bank", bank_file, "--steer", "notes:C=1",

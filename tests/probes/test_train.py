@@ -222,6 +222,17 @@ def test_train_layer_choice_clustering_writes_csv_and_bank_metadata(feature_dir,
     assert "clustering layer choice: layer" in result.summary()
     from musicrfm.engine.bank import BankFormatError
 
+    # The features' site travels into the bank: the same features relabelled as read at the attention output.
+    attention = tmp_path / "attention" / "pitch"
+    shutil.copytree(feature_dir, attention)
+    index = json.loads((attention / "index.json").read_text())
+    (attention / "index.json").write_text(json.dumps({**index, "injection_point": "attention"}))
+    for part in attention.glob("part-*.safetensors"):
+        with safe_open(str(part), framework="pt") as f:
+            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["musicrfm"])
+        save_file(tensors, str(part), metadata={"musicrfm": json.dumps({**meta, "injection_point": "attention"})})
+    moved = train_concept(attention, tmp_path / "attention-banks", TrainSettings(method="diffmeans"), progress=False)
+    assert DirectionBank.load(moved.bank_path).injection_point == "attention" and bank.injection_point == "residual"
     with pytest.raises(BankFormatError, match="no chosen layer"):
         DirectionBank.load(test_bank_path).chosen_layer  # a bank trained without a layer choice
     with pytest.raises(ValueError, match="unknown layer choice"):
