@@ -123,9 +123,11 @@ class FittedProbe:
     val_accuracy: float
     test_accuracy: float
     selection: str  # how the layer was chosen
+    site: str = "residual"  # the injection point the training features were read at (re-extracted there)
 
     def features(self, model, clips: Sequence[np.ndarray]) -> torch.Tensor:
-        """Mean-pooled residual-stream features at `layer` of each clip, re-extracted from the audio: [n, d]."""
+        """Mean-pooled features at `layer` of each clip (at the site the training features were read at),
+        re-extracted from the audio: [n, d]."""
         from musicrfm.probes.extract import decoder_features, encode_audio
 
         audio = [torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32)) for c in clips]
@@ -133,7 +135,7 @@ class FittedProbe:
         padded = torch.stack([torch.nn.functional.pad(a, (0, length - a.shape[0])) for a in audio])
         codes = encode_audio(model, padded)
         frames = torch.tensor([max(1, min(codes.shape[2], a.shape[0] // model.hop_length)) for a in audio])
-        return decoder_features(model, codes, self.prompt, [self.layer], frames)["mean"][:, 0]
+        return decoder_features(model, codes, self.prompt, [self.layer], frames, site=self.site)["mean"][:, 0]
 
     def proba(self, model, clips: Sequence[np.ndarray]) -> np.ndarray:
         """Softmax over `classes` [n, C] (float64) of each clip."""
@@ -199,4 +201,4 @@ def fit_probe(feature_dir: str | Path, *, fingerprint=None, seed: int = 0, trial
         path.write_text(json.dumps(data, indent=1) + "\n")
     return FittedProbe(concept=head.concept, classes=tuple(head.classes), layer=lay, prompt=head.prompt,
                        classifier=classifier_to_cpu(clf), val_accuracy=float(clf.val_accuracy),
-                       test_accuracy=test, selection=selection)
+                       test_accuracy=test, selection=selection, site=head.site)
