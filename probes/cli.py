@@ -80,13 +80,17 @@ def cmd_report(args) -> int:
 def cmd_norms(args) -> int:
     from musicrfm.engine.bank import DirectionBank
 
-    from .extract import load_layer_norms
+    from .extract import load_features, load_layer_norms
 
     bank = DirectionBank.load(args.bank)
     n = bank.fingerprint.num_layers
     if args.features:
         norms = None
         for folder in args.features:
+            site = load_features(folder, poolings=[]).site
+            if site != bank.injection_point:
+                raise ValueError(f"{folder}: features read at the {site} site, the bank steers at the "
+                                 f"{bank.injection_point} site; their norms would not match")
             found = load_layer_norms(folder, n)
             if found is None:
                 raise ValueError(f"{folder}: the features do not cover all {n} layers or predate the norm statistics "
