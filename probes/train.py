@@ -203,7 +203,9 @@ def train_concept(feature_dir: str | Path, out_dir: str | Path, settings: TrainS
     parts.mkdir(parents=True, exist_ok=True)
     meta = {"concept": concept, "fingerprint": head.fingerprint.to_dict(), "classes": classes,
             "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()
-                         if k != "layers" and not (k == "layer_choice" and v == "none")}, "prompt": head.prompt, "search": asdict(search) if settings.method == "rfm" else None}
+                         # layer_choice only when used: parts trained before it existed still resume
+                         if k != "layers" and not (k == "layer_choice" and v == "none")},
+            "prompt": head.prompt, "search": asdict(search) if settings.method == "rfm" else None}
     meta = json.loads(json.dumps(meta))  # as a part stores it (tuples become lists), so a resumed run compares equal
 
     for layer in tqdm(layers, desc=f"train {name}", unit="layer", disable=not progress):
@@ -289,7 +291,8 @@ def train_concept(feature_dir: str | Path, out_dir: str | Path, settings: TrainS
             concept, classes, D, S, head.fingerprint, method=provenance.method, pooling=settings.pooling,
             score_name=provenance.score_name, injection_point=head.site,
             metadata={"prompt": head.prompt, "split": "stratified 70/15/15", "seed": settings.seed,
-                      "search": meta["search"], "features": str(feature_dir), **(fallback_meta if fallback else {}), **choice_meta},
+                      "search": meta["search"], "features": str(feature_dir), **(fallback_meta if fallback else {}),
+                      **choice_meta},
             layer_norms=load_layer_norms(feature_dir, head.fingerprint.num_layers),
         )
         bank_path = out_dir / f"{name}.safetensors"

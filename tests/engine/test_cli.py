@@ -216,7 +216,8 @@ def test_generate_at_the_attention_site_with_the_chosen_layer(tmp_path, bank_fil
     r = run_here(*common, "--out", tmp_path / "r.wav", "--site", "attention", "--rule", "norm", cwd=tmp_path)
     assert r.returncode == 0 and "give alpha with --units raw" in r.stderr
     r = run_here(*common, "--out", tmp_path / "b.wav", "--units", "raw", cwd=tmp_path)
-    assert r.returncode == 2 and "read at the 'attention' injection point, but steering is set to site 'residual'" in r.stderr
+    assert r.returncode == 2
+    assert "read at the 'attention' injection point, but steering is set to site 'residual'" in r.stderr
     r = run_here("generate", "--model", "tiny-random", "--seconds", "0.2", "--bank", bank_file, "--steer", "notes:C=1",
                  "--layers", "chosen", "--out", tmp_path / "c.wav", "--quiet", cwd=tmp_path)
     assert r.returncode == 2 and "records no chosen layer" in r.stderr
