@@ -400,6 +400,17 @@ class DirectionBank:
         return {c: Provenance.from_dict(stored[c]) if c in stored else Provenance(self.method, self.score_name)
                 for c in self.concepts}
 
+    @property
+    def chosen_layer(self) -> int:
+        """The layer `musicrfm train --layer-choice clustering` chose (metadata["layer_choice"]["layer"]): where
+        the linear-probe method steers (`--layers chosen`). A BankFormatError when the bank records none."""
+        choice = self.metadata.get("layer_choice")
+        layer = choice.get("layer") if isinstance(choice, dict) else None
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < self.fingerprint.num_layers:
+            raise BankFormatError("the bank records no chosen layer (train it with `musicrfm train --layer-choice "
+                                  "clustering`; a merge of several banks keeps none)")
+        return layer
+
     def describe(self) -> str:
         counts = ", ".join(f"{c} [{len(v)}]" for c, v in self.concepts.items()) or "no directions"
         return (f"{self.method} directions ({self.pooling} pooling, {self.injection_point}) for "

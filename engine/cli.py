@@ -62,7 +62,8 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
                    help="seed of the gate's on/off draws (default: derived from --seed, so each seed gates its "
                         "own steps; the sidecar records the value used)")
     s.add_argument("--layers", default="exponential:kappa=0.95,w0=1",
-                   help="layer weighting: all, topk:k=8, linear, exponential:kappa=0.95,w0=1, explicit:weights=...")
+                   help="layer weighting: all, topk:k=8, linear, exponential:kappa=0.95,w0=1, explicit:weights=..., "
+                        "or chosen (only the layer the bank's `train --layer-choice clustering` chose)")
     s.add_argument("--rows", choices=["both", "cond"], default="both",
                    help="guidance rows to steer: both (paper) or the conditional row only")
     s.add_argument("--rule", choices=["add", "norm"], default="add",
@@ -116,9 +117,25 @@ def _parse_spec(args):
         controls.extend(crossfade(keys[0], keys[1], float(coef), start=int(kw.get("start", 0)),
                                   length=int(kw.get("length", 1500)), curve=kw.get("curve", "equal_power")))
     gate_seed = default_gate_seed(args.seed) if args.gate_seed is None else args.gate_seed
+    # "chosen" needs the bank (its recorded layer): a placeholder here, resolved by _resolve_chosen_layers.
+    layers = LayerWeighting() if args.layers.strip() == CHOSEN_LAYERS else LayerWeighting.parse(args.layers)
     return SteeringSpec(controls=tuple(controls), gate_p=args.gate, gate_seed=gate_seed,
-                        layers=LayerWeighting.parse(args.layers), rows=args.rows, rule=args.rule, site=args.site,
+                        layers=layers, rows=args.rows, rule=args.rule, site=args.site,
                         units=args.units)
+
+
+CHOSEN_LAYERS = "chosen"  # --layers chosen: the bank's clustering-chosen layer alone
+
+
+def _resolve_chosen_layers(spec, layers_arg: str, bank):
+    """`spec` with --layers chosen made explicit: weight 1 at the bank's chosen layer, 0 elsewhere."""
+    from dataclasses import replace
+
+    from .steering import LayerWeighting
+
+    if layers_arg.strip() != CHOSEN_LAYERS or not spec.controls:
+        return spec
+    return replace(spec, layers=LayerWeighting.single(bank.chosen_layer, bank.fingerprint.num_layers))
 
 
 def _seconds_as_steps(option: str, value: float | None, rate: float, *, allow_zero: bool) -> int | None:
@@ -172,7 +189,13 @@ def cmd_generate(args) -> int:
         check_model_name(args.model)
         # A bundled model brings its own banks: --steer notes:C=... works without --bank.
         banks = args.bank or (bundled_banks(args.model) if spec.controls else [])
-        load_steering_banks(spec, banks)  # every --steer key, against the banks
+        bank = load_steering_banks(spec, banks)  # every --steer key, against the banks
+        spec = _resolve_chosen_layers(spec, args.layers, bank)
+        if spec.controls and spec.rule == "norm" and spec.units == "relative":
+            # The rule scales by |h| itself: a relative strength s would become alpha = s x the layer's norm.
+            print("warning: --rule norm takes the paper's alpha, which is already relative to each token's norm; "
+                  "in --units relative it becomes s x the layer's typical norm (tens of units, all but replacing "
+                  "the activation): give alpha with --units raw", file=sys.stderr)
         model = load_model(args.model, device=args.device, dtype=args.dtype)
         print(f"model: {model.describe()}", file=sys.stderr)
         rate = model.frame_rate

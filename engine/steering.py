@@ -428,6 +428,14 @@ class LayerWeighting:
             w = s_hat if self.mode == "linear" else s_hat ** (1.0 / self.kappa)
         return self.w0 * w
 
+    @classmethod
+    def single(cls, layer: int, num_layers: int, w0: float = 1.0) -> "LayerWeighting":
+        """Steering at one layer only (the linear-probe method's chosen layer): explicit weights, w0 there and 0
+        elsewhere, so a sidecar records plain weights that replay without the bank's metadata."""
+        if not 0 <= layer < num_layers:
+            raise ValueError(f"layer {layer} does not exist: the model has {num_layers} (0..{num_layers - 1})")
+        return cls("explicit", w0=w0, layer_weights=tuple(1.0 if i == layer else 0.0 for i in range(num_layers)))
+
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"mode": self.mode}
         for name in _LAYER_PARAMS[self.mode]:

@@ -61,9 +61,12 @@ def register(sub) -> None:
     sw = ev_sub.add_parser("sweep", help="generate steered and reference clips over a preset and measure them "
                                          "(FD, MMD², CLAP, checks, probe accuracy); resumable; --ray to fan out")
     add_model_args(sw)
-    sw.add_argument("--preset", required=True, choices=["eta", "pairs", "schedules", "crossfade", "layers", "topk", "gate"],
+    sw.add_argument("--preset", required=True,
+                    choices=["eta", "pairs", "schedules", "crossfade", "layers", "topk", "gate", "methods"],
                     help="eta: Table 2 / Fig. 2; pairs: Table 5; schedules: Table 6 / Fig. 1a; crossfade: Sec. 6.2 / "
-                         "Fig. 1b; layers: Table 8; topk: Table 9; gate: Table 10")
+                         "Fig. 1b; layers: Table 8; topk: Table 9; gate: Table 10; methods: MusicRFM vs linear-probe "
+                         "steering (attention bank, chosen layer, norm-preserving) at matched strength (give both "
+                         "banks with --bank)")
     add_bank_arg(sw, help="direction bank holding the concepts; repeatable (default: the bundled model's own banks)")
     sw.add_argument("--concept", default="notes", help="comma-separated concepts to steer (pairs: two or more)")
     sw.add_argument("--prompts", default=None, help='comma-separated text prompts, cycled over samples '
@@ -75,7 +78,8 @@ def register(sub) -> None:
     sw.add_argument("--seed", type=int, default=0, help="sweep seed: each sample's seed derives from it and the index")
     sw.add_argument("--eta0", default=None, help="strengths, in --units. eta: the levels (default relative "
                                                  "0.1,0.25,0.5,1; raw: the paper's 0.15,0.3,0.45,0.6); pairs: the "
-                                                 "levels (0.25,0.5; raw 0.3,0.6); others: one value (0.5; raw 0.45)")
+                                                 "levels (0.25,0.5; raw 0.3,0.6); methods: matched strengths "
+                                                 "m in (0, 1) (0.25,0.5,0.75); others: one value (0.5; raw 0.45)")
     add_units_arg(sw)
     sw.add_argument("--layers", default=None,
                     help="layer weighting where a preset uses the paper's optimal one (eta, pairs, schedules, "

@@ -171,9 +171,11 @@ class FittedProbe:
     val_accuracy: float
     test_accuracy: float
     selection: str  # how the layer was chosen
+    site: str = "residual"  # the injection point the training features were read at (re-extracted there)
 
     def features(self, model, clips: Sequence[np.ndarray]) -> torch.Tensor:
-        """Mean-pooled residual-stream features at `layer` of each clip, re-extracted from the audio: [n, d]."""
+        """Mean-pooled features at `layer` of each clip (at the site the training features were read at),
+        re-extracted from the audio: [n, d]."""
         from musicrfm.probes.extract import decoder_features, encode_audio
 
         audio = [torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32)) for c in clips]
@@ -181,7 +183,7 @@ class FittedProbe:
         padded = torch.stack([torch.nn.functional.pad(a, (0, length - a.shape[0])) for a in audio])
         codes = encode_audio(model, padded)
         frames = torch.tensor([max(1, min(codes.shape[2], a.shape[0] // model.hop_length)) for a in audio])
-        return decoder_features(model, codes, self.prompt, [self.layer], frames)["mean"][:, 0]
+        return decoder_features(model, codes, self.prompt, [self.layer], frames, site=self.site)["mean"][:, 0]
 
     def proba(self, model, clips: Sequence[np.ndarray]) -> np.ndarray:
         """Softmax over `classes` [n, C] (float64) of each clip."""
@@ -247,7 +249,7 @@ def fit_probe(feature_dir: str | Path, *, fingerprint=None, seed: int = 0, trial
         path.write_text(json.dumps(data, indent=1) + "\n")
     return FittedProbe(concept=head.concept, classes=tuple(head.classes), layer=lay, prompt=head.prompt,
                        classifier=classifier_to_cpu(clf), val_accuracy=float(clf.val_accuracy),
-                       test_accuracy=test, selection=selection)
+                       test_accuracy=test, selection=selection, site=head.site)
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,8 +269,9 @@ class FittedRegressor:
     test_r2: float
     selection: str  # how the layer was chosen
     classes: tuple[str, ...] = ()  # no class to be right about (callers that look one up find none)
+    site: str = "residual"  # where the training features were read (extract --site)
 
-    features = FittedProbe.features  # the same re-extraction from audio (reads only `prompt` and `layer`)
+    features = FittedProbe.features  # the same re-extraction from audio (reads `prompt`, `layer` and `site`)
 
     def predict(self, model, clips: Sequence[np.ndarray]) -> np.ndarray:
         """The regressed value (BPM) of each clip: [n] float64."""
@@ -337,4 +340,4 @@ def fit_regressor(feature_dir: str | Path, *, fingerprint=None, seed: int = 0, t
     cpu = classifier_to_cpu(reg)  # the predictor's tensors; the same fields as a Classifier's
     return FittedRegressor(concept=head.concept, layer=lay, prompt=head.prompt,
                            regressor=replace(cpu, direction=cpu.direction.cpu()), val_r2=float(reg.val_r2),
-                           test_r2=test, selection=selection)
+                           test_r2=test, selection=selection, site=head.site)

@@ -10,6 +10,9 @@ coefficient, schedule, layer weighting, gate) whose target classes are filled in
   layers     linear, exponential kappa 0.98 / 0.95 / 0.92, uniform; p = 1 (Table 8)
   topk       top-K layers, K in {4, 8, 12, 16, 24, 32, 48} scaled to the model's depth; p = 1 (Table 9)
   gate       p in {0.15, 0.30, 0.45, 0.6, 0.75, 0.9, 1.0}, uniform layers (Table 10)
+  methods    MusicRFM (residual bank, exponential weighting, add rule) against linear-probe activation steering
+             (attention bank, its clustering-chosen layer alone, norm-preserving rule) at matched strength m
+             (`method_configurations`; two banks of the concept, one per injection point)
 
 The unit of work is one (configuration, sample): sample i has its own prompt (prompts[i % len]), seed
 (derived from the sweep seed and i only, so it does not matter which worker runs it) and target classes;
@@ -47,7 +50,10 @@ __all__ = [
     "Configuration",
     "SweepSettings",
     "Unit",
+    "MethodBanks",
     "build_configurations",
+    "method_banks",
+    "method_configurations",
     "derive_seed",
     "plan_units",
     "scaled_schedules",
@@ -58,7 +64,7 @@ FORMAT = "musicrfm.sweep"
 # 2: clips are generated in batches on the batched engine (rows padded to engine.loop.MIN_ROWS), whose numbers
 # differ in the last bits from version 1's one-clip decoder: a version-1 sweep is not resumed with version-2 clips.
 VERSION = 2
-PRESETS = ("eta", "pairs", "schedules", "crossfade", "layers", "topk", "gate")
+PRESETS = ("eta", "pairs", "schedules", "crossfade", "layers", "topk", "gate", "methods")
 PAPER = {
     "eta": "Table 2 and Fig. 2 (single direction over eta0)",
     "pairs": "Table 5 (pairwise multi-direction, grouped by attribute)",
@@ -67,6 +73,8 @@ PAPER = {
     "layers": "Table 8 (layer weighting)",
     "topk": "Table 9 (top-K layer selection)",
     "gate": "Table 10 (gate probability p)",
+    "methods": "MusicRFM vs linear-probe activation steering (attention site, chosen layer, norm-preserving) "
+               "at matched strength",
 }
 REFERENCE = "reference"  # the unsteered configuration
 REFERENCE_GROUP = "reference (unsteered)"
@@ -96,6 +104,10 @@ RELATIVE_LEVELS = {"eta": (0.1, 0.25, 0.5, 1.0), "pairs": (0.25, 0.5), "single":
 PAPER_LEVELS = {"eta": ETA_LEVELS, "pairs": PAIR_LEVELS, "single": DEFAULT_ETA0}
 TOPK_PAPER = (4, 8, 12, 16, 24, 32, 48)  # of 48 layers
 GATE_LEVELS = (0.15, 0.30, 0.45, 0.6, 0.75, 0.9, 1.0)
+# The methods preset's matched strengths m: the push along the direction per step, summed over the steered
+# layers, each as a fraction of that layer's norm (method_configurations). m < 1: the norm-preserving rule's
+# push alpha/(1+alpha) never reaches a whole layer norm.
+MATCHED_LEVELS = (0.25, 0.5, 0.75)
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,11 +140,92 @@ class Configuration:
     gate_p: float = OPTIMAL_GATE
     layers: LayerWeighting = OPTIMAL_LAYERS
     trace: bool = False  # probe / check traces over time (schedules, crossfade)
+    site: str = "residual"  # injection point (its bank is the concept's bank read there)
+    rule: str = "add"  # update rule (engine.steering.RULES)
+    units: str | None = None  # strength units of this configuration (None: the sweep's --units)
 
     def describe(self) -> str:
         parts = [f"{c.concept}{'(' + c.role + ')' if c.role else ''}={c.coefficient:g}"
                  + ("" if c.schedule.kind == "constant" else f"@{c.schedule.kind}") for c in self.controls]
-        return f"{' + '.join(parts)}, gate p={self.gate_p:g}, layers {self.layers}"
+        extra = "".join(f", {name} {value}" for name, value, default in
+                        (("site", self.site, "residual"), ("rule", self.rule, "add"), ("units", self.units, None))
+                        if value != default)
+        return f"{' + '.join(parts)}, gate p={self.gate_p:g}, layers {self.layers}{extra}"
+
+
+@dataclass(frozen=True)
+class MethodBanks:
+    """What the methods preset needs of a concept's two banks: the MusicRFM (residual) bank's layer-weight sum
+    under its weighting (mean over classes) and the linear (attention) bank's chosen layer."""
+
+    concept: str
+    weight_sum: float  # mean over classes of sum_l w_l (MusicRFM's weighting, relative units)
+    chosen_layer: int
+    num_layers: int
+    linear_weight_sum: float = 0.0  # the same for the attention bank's scores (the crossed configurations)
+
+
+def method_banks(bank_paths: Sequence[str], concepts: Sequence[str],
+                 layers: LayerWeighting = OPTIMAL_LAYERS) -> dict[str, MethodBanks]:
+    """Each concept's MusicRFM bank (read at the residual stream) and linear-probe bank (read at the attention
+    output, with a chosen layer), from the sweep's banks. A clear error when either is missing."""
+    from musicrfm.engine.bank import DirectionBank
+
+    by_site: dict[tuple[str, str], DirectionBank] = {}
+    for path in bank_paths:
+        bank = DirectionBank.load(path)
+        for concept in bank.concepts:
+            by_site[(concept, bank.injection_point)] = bank
+    out = {}
+    for c in concepts:
+        missing = [site for site in ("residual", "attention") if (c, site) not in by_site]
+        if missing:
+            raise ValueError(f"the methods preset compares two banks of {c!r}: a residual-stream bank (MusicRFM) and "
+                             f"an attention-output bank (`musicrfm extract --site attention`, `musicrfm train "
+                             f"--method linear --layer-choice clustering`); no {' or '.join(missing)} bank of {c!r} "
+                             "among --bank")
+        rfm, linear = by_site[(c, "residual")], by_site[(c, "attention")]
+        sums = [[float(layers.weights(bank[f"{c}:{k}"].scores).sum()) for k in bank.concepts[c]]
+                for bank in (rfm, linear)]
+        out[c] = MethodBanks(c, sum(sums[0]) / len(sums[0]), linear.chosen_layer, linear.fingerprint.num_layers,
+                             sum(sums[1]) / len(sums[1]))
+    return out
+
+
+def method_configurations(info: MethodBanks, levels: Sequence[float], layers: LayerWeighting = OPTIMAL_LAYERS,
+                          crossed: bool = True) -> list[Configuration]:
+    """The two methods on one concept at each matched strength m.
+
+    Matched means the same push along the concept direction per step, summed over the steered layers, each as a
+    fraction of that layer's norm: MusicRFM's add rule at relative strength s adds s x w_l x n_l at layer l
+    (n_l the layer's typical norm), a push of s x sum_l w_l, so s = m / sum_l w_l; the norm-preserving rule
+    (h + alpha |h| r) / (1 + alpha) at one layer adds alpha / (1 + alpha) of the token's own norm along r (and
+    shrinks h by 1 / (1 + alpha)), so alpha = m / (1 - m), a raw (dimensionless) coefficient. The gate is open
+    on every step for both (p = 1), so "per step" holds step by step.
+
+    With `crossed` two more configurations per m say which half of the recipe matters: the linear-probe bank
+    steered MusicRFM's way (attention site, every layer weighted, add rule, s = m / its own sum_l w_l) and the
+    MusicRFM bank steered the linear-probe way (residual site, the chosen layer alone, norm-preserving)."""
+    configs = []
+    single = LayerWeighting.single(info.chosen_layer, info.num_layers)
+    for m in levels:
+        if not 0 < m < 1:
+            raise ValueError(f"the methods preset's matched strength m must be in (0, 1), got {m}")
+        c = info.concept
+        alpha = m / (1.0 - m)
+        configs.append(Configuration(f"{c} musicrfm m={m:.2f}", (ControlTemplate(c, m / info.weight_sum, x=m),),
+                                     gate_p=1.0, layers=layers, units="relative"))
+        configs.append(Configuration(f"{c} linear-probe m={m:.2f}", (ControlTemplate(c, alpha, x=m),), gate_p=1.0,
+                                     layers=single, site="attention", rule="norm", units="raw"))
+        if crossed:
+            configs.append(Configuration(
+                f"{c} crossed: linear bank, musicrfm steering m={m:.2f}",
+                (ControlTemplate(c, m / info.linear_weight_sum, x=m),), gate_p=1.0, layers=layers, site="attention",
+                units="relative"))
+            configs.append(Configuration(
+                f"{c} crossed: rfm bank, linear-probe steering m={m:.2f}", (ControlTemplate(c, alpha, x=m),),
+                gate_p=1.0, layers=single, rule="norm", units="raw"))
+    return configs
 
 
 def default_levels(units: str) -> dict:
@@ -177,10 +270,10 @@ def topk_values(num_layers: int) -> list[int]:
 
 def build_configurations(preset: str, concepts: Sequence[str], classes: dict[str, list[str]], num_layers: int,
                          seconds: float, eta0: Sequence[float] | None = None,
-                         units: str = "relative") -> list[Configuration]:
+                         units: str = "relative", methods: dict[str, MethodBanks] | None = None) -> list[Configuration]:
     """The configurations of a preset (the reference is not among them). `classes`: concept -> class names
     from the bank; `num_layers` scales top-K; `seconds` scales schedules and the crossfade; `units` picks the
-    default strength levels (`default_levels`)."""
+    default strength levels (`default_levels`); `methods`: the methods preset's banks (`method_banks`)."""
     levels = default_levels(units)
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -239,6 +332,13 @@ def build_configurations(preset: str, concepts: Sequence[str], classes: dict[str
         for c in concepts:
             for label, weighting in schemes:
                 configs.append(Configuration(f"{c} {label}", (ControlTemplate(c, eta),), gate_p=1.0, layers=weighting))
+    elif preset == "methods":
+        for c in concepts:
+            if c in REGRESSION_CONCEPTS:
+                raise ValueError(f"the methods preset compares classification steering; {c!r} is a regression concept")
+            if methods is None or c not in methods:
+                raise ValueError(f"the methods preset needs the banks of {c!r} (method_banks)")
+            configs += method_configurations(methods[c], _eta_list(eta0, MATCHED_LEVELS))
     elif preset == "topk":
         eta = _single_eta(preset, eta0, levels["single"])
         for c in concepts:
@@ -389,7 +489,7 @@ def plan_units(settings: SweepSettings, configs: Sequence[Configuration],
             if settings.layers is not None and cfg.layers == OPTIMAL_LAYERS:
                 layers = LayerWeighting.parse(settings.layers)
             spec = SteeringSpec(controls=tuple(controls), gate_p=cfg.gate_p, gate_seed=seed, layers=layers,
-                                units=settings.units)
+                                units=cfg.units or settings.units, site=cfg.site, rule=cfg.rule)
             units.append(Unit(cfg.name, i, settings.prompts[i % len(settings.prompts)], seed, spec, tuple(targets),
                               cfg.trace))
     return units

@@ -96,6 +96,44 @@ def _bpm_columns(targets: list[tuple[int, dict]], ref_bpm: dict[int, float], sou
             f"{prefix}bpm_shift_down": shift(-1.0)}
 
 
+def _units(clips: list[dict], settings: SweepSettings) -> str:
+    """The strength units the clips were steered in: their own spec's (a methods-preset configuration sets its
+    own), else the sweep's."""
+    specs = [r["steering"] for r in clips if r.get("steering")]
+    return specs[0].get("units", settings.units) if specs else settings.units
+
+
+def methods_table(rows: list[dict]) -> list[str]:
+    """The methods preset's results side by side (Markdown lines): per concept and matched strength m, MusicRFM's
+    and the linear-probe method's closed-loop check accuracy, FD and MMD², then the crossed configurations'
+    check accuracy and FD; the unsteered reference first."""
+    methods = {"musicrfm": " musicrfm m=", "linear-probe": " linear-probe m=",
+               "linear bank, musicrfm steering": "crossed: linear bank, musicrfm steering m=",
+               "rfm bank, linear-probe steering": "crossed: rfm bank, linear-probe steering m="}
+    by: dict[tuple[str, float], dict[str, dict]] = {}
+    reference = {r["concept"]: r for r in rows if r["group"] == REFERENCE_GROUP}
+    for r in rows:
+        for method, marker in methods.items():
+            if marker in r["group"]:
+                by.setdefault((r["concept"], _num(r["x"])), {})[method] = r
+    if not by:
+        return []
+    cells = [("musicrfm", "check_acc"), ("musicrfm", "fd"), ("musicrfm", "mmd2"), ("linear-probe", "check_acc"),
+             ("linear-probe", "fd"), ("linear-probe", "mmd2"), ("linear bank, musicrfm steering", "check_acc"),
+             ("linear bank, musicrfm steering", "fd"), ("rfm bank, linear-probe steering", "check_acc"),
+             ("rfm bank, linear-probe steering", "fd")]
+    names = {"check_acc": "check acc", "fd": "FD", "mmd2": "MMD²"}
+    lines = ["| concept | m | " + " | ".join(f"{m} {names[k]}" for m, k in cells) + " |",
+             "|---|---|" + "---|" * len(cells)]
+    for concept, ref in reference.items():
+        lines.append(f"| {concept} | 0 (unsteered) | " + " | ".join(
+            _md(ref["check_acc"]) if k == "check_acc" else "–" for _, k in cells) + " |")
+    for (concept, m), found in by.items():
+        lines.append(f"| {concept} | {m:g} | " + " | ".join(_md(found.get(method, {}).get(k)) for method, k in cells)
+                     + " |")
+    return lines
+
+
 def aggregate(settings: SweepSettings, configs: Sequence[Configuration], records: dict[str, dict],
               probes: dict[str, FittedProbe], probe_missing: dict[str, str]) -> SweepReport:
     """Results per (group, concept, role) from the stored records, then every output file."""
@@ -147,7 +185,7 @@ def aggregate(settings: SweepSettings, configs: Sequence[Configuration], records
                  for v in [_vector_norm(r, t)] if v is not None]
         rows.append({
             "preset": settings.preset, "group": group, "concept": concept, "role": role, "x": g["x"],
-            "units": settings.units, "vector_norm": float(np.mean(added)) if added else None,
+            "units": _units(clips, settings), "vector_norm": float(np.mean(added)) if added else None,
             "configurations": ";".join(g["configs"]), "n_clips": len(clips), "embedding": embedder,
             "n_ref": len(ref), "fd": fd, "mmd2": mmd, "mmd_bandwidth": kernel.bandwidth if kernel else None,
             "clap": float(np.mean(claps)) if claps else "unavailable",
@@ -166,7 +204,7 @@ def aggregate(settings: SweepSettings, configs: Sequence[Configuration], records
             clip_rows.append({
                 "preset": settings.preset, "config": r["config"], "sample": r["sample"], "prompt": r["prompt"],
                 "seed": r["seed"], "concept": t["concept"], "class": t["class"], "coefficient": t["coefficient"],
-                "units": settings.units, "vector_norm": _vector_norm(r, t),
+                "units": _units([r], settings), "vector_norm": _vector_norm(r, t),
                 "role": t["role"], "window": "-".join(_fmt(float(w)) for w in t["window"]),
                 "check_pred": c["pred"] if c else "", "check_correct": c["correct"] if c else None,
                 "check_bpm": c.get("bpm") if c else None,
@@ -266,7 +304,8 @@ def metrics_figure(settings: SweepSettings, rows: list[dict], note: str):
     tempo = any(r["concept"] == "tempos" for r in steered)  # its eta0 is signed: the plot pools |eta0|
     xlabel = {"eta": "control coefficient eta0" + (" (|eta0| for tempos)" if tempo else ""),
               "pairs": "eta0 of the attribute", "topk": "K (layers steered)",
-              "gate": "gate probability p"}.get(settings.preset, "configuration")
+              "gate": "gate probability p", "methods": "matched strength m (push per step, fraction of the norm)"
+              }.get(settings.preset, "configuration")
     labels = list(dict.fromkeys(r["group"] for r in steered))
     use_probe = any(isinstance(r["probe_acc"], float) for r in steered)
     has_clap = any(isinstance(r["clap"], float) for r in steered)
@@ -281,6 +320,8 @@ def metrics_figure(settings: SweepSettings, rows: list[dict], note: str):
         series: dict[str, list[tuple[float, float]]] = {}
         for r in steered:
             name = r["concept"] + (f" ({r['role']})" if r["role"] else "")
+            if settings.preset == "methods":  # one line per method (the group without its " m=..." suffix)
+                name = r["group"].rsplit(" m=", 1)[0]
             x = r["x"] if numeric else labels.index(r["group"])
             series.setdefault(name, []).append((x, _num(r[key])))
         for name, pts in list(series.items()):
@@ -409,7 +450,9 @@ def _write_summary(path: Path, settings: SweepSettings, configs: Sequence[Config
         (f"- strength (eta0 / x) in **{settings.units}** units"
          + (": a fraction of each layer's typical activation norm (`vector_norm` in results.csv: the norm added, "
             "in hidden-state units)" if settings.units == "relative" else ": hidden-state units, as the paper")
-         + (f"; layer weighting `{settings.layers}`" if settings.layers else "")),
+         + (f"; layer weighting `{settings.layers}`" if settings.layers else "")
+         + ("; except where a configuration sets its own (methods: the linear-probe rows are raw alpha, see "
+            "Configurations and the `units` column)" if settings.preset == "methods" else "")),
         f"- FD and unbiased MMD² against the unsteered reference (same prompts and seeds), embedding "
         f"**{settings.embedder_name}**, RBF bandwidth frozen from the reference (median heuristic)"
         + ("; this embedding is not CLAP: values are comparable only within this embedding" if not settings.clap else ""),
@@ -440,6 +483,10 @@ def _write_summary(path: Path, settings: SweepSettings, configs: Sequence[Config
         lines += ["| " + " | ".join(_md(r.get(k)) for k in ("group", "n_clips", "bpm", "bpm_shift_up", "bpm_shift_down",
                                                              "probe_bpm", "probe_bpm_shift_up", "probe_bpm_shift_down"))
                   + " |" for r in tempo_rows]
+    if settings.preset == "methods":
+        lines += ["", "Side by side at matched strength m (the push along the direction per step, summed over the "
+                  "steered layers, as a fraction of each layer's norm; evaluation.presets.method_configurations):", ""]
+        lines += methods_table(rows)
     lines += ["", "Configurations:", ""]
     lines += [f"- `{c.name}`: {c.describe()}" for c in configs]
     lines += ["", "Files: " + ", ".join(f"`{p.name}`" for p in files.values() if p != path) + ", `units.jsonl` "

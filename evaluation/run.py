@@ -30,22 +30,26 @@ from musicrfm.engine.generation import Render, file_sha256, generate_many
 from musicrfm.engine.model import NOISE_LABEL, is_random_model
 from musicrfm.probes.train import REGRESSION_CONCEPTS
 
+from musicrfm.engine.steering import LayerWeighting
+
 from .measure import (FittedProbe, FittedRegressor, check_clip, check_trace, fit_probe, fit_regressor, segment,
                       window_bounds)
-from .presets import PAPER_FRAME_RATE, SweepSettings, Unit, build_configurations, plan_units
+from .presets import (OPTIMAL_LAYERS, PAPER_FRAME_RATE, SweepSettings, Unit, build_configurations, method_banks,
+                      plan_units)
 from .report import SweepReport, aggregate
 
 __all__ = ["SweepResult", "WorkerContext", "bank_index", "run_chunk", "run_sweep", "run_unit"]
 
 
-def bank_index(paths: Sequence[str]) -> tuple[dict[str, list[str]], dict[str, str], object]:
-    """concept -> classes, concept -> the bank file holding it, and the banks' model fingerprint. Banks are read
-    one by one, not merged: a unit generates with the banks of its own concepts only, so a unit's settings name
-    exactly the files that shaped it."""
+def bank_index(paths: Sequence[str]) -> tuple[dict[str, list[str]], dict[tuple[str, str], str], object]:
+    """concept -> classes, (concept, injection point) -> the bank file holding it, and the banks' model
+    fingerprint. Banks are read one by one, not merged: a unit generates with the banks of its own concepts (at
+    its own site) only, so a unit's settings name exactly the files that shaped it. A concept may have one bank
+    per injection point (the methods preset compares them), with the same classes."""
     from musicrfm.engine.bank import BankMismatchError, DirectionBank
 
     classes: dict[str, list[str]] = {}
-    where: dict[str, str] = {}
+    where: dict[tuple[str, str], str] = {}
     fingerprint = None
     for path in paths:
         bank = DirectionBank.load(path)
@@ -53,9 +57,12 @@ def bank_index(paths: Sequence[str]) -> tuple[dict[str, list[str]], dict[str, st
             fingerprint = bank.fingerprint
         bank.check_compatible(fingerprint)
         for concept, names in bank.concepts.items():
-            if concept in where:
-                raise BankMismatchError(f"concept {concept!r} is in two banks: {where[concept]} and {path}")
-            classes[concept], where[concept] = list(names), str(path)
+            key = (concept, bank.injection_point)
+            if key in where:
+                raise BankMismatchError(f"concept {concept!r} is in two banks: {where[key]} and {path}")
+            if concept in classes and classes[concept] != list(names):
+                raise BankMismatchError(f"concept {concept!r} has other classes in {path} than in another bank")
+            classes[concept], where[key] = list(names), str(path)
     return classes, where, fingerprint
 
 
@@ -152,7 +159,7 @@ def run_chunk(ctx: WorkerContext, units: Sequence[Unit]) -> list[dict]:
     renders = []
     for unit in units:
         concepts = [c.key.partition(":")[0] for c in unit.spec.controls] if unit.spec is not None else []
-        banks = tuple(p for p in ctx.bank_paths if p in {ctx.concept_bank[c] for c in concepts})
+        banks = tuple(p for p in ctx.bank_paths if p in {ctx.concept_bank[(c, unit.spec.site)] for c in concepts})
         renders.append(Render(unit.prompt, unit.seed, unit.spec, banks))
     results = generate_many(ctx.model, renders, s.seconds, sampling=s.sampling, progress=False,
                             layer_norms=ctx.layer_norms)
@@ -334,8 +341,20 @@ def run_sweep(settings: SweepSettings, *, ray: str | None = None, workers: int |
     log = log or (lambda msg: print(msg, file=sys.stderr))
     out = Path(settings.out)
     classes, _, fingerprint = bank_index(settings.banks)
+    methods = None
+    if settings.preset == "methods":
+        layers = LayerWeighting.parse(settings.layers) if settings.layers else OPTIMAL_LAYERS
+        methods = method_banks(settings.banks, settings.concepts, layers)
     configs = build_configurations(settings.preset, settings.concepts, classes, fingerprint.num_layers,
-                                   settings.seconds, settings.eta0, settings.units)
+                                   settings.seconds, settings.eta0, settings.units, methods=methods)
+    _, where, _ = bank_index(settings.banks)
+    for cfg in configs:
+        for t in cfg.controls:
+            if (t.concept, cfg.site) not in where:
+                have = ", ".join(f"{site} ({Path(p).name})" for (c, site), p in where.items() if c == t.concept)
+                raise ValueError(f"preset {settings.preset!r} steers {t.concept} at the {cfg.site} site, but its bank "
+                                 f"was read at: {have}; steer a bank where it was read (an attention bank: "
+                                 "--preset methods, or `musicrfm generate --site attention`)")
     _check_manifest(out, settings.manifest())
     units = plan_units(settings, configs, classes)
     records_path = out / "units.jsonl"

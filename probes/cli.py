@@ -44,13 +44,13 @@ def cmd_extract(args) -> int:
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     print(f"model: {model.describe()}", file=sys.stderr)
     settings = ExtractionSettings(prompt=args.prompt, batch_size=args.batch_size, shard_size=args.shard_size,
-                                  layers=tuple(_layer_list(args.layers)) if args.layers else None)
+                                  layers=tuple(_layer_list(args.layers)) if args.layers else None, site=args.site)
     for concept in args.concepts.split(","):
         data = load_concept(args.data, concept)
         folder = extract_concept(model, concept, data.paths, data.labels, args.out, settings=settings,
                                  targets=data.targets, classes=data.classes, load_audio=load_audio,
                                  progress=not args.quiet)
-        print(f"{concept}: features of {len(data.paths)} clips in {folder}")
+        print(f"{concept}: {settings.site} features of {len(data.paths)} clips in {folder}")
     return 0
 
 
@@ -58,7 +58,8 @@ def cmd_train(args) -> int:
     from .train import TrainSettings, train_concept
 
     settings = TrainSettings(method=args.method, pooling=args.pooling, trials=args.trials, seed=args.seed,
-                             layers=_layer_list(args.layers), device=args.device)
+                             layers=_layer_list(args.layers), device=args.device,
+                             layer_choice=args.layer_choice)
     for concept in args.concepts.split(","):
         result = train_concept(Path(args.features) / concept, args.out, settings, progress=not args.quiet)
         print(result.summary())
@@ -79,13 +80,17 @@ def cmd_report(args) -> int:
 def cmd_norms(args) -> int:
     from musicrfm.engine.bank import DirectionBank
 
-    from .extract import load_layer_norms
+    from .extract import load_features, load_layer_norms
 
     bank = DirectionBank.load(args.bank)
     n = bank.fingerprint.num_layers
     if args.features:
         norms = None
         for folder in args.features:
+            site = load_features(folder, poolings=[]).site
+            if site != bank.injection_point:
+                raise ValueError(f"{folder}: features read at the {site} site, the bank steers at the "
+                                 f"{bank.injection_point} site; their norms would not match")
             found = load_layer_norms(folder, n)
             if found is None:
                 raise ValueError(f"{folder}: the features do not cover all {n} layers or predate the norm statistics "
@@ -129,6 +134,9 @@ def register(sub) -> None:
     ext.add_argument("--out", type=Path, default=Path("features"), help="features root (<concept>/ shards)")
     ext.add_argument("--prompt", default="", help="text conditioning (default: empty, as the paper)")
     ext.add_argument("--layers", default=None, help="only these layers, e.g. 0-11 (default: all)")
+    ext.add_argument("--site", choices=["residual", "attention"], default="residual",
+                     help="injection point read: the residual stream after each block (MusicRFM) or the "
+                          "self-attention output (the linear-probe method); a bank trained on it steers there")
     ext.add_argument("--batch-size", type=int, default=8, help="clips per forward pass")
     ext.add_argument("--shard-size", type=int, default=256, help="clips per feature shard (the unit of resuming)")
     ext.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -148,6 +156,10 @@ def register(sub) -> None:
     tr.add_argument("--layers", default=None, help="only these layers, e.g. 0-11 (shard training over machines; "
                                                    "default: all)")
     tr.add_argument("--seed", type=int, default=0, help="split and search seed")
+    tr.add_argument("--layer-choice", choices=["none", "clustering"], default="none",
+                    help="clustering: per layer, k-means (k = classes) on the training features scored by ARI and "
+                         "NMI against the labels; the best ARI is the bank's chosen layer (steer it with "
+                         "--layers chosen), both indices in the scores CSV")
     tr.add_argument("--device", default="auto", help="where probes are fitted (default: cuda if present)")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
     tr.set_defaults(func=cmd_train)

@@ -2,9 +2,12 @@
 
 audio (32 kHz mono) -> EnCodec codes (the model's own codec, its K codebooks) -> the decoder, fed the way
 generation feeds it: BOS, then the delay pattern (position p carries codebook k of frame p - k - 1),
-text-conditioned by a prompt (empty by default), conditional row only -> the residual stream at the
-output of every decoder block ("residual" injection point, engine/decoder.py) -> pooled over the clip's
-valid positions 1..F (mean, and the last position for the paper's ablation).
+text-conditioned by a prompt (empty by default), conditional row only -> the activations at one injection
+point of every decoder block (engine/decoder.py: "residual", the residual stream at the block's output, by
+default; or "attention", the self-attention output before the residual add, the second method's site) ->
+pooled over the clip's valid positions 1..F (mean, and the last position for the paper's ablation). The
+site is recorded in every shard and the index (`injection_point`), a directory never mixes sites, and the
+bank trained on it carries it, so steering writes where the probe read.
 
 The reference code fed codes without BOS, without the delay pattern and without text conditioning, and
 took the last layer after the final LayerNorm, so its probes saw states that steering never touches.
@@ -32,6 +35,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from musicrfm.engine.bank import LayerNorms
+from musicrfm.engine.decoder import INJECTION_POINTS
 from musicrfm.engine.model import ModelFingerprint, MusicModel
 from musicrfm.engine.norms import NormAccumulator, read_activations
 
@@ -51,10 +55,13 @@ class ExtractionSettings:
     batch_size: int = 8
     shard_size: int = 256  # clips per shard file; a multiple of batch_size keeps batches whole
     layers: tuple[int, ...] | None = None  # None = every decoder block
+    site: str = "residual"  # the injection point read (engine.decoder.INJECTION_POINTS)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.shard_size < 1:
             raise ValueError("batch_size and shard_size must be >= 1")
+        if self.site not in INJECTION_POINTS:
+            raise ValueError(f"site must be one of {', '.join(INJECTION_POINTS)}, got {self.site!r}")
 
 
 @torch.no_grad()
@@ -72,8 +79,8 @@ def encode_audio(model: MusicModel, audio: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def decoder_features(model: MusicModel, codes: torch.Tensor, prompt: str = "",
                      layers: Sequence[int] | None = None, frames: torch.Tensor | None = None,
-                     norms: NormAccumulator | None = None) -> dict[str, torch.Tensor]:
-    """Pooled residual-stream features of a batch of code sequences.
+                     norms: NormAccumulator | None = None, site: str = "residual") -> dict[str, torch.Tensor]:
+    """Pooled features of a batch of code sequences at injection point `site` (the residual stream by default).
 
     codes [B, K, F]; `frames` [B] = valid frames per clip (default F). Returns {"mean": [B, L', d],
     "last": [B, L', d]} in float32 for the selected layers. `norms` (indexed by position in `layers`)
@@ -100,7 +107,7 @@ def decoder_features(model: MusicModel, codes: torch.Tensor, prompt: str = "",
             if norms is not None:
                 norms.add(column[i], h, valid)
 
-    read_activations(model, codes, prompt, capture)
+    read_activations(model, codes, prompt, capture, site)
     return {"mean": torch.stack([pooled_mean[i] for i in layers], 1).cpu(),
             "last": torch.stack([pooled_last[i] for i in layers], 1).cpu()}
 
@@ -117,6 +124,7 @@ class FeatureSet:
     targets: list[float] | None  # numeric targets (tempo BPM) where the concept has them
     prompt: str
     classes: list[str]  # class names in the data set's order (e.g. C, C#, D, ...)
+    site: str = "residual"  # the injection point the features were read at
     features: dict[str, torch.Tensor] = field(default_factory=dict)  # pooling -> [N, L', d] float16
 
     def layer(self, pooling: str, layer: int) -> torch.Tensor:
@@ -130,7 +138,7 @@ def _natural_key(name: str) -> list:
 
 def _shard_meta(model: MusicModel, concept: str, settings: ExtractionSettings, layers: list[int]) -> dict:
     return {"format": FORMAT, "version": VERSION, "concept": concept, "fingerprint": model.fingerprint.to_dict(),
-            "model": model.name, "prompt": settings.prompt, "layers": layers, "injection_point": "residual",
+            "model": model.name, "prompt": settings.prompt, "layers": layers, "injection_point": settings.site,
             "poolings": list(POOLINGS)}
 
 
@@ -206,7 +214,7 @@ def extract_concept(
                 padded = torch.stack([torch.nn.functional.pad(a, (0, length - a.shape[0])) for a in audio])
                 codes = encode_audio(model, padded)
                 frames = torch.tensor([max(1, min(codes.shape[2], a.shape[0] // model.hop_length)) for a in audio])
-                feats = decoder_features(model, codes, settings.prompt, layers, frames, norms)
+                feats = decoder_features(model, codes, settings.prompt, layers, frames, norms, settings.site)
                 for p in POOLINGS:
                     parts[p].append(feats[p].to(torch.float16))
                 bar.update(len(batch))
@@ -233,8 +241,9 @@ def load_layer_norms(folder: str | Path, num_layers: int) -> LayerNorms | None:
                 return None
             acc.add_sums(*(f.get_tensor(name) for name in NORM_TENSORS))
     prompt = index.get("prompt", "")
+    site = index.get("injection_point", "residual")
     return acc.result(f"extraction: {int(acc.count.min())} token positions of {len(index['clips'])} "
-                      f"{index['concept']} clips, prompt {prompt!r}"[:300])
+                      f"{index['concept']} clips at the {site} site, prompt {prompt!r}"[:300])
 
 
 def load_features(folder: str | Path, fingerprint: ModelFingerprint | None = None,
@@ -273,4 +282,5 @@ def load_features(folder: str | Path, fingerprint: ModelFingerprint | None = Non
     return FeatureSet(concept=index["concept"], fingerprint=fp, layers=want, labels=index["labels"],
                       stems=[Path(c).stem for c in index["clips"]], targets=index.get("targets"),
                       prompt=index["prompt"], classes=index["classes"],
+                      site=index.get("injection_point", "residual"),
                       features={p: torch.cat(feats[p])[order] for p in poolings})

@@ -40,6 +40,7 @@ from .extract import FeatureError, load_features, load_layer_norms
 from .rfm import ProbeFailure
 
 METHODS = ("rfm", "linear", "diffmeans")
+LAYER_CHOICES = ("none", "clustering")  # "clustering": k-means ARI/NMI per layer picks one (probes.clustering)
 REGRESSION_CONCEPTS = ("tempos",)
 # The score a fallback layer gets: what a probe that reads nothing scores.
 CHANCE_SCORE = {"auc": 0.5, "r2": 0.0}
@@ -54,10 +55,13 @@ class TrainSettings:
     seed: int = 0  # split and search seed
     layers: Sequence[int] | None = None  # None: every extracted layer
     device: str = "auto"
+    layer_choice: str = "none"  # "clustering": score each layer by k-means ARI/NMI and record the chosen one
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.layer_choice not in LAYER_CHOICES:
+            raise ValueError(f"unknown layer choice {self.layer_choice!r}; choose one of {', '.join(LAYER_CHOICES)}")
         if self.pooling not in ("mean", "last"):
             raise ValueError(f"pooling must be 'mean' or 'last', got {self.pooling!r}")
         if self.trials is not None and self.trials < 1:
@@ -96,6 +100,7 @@ class TrainResult:
     plot_path: Path | None
     missing_layers: list[int]
     fallback_layers: dict[int, str] = field(default_factory=dict)  # layer -> why no probe was fitted there
+    layer_choice: dict | None = None  # --layer-choice clustering: the bank's metadata["layer_choice"]
 
     def summary(self) -> str:
         best = self.scores.mean(0)
@@ -106,6 +111,10 @@ class TrainResult:
         if self.fallback_layers:
             text += (f"; no probe at layers {sorted(self.fallback_layers)} (fallback directions at chance score, "
                      "reasons in the CSV)")
+        if self.layer_choice is not None:
+            lc = self.layer_choice
+            text += (f"; clustering layer choice: layer {lc['layer']} (k-means ARI {lc['ari'][str(lc['layer'])]:.3f}, "
+                     f"NMI {lc['nmi'][str(lc['layer'])]:.3f})")
         if self.bank_path is not None:
             return text + f"; bank {self.bank_path}"
         return text + f"; bank not written yet: layers {self.missing_layers} still to train"
@@ -174,6 +183,9 @@ def train_concept(feature_dir: str | Path, out_dir: str | Path, settings: TrainS
     missing = [i for i in layers if i not in head.layers]
     if missing:
         raise FeatureError(f"{feature_dir}: layers {missing} were not extracted (have {head.layers})")
+    clustering = settings.layer_choice == "clustering"
+    if regression and clustering:
+        raise ValueError(f"--layer-choice clustering needs classes to cluster; {concept} is a regression concept")
     if regression:
         if head.targets is None:
             raise FeatureError(f"{feature_dir}: {concept} needs numeric targets (BPM) in its index")
@@ -191,7 +203,9 @@ def train_concept(feature_dir: str | Path, out_dir: str | Path, settings: TrainS
     parts.mkdir(parents=True, exist_ok=True)
     meta = {"concept": concept, "fingerprint": head.fingerprint.to_dict(), "classes": classes,
             "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()
-                         if k != "layers"}, "prompt": head.prompt, "search": asdict(search) if settings.method == "rfm" else None}
+                         # layer_choice only when used: parts trained before it existed still resume
+                         if k != "layers" and not (k == "layer_choice" and v == "none")},
+            "prompt": head.prompt, "search": asdict(search) if settings.method == "rfm" else None}
     meta = json.loads(json.dumps(meta))  # as a part stores it (tuples become lists), so a resumed run compares equal
 
     for layer in tqdm(layers, desc=f"train {name}", unit="layer", disable=not progress):
@@ -216,18 +230,26 @@ def train_concept(feature_dir: str | Path, out_dir: str | Path, settings: TrainS
             tqdm.write(f"warning: {name} layer {layer}: no probe ({exc}); left out: the bank keeps "
                        f"{status['direction']} there, scored at chance ({chance}) so layer weighting by score "
                        "ignores it", file=sys.stderr)
+        tensors = {"directions": directions.float().contiguous(), "scores": scores.float()}
+        if clustering:  # unsupervised: k-means on the training split, its clusters scored against the labels
+            from .clustering import cluster_layer
+
+            found = cluster_layer(layer, X[train_idx], y_all[train_idx], len(classes), seed=settings.seed)
+            tensors["clustering"] = torch.tensor([found.ari, found.nmi], dtype=torch.float64)
         tmp = path.with_suffix(".tmp")
-        save_file({"directions": directions.float().contiguous(), "scores": scores.float()}, str(tmp),
+        save_file(tensors, str(tmp),
                   metadata={"musicrfm": json.dumps(meta), _LAYER_KEY: json.dumps(status)})
         os.replace(tmp, path)
 
     # Everything trained so far (this run or others), in layer order.
     done = sorted(int(p.stem.split("-")[1]) for p in parts.glob("layer-*.safetensors"))
-    dirs, scores, fallback, kinds = [], [], {}, {}
+    dirs, scores, fallback, kinds, cluster_scores = [], [], {}, {}, {}
     for layer in done:
         with safe_open(str(parts / f"layer-{layer:03d}.safetensors"), framework="pt") as f:
             dirs.append(f.get_tensor("directions"))
             scores.append(f.get_tensor("scores"))
+            if clustering:
+                cluster_scores[layer] = [float(v) for v in f.get_tensor("clustering")]
             status = json.loads((f.metadata() or {}).get(_LAYER_KEY, '{"status": "ok"}'))
         if status["status"] != "ok":
             fallback[layer] = status.get("reason", "no probe")
@@ -241,11 +263,12 @@ def train_concept(feature_dir: str | Path, out_dir: str | Path, settings: TrainS
     csv_path = out_dir / f"{name}.scores.csv"
     with csv_path.open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["layer", "class", score_name, "status", "note"])
+        # With --layer-choice clustering the layer's k-means ARI and NMI follow (the same on each class's row).
+        w.writerow(["layer", "class", score_name, "status", "note"] + (["ari", "nmi"] if clustering else []))
         for j, layer in enumerate(done):
             for c, cls in enumerate(classes):
                 w.writerow([layer, cls, f"{float(S[c, j]):.6f}", "fallback" if layer in fallback else "ok",
-                            notes.get(layer, "")])
+                            notes.get(layer, "")] + [f"{v:.6f}" for v in cluster_scores.get(layer, [])])
     plot_path = _plot_scores(out_dir / f"{name}.scores.png", concept, provenance, done, S)
     all_layers = list(range(head.fingerprint.num_layers))
     missing_layers = [i for i in all_layers if i not in done]
@@ -253,17 +276,29 @@ def train_concept(feature_dir: str | Path, out_dir: str | Path, settings: TrainS
     if not missing_layers and len(fallback) == len(done):
         raise ProbeFailure(f"{name}: no probe could be fitted at any layer (reasons in {csv_path}); no bank written")
     fallback_meta = {"fallback_layers": [{"layer": k, "reason": fallback[k], "direction": kinds[k]} for k in fallback]}
+    choice_meta = {}
+    if clustering:
+        from .clustering import CHOICE_INDEX, LayerClustering, choose_layer
+
+        # A layer without a probe (fallback) is not a place to steer with this bank's method.
+        candidates = [LayerClustering(k, *v) for k, v in cluster_scores.items() if k not in fallback]
+        chosen = choose_layer(candidates or [LayerClustering(k, *v) for k, v in cluster_scores.items()])
+        choice_meta = {"layer_choice": {"method": "clustering", "index": CHOICE_INDEX, "layer": chosen.layer,
+                                        "k": len(classes), "ari": {str(k): v[0] for k, v in cluster_scores.items()},
+                                        "nmi": {str(k): v[1] for k, v in cluster_scores.items()}}}
     if not missing_layers:
         bank = DirectionBank.from_arrays(
             concept, classes, D, S, head.fingerprint, method=provenance.method, pooling=settings.pooling,
-            score_name=provenance.score_name,
+            score_name=provenance.score_name, injection_point=head.site,
             metadata={"prompt": head.prompt, "split": "stratified 70/15/15", "seed": settings.seed,
-                      "search": meta["search"], "features": str(feature_dir), **(fallback_meta if fallback else {})},
+                      "search": meta["search"], "features": str(feature_dir), **(fallback_meta if fallback else {}),
+                      **choice_meta},
             layer_norms=load_layer_norms(feature_dir, head.fingerprint.num_layers),
         )
         bank_path = out_dir / f"{name}.safetensors"
         bank.save(bank_path)
-    return TrainResult(concept, provenance, classes, done, S, bank_path, csv_path, plot_path, missing_layers, fallback)
+    return TrainResult(concept, provenance, classes, done, S, bank_path, csv_path, plot_path, missing_layers, fallback,
+                       choice_meta.get("layer_choice"))
 
 
 def scores_figure(concept: str, provenance: Provenance, layers: list[int], scores: torch.Tensor):

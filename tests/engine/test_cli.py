@@ -188,3 +188,36 @@ def test_from_sidecar_says_whether_the_tokens_match(tmp_path, bank_file):
     assert r.returncode == 1, r.stdout + r.stderr
     assert "tokens differ" in r.stderr and "0000000000000000" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "differs.wav").exists() and not (tmp_path / "differs.json").exists()
+
+
+def test_generate_at_the_attention_site_with_the_chosen_layer(tmp_path, bank_file):
+    """The linear-probe method from the command line: an attention-site bank with a chosen layer, `--site attention
+    --rule norm --layers chosen` steers that layer alone (explicit one-hot weights in the sidecar); the bank at
+    the wrong site, or --layers chosen with a bank that chose none, is one clear line before anything loads."""
+    bank = DirectionBank.load(bank_file)
+    attention = DirectionBank.from_arrays(
+        "notes", list(bank.concepts["notes"]), torch.stack([bank[f"notes:{c}"].vectors for c in bank.concepts["notes"]]),
+        torch.stack([bank[f"notes:{c}"].scores for c in bank.concepts["notes"]]), bank.fingerprint, method="linear",
+        pooling="mean", injection_point="attention", metadata={"layer_choice": {"method": "clustering", "layer": 1}})
+    path = tmp_path / "notes.attention.safetensors"
+    attention.save(path)
+    out = tmp_path / "a.wav"
+    common = ("generate", "--model", "tiny-random", "--seconds", "0.2", "--bank", path, "--steer", "notes:C=1",
+              "--quiet")
+    r = run_here(*common, "--out", out, "--site", "attention", "--rule", "norm", "--units", "raw", "--layers", "chosen",
+                 cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    steering = json.loads(out.with_suffix(".json").read_text())["steering"]
+    weights = [0.0] * bank.fingerprint.num_layers
+    weights[1] = 1.0
+    assert steering["layers"] == {"mode": "explicit", "weights": weights, "w0": 1.0}
+    assert steering["site"] == "attention" and steering["rule"] == "norm"
+    # alpha in relative units is a layer norm times s: said, not refused (older sidecars replay with it).
+    r = run_here(*common, "--out", tmp_path / "r.wav", "--site", "attention", "--rule", "norm", cwd=tmp_path)
+    assert r.returncode == 0 and "give alpha with --units raw" in r.stderr
+    r = run_here(*common, "--out", tmp_path / "b.wav", "--units", "raw", cwd=tmp_path)
+    assert r.returncode == 2
+    assert "read at the 'attention' injection point, but steering is set to site 'residual'" in r.stderr
+    r = run_here("generate", "--model", "tiny-random", "--seconds", "0.2", "--bank", bank_file, "--steer", "notes:C=1",
+                 "--layers", "chosen", "--out", tmp_path / "c.wav", "--quiet", cwd=tmp_path)
+    assert r.returncode == 2 and "records no chosen layer" in r.stderr

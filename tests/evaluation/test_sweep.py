@@ -423,3 +423,61 @@ def test_check_clip_judges_known_classes_only_and_never_stops_a_sweep_on_a_short
     assert check_clip("scales", "bebop", fifth, 32000) is None
     short = check_clip("tempos", "faster", fifth[:3200], 32000)  # 0.1 s holds no beat
     assert short["pred"].startswith("no tempo: clip too short") and np.isnan(short["bpm"]) and short["correct"] is None
+
+
+def test_methods_preset_compares_musicrfm_and_linear_probe_steering_at_matched_strength(tiny, banks, tmp_path):
+    """The methods preset: per matched strength m, MusicRFM (residual bank, exponential weighting, add, relative
+    s = m / sum_l w_l) and linear-probe steering (attention bank, its chosen layer alone, norm-preserving, raw
+    alpha = m / (1 - m)); each unit steers with its own site's bank; the summary puts them side by side."""
+    from musicrfm.engine.bank import LayerNorms
+    from musicrfm.evaluation.presets import OPTIMAL_LAYERS, method_banks
+
+    fp, g = tiny.fingerprint, torch.Generator().manual_seed(1)
+    norms = LayerNorms((2.0,) * fp.num_layers, (0.1,) * fp.num_layers, 10, "test")
+    residual = DirectionBank.load(banks["notes"]).with_layer_norms(norms)
+    residual.save(tmp_path / "notes.rfm.safetensors")
+    DirectionBank.from_arrays("notes", NOTES, torch.randn(3, fp.num_layers, fp.hidden_size, generator=g),
+                              torch.rand(3, fp.num_layers, generator=g), fp, method="linear", pooling="mean",
+                              injection_point="attention", metadata={"layer_choice": {"layer": 1}}
+                              ).save(tmp_path / "notes.linear.safetensors")
+    paths = (str(tmp_path / "notes.rfm.safetensors"), str(tmp_path / "notes.linear.safetensors"))
+
+    info = method_banks(paths, ["notes"])["notes"]
+    sums = [float(OPTIMAL_LAYERS.weights(residual[f"notes:{c}"].scores).sum()) for c in NOTES]
+    assert info.chosen_layer == 1 and info.weight_sum == pytest.approx(sum(sums) / 3)
+    configs = build_configurations("methods", ["notes"], {"notes": NOTES}, fp.num_layers, 1.0, eta0=(0.2, 0.6),
+                                   methods={"notes": info})
+    assert [c.name for c in configs[:4]] == [
+        "notes musicrfm m=0.20", "notes linear-probe m=0.20", "notes crossed: linear bank, musicrfm steering m=0.20",
+        "notes crossed: rfm bank, linear-probe steering m=0.20"] and len(configs) == 8
+    rfm_cfg, linear_cfg, crossed_linear, crossed_rfm = configs[4:]
+    assert rfm_cfg.controls[0].coefficient * info.weight_sum == pytest.approx(0.6)  # s x sum_l w_l = m
+    alpha = linear_cfg.controls[0].coefficient
+    assert alpha / (1 + alpha) == pytest.approx(0.6)  # the norm rule's push alpha / (1 + alpha) = m
+    assert (rfm_cfg.site, rfm_cfg.rule, rfm_cfg.units, rfm_cfg.layers, rfm_cfg.gate_p) == (
+        "residual", "add", "relative", OPTIMAL_LAYERS, 1.0)
+    assert (linear_cfg.site, linear_cfg.rule, linear_cfg.units, linear_cfg.gate_p) == ("attention", "norm", "raw", 1.0)
+    assert linear_cfg.layers == LayerWeighting.single(1, fp.num_layers)
+    # The crossed pair swaps the recipes: each bank steered the other method's way, at the same m.
+    assert (crossed_linear.site, crossed_linear.rule, crossed_linear.layers) == ("attention", "add", OPTIMAL_LAYERS)
+    assert crossed_linear.controls[0].coefficient * info.linear_weight_sum == pytest.approx(0.6)
+    assert (crossed_rfm.site, crossed_rfm.rule, crossed_rfm.layers) == ("residual", "norm", linear_cfg.layers)
+    with pytest.raises(ValueError, match="must be in \\(0, 1\\)"):
+        build_configurations("methods", ["notes"], {"notes": NOTES}, fp.num_layers, 1.0, eta0=(1.0,),
+                             methods={"notes": info})
+    with pytest.raises(ValueError, match="no attention bank of 'notes'"):
+        method_banks(paths[:1], ["notes"])
+
+    settings = SweepSettings(preset="methods", banks=paths, out=str(tmp_path / "sweep"), concepts=("notes",),
+                             samples=2, seconds=0.1, eta0=(0.5,), prompts=("a", "b"))
+    result = run_sweep(settings, progress=False, model=tiny)
+    records = [json.loads(line) for line in (tmp_path / "sweep" / "units.jsonl").read_text().splitlines()]
+    linear = [r for r in records if r["config"] == "notes linear-probe m=0.50"]
+    assert len(linear) == 2 and all(r["steering"]["site"] == "attention" and r["steering"]["rule"] == "norm"
+                                    and r["steering"]["units"] == "raw" for r in linear)
+    assert {r["units"] for r in result.rows if "linear-probe" in r["group"]} == {"raw"}
+    with pytest.raises(ValueError, match="steers notes at the residual site, but its bank was read at: attention"):
+        run_sweep(SweepSettings(preset="eta", banks=paths[1:], out=str(tmp_path / "eta"), samples=2, seconds=0.1),
+                  progress=False, model=tiny)
+    summary = (tmp_path / "sweep" / "summary.md").read_text()
+    assert "| concept | m | musicrfm check acc | musicrfm FD" in summary and "| notes | 0.5 |" in summary

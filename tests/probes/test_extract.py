@@ -115,3 +115,50 @@ def test_extraction_keeps_the_typical_norm_of_every_layer(tiny, tmp_path):
         assert norms.std[layer] == pytest.approx(float(np.std(values)), rel=1e-2, abs=1e-3)
     assert norms.tokens == len(per_layer[0]) and norms.source.startswith("extraction: ")
     assert load_layer_norms(folder, tiny.num_layers + 1) is None  # features of only some layers: none
+
+
+def test_attention_site_features_are_read_where_attention_steering_writes(tiny, tmp_path):
+    """--site attention: the pooled features are the decoder's own capture of the self-attention output, and that
+    point is where attention-site steering adds its vector (a vector added at layer l shows up there exactly)."""
+    from musicrfm.engine.decoder import MusicgenDecoder, delayed_inputs
+
+    codes = torch.randint(0, 64, (1, tiny.num_codebooks, 6), generator=torch.Generator().manual_seed(2))
+    feats = decoder_features(tiny, codes, site="attention")
+    residual = decoder_features(tiny, codes)
+    v = torch.randn(tiny.hidden_size, generator=torch.Generator().manual_seed(3))
+
+    class AddAtLayer1:
+        site, rows = "attention", "both"
+
+        def vector(self, layer):
+            return v if layer == 1 else None
+
+        def apply(self, h, vec):
+            return h + vec
+
+    def captured(steering):
+        seen = {}
+        dec = MusicgenDecoder(tiny, rows=1, capacity=7)
+        dec.set_conditioning(dec.encode_text([""], guidance=False))
+        dec.forward(delayed_inputs(codes, 0, 6, tiny.pad_token_id), steering=steering,
+                    capture=lambda i, h: seen.setdefault(i, h.clone()), capture_site="attention")
+        return seen
+
+    plain, steered = captured(None), captured(AddAtLayer1())
+    for layer in range(tiny.num_layers):
+        torch.testing.assert_close(feats["mean"][0, layer], plain[layer][0, 1:].mean(0))
+        assert not torch.allclose(feats["mean"][0, layer], residual["mean"][0, layer])
+    torch.testing.assert_close(plain[0], steered[0])  # before the steered layer: untouched
+    torch.testing.assert_close(steered[1] - plain[1], v.expand_as(plain[1]), rtol=1e-4, atol=1e-4)
+
+    # The site is recorded, checked on resume (never mixed) and carried by load_features.
+    path = tmp_path / "a.wav"
+    write_wav(path, _tone(220.0, seconds=0.3), 32000)
+    load = lambda p, rate: read_wav(p)[0]  # noqa: E731
+    folder = extract_concept(tiny, "notes", [path, path], ["A", "E"], tmp_path / "feat",
+                             settings=ExtractionSettings(site="attention"), load_audio=load, progress=False)
+    assert load_features(folder).site == "attention"
+    with pytest.raises(FeatureError, match="injection_point = 'attention', this run would write 'residual'"):
+        extract_concept(tiny, "notes", [path, path], ["A", "E"], tmp_path / "feat", load_audio=load, progress=False)
+    with pytest.raises(ValueError, match="site must be one of residual, attention"):
+        ExtractionSettings(site="mlp")

@@ -205,3 +205,35 @@ def test_no_bank_when_no_layer_can_be_probed(feature_dir, tmp_path):
     assert not (tmp_path / "banks" / "pitch.diffmeans.safetensors").exists()
     rows = _csv_rows(tmp_path / "banks" / "pitch.diffmeans.scores.csv")
     assert len(rows) == 8 and all(row["status"] == "fallback" for row in rows)
+
+
+def test_train_layer_choice_clustering_writes_csv_and_bank_metadata(feature_dir, tmp_path, test_bank_path):
+    """`train --method linear --layer-choice clustering`: ARI and NMI per layer beside the validation AUCs, the
+    chosen layer (best ARI) in the bank's metadata and DirectionBank.chosen_layer."""
+    result = train_concept(feature_dir, tmp_path, TrainSettings(method="linear", layer_choice="clustering"),
+                           progress=False)
+    rows = list(csv.DictReader(result.csv_path.open()))
+    assert list(rows[0]) == ["layer", "class", "auc", "status", "note", "ari", "nmi"]
+    ari = {int(r["layer"]): float(r["ari"]) for r in rows}
+    bank = DirectionBank.load(result.bank_path)
+    choice = bank.metadata["layer_choice"]
+    assert choice["method"] == "clustering" and choice["index"] == "ari" and choice["k"] == 2
+    assert bank.chosen_layer == choice["layer"] == max(sorted(ari), key=lambda k: (round(ari[k], 6), -k))
+    assert "clustering layer choice: layer" in result.summary()
+    from musicrfm.engine.bank import BankFormatError
+
+    # The features' site travels into the bank: the same features relabelled as read at the attention output.
+    attention = tmp_path / "attention" / "pitch"
+    shutil.copytree(feature_dir, attention)
+    index = json.loads((attention / "index.json").read_text())
+    (attention / "index.json").write_text(json.dumps({**index, "injection_point": "attention"}))
+    for part in attention.glob("part-*.safetensors"):
+        with safe_open(str(part), framework="pt") as f:
+            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["musicrfm"])
+        save_file(tensors, str(part), metadata={"musicrfm": json.dumps({**meta, "injection_point": "attention"})})
+    moved = train_concept(attention, tmp_path / "attention-banks", TrainSettings(method="diffmeans"), progress=False)
+    assert DirectionBank.load(moved.bank_path).injection_point == "attention" and bank.injection_point == "residual"
+    with pytest.raises(BankFormatError, match="no chosen layer"):
+        DirectionBank.load(test_bank_path).chosen_layer  # a bank trained without a layer choice
+    with pytest.raises(ValueError, match="unknown layer choice"):
+        TrainSettings(layer_choice="elbow")
