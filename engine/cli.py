@@ -191,11 +191,6 @@ def cmd_generate(args) -> int:
         banks = args.bank or (bundled_banks(args.model) if spec.controls else [])
         bank = load_steering_banks(spec, banks)  # every --steer key, against the banks
         spec = _resolve_chosen_layers(spec, args.layers, bank)
-        if spec.controls and spec.rule == "norm" and spec.units == "relative":
-            # The rule scales by |h| itself: a relative strength s would become alpha = s x the layer's norm.
-            print("warning: --rule norm takes the paper's alpha, which is already relative to each token's norm; "
-                  "in --units relative it becomes s x the layer's typical norm (tens of units, all but replacing "
-                  "the activation): give alpha with --units raw", file=sys.stderr)
         model = load_model(args.model, device=args.device, dtype=args.dtype)
         print(f"model: {model.describe()}", file=sys.stderr)
         rate = model.frame_rate

@@ -11,7 +11,8 @@ The MusicRFM update (paper Sec. 3.3, App. C) adds to the hidden state of layer l
   eta0_m    the control's strength (`DirectionControl.coefficient`), in the spec's `units`:
             "relative" (the default): eta0_m = s_m x n_l, where n_l is layer l's typical activation norm at
                         the injection point (the bank's `LayerNorms`), so s = 0.3 adds 30 % of each layer's
-                        size, and a knob means the same on musicgen-mini, -small and -large;
+                        size, and a knob means the same on musicgen-mini, -small and -large; with the
+                        norm-preserving rule s is its alpha, already a share of each token's own norm;
             "raw":      eta0_m in hidden-state units, as the paper writes it (its 0.15-0.6 are for
                         MusicGen-large's scale); for reproducing its tables.
 
@@ -678,7 +679,9 @@ class SteeringPlan:
                 raise ValueError(f"the bank's directions were read at the {bank.injection_point!r} injection "
                                  f"point, but steering is set to site {spec.site!r}")
         scale = None
-        if spec.controls and spec.units == "relative":
+        # The norm-preserving rule is relative by construction ((h + alpha |h| r) / (1 + alpha): alpha is a share of
+        # each token's own norm), so a relative strength is alpha itself; only the add rule needs the layer's norm.
+        if spec.controls and spec.units == "relative" and spec.rule == "add":
             if bank.layer_norms is None:
                 raise ValueError("relative strength needs the bank's layer norms, and this bank carries none: "
                                  "load it through engine.norms.with_layer_norms (which measures them), or use "
@@ -698,7 +701,7 @@ class SteeringPlan:
         """True when `spec` steers along this plan's weighted directions: same keys in the same order, same
         layer weighting, site and units."""
         return (spec.site == self.spec.site and spec.layers == self.spec.layers and spec.units == self.spec.units
-                and [c.key for c in spec.controls] == [c.key for c in self.spec.controls])
+                and spec.rule == self.spec.rule and [c.key for c in spec.controls] == [c.key for c in self.spec.controls])
 
     def vector_norms(self) -> dict[str, list[float]]:
         """Per control, the norm of the vector it adds at each layer at full schedule with the gate open

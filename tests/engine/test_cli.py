@@ -212,9 +212,12 @@ def test_generate_at_the_attention_site_with_the_chosen_layer(tmp_path, bank_fil
     weights[1] = 1.0
     assert steering["layers"] == {"mode": "explicit", "weights": weights, "w0": 1.0}
     assert steering["site"] == "attention" and steering["rule"] == "norm"
-    # alpha in relative units is a layer norm times s: said, not refused (older sidecars replay with it).
-    r = run_here(*common, "--out", tmp_path / "r.wav", "--site", "attention", "--rule", "norm", cwd=tmp_path)
-    assert r.returncode == 0 and "give alpha with --units raw" in r.stderr
+    # The norm rule's alpha is already relative to each token's norm: in relative units s is alpha, the same tokens.
+    r = run_here(*common, "--out", tmp_path / "r.wav", "--site", "attention", "--rule", "norm", "--layers", "chosen",
+                 cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    relative = json.loads((tmp_path / "r.json").read_text())
+    assert relative["tokens_sha256"] == json.loads(out.with_suffix(".json").read_text())["tokens_sha256"]
     r = run_here(*common, "--out", tmp_path / "b.wav", "--units", "raw", cwd=tmp_path)
     assert r.returncode == 2
     assert "read at the 'attention' injection point, but steering is set to site 'residual'" in r.stderr

@@ -65,6 +65,21 @@ def test_relative_strength_is_raw_strength_times_the_layer_norm(tmp_path, banks,
     assert raw["vector_norms"] == relative["vector_norms"]
 
 
+def test_with_the_norm_preserving_rule_a_relative_strength_is_its_alpha(banks, tiny):
+    """(h + alpha |h| r) / (1 + alpha) is relative by construction: relative s is alpha, whatever the layer norms
+    (the add rule's relative strength is scaled by them: the test above)."""
+    from musicrfm.engine.steering import SteeringPlan
+
+    bank = DirectionBank.load(banks / "flat.safetensors")
+    plans = {units: SteeringPlan.compile(SteeringSpec(controls=(DirectionControl("notes:C", 0.5),), rule="norm",
+                                                      units=units), bank, tiny.fingerprint)
+             for units in ("relative", "raw")}
+    torch.testing.assert_close(plans["relative"].weighted, plans["raw"].weighted, rtol=0, atol=0)
+    add = SteeringPlan.compile(SteeringSpec(controls=(DirectionControl("notes:C", 0.5),)), bank, tiny.fingerprint)
+    torch.testing.assert_close(add.weighted, NORM * plans["relative"].weighted)
+    assert not add.directions_match(plans["relative"].spec)  # a rule change re-weights the directions
+
+
 def test_a_bank_without_norms_is_measured_once_and_the_sidecar_replays_it(tiny, banks, caplog):
     with caplog.at_level(logging.WARNING, logger="musicrfm.norms"):
         side = _render(tiny, banks / "bare.safetensors", 0.5, "relative")
