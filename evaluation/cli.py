@@ -56,14 +56,18 @@ def cmd_eval_sweep(args) -> int:
 def register(sub) -> None:
     from musicrfm.engine.cli import add_bank_arg, add_model_args, add_units_arg
 
+    from .presets import PRESETS
+
     ev = sub.add_parser("eval", help="evaluate steering: sweeps that follow the paper's protocols")
     ev_sub = ev.add_subparsers(dest="evaluation", required=True)
     sw = ev_sub.add_parser("sweep", help="generate steered and reference clips over a preset and measure them "
                                          "(FD, MMD², CLAP, checks, probe accuracy); resumable; --ray to fan out")
     add_model_args(sw)
-    sw.add_argument("--preset", required=True, choices=["eta", "pairs", "schedules", "crossfade", "layers", "topk", "gate"],
+    sw.add_argument("--preset", required=True, choices=list(PRESETS),
                     help="eta: Table 2 / Fig. 2; pairs: Table 5; schedules: Table 6 / Fig. 1a; crossfade: Sec. 6.2 / "
-                         "Fig. 1b; layers: Table 8; topk: Table 9; gate: Table 10")
+                         "Fig. 1b; layers: Table 8; topk: Table 9; gate: Table 10; chord-quality: every root x "
+                         "quality, the root steered with the notes bank (--concept chords; --eta0 the quality levels, "
+                         "default 0.5,1)")
     add_bank_arg(sw, help="direction bank holding the concepts; repeatable (default: the bundled model's own banks)")
     sw.add_argument("--concept", default="notes", help="comma-separated concepts to steer (pairs: two or more)")
     sw.add_argument("--prompts", default=None, help='comma-separated text prompts, cycled over samples '
