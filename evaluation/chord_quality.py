@@ -45,7 +45,9 @@ def _clips(records: dict[str, dict]) -> list[dict]:
         chord = rec.get("chord")
         if not chord:
             continue
-        by = {t["concept"]: t for t in rec["targets"]}
+        by = {}
+        for t in rec["targets"]:  # the first notes target is the root (the triad lists root, third, fifth)
+            by.setdefault(t["concept"], t)
         if "chords" not in by:
             continue
         root = by["notes"]["class"] if "notes" in by and by["notes"]["class"] in PITCH_NAMES else None

@@ -12,7 +12,8 @@ coefficient, schedule, layer weighting, gate) whose target classes are filled in
   gate       p in {0.15, 0.30, 0.45, 0.6, 0.75, 0.9, 1.0}, uniform layers (Table 10)
   chord-quality  (not the paper's) every root x every chord quality: the root steered with the notes bank at
              a moderate strength, the quality with the chords bank at each level, gates 1.0 and 0.3, beside
-             the same roots steered alone; judged relative to the steered root (evaluation.chord_quality)
+             the same roots steered alone and the triad's three notes steered with the notes bank (the
+             positive control); judged relative to the steered root (evaluation.chord_quality)
 
 The unit of work is one (configuration, sample): sample i has its own prompt (prompts[i % len]), seed
 (derived from the sweep seed and i only, so it does not matter which worker runs it) and target classes;
@@ -35,8 +36,10 @@ import numpy as np
 from musicrfm.engine.generation import file_sha256
 from musicrfm.engine.sampling import SamplingConfig
 from musicrfm.engine.steering import UNITS, DirectionControl, LayerWeighting, Schedule, SteeringSpec
+from musicrfm.probes.syntheory import PITCH_NAMES
 from musicrfm.probes.train import REGRESSION_CONCEPTS
 
+from .audio_checks import CHORD_TEMPLATES
 from .embedding import LOGMEL_STATS, check_logmel_name
 
 __all__ = [
@@ -130,6 +133,10 @@ class ControlTemplate:
     group: str | None = None
     x: float | None = None
     stride: int = 1  # "cycle" picks classes[(i // stride) % C]: a stride of the other concept's C crosses the two
+    # pick "tone": the notes class of chord tone `tone` (0 root, 1 third, 2 fifth) of quality qualities[i % Q] on
+    # root (i // Q) % 12: a triad built from note directions, the chord-quality preset's positive control
+    tone: int = 0
+    qualities: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -190,7 +197,8 @@ def _chord_quality_configurations(concepts: Sequence[str], classes: dict[str, li
                                   eta0: Sequence[float] | None, units: str) -> list[Configuration]:
     """Sample i steers root (i // Q) % 12 (notes bank) and quality i % Q (chords bank), so every root meets every
     quality every 12 x Q samples. Per gate: the root alone (the quality control at strength 0, so the clip is
-    judged against the quality it would have been steered to) and root + quality at each level."""
+    judged against the quality it would have been steered to), root + quality at each level, and the triad built
+    from the notes bank (root, third and fifth of the quality, each at the root's strength)."""
     if list(concepts) != ["chords"]:
         raise ValueError(f"the chord-quality preset steers --concept chords (got {', '.join(concepts)})")
     if "notes" not in classes:
@@ -198,6 +206,9 @@ def _chord_quality_configurations(concepts: Sequence[str], classes: dict[str, li
                          "directions (the bundled model's are used when no --bank is given)")
     qualities = len(classes["chords"])
     root = ControlTemplate("notes", CHORD_ROOT_STRENGTH[units], role="root", stride=qualities)
+    triad = tuple(ControlTemplate("notes", CHORD_ROOT_STRENGTH[units], pick="tone", role=role, tone=k,
+                                  qualities=tuple(classes["chords"]))
+                  for k, role in enumerate(("root", "third", "fifth")))
     configs = []
     for gate in CHORD_QUALITY_GATES:
         configs.append(Configuration(f"root only p={gate:g}", (
@@ -206,6 +217,9 @@ def _chord_quality_configurations(concepts: Sequence[str], classes: dict[str, li
         for eta in _eta_list(eta0, CHORD_QUALITY_LEVELS[units]):
             configs.append(Configuration(f"root + chords eta0={eta:g} p={gate:g}", (
                 root, ControlTemplate("chords", eta, role="quality", x=eta)), gate_p=gate))
+        configs.append(Configuration(f"triad from notes p={gate:g}", triad + (
+            ControlTemplate("chords", 0.0, role="quality", group=f"triad from notes p={gate:g}", x=0.0),),
+            gate_p=gate))
     return configs
 
 
@@ -390,6 +404,10 @@ class Unit:
 def _pick(template: ControlTemplate, classes: list[str], seed: int, sample: int, previous: str | None) -> str:
     if template.pick == "cycle":
         return classes[(sample // template.stride) % len(classes)]
+    if template.pick == "tone":
+        q = len(template.qualities)
+        root = classes.index(PITCH_NAMES[(sample // q) % 12])
+        return classes[(root + CHORD_TEMPLATES[template.qualities[sample % q]][template.tone]) % len(classes)]
     rng = np.random.default_rng(derive_seed(seed, "class", sample, template.concept, template.pick))
     if template.pick == "random":
         return classes[int(rng.integers(len(classes)))]

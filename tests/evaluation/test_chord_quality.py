@@ -19,22 +19,28 @@ SR = 16000
 
 def test_the_preset_crosses_every_root_with_every_quality():
     configs = build_configurations("chord-quality", ["chords"], CLASSES, 4, 4.0)
-    assert [c.name for c in configs] == ["root only p=1", "root + chords eta0=0.5 p=1", "root + chords eta0=1 p=1",
-                                         "root only p=0.3", "root + chords eta0=0.5 p=0.3", "root + chords eta0=1 p=0.3"]
+    assert [c.name for c in configs] == [
+        "root only p=1", "root + chords eta0=0.5 p=1", "root + chords eta0=1 p=1", "triad from notes p=1",
+        "root only p=0.3", "root + chords eta0=0.5 p=0.3", "root + chords eta0=1 p=0.3", "triad from notes p=0.3"]
     settings = SweepSettings(preset="chord-quality", banks=("b",), out="o", samples=48, seconds=4.0)
     units = plan_units(settings, configs, CLASSES)
     for name in [REFERENCE] + [c.name for c in configs]:
-        pairs = [(u.targets[0]["class"], u.targets[1]["class"]) for u in units if u.config == name]
+        pairs = [(u.targets[0]["class"], u.targets[-1]["class"]) for u in units if u.config == name]
         assert sorted(pairs) == sorted((r, q) for r in PITCH_NAMES for q in QUALITIES), name
     by_sample = {}
     for u in units:  # every configuration (and the reference) targets the same root and quality at sample i
-        by_sample.setdefault(u.sample, set()).add(tuple(t["class"] for t in u.targets))
+        by_sample.setdefault(u.sample, set()).add((u.targets[0]["class"], u.targets[-1]["class"]))
     assert all(len(v) == 1 for v in by_sample.values())
     steered = next(u for u in units if u.config == "root + chords eta0=1 p=0.3")
     assert [(c.key.split(":")[0], c.coefficient) for c in steered.spec.controls] == [("notes", 0.5), ("chords", 1.0)]
     assert steered.spec.gate_p == 0.3
     alone = next(u for u in units if u.config == "root only p=1")
     assert [c.coefficient for c in alone.spec.controls] == [0.5, 0.0] and alone.spec.gate_p == 1.0
+    # the positive control: the quality's three notes on the sample's root (sample 5: root 5 // 4 = C#, quality
+    # 5 % 4 = dim -> C# E G)
+    triad = next(u for u in units if u.config == "triad from notes p=1" and u.sample == 5)
+    assert [c.key for c in triad.spec.controls] == ["notes:C#", "notes:E", "notes:G", "chords:dim"]
+    assert [c.coefficient for c in triad.spec.controls] == [0.5, 0.5, 0.5, 0.0]
     with pytest.raises(ValueError, match="steers the root with a notes bank"):
         build_configurations("chord-quality", ["chords"], {"chords": QUALITIES}, 4, 4.0)
     with pytest.raises(ValueError, match="steers --concept chords"):
@@ -88,9 +94,10 @@ def test_chord_quality_sweep_end_to_end(tiny, tmp_path):
                              concepts=("chords",),
                              seconds=0.3, eta0=(1.0,), model="tiny-random")
     result = run_sweep(settings, progress=False, model=tiny)
-    assert result.generated == 2 * 5
+    assert result.generated == 2 * 7
     with open(result.files["chord_quality"], newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert {r["config"] for r in rows} == {REFERENCE, "root only p=1", "root + chords eta0=1 p=1", "root only p=0.3",
-                                           "root + chords eta0=1 p=0.3"}
+                                           "root + chords eta0=1 p=0.3", "triad from notes p=1",
+                                           "triad from notes p=0.3"}
     assert result.files["chord_quality_summary"].read_text().startswith("# chord quality across roots")
