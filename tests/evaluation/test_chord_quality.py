@@ -79,7 +79,7 @@ def test_chord_quality_sweep_end_to_end(tiny, tmp_path):
     measures, and the preset writes its files."""
     import torch
 
-    from musicrfm.engine.bank import DirectionBank
+    from musicrfm.engine.bank import DirectionBank, LayerNorms
 
     fp, g = tiny.fingerprint, torch.Generator().manual_seed(0)
     paths = []
@@ -87,7 +87,8 @@ def test_chord_quality_sweep_end_to_end(tiny, tmp_path):
         bank = DirectionBank.from_arrays(concept, classes, torch.randn(len(classes), fp.num_layers, fp.hidden_size,
                                                                        generator=g),
                                          torch.rand(len(classes), fp.num_layers, generator=g), fp, method="test",
-                                         pooling="mean")
+                                         pooling="mean", layer_norms=LayerNorms((1.0,) * fp.num_layers,
+                                                                                (0.1,) * fp.num_layers, 1, "test"))
         bank.save(tmp_path / f"{concept}.safetensors")
         paths.append(str(tmp_path / f"{concept}.safetensors"))
     settings = SweepSettings(preset="chord-quality", banks=tuple(paths), out=str(tmp_path / "sweep"), samples=2,
