@@ -143,9 +143,9 @@ def nuisance_labels(data_root: str | Path, concept: str, column: str, stems: Seq
 
 
 def balance_cells(indices: Sequence[int], labels: Sequence[str], nuisance: Sequence[str]) -> list[int]:
-    """`indices` cut so that every (label, nuisance value) cell present among all the labels' and values'
-    combinations holds the same number of clips (the first ones of each cell, in index order; the split is
-    already shuffled). A missing cell is an error: a class seen without some value cannot be balanced."""
+    """`indices` cut so that every (label, nuisance value) cell holds the same number of clips, the smallest
+    cell's (the first ones of each cell in index order; the split is already shuffled). An empty cell is an
+    error: a class seen without some value cannot be balanced."""
     cells: dict[tuple[str, str], list[int]] = {}
     for i in indices:
         cells.setdefault((labels[i], nuisance[i]), []).append(i)
