@@ -11,7 +11,8 @@ Also printed: each bank's root share, the norm of its unit direction inside the 
 all root, 0: none).
 
     python bench/bench_chord_invariance.py --features /work/mini-norms/features/chords --data /work/mini-norms/data \\
-        --bank engine/weights/musicgen-mini/banks/chords.safetensors --bank banks/chords.rfm.invariant-root_note_name.safetensors
+        --bank engine/weights/musicgen-mini/banks/chords.safetensors \\
+        --bank banks/chords.rfm.invariant-root_note_name.safetensors
 """
 
 from __future__ import annotations

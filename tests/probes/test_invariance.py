@@ -74,7 +74,8 @@ def _root_share(direction: torch.Tensor, planted: torch.Tensor) -> float:
 @pytest.mark.parametrize("method", ["diffmeans", "linear", "rfm"])
 def test_invariant_directions_are_orthogonal_to_the_root_span_and_still_separate_quality(skewed, tmp_path, method):
     folder, X, planted, labels, quality_axis = skewed
-    settings = TrainSettings(method=method, trials=2, invariant_to="root_note_name", data=str(folder.parent.parent / "data"))
+    settings = TrainSettings(method=method, trials=2, invariant_to="root_note_name",
+                             data=str(folder.parent.parent / "data"))
     bank = DirectionBank.load(train_concept(folder, tmp_path, settings, progress=False).bank_path)
     major = torch.tensor([label == "major" for label in labels])
     for layer in range(LAYERS):
