@@ -61,12 +61,15 @@ def register(sub) -> None:
     sw = ev_sub.add_parser("sweep", help="generate steered and reference clips over a preset and measure them "
                                          "(FD, MMD², CLAP, checks, probe accuracy); resumable; --ray to fan out")
     add_model_args(sw)
+    # Written out (presets.PRESETS, checked by a test): the command line is built without importing torch.
     sw.add_argument("--preset", required=True,
-                    choices=["eta", "pairs", "schedules", "crossfade", "layers", "topk", "gate", "methods"],
+                    choices=["eta", "pairs", "schedules", "crossfade", "layers", "topk", "gate", "methods",
+                             "chord-quality"],
                     help="eta: Table 2 / Fig. 2; pairs: Table 5; schedules: Table 6 / Fig. 1a; crossfade: Sec. 6.2 / "
                          "Fig. 1b; layers: Table 8; topk: Table 9; gate: Table 10; methods: MusicRFM vs linear-probe "
                          "steering (attention bank, chosen layer, norm-preserving) at matched strength (give both "
-                         "banks with --bank)")
+                         "banks with --bank); chord-quality: every root x quality, the root steered with the notes "
+                         "bank (--concept chords; --eta0 the quality levels, default 0.5,1)")
     add_bank_arg(sw, help="direction bank holding the concepts; repeatable (default: the bundled model's own banks)")
     sw.add_argument("--concept", default="notes", help="comma-separated concepts to steer (pairs: two or more)")
     sw.add_argument("--prompts", default=None, help='comma-separated text prompts, cycled over samples '

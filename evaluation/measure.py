@@ -47,6 +47,7 @@ __all__ = [
     "check_clip",
     "check_name",
     "check_trace",
+    "chord_measures",
     "classifier_to_cpu",
     "fit_probe",
     "fit_regressor",
@@ -122,6 +123,19 @@ def check_clip(concept: str, cls: str, audio: np.ndarray, sr: int) -> dict | Non
             return {"pred": f"no tempo: {error}", "correct": None, "score": None, "bpm": float("nan")}
         return {"pred": f"{bpm:.1f} BPM", "correct": None, "score": None, "bpm": float(bpm)}
     return None
+
+
+def chord_measures(audio: np.ndarray, sr: int, root: int | None = None) -> dict:
+    """What chord a clip holds, relative to a root: the pitch-class profile, the triad-template match
+    (quality, its root, cosine), the dominant pitch class, and the third's contrast at `root` (the steered
+    root; None: the template's root): profile[root + 4] - profile[root + 3], > 0 leans major, < 0 minor."""
+    profile = pitch_class_profile(audio, sr)
+    quality, template_root, score = estimate_chord_quality(audio, sr)
+    dominant, _ = estimate_pitch_class(audio, sr)
+    at = template_root if root is None else int(root)
+    return {"profile": [round(float(v), 6) for v in profile], "template": quality, "template_root": int(template_root),
+            "template_score": float(score), "dominant": int(dominant), "steered_root": root,
+            "third_contrast": float(profile[(at + 4) % 12] - profile[(at + 3) % 12])}
 
 
 def window_bounds(n_samples: int, sr: int, window: float, hop: float) -> list[tuple[int, int]]:

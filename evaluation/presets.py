@@ -13,6 +13,10 @@ coefficient, schedule, layer weighting, gate) whose target classes are filled in
   methods    MusicRFM (residual bank, exponential weighting, add rule) against linear-probe activation steering
              (attention bank, its clustering-chosen layer alone, norm-preserving rule) at matched strength m
              (`method_configurations`; two banks of the concept, one per injection point)
+  chord-quality  (not the paper's) every root x every chord quality: the root steered with the notes bank at
+             a moderate strength, the quality with the chords bank at each level, gates 1.0 and 0.3, beside
+             the same roots steered alone and the triad's three notes steered with the notes bank (the
+             positive control); judged relative to the steered root (evaluation.chord_quality)
 
 The unit of work is one (configuration, sample): sample i has its own prompt (prompts[i % len]), seed
 (derived from the sweep seed and i only, so it does not matter which worker runs it) and target classes;
@@ -35,8 +39,10 @@ import numpy as np
 from musicrfm.engine.generation import file_sha256
 from musicrfm.engine.sampling import SamplingConfig
 from musicrfm.engine.steering import UNITS, DirectionControl, LayerWeighting, Schedule, SteeringSpec
+from musicrfm.probes.syntheory import PITCH_NAMES
 from musicrfm.probes.train import REGRESSION_CONCEPTS
 
+from .audio_checks import CHORD_TEMPLATES
 from .embedding import LOGMEL_STATS, check_logmel_name
 
 __all__ = [
@@ -64,7 +70,7 @@ FORMAT = "musicrfm.sweep"
 # 2: clips are generated in batches on the batched engine (rows padded to engine.loop.MIN_ROWS), whose numbers
 # differ in the last bits from version 1's one-clip decoder: a version-1 sweep is not resumed with version-2 clips.
 VERSION = 2
-PRESETS = ("eta", "pairs", "schedules", "crossfade", "layers", "topk", "gate", "methods")
+PRESETS = ("eta", "pairs", "schedules", "crossfade", "layers", "topk", "gate", "methods", "chord-quality")
 PAPER = {
     "eta": "Table 2 and Fig. 2 (single direction over eta0)",
     "pairs": "Table 5 (pairwise multi-direction, grouped by attribute)",
@@ -75,6 +81,7 @@ PAPER = {
     "gate": "Table 10 (gate probability p)",
     "methods": "MusicRFM vs linear-probe activation steering (attention site, chosen layer, norm-preserving) "
                "at matched strength",
+    "chord-quality": "issue 14 (chord quality across the 12 roots; not a table of the paper)",
 }
 REFERENCE = "reference"  # the unsteered configuration
 REFERENCE_GROUP = "reference (unsteered)"
@@ -108,6 +115,12 @@ GATE_LEVELS = (0.15, 0.30, 0.45, 0.6, 0.75, 0.9, 1.0)
 # layers, each as a fraction of that layer's norm (method_configurations). m < 1: the norm-preserving rule's
 # push alpha/(1+alpha) never reaches a whole layer norm.
 MATCHED_LEVELS = (0.25, 0.5, 0.75)
+# chord-quality: the quality levels (relative; raw: the paper's 0.45 and 0.6), the root's strength (the notes
+# bank at half a layer's size: 0.73 pitch-class accuracy at p = 0.3 on musicgen-mini) and the gates it is
+# measured at (always open, and the paper's 0.3).
+CHORD_QUALITY_LEVELS = {"relative": (0.5, 1.0), "raw": (0.45, 0.6)}
+CHORD_ROOT_STRENGTH = {"relative": 0.5, "raw": 0.45}
+CHORD_QUALITY_GATES = (1.0, 0.3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,6 +144,11 @@ class ControlTemplate:
     window: tuple[float, float] = (0.0, 1.0)
     group: str | None = None
     x: float | None = None
+    stride: int = 1  # "cycle" picks classes[(i // stride) % C]: a stride of the other concept's C crosses the two
+    # pick "tone": the notes class of chord tone `tone` (0 root, 1 third, 2 fifth) of quality qualities[i % Q] on
+    # root (i // Q) % 12: a triad built from note directions, the chord-quality preset's positive control
+    tone: int = 0
+    qualities: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -268,6 +286,36 @@ def topk_values(num_layers: int) -> list[int]:
     return out
 
 
+def _chord_quality_configurations(concepts: Sequence[str], classes: dict[str, list[str]],
+                                  eta0: Sequence[float] | None, units: str) -> list[Configuration]:
+    """Sample i steers root (i // Q) % 12 (notes bank) and quality i % Q (chords bank), so every root meets every
+    quality every 12 x Q samples. Per gate: the root alone (the quality control at strength 0, so the clip is
+    judged against the quality it would have been steered to), root + quality at each level, and the triad built
+    from the notes bank (root, third and fifth of the quality, each at the root's strength)."""
+    if list(concepts) != ["chords"]:
+        raise ValueError(f"the chord-quality preset steers --concept chords (got {', '.join(concepts)})")
+    if "notes" not in classes:
+        raise ValueError("the chord-quality preset steers the root with a notes bank: add --bank with the notes "
+                         "directions (the bundled model's are used when no --bank is given)")
+    qualities = len(classes["chords"])
+    root = ControlTemplate("notes", CHORD_ROOT_STRENGTH[units], role="root", stride=qualities)
+    triad = tuple(ControlTemplate("notes", CHORD_ROOT_STRENGTH[units], pick="tone", role=role, tone=k,
+                                  qualities=tuple(classes["chords"]))
+                  for k, role in enumerate(("root", "third", "fifth")))
+    configs = []
+    for gate in CHORD_QUALITY_GATES:
+        configs.append(Configuration(f"root only p={gate:g}", (
+            root, ControlTemplate("chords", 0.0, role="quality", group=f"root only p={gate:g}", x=0.0)),
+            gate_p=gate))
+        for eta in _eta_list(eta0, CHORD_QUALITY_LEVELS[units]):
+            configs.append(Configuration(f"root + chords eta0={eta:g} p={gate:g}", (
+                root, ControlTemplate("chords", eta, role="quality", x=eta)), gate_p=gate))
+        configs.append(Configuration(f"triad from notes p={gate:g}", triad + (
+            ControlTemplate("chords", 0.0, role="quality", group=f"triad from notes p={gate:g}", x=0.0),),
+            gate_p=gate))
+    return configs
+
+
 def build_configurations(preset: str, concepts: Sequence[str], classes: dict[str, list[str]], num_layers: int,
                          seconds: float, eta0: Sequence[float] | None = None,
                          units: str = "relative", methods: dict[str, MethodBanks] | None = None) -> list[Configuration]:
@@ -345,6 +393,8 @@ def build_configurations(preset: str, concepts: Sequence[str], classes: dict[str
             for k in topk_values(num_layers):
                 configs.append(Configuration(f"{c} K={k}", (ControlTemplate(c, eta, x=float(k)),), gate_p=1.0,
                                              layers=LayerWeighting("topk", k=k, w0=1.0)))
+    elif preset == "chord-quality":
+        configs = _chord_quality_configurations(concepts, classes, eta0, units)
     else:  # gate
         eta = _single_eta(preset, eta0, levels["single"])
         for c in concepts:
@@ -453,7 +503,11 @@ class Unit:
 
 def _pick(template: ControlTemplate, classes: list[str], seed: int, sample: int, previous: str | None) -> str:
     if template.pick == "cycle":
-        return classes[sample % len(classes)]
+        return classes[(sample // template.stride) % len(classes)]
+    if template.pick == "tone":
+        q = len(template.qualities)
+        root = classes.index(PITCH_NAMES[(sample // q) % 12])
+        return classes[(root + CHORD_TEMPLATES[template.qualities[sample % q]][template.tone]) % len(classes)]
     rng = np.random.default_rng(derive_seed(seed, "class", sample, template.concept, template.pick))
     if template.pick == "random":
         return classes[int(rng.integers(len(classes)))]
@@ -471,9 +525,12 @@ def plan_units(settings: SweepSettings, configs: Sequence[Configuration],
         seed = derive_seed(settings.seed, "sample", i)
         # The reference is judged against the targets sample i gets (the cycled class of each concept): the
         # accuracy an unsteered clip reaches by chance, the baseline of every row.
-        targets = tuple({"concept": c, "class": classes[c][i % len(classes[c])], "coefficient": 0.0, "role": "",
-                         "window": [0.0, 1.0], "group": REFERENCE_GROUP, "x": None}
-                        for c in dict.fromkeys(t.concept for cfg in configs for t in cfg.controls))
+        strides = {}
+        for t in (t for cfg in configs for t in cfg.controls):
+            strides.setdefault(t.concept, t.stride)
+        targets = tuple({"concept": c, "class": classes[c][(i // stride) % len(classes[c])], "coefficient": 0.0,
+                         "role": "", "window": [0.0, 1.0], "group": REFERENCE_GROUP, "x": None}
+                        for c, stride in strides.items())
         units.append(Unit(REFERENCE, i, prompt, seed, None, targets, trace))
     for cfg in configs:
         for i in range(settings.samples):

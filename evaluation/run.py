@@ -32,8 +32,8 @@ from musicrfm.probes.train import REGRESSION_CONCEPTS
 
 from musicrfm.engine.steering import LayerWeighting
 
-from .measure import (FittedProbe, FittedRegressor, check_clip, check_trace, fit_probe, fit_regressor, segment,
-                      window_bounds)
+from .measure import (FittedProbe, FittedRegressor, check_clip, check_trace, chord_measures, fit_probe, fit_regressor,
+                      segment, window_bounds)
 from .presets import (OPTIMAL_LAYERS, PAPER_FRAME_RATE, SweepSettings, Unit, build_configurations, method_banks,
                       plan_units)
 from .report import SweepReport, aggregate
@@ -146,6 +146,19 @@ def _trace(ctx: WorkerContext, unit: Unit, audio: np.ndarray, sr: int) -> dict:
     return out
 
 
+def _chord(unit: Unit, audio: np.ndarray, sr: int) -> dict | None:
+    """The chord measures of a clip with a chords target, relative to the root its notes target steers (chord-quality
+    preset), else to the template's root; None for clips without a chords target."""
+    from musicrfm.probes.syntheory import PITCH_NAMES
+
+    if not any(t["concept"] == "chords" for t in unit.targets):
+        return None
+    roots = [t for t in unit.targets if t["concept"] == "notes" and t["class"] in PITCH_NAMES]
+    steered = roots and unit.spec is not None and any(c.key == f"notes:{roots[0]['class']}" and c.coefficient
+                                                      for c in unit.spec.controls)
+    return chord_measures(audio, sr, PITCH_NAMES.index(roots[0]["class"]) if steered else None)
+
+
 def run_unit(ctx: WorkerContext, unit: Unit) -> dict:
     """Generate one clip and measure it. Returns the record stored in units.jsonl."""
     return run_chunk(ctx, [unit])[0]
@@ -197,6 +210,7 @@ def _measure(ctx: WorkerContext, unit: Unit, result, generation_seconds: float) 
         "tokens_sha256": result.settings["tokens_sha256"], "random_weights": bool(result.settings["random_weights"]),
         "embedder": ctx.embedder.name, "embedding": [float(v) for v in embedding], "clap": clap,
         "trace": _trace(ctx, unit, audio, sr) if unit.trace else None,
+        "chord": _chord(unit, audio, sr),
         "sample_rate": sr, "device": result.settings["device"], "dtype": result.settings["dtype"],
         "worker": f"{platform.node()}:{os.getpid()}",
         # The clip's share of its chunk's generation, and its own measuring.
@@ -403,7 +417,12 @@ def run_sweep(settings: SweepSettings, *, ray: str | None = None, workers: int |
                            "probes": probes}
                 for records in _ray_pool(ray, payload, chunks, workers):
                     store(records)
-    report = aggregate(settings, configs, _read_records(records_path), probes, probe_missing)
+    records = _read_records(records_path)
+    report = aggregate(settings, configs, records, probes, probe_missing)
+    if settings.preset == "chord-quality":
+        from .chord_quality import write_chord_quality
+
+        report.files.update(write_chord_quality(out, configs, records))
     return SweepResult(**vars(report), generated=len(pending), skipped=skipped)
 
 

@@ -59,7 +59,8 @@ def cmd_train(args) -> int:
 
     settings = TrainSettings(method=args.method, pooling=args.pooling, trials=args.trials, seed=args.seed,
                              layers=_layer_list(args.layers), device=args.device,
-                             layer_choice=args.layer_choice)
+                             layer_choice=args.layer_choice, invariant_to=args.invariant_to,
+                             data=str(args.data) if args.data else None)
     for concept in args.concepts.split(","):
         result = train_concept(Path(args.features) / concept, args.out, settings, progress=not args.quiet)
         print(result.summary())
@@ -160,6 +161,12 @@ def register(sub) -> None:
                     help="clustering: per layer, k-means (k = classes) on the training features scored by ARI and "
                          "NMI against the labels; the best ARI is the bank's chosen layer (steer it with "
                          "--layers chosen), both indices in the scores CSV")
+    tr.add_argument("--invariant-to", default=None, metavar="COLUMN",
+                    help="an info.csv column the directions must not encode, e.g. root_note_name for chord quality "
+                         "without the root: balance (class, value) cells and project the span of the per-value "
+                         "feature means out before fitting (needs --data)")
+    tr.add_argument("--data", type=Path, default=None, help="the data set root (<concept>/info.csv) the features were "
+                                                            "extracted from; read with --invariant-to")
     tr.add_argument("--device", default="auto", help="where probes are fitted (default: cuda if present)")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
     tr.set_defaults(func=cmd_train)

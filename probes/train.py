@@ -16,6 +16,15 @@ the layer keeps a fallback direction, the difference of class means (for tempo: 
 features with the BPM) or, where that is zero too, the nearest probed layer's direction, with its score
 set to chance (AUC 0.5, R^2 0), and the scores CSV (`status`, `note`) and the bank's metadata
 (`fallback_layers`) say which layers and why. If no layer at all can be probed, no bank is written.
+
+Invariance (`TrainSettings.invariant_to`, `musicrfm train --invariant-to COLUMN --data DIR`): directions that
+must not encode a nuisance attribute, e.g. chord quality without the chord's root. The column of the data's
+info.csv (matched to the features by clip file name) is a second label. (a) The training and validation parts
+are balanced: every (class, nuisance value) cell is cut to the same number of clips, so no class is more often
+one root than another. (b) Per layer, the span of the per-value means of the balanced training features (for
+roots: one mean per pitch class, centred; rank <= values - 1) is projected out of every feature vector before
+the probe is fitted, and once more out of the fitted directions: each direction is orthogonal to that span, so
+adding it cannot move the features toward one root. The bank's metadata records it (`invariance`).
 """
 
 from __future__ import annotations
@@ -56,6 +65,8 @@ class TrainSettings:
     layers: Sequence[int] | None = None  # None: every extracted layer
     device: str = "auto"
     layer_choice: str = "none"  # "clustering": score each layer by k-means ARI/NMI and record the chosen one
+    invariant_to: str | None = None  # an info.csv column the directions must not encode (e.g. root_note_name)
+    data: str | None = None  # the data set root holding <concept>/info.csv (needed with invariant_to)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -66,6 +77,11 @@ class TrainSettings:
             raise ValueError(f"pooling must be 'mean' or 'last', got {self.pooling!r}")
         if self.trials is not None and self.trials < 1:
             raise ValueError(f"trials must be >= 1, got {self.trials}")
+        if self.invariant_to is not None and not self.data:
+            raise ValueError(f"--invariant-to {self.invariant_to} needs --data (the data set whose info.csv holds "
+                             "that column)")
+        if self.data and self.invariant_to is None:
+            raise ValueError("--data is only read with --invariant-to COLUMN")
 
 
 def split_indices(labels: Sequence[str], seed: int, fractions=(0.7, 0.15, 0.15)) -> tuple[list[int], ...]:
@@ -118,6 +134,61 @@ class TrainResult:
         if self.bank_path is not None:
             return text + f"; bank {self.bank_path}"
         return text + f"; bank not written yet: layers {self.missing_layers} still to train"
+
+
+def nuisance_labels(data_root: str | Path, concept: str, column: str, stems: Sequence[str]) -> list[str]:
+    """The info.csv `column` of each feature row, matched by clip file name (the features keep the clips' stems)."""
+    from .dataset import load_concept
+
+    data = load_concept(data_root, concept, check_files=False)
+    if column not in data.rows[0]:
+        raise ValueError(f"{data.info_csv} has no column {column!r} (it has {', '.join(data.rows[0])})")
+    by_stem = {path.stem: row[column].strip() for path, row in zip(data.paths, data.rows)}
+    missing = [s for s in stems if s not in by_stem]
+    if missing:
+        raise FeatureError(f"{data.info_csv}: {len(missing)} feature clip(s) not listed, e.g. {missing[0]!r}; "
+                           "--data must be the data set the features were extracted from")
+    return [by_stem[s] for s in stems]
+
+
+def balance_cells(indices: Sequence[int], labels: Sequence[str], nuisance: Sequence[str]) -> list[int]:
+    """`indices` cut so that every (label, nuisance value) cell holds the same number of clips, the smallest
+    cell's (the first ones of each cell in index order; the split is already shuffled). An empty cell is an
+    error: a class seen without some value cannot be balanced."""
+    cells: dict[tuple[str, str], list[int]] = {}
+    for i in indices:
+        cells.setdefault((labels[i], nuisance[i]), []).append(i)
+    classes = sorted({labels[i] for i in indices})
+    values = sorted({nuisance[i] for i in indices})
+    empty = [(c, v) for c in classes for v in values if (c, v) not in cells]
+    if empty:
+        c, v = empty[0]
+        raise ValueError(f"cannot balance: class {c!r} has no clip with value {v!r} in this part "
+                         f"({len(empty)} empty cell(s)); the classes must each cover every value")
+    per_cell = min(len(v) for v in cells.values())
+    return sorted(i for cell in cells.values() for i in cell[:per_cell])
+
+
+def nuisance_basis(X: torch.Tensor, nuisance: Sequence[str], tolerance: float = 1e-6) -> torch.Tensor:
+    """Orthonormal basis [d, r] (float64) of the span of the per-value means of X [n, d] about the grand mean:
+    the subspace along which the nuisance (e.g. the root) moves the features. r <= values - 1; directions
+    with singular values below `tolerance` x the largest are dropped (they hold rounding, not a value)."""
+    X = X.double()
+    values = sorted(set(nuisance))
+    index = torch.tensor([values.index(v) for v in nuisance])
+    means = torch.stack([X[index == k].mean(0) for k in range(len(values))]) - X.mean(0)
+    U, S, _ = torch.linalg.svd(means.T, full_matrices=False)
+    if not bool((S > 0).any()):
+        return U[:, :0]
+    return U[:, S > tolerance * S[0]]
+
+
+def remove_span(X: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """X (rows) with its components in the span of `basis` [d, r] removed (float32 for half-precision X, whose
+    rounding would put a trace of the span back)."""
+    B = basis.to(X.device, torch.float64)
+    Xd = X.double()
+    return (Xd - (Xd @ B) @ B.T).to(torch.promote_types(X.dtype, torch.float32))
 
 
 def _fit_layer(method: str, regression: bool, X_tr, y_tr, X_val, y_val, num_classes: int, search):
@@ -195,17 +266,34 @@ def train_concept(feature_dir: str | Path, out_dir: str | Path, settings: TrainS
         lookup = {c: i for i, c in enumerate(classes)}
         y_all = torch.tensor([lookup[label] for label in head.labels])
     train_idx, val_idx, _ = split_indices(head.labels, settings.seed)
+    invariance = None
+    if settings.invariant_to is not None:
+        if regression:
+            raise ValueError(f"--invariant-to applies to classification concepts; {concept} is a regression")
+        nuisance = nuisance_labels(settings.data, concept, settings.invariant_to, head.stems)
+        # stratified by (class, value), so that every cell reaches validation
+        train_idx, val_idx, _ = split_indices([f"{a}\x1f{b}" for a, b in zip(head.labels, nuisance)], settings.seed)
+        train_idx = balance_cells(train_idx, head.labels, nuisance)
+        val_idx = balance_cells(val_idx, head.labels, nuisance)
+        invariance = {"column": settings.invariant_to, "values": len(set(nuisance)),
+                      "balanced": {"train": len(train_idx), "validation": len(val_idx),
+                                   "per_cell_train": len(train_idx) // (len(classes) * len(set(nuisance)))},
+                      "removed": "the span of the per-value means of the balanced training features, per layer, "
+                                 "from the features before fitting and from the directions after"}
     device = pick_device(settings.device)
     search = SearchConfig(seed=settings.seed, device=device.type,
                           **({"trials": settings.trials} if settings.trials else {}))
-    name = f"{concept}.{settings.method}" + ("" if settings.pooling == "mean" else f".{settings.pooling}")
+    name = (f"{concept}.{settings.method}" + ("" if settings.pooling == "mean" else f".{settings.pooling}")
+            + (f".invariant-{settings.invariant_to}" if settings.invariant_to else ""))
     parts = out_dir / "parts" / name
     parts.mkdir(parents=True, exist_ok=True)
     meta = {"concept": concept, "fingerprint": head.fingerprint.to_dict(), "classes": classes,
             "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()
-                         # layer_choice only when used: parts trained before it existed still resume
-                         if k != "layers" and not (k == "layer_choice" and v == "none")},
-            "prompt": head.prompt, "search": asdict(search) if settings.method == "rfm" else None}
+                         # layer_choice / invariance only when used: parts trained before they existed still resume
+                         if k != "layers" and not (k == "layer_choice" and v == "none")
+                         and not (k in ("invariant_to", "data") and v is None)},
+            "prompt": head.prompt, "search": asdict(search) if settings.method == "rfm" else None,
+            **({"invariance": invariance} if invariance else {})}
     meta = json.loads(json.dumps(meta))  # as a part stores it (tuples become lists), so a resumed run compares equal
 
     for layer in tqdm(layers, desc=f"train {name}", unit="layer", disable=not progress):
@@ -218,6 +306,11 @@ def train_concept(feature_dir: str | Path, out_dir: str | Path, settings: TrainS
         X = load_features(feature_dir, head.fingerprint, layers=[layer], poolings=[settings.pooling])
         X = X.features[settings.pooling][:, 0]
         status = {"status": "ok"}
+        basis = None
+        if invariance is not None:
+            basis = nuisance_basis(X[train_idx], [nuisance[i] for i in train_idx])
+            X = remove_span(X, basis)
+            status["removed_dims"] = int(basis.shape[1])
         try:
             directions, scores = _fit_layer(settings.method, regression, X[train_idx], y_all[train_idx], X[val_idx],
                                             y_all[val_idx], len(classes), search)
@@ -230,6 +323,9 @@ def train_concept(feature_dir: str | Path, out_dir: str | Path, settings: TrainS
             tqdm.write(f"warning: {name} layer {layer}: no probe ({exc}); left out: the bank keeps "
                        f"{status['direction']} there, scored at chance ({chance}) so layer weighting by score "
                        "ignores it", file=sys.stderr)
+        if basis is not None:  # exactly orthogonal (RFM works in its own basis; rounding leaves a trace)
+            directions = remove_span(directions.double(), basis)
+            directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-300)
         tensors = {"directions": directions.float().contiguous(), "scores": scores.float()}
         if clustering:  # unsupervised: k-means on the training split, its clusters scored against the labels
             from .clustering import cluster_layer
@@ -243,7 +339,7 @@ def train_concept(feature_dir: str | Path, out_dir: str | Path, settings: TrainS
 
     # Everything trained so far (this run or others), in layer order.
     done = sorted(int(p.stem.split("-")[1]) for p in parts.glob("layer-*.safetensors"))
-    dirs, scores, fallback, kinds, cluster_scores = [], [], {}, {}, {}
+    dirs, scores, fallback, kinds, cluster_scores, removed = [], [], {}, {}, {}, {}
     for layer in done:
         with safe_open(str(parts / f"layer-{layer:03d}.safetensors"), framework="pt") as f:
             dirs.append(f.get_tensor("directions"))
@@ -251,6 +347,8 @@ def train_concept(feature_dir: str | Path, out_dir: str | Path, settings: TrainS
             if clustering:
                 cluster_scores[layer] = [float(v) for v in f.get_tensor("clustering")]
             status = json.loads((f.metadata() or {}).get(_LAYER_KEY, '{"status": "ok"}'))
+        if "removed_dims" in status:
+            removed[layer] = status["removed_dims"]
         if status["status"] != "ok":
             fallback[layer] = status.get("reason", "no probe")
             kinds[layer] = status.get("direction", "a fallback direction")
@@ -292,7 +390,9 @@ def train_concept(feature_dir: str | Path, out_dir: str | Path, settings: TrainS
             score_name=provenance.score_name, injection_point=head.site,
             metadata={"prompt": head.prompt, "split": "stratified 70/15/15", "seed": settings.seed,
                       "search": meta["search"], "features": str(feature_dir), **(fallback_meta if fallback else {}),
-                      **choice_meta},
+                      **choice_meta,
+                      **({"invariance": {**invariance, "removed_dims": [removed[k] for k in done]}}
+                         if invariance else {})},
             layer_norms=load_layer_norms(feature_dir, head.fingerprint.num_layers),
         )
         bank_path = out_dir / f"{name}.safetensors"

@@ -481,3 +481,17 @@ def test_methods_preset_compares_musicrfm_and_linear_probe_steering_at_matched_s
                   progress=False, model=tiny)
     summary = (tmp_path / "sweep" / "summary.md").read_text()
     assert "| concept | m | musicrfm check acc | musicrfm FD" in summary and "| notes | 0.5 |" in summary
+
+
+def test_the_command_line_offers_every_preset():
+    """evaluation/cli.py writes the preset names out (its parser loads without torch): they are presets.PRESETS."""
+    import argparse
+
+    from musicrfm.evaluation import cli
+    from musicrfm.evaluation.presets import PRESETS
+
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    sweep = parser._subparsers._group_actions[0].choices["eval"]._subparsers._group_actions[0].choices["sweep"]
+    preset = next(a for a in sweep._actions if a.dest == "preset")
+    assert tuple(preset.choices) == PRESETS
