@@ -69,9 +69,12 @@ def cmd_report(args) -> int:
     from .classification import classification_report
 
     rows = classification_report(args.features, args.concepts.split(","), args.out, trials=args.trials,
-                                 seed=args.seed, layers=_layer_list(args.layers), progress=not args.quiet)
+                                 seed=args.seed, layers=_layer_list(args.layers), components=args.components,
+                                 progress=not args.quiet)
     for r in rows:
-        print(f"{r.concept:<20} {r.probe:<28} {r.metric} test {r.test:.3f} (val {r.val:.3f}, layer {r.best_layer})")
+        layer = "all" if r.best_layer is None else r.best_layer
+        auc = "" if r.val_auc != r.val_auc else f", val AUC {r.val_auc:.3f}"  # NaN for R^2 rows
+        print(f"{r.concept:<20} {r.probe:<30} {r.metric} test {r.test:.3f} (val {r.val:.3f}{auc}, layer {layer})")
     print(f"wrote {Path(args.out) / 'classification.csv'} and classification.png")
     return 0
 
@@ -162,6 +165,8 @@ def register(sub) -> None:
     rep.add_argument("--trials", type=int, default=None, help="RFM search trials per layer (default: the search's own)")
     rep.add_argument("--layers", default=None, help="only these layers (default: all extracted)")
     rep.add_argument("--seed", type=int, default=0, help="split and search seed")
+    rep.add_argument("--components", type=int, default=8,
+                     help="top AGOP eigenvectors per layer fed to the aggregated (multi-layer) probe")
     rep.add_argument("--quiet", action="store_true", help="no progress bars")
     rep.set_defaults(func=cmd_report)
 

@@ -82,12 +82,18 @@ def test_layers_trained_in_shards_assemble_into_one_bank(tiny, feature_dir, tmp_
 
 
 def test_classification_report_writes_csv_and_plot(feature_dir, tmp_path):
-    rows = classification_report(feature_dir.parent, ["pitch"], tmp_path, trials=2, progress=False)
-    assert [r.probe for r in rows] == ["RFM, mean-pooled", "RFM, last position", "linear probe, mean-pooled"]
-    assert all(r.metric == "accuracy" and 0 <= r.test <= 1 and r.best_layer in range(4) for r in rows)
+    rows = classification_report(feature_dir.parent, ["pitch"], tmp_path, trials=2, components=2, progress=False)
+    assert [r.probe for r in rows] == ["RFM, mean-pooled, shared M", "RFM, mean-pooled, per-class M",
+                                       "RFM aggregated over layers", "RFM, last position", "linear probe, mean-pooled"]
+    assert all(r.metric == "accuracy" and 0 <= r.test <= 1 and 0 <= r.val_auc <= 1 for r in rows)
+    assert [r.best_layer in range(4) for r in rows] == [True, True, False, True, True]
+    assert rows[2].best_layer is None  # the aggregated probe reads every layer
     assert max(r.val for r in rows) >= 0.9  # the two tones are told apart at the best layer
-    lines = (tmp_path / "classification.csv").read_text().splitlines()
-    assert lines[0] == "concept,probe,metric,best_layer,validation,test" and len(lines) == 4
+    with (tmp_path / "classification.csv").open() as fh:
+        table = list(csv.DictReader(fh))
+    assert list(table[0]) == ["concept", "probe", "metric", "best_layer", "validation", "val_auc", "test"]
+    assert [t["probe"] for t in table] == [r.probe for r in rows] and table[2]["best_layer"] == "all"
+    assert all(float(t["val_auc"]) == pytest.approx(r.val_auc, abs=1e-4) for t, r in zip(table, rows))
     assert (tmp_path / "classification.png").stat().st_size > 1000
 
 
