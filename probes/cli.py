@@ -58,7 +58,7 @@ def cmd_train(args) -> int:
     from .train import TrainSettings, train_concept
 
     settings = TrainSettings(method=args.method, pooling=args.pooling, trials=args.trials, seed=args.seed,
-                             layers=_layer_list(args.layers), device=args.device)
+                             layers=_layer_list(args.layers), device=args.device, rfm_metric=args.rfm_metric)
     for concept in args.concepts.split(","):
         result = train_concept(Path(args.features) / concept, args.out, settings, progress=not args.quiet)
         print(result.summary())
@@ -147,6 +147,10 @@ def register(sub) -> None:
                     help="rfm (Recursive Feature Machine), linear (ridge/MSE probe) or diffmeans (difference of means)")
     tr.add_argument("--pooling", choices=["mean", "last"], default="mean",
                     help="features pooled over time (mean) or at the last position")
+    tr.add_argument("--rfm-metric", choices=["shared", "per-class"], default="shared",
+                    help="RFM: one M per layer learned from all classes (shared, default) or one binary RFM per "
+                         "class with its own M (per-class, the paper's; ~classes x slower); writes "
+                         "<concept>.rfm.per-class.*")
     tr.add_argument("--trials", type=int, default=None, help="hyper-parameter search budget (default: the search's own)")
     tr.add_argument("--layers", default=None, help="only these layers, e.g. 0-11 (shard training over machines; "
                                                    "default: all)")

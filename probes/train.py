@@ -41,8 +41,12 @@ from .rfm import ProbeFailure
 
 METHODS = ("rfm", "linear", "diffmeans")
 REGRESSION_CONCEPTS = ("tempos",)
+RFM_METRICS = ("shared", "per-class")
 # The score a fallback layer gets: what a probe that reads nothing scores.
 CHANCE_SCORE = {"auc": 0.5, "r2": 0.0}
+# The scores CSV's score column per bank score_name (until issue 14 it was the bare score_name: "auc", "r2").
+SCORE_COLUMNS = {"auc": "val_auc", "r2": "val_r2"}
+_SCORE_WORDS = {"auc": "AUC", "r2": "R^2"}
 _LAYER_KEY = "musicrfm.layer"  # a part's metadata entry: {"status": "ok"} or {"status": "fallback", "reason": ...}
 
 
@@ -54,10 +58,18 @@ class TrainSettings:
     seed: int = 0  # split and search seed
     layers: Sequence[int] | None = None  # None: every extracted layer
     device: str = "auto"
+    # RFM only: "shared" (one search per layer, M from the AGOP summed over classes) or "per-class" (the
+    # paper's: one binary RFM per class with its own M). Either way a class's direction is the signed top
+    # eigenvector of its own uncentred AGOP at its kept fit.
+    rfm_metric: str = "shared"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.rfm_metric not in RFM_METRICS:
+            raise ValueError(f"rfm_metric must be one of {', '.join(RFM_METRICS)}, got {self.rfm_metric!r}")
+        if self.rfm_metric != "shared" and self.method != "rfm":
+            raise ValueError(f"rfm_metric {self.rfm_metric!r} is an RFM option; method is {self.method!r}")
         if self.pooling not in ("mean", "last"):
             raise ValueError(f"pooling must be 'mean' or 'last', got {self.pooling!r}")
         if self.trials is not None and self.trials < 1:
@@ -102,7 +114,8 @@ class TrainResult:
         top = int(best.argmax())
         p = self.provenance
         text = (f"{self.concept} [{p.method}]: {len(self.classes)} classes x {len(self.layers)} layers; best layer "
-                f"{self.layers[top]} (mean {p.score_name} {float(best[top]):.3f}); scores in {self.csv_path}")
+                f"{self.layers[top]} (mean validation {_SCORE_WORDS.get(p.score_name, p.score_name)} "
+                f"{float(best[top]):.3f}); scores in {self.csv_path}")
         if self.fallback_layers:
             text += (f"; no probe at layers {sorted(self.fallback_layers)} (fallback directions at chance score, "
                      "reasons in the CSV)")
@@ -111,8 +124,9 @@ class TrainResult:
         return text + f"; bank not written yet: layers {self.missing_layers} still to train"
 
 
-def _fit_layer(method: str, regression: bool, X_tr, y_tr, X_val, y_val, num_classes: int, search):
-    """(directions [C, d], scores [C]) for one layer."""
+def _fit_layer(method: str, regression: bool, X_tr, y_tr, X_val, y_val, num_classes: int, search,
+               shared_metric: bool = True):
+    """(directions [C, d], validation scores [C]) for one layer."""
     from . import baselines, rfm
 
     if regression:
@@ -121,7 +135,7 @@ def _fit_layer(method: str, regression: bool, X_tr, y_tr, X_val, y_val, num_clas
         reg = rfm.fit_regression(X_tr, y_tr, X_val, y_val, search)
         return reg.direction[None], torch.tensor([reg.val_r2])
     if method == "rfm":
-        results = rfm.fit_binary_directions(X_tr, y_tr, X_val, y_val, num_classes, search)
+        results = rfm.fit_binary_directions(X_tr, y_tr, X_val, y_val, num_classes, search, shared_metric=shared_metric)
     elif method == "linear":
         results = baselines.fit_linear_directions(X_tr, y_tr, X_val, y_val, num_classes)
     else:
@@ -186,12 +200,15 @@ def train_concept(feature_dir: str | Path, out_dir: str | Path, settings: TrainS
     device = pick_device(settings.device)
     search = SearchConfig(seed=settings.seed, device=device.type,
                           **({"trials": settings.trials} if settings.trials else {}))
-    name = f"{concept}.{settings.method}" + ("" if settings.pooling == "mean" else f".{settings.pooling}")
+    name = (f"{concept}.{settings.method}" + ("" if settings.rfm_metric == "shared" else f".{settings.rfm_metric}")
+            + ("" if settings.pooling == "mean" else f".{settings.pooling}"))
     parts = out_dir / "parts" / name
     parts.mkdir(parents=True, exist_ok=True)
     meta = {"concept": concept, "fingerprint": head.fingerprint.to_dict(), "classes": classes,
+            # rfm_metric only when it is not the default, so parts trained before the option still resume
             "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()
-                         if k != "layers"}, "prompt": head.prompt, "search": asdict(search) if settings.method == "rfm" else None}
+                         if k != "layers" and not (k == "rfm_metric" and v == "shared")},
+            "prompt": head.prompt, "search": asdict(search) if settings.method == "rfm" else None}
     meta = json.loads(json.dumps(meta))  # as a part stores it (tuples become lists), so a resumed run compares equal
 
     for layer in tqdm(layers, desc=f"train {name}", unit="layer", disable=not progress):
@@ -206,7 +223,7 @@ def train_concept(feature_dir: str | Path, out_dir: str | Path, settings: TrainS
         status = {"status": "ok"}
         try:
             directions, scores = _fit_layer(settings.method, regression, X[train_idx], y_all[train_idx], X[val_idx],
-                                            y_all[val_idx], len(classes), search)
+                                            y_all[val_idx], len(classes), search, settings.rfm_metric == "shared")
         except ProbeFailure as exc:
             chance = CHANCE_SCORE["r2" if regression else "auc"]
             directions = _fallback_directions(regression, X[train_idx], y_all[train_idx], len(classes))
@@ -241,7 +258,8 @@ def train_concept(feature_dir: str | Path, out_dir: str | Path, settings: TrainS
     csv_path = out_dir / f"{name}.scores.csv"
     with csv_path.open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["layer", "class", score_name, "status", "note"])
+        # The scores are validation scores (the split's 15 %), named so: the test part is the report's.
+        w.writerow(["layer", "class", SCORE_COLUMNS[score_name], "status", "note"])
         for j, layer in enumerate(done):
             for c, cls in enumerate(classes):
                 w.writerow([layer, cls, f"{float(S[c, j]):.6f}", "fallback" if layer in fallback else "ok",
@@ -258,6 +276,8 @@ def train_concept(feature_dir: str | Path, out_dir: str | Path, settings: TrainS
             concept, classes, D, S, head.fingerprint, method=provenance.method, pooling=settings.pooling,
             score_name=provenance.score_name,
             metadata={"prompt": head.prompt, "split": "stratified 70/15/15", "seed": settings.seed,
+                      "scores": f"validation {_SCORE_WORDS[score_name]} (the split's validation part)",
+                      **({"rfm_metric": settings.rfm_metric} if settings.method == "rfm" else {}),
                       "search": meta["search"], "features": str(feature_dir), **(fallback_meta if fallback else {})},
             layer_norms=load_layer_norms(feature_dir, head.fingerprint.num_layers),
         )
@@ -283,7 +303,7 @@ def scores_figure(concept: str, provenance: Provenance, layers: list[int], score
         ax.fill_between(layers, s.min(0).values, s.max(0).values, alpha=0.25, label="min-max over classes")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers: no "layer 0.5"
     ax.set_xlabel("decoder layer (residual stream after the block)")
-    ax.set_ylabel(f"validation {provenance.score_name}")
+    ax.set_ylabel(f"validation {dict(auc='AUC', r2='R$^2$').get(provenance.score_name, provenance.score_name)}")
     ax.set_title(f"{concept}: {provenance.method} probes per layer")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", framealpha=0.85, fontsize=8)  # where it hides the least of the curve
