@@ -170,14 +170,17 @@ def classification_figure(rows: list[ReportRow]):
     width = 0.8 / len(probes)
     for k, probe in enumerate(probes):
         xs = [i + (k - (len(probes) - 1) / 2) * width for i in range(len(concepts))]
-        ys = [next((r.test for r in rows if r.concept == c and r.probe == probe), float("nan")) for c in concepts]
-        ax.bar(xs, ys, width, label=probe)
+        found = [next((r for r in rows if r.concept == c and r.probe == probe), None) for c in concepts]
+        bars = ax.bar(xs, [float("nan") if r is None else r.test for r in found], width, label=probe)
+        # Which layer each bar's probe was read at (the best by validation; the aggregated probe reads all).
+        ax.bar_label(bars, labels=["" if r is None else "all" if r.best_layer is None else f"L{r.best_layer}"
+                                   for r in found], fontsize=6, padding=1)
     ax.set_xticks(range(len(concepts)), concepts)
     # R^2 is named only for the concepts scored by it (tempo's regression), when the report has one.
     regressions = list(dict.fromkeys(r.concept for r in rows if r.metric == "r2"))
     ax.set_ylabel("test accuracy" + (f" (R$^2$ for {', '.join(regressions)})" if regressions else ""))
-    ax.set_ylim(0, 1)
-    ax.set_title("probes on held-out test data (best layer by validation; aggregated: all layers)", fontsize=9)
+    ax.set_ylim(0, 1.08)  # room for the layer labels above bars that reach 1
+    ax.set_title("probes on held-out test data (label: layer, best by validation)", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     # Outside the axes: bars reach the top of the scale, and a legend inside would cover them.
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8)
