@@ -160,9 +160,10 @@ def register(sub) -> None:
     tr.set_defaults(func=cmd_train)
 
     rep = sub.add_parser("report", help="classification report (paper's Table 1 protocol) from features",
-                         description="RFM on mean-pooled features, RFM on the last position and a linear probe: "
-                                     "best layer by validation, accuracy (R^2 for tempo) on the held-out test split; "
-                                     "OUT/classification.csv and .png.")
+                         description="RFM on mean-pooled features with one shared M and with a per-class M (the "
+                                     "paper's binary probes), the paper's aggregated multi-layer RFM, RFM on the last "
+                                     "position and a linear probe: best layer by validation, validation AUC, accuracy "
+                                     "(R^2 for tempo) on the held-out test split; OUT/classification.csv and .png.")
     rep.add_argument("--features", type=Path, default=Path("features"), help="`musicrfm extract` output (<concept>/)")
     rep.add_argument("--concepts", default="notes", help="comma-separated concepts")
     rep.add_argument("--out", type=Path, default=Path("reports"), help="where the CSV and plot are written")
