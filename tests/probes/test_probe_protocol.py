@@ -22,7 +22,8 @@ TINY = SearchConfig(trials=3, iterations=2, seed=0)
 
 def classes_in_own_subspaces(n: int, d: int = 48, classes: int = 3, seed: int = 0):
     """Class c is read off its own direction u_c, as |x . u_c| (an even function: only a learned M sees it
-    well, and the first fit, M = I, poorly: val AUC ~0.7); the other coordinates are isotropic noise. Returns X [n, d], labels [n], U [classes, d]."""
+    well, and the first fit, M = I, poorly: val AUC ~0.7); the other coordinates are isotropic noise.
+    Returns X [n, d], labels [n], U [classes, d]."""
     g = torch.Generator().manual_seed(seed)
     U = torch.linalg.qr(torch.randn(d, classes, generator=g))[0].T  # orthonormal rows
     labels = torch.arange(n) % classes
