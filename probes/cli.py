@@ -60,7 +60,7 @@ def cmd_train(args) -> int:
     settings = TrainSettings(method=args.method, pooling=args.pooling, trials=args.trials, seed=args.seed,
                              layers=_layer_list(args.layers), device=args.device,
                              layer_choice=args.layer_choice, invariant_to=args.invariant_to,
-                             data=str(args.data) if args.data else None)
+                             data=str(args.data) if args.data else None, rfm_metric=args.rfm_metric)
     for concept in args.concepts.split(","):
         result = train_concept(Path(args.features) / concept, args.out, settings, progress=not args.quiet)
         print(result.summary())
@@ -71,9 +71,12 @@ def cmd_report(args) -> int:
     from .classification import classification_report
 
     rows = classification_report(args.features, args.concepts.split(","), args.out, trials=args.trials,
-                                 seed=args.seed, layers=_layer_list(args.layers), progress=not args.quiet)
+                                 seed=args.seed, layers=_layer_list(args.layers), components=args.components,
+                                 progress=not args.quiet)
     for r in rows:
-        print(f"{r.concept:<20} {r.probe:<28} {r.metric} test {r.test:.3f} (val {r.val:.3f}, layer {r.best_layer})")
+        layer = "all" if r.best_layer is None else r.best_layer
+        auc = "" if r.val_auc != r.val_auc else f", val AUC {r.val_auc:.3f}"  # NaN for R^2 rows
+        print(f"{r.concept:<20} {r.probe:<30} {r.metric} test {r.test:.3f} (val {r.val:.3f}{auc}, layer {layer})")
     print(f"wrote {Path(args.out) / 'classification.csv'} and classification.png")
     return 0
 
@@ -153,6 +156,10 @@ def register(sub) -> None:
                     help="rfm (Recursive Feature Machine), linear (ridge/MSE probe) or diffmeans (difference of means)")
     tr.add_argument("--pooling", choices=["mean", "last"], default="mean",
                     help="features pooled over time (mean) or at the last position")
+    tr.add_argument("--rfm-metric", choices=["shared", "per-class"], default="shared",
+                    help="RFM: one M per layer learned from all classes (shared, default) or one binary RFM per "
+                         "class with its own M (per-class, the paper's; ~classes x slower); writes "
+                         "<concept>.rfm.per-class.*")
     tr.add_argument("--trials", type=int, default=None, help="hyper-parameter search budget (default: the search's own)")
     tr.add_argument("--layers", default=None, help="only these layers, e.g. 0-11 (shard training over machines; "
                                                    "default: all)")
@@ -172,15 +179,18 @@ def register(sub) -> None:
     tr.set_defaults(func=cmd_train)
 
     rep = sub.add_parser("report", help="classification report (paper's Table 1 protocol) from features",
-                         description="RFM on mean-pooled features, RFM on the last position and a linear probe: "
-                                     "best layer by validation, accuracy (R^2 for tempo) on the held-out test split; "
-                                     "OUT/classification.csv and .png.")
+                         description="RFM on mean-pooled features with one shared M and with a per-class M (the "
+                                     "paper's binary probes), the paper's aggregated multi-layer RFM, RFM on the last "
+                                     "position and a linear probe: best layer by validation, validation AUC, accuracy "
+                                     "(R^2 for tempo) on the held-out test split; OUT/classification.csv and .png.")
     rep.add_argument("--features", type=Path, default=Path("features"), help="`musicrfm extract` output (<concept>/)")
     rep.add_argument("--concepts", default="notes", help="comma-separated concepts")
     rep.add_argument("--out", type=Path, default=Path("reports"), help="where the CSV and plot are written")
     rep.add_argument("--trials", type=int, default=None, help="RFM search trials per layer (default: the search's own)")
     rep.add_argument("--layers", default=None, help="only these layers (default: all extracted)")
     rep.add_argument("--seed", type=int, default=0, help="split and search seed")
+    rep.add_argument("--components", type=int, default=8,
+                     help="top AGOP eigenvectors per layer fed to the aggregated (multi-layer) probe")
     rep.add_argument("--quiet", action="store_true", help="no progress bars")
     rep.set_defaults(func=cmd_report)
 

@@ -25,6 +25,11 @@ Decisions that differ from, or go beyond, the reference code (docs/probes.md has
     exactly the predictor a one-vs-rest KRR with that kernel would give; M is learned from the AGOP summed
     over classes (the paper's multiclass RFM, one kernel and one Cholesky solve per fit instead of one per
     class), and every class keeps its own best (trial, iteration) by its own validation AUC.
+    `shared_metric=False` is the paper's protocol instead: one binary (0/1) RFM per class, each with its
+    own search and its own M (fit_binary_directions, fit_multiclass; docs/probes.md compares the two).
+  * fit_aggregated is the paper's multi-layer "aggregation model" (App. B): each layer's probe gives the top
+    eigenvectors of its AGOP, the features projected on them are concatenated over layers, and one more
+    RFM is fitted on that (kernel K_{2,q} only: the paper's K_{p,q} search is not implemented).
   * Trials are drawn from the paper's ranges and pruned by successive halving: every trial runs its first
     fits (M = I, then one AGOP update), the best 1/halving continue to iteration 3, 7, 15. The M = I fit
     reuses one cached Euclidean distance matrix across trials.
@@ -42,9 +47,10 @@ functions raise ProbeFailure, which per-layer training reports and survives.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -58,8 +64,12 @@ __all__ = [
     "ProbeResult",
     "Classifier",
     "Regressor",
+    "PredictorStack",
+    "LayerProjection",
+    "AggregatedClassifier",
     "fit_binary_directions",
     "fit_multiclass",
+    "fit_aggregated",
     "fit_regression",
     "roc_auc",
     "fit_temperature",
@@ -495,6 +505,30 @@ class KernelPredictor:
             rows.append(g / f.scale)  # kernel coordinates are (x - mean) / scale
         return torch.cat(rows)
 
+    def agop(self) -> Tensor:
+        """The uncentred AGOP summed over outputs at the training points, [r, r] float64 in kernel
+        coordinates (gradients w.r.t. the standardised features): what the next RFM iteration's M is
+        made of, and whose top eigenvector is a binary probe's direction."""
+        d2 = _sq_distances(self.centers, self.centers, self.metric)
+        K, s = _kernel(d2, self.config)
+        S = _agop_sum(self.centers, _gradient_weights(K, s, d2, self.config), self.alpha, False)
+        if self.metric is not None:
+            m = self.metric.double()
+            S = m @ S @ m
+        return (S + S.T) / (2.0 * self.centers.shape[0])
+
+
+@dataclass(frozen=True, eq=False)
+class PredictorStack:
+    """Several single-output predictors read as one multi-output one: column c is predictors[c]'s output
+    (the per-class-M multiclass probe: one binary RFM per class, each with its own M)."""
+
+    predictors: tuple[KernelPredictor, ...]
+
+    def scores(self, X: Tensor) -> Tensor:
+        """[m, c] float32: every class's own binary score."""
+        return torch.cat([p.scores(X)[:, :1] for p in self.predictors], dim=1)
+
 
 @dataclass(frozen=True, eq=False)
 class ProbeResult:
@@ -518,9 +552,13 @@ class ProbeResult:
 
 @dataclass(frozen=True, eq=False)
 class Classifier:
-    """Multiclass RFM probe: one-hot KRR outputs, softmax with a validation-fitted temperature."""
+    """Multiclass RFM probe: one-hot KRR outputs, softmax with a validation-fitted temperature.
 
-    predictor: KernelPredictor
+    `predictor` is one multi-output KernelPredictor (shared M) or a PredictorStack of per-class binary
+    predictors (per-class M, `shared_metric=False`); `config` and `best_iteration` are the shared fit's
+    (for a stack: its first class's)."""
+
+    predictor: KernelPredictor | PredictorStack
     temperature: float
     val_accuracy: float
     val_auc: float  # mean one-vs-rest AUC over classes present in validation
@@ -528,12 +566,18 @@ class Classifier:
     failed_trials: int = 0  # search trials stopped by a numerical failure
 
     @property
+    def shared_metric(self) -> bool:
+        return isinstance(self.predictor, KernelPredictor)
+
+    @property
     def config(self) -> RFMConfig:
-        return self.predictor.config
+        first = self.predictor if self.shared_metric else self.predictor.predictors[0]
+        return first.config
 
     @property
     def best_iteration(self) -> int:
-        return self.predictor.iteration
+        first = self.predictor if self.shared_metric else self.predictor.predictors[0]
+        return first.iteration
 
     def predict_proba(self, X: Tensor) -> Tensor:
         return torch.softmax(self.predictor.scores(X).double() / self.temperature, dim=1).to(torch.float32)
@@ -651,6 +695,13 @@ class _Problem:
         self._euclidean = (_sq_distances(self.Z, self.Z, None),
                            _sq_distances(self.Z_val, self.Z, None, self.outside_val))
         self._euclidean_exact: Tensor | None = None  # the training part in float64, made when first needed
+
+    def with_targets(self, Y: Tensor, evaluate: Evaluator) -> _Problem:
+        """The same features (coordinates and the cached M = I distances shared, not copied) with other
+        targets: one class's binary problem of the per-class-M protocol."""
+        other = copy.copy(self)
+        other.Y, other.evaluate = Y.to(self.Z.device, torch.float64), evaluate
+        return other
 
     def distances(self, metric: Tensor | None) -> tuple[Tensor, Tensor]:
         if metric is None:
@@ -897,16 +948,35 @@ def _classification_problem(X_tr: Tensor, labels_tr: Tensor, X_val: Tensor, labe
 
 
 def fit_binary_directions(X_tr: Tensor, labels_tr: Tensor, X_val: Tensor, labels_val: Tensor, num_classes: int,
-                          search: SearchConfig = SearchConfig(), *,
-                          keep_predictors: bool = False) -> list[ProbeResult]:
+                          search: SearchConfig = SearchConfig(), *, keep_predictors: bool = False,
+                          shared_metric: bool = True) -> list[ProbeResult]:
     """One-vs-rest RFM directions for every class of one layer's features.
 
     X_tr [n, d], X_val [m, d] (any float dtype; float16 is fine); labels are class indices. Every class
     needs a training example and must be present (and not alone) in validation. Each class gets the
     (trial, iteration) with its best validation AUC; its direction is the signed top eigenvector of its
     own AGOP there. Returns one ProbeResult per class, in class order.
+
+    shared_metric=True (default): one multi-output search, M learned from the AGOP summed over classes.
+    False: the paper's protocol, one binary RFM search per class with its own M (about num_classes times
+    the fits; `search_fits` and `failed_trials` are then the totals over the classes' searches, and a
+    kept predictor has that class's score in its output 0).
     """
-    problem, _ = _classification_problem(X_tr, labels_tr, X_val, labels_val, num_classes, search, multiclass=False)
+    problem, labels_val = _classification_problem(X_tr, labels_tr, X_val, labels_val, num_classes, search,
+                                                  multiclass=False)
+    if not shared_metric:
+        searches = _per_class_searches(problem, labels_val, num_classes, search)
+        fits, failed = sum(o.fits for _, o in searches), sum(len(o.failures) for _, o in searches)
+        results = []
+        for c, (sub, outcome) in enumerate(searches):
+            snap = outcome.per_output[0]
+            q = _directions(sub, snap, [0])[0]
+            results.append(ProbeResult(
+                direction=q.vector, val_auc=outcome.per_output_score[0], config=snap.config,
+                best_iteration=snap.iteration, class_index=c, method="rfm", eigenvalue=q.eigenvalue,
+                explained=q.explained, sign_margin=q.sign_margin, search_fits=fits,
+                predictor=sub.predictor(snap) if keep_predictors else None, output_index=0, failed_trials=failed))
+        return results
     outcome = _run_search(problem, search, num_classes)
     if any(snap is None for snap in outcome.per_output):  # every class has validation AUCs (checked above)
         raise ProbeFailure(outcome.failure_summary())
@@ -925,9 +995,43 @@ def fit_binary_directions(X_tr: Tensor, labels_tr: Tensor, X_val: Tensor, labels
     return results
 
 
+def _per_class_searches(problem: _Problem, labels_val: Tensor, num_classes: int,
+                        search: SearchConfig) -> list[tuple[_Problem, _Outcome]]:
+    """The paper's protocol: per class a binary (0/1 target) RFM search of its own, so its own M, each
+    fit kept by that class's validation AUC. The classes share the features and the M = I distances."""
+    positive_val = torch.nn.functional.one_hot(labels_val, num_classes).bool()
+    found = []
+    for c in range(num_classes):
+        def evaluate(scores: Tensor, c: int = c) -> tuple[Key, Tensor | None]:
+            auc = roc_auc(scores[:, 0], positive_val[:, c])
+            return (float(auc),), auc.reshape(1)
+
+        sub = problem.with_targets(problem.Y[:, c:c + 1], evaluate)
+        outcome = _run_search(sub, search, 1)
+        if outcome.per_output[0] is None:
+            raise ProbeFailure(f"class {c}: {outcome.failure_summary()}")
+        found.append((sub, outcome))
+    return found
+
+
 def fit_multiclass(X_tr: Tensor, labels_tr: Tensor, X_val: Tensor, labels_val: Tensor, num_classes: int,
-                   search: SearchConfig = SearchConfig()) -> Classifier:
-    """Multiclass RFM (one-hot targets, one shared M), kept by validation accuracy (ties: mean AUC)."""
+                   search: SearchConfig = SearchConfig(), *, shared_metric: bool = True) -> Classifier:
+    """Multiclass RFM (one-hot targets, one shared M), kept by validation accuracy (ties: mean AUC).
+
+    shared_metric=False: the paper's binary probes read as one classifier, one RFM per class with its own
+    M (each kept by its own validation AUC), predicting the class whose binary score is highest. Every
+    class must then be present (and not alone) in validation, as for fit_binary_directions."""
+    if not shared_metric:
+        problem, labels_val = _classification_problem(X_tr, labels_tr, X_val, labels_val, num_classes, search,
+                                                      multiclass=False)
+        searches = _per_class_searches(problem, labels_val, num_classes, search)
+        stack = PredictorStack(tuple(sub.predictor(o.per_output[0]) for sub, o in searches))
+        scores = stack.scores(X_val)
+        accuracy = float((scores.argmax(1).to(labels_val.device) == labels_val).double().mean())
+        return Classifier(predictor=stack, temperature=fit_temperature(scores, labels_val), val_accuracy=accuracy,
+                          val_auc=float(np.mean([o.per_output_score[0] for _, o in searches])),
+                          search_fits=sum(o.fits for _, o in searches),
+                          failed_trials=sum(len(o.failures) for _, o in searches))
     problem, labels_val = _classification_problem(X_tr, labels_tr, X_val, labels_val, num_classes, search,
                                                   multiclass=True)
     outcome = _run_search(problem, search, num_classes)
@@ -972,3 +1076,102 @@ def fit_regression(X_tr: Tensor, y_tr: Tensor, X_val: Tensor, y_val: Tensor,
                      eigenvalue=q.eigenvalue, explained=q.explained, sign_margin=q.sign_margin, val_mse=mse,
                      val_r2=1.0 - mse / variance if variance > 0 else float("nan"), search_fits=outcome.fits,
                      failed_trials=len(outcome.failures))
+
+
+# ------------------------------------------------------------------------------------------------------
+# The multi-layer aggregation probe (paper App. B, "aggregation model")
+
+
+@dataclass(frozen=True, eq=False)
+class LayerProjection:
+    """One layer's part of the aggregated features: the standardised features projected on the top
+    `components` eigenvectors of the layer probe's AGOP (summed over classes, at its kept fit)."""
+
+    features: FeatureMap
+    basis: Tensor  # [r, k] float32, orthonormal columns in kernel coordinates, by decreasing eigenvalue
+    eigenvalues: Tensor  # [k] float64, in kernel coordinates
+
+    @classmethod
+    def from_predictor(cls, predictor: KernelPredictor, components: int) -> LayerProjection:
+        evals, evecs = torch.linalg.eigh(predictor.agop())
+        k = min(components, evecs.shape[1])
+        return cls(predictor.features, evecs[:, -k:].flip(1).to(torch.float32).contiguous(), evals[-k:].flip(0))
+
+    def __call__(self, X: Tensor) -> Tensor:
+        """[m, k] float32: coordinates of X along the layer's top AGOP eigenvectors."""
+        return self.features(X)[0] @ self.basis.to(self.features.mean.device)
+
+
+@dataclass(frozen=True, eq=False)
+class AggregatedClassifier:
+    """The paper's aggregation model: an RFM on the concatenated per-layer AGOP projections.
+
+    `layers` are positions in the list of per-layer features passed to fit_aggregated (and to predict);
+    layers whose probe could not be fitted are left out."""
+
+    layers: tuple[int, ...]
+    projections: tuple[LayerProjection, ...]
+    classifier: Classifier
+    skipped: tuple[tuple[int, str], ...] = ()  # (position, reason) of layers without a probe
+
+    @property
+    def val_accuracy(self) -> float:
+        return self.classifier.val_accuracy
+
+    @property
+    def val_auc(self) -> float:
+        return self.classifier.val_auc
+
+    def features(self, per_layer: Sequence[Tensor]) -> Tensor:
+        """[m, sum of k] the aggregation model's input, from the per-layer features (same list as at fit)."""
+        return torch.cat([p(per_layer[j]) for j, p in zip(self.layers, self.projections)], dim=1)
+
+    def predict(self, per_layer: Sequence[Tensor]) -> Tensor:
+        return self.classifier.predict(self.features(per_layer))
+
+    def predict_proba(self, per_layer: Sequence[Tensor]) -> Tensor:
+        return self.classifier.predict_proba(self.features(per_layer))
+
+
+def fit_aggregated(layers_tr: Sequence[Tensor], labels_tr: Tensor, layers_val: Sequence[Tensor], labels_val: Tensor,
+                   num_classes: int, search: SearchConfig = SearchConfig(), *, components: int = 8,
+                   aggregator_search: SearchConfig | None = None,
+                   layer_probes: Sequence[Classifier | None] | None = None) -> AggregatedClassifier:
+    """The paper's multi-layer aggregation probe (App. B: "number of components", "aggregation model").
+
+    Per layer a multiclass RFM (shared M, `search`; or the given `layer_probes`, None where a layer has no
+    probe) is fitted on its features; its AGOP at the kept fit (summed over classes) gives the top
+    `components` eigenvectors (the first is what a binary probe steers with); each layer's features are
+    projected on them, the projections are concatenated over layers, and one more multiclass RFM (the
+    aggregation model) is searched on that, kept by validation accuracy as the paper does.
+    `aggregator_search` defaults to `search` with 3x the trials (the paper: 300 vs 100) and seed + 1.
+    The paper also searches an l_p kernel K_{p,q} for the aggregation model; here it is K_{2,q}.
+    """
+    if len(layers_tr) != len(layers_val) or not layers_tr:
+        raise ValueError(f"need the same number (>= 1) of training and validation layers, got "
+                         f"{len(layers_tr)} and {len(layers_val)}")
+    if components < 1:
+        raise ValueError(f"components must be >= 1, got {components}")
+    if layer_probes is not None and len(layer_probes) != len(layers_tr):
+        raise ValueError(f"layer_probes has {len(layer_probes)} entries for {len(layers_tr)} layers")
+    used, projections, skipped = [], [], []
+    for j, (X, Xv) in enumerate(zip(layers_tr, layers_val)):
+        probe = layer_probes[j] if layer_probes is not None else None
+        if probe is None:
+            try:
+                probe = fit_multiclass(X, labels_tr, Xv, labels_val, num_classes, search)
+            except ProbeFailure as exc:
+                skipped.append((j, str(exc)))
+                continue
+        if not isinstance(probe.predictor, KernelPredictor):
+            raise ValueError("layer_probes must be shared-M classifiers (one KernelPredictor each)")
+        used.append(j)
+        projections.append(LayerProjection.from_predictor(probe.predictor, components))
+    if not used:
+        raise ProbeFailure(f"no layer could be probed for the aggregation model (e.g. {skipped[0][1]})")
+    if aggregator_search is None:
+        aggregator_search = replace(search, trials=3 * search.trials, seed=search.seed + 1)
+    A_tr = torch.cat([p(layers_tr[j]) for j, p in zip(used, projections)], dim=1)
+    A_val = torch.cat([p(layers_val[j]) for j, p in zip(used, projections)], dim=1)
+    classifier = fit_multiclass(A_tr, labels_tr, A_val, labels_val, num_classes, aggregator_search)
+    return AggregatedClassifier(tuple(used), tuple(projections), classifier, tuple(skipped))

@@ -51,8 +51,12 @@ from .rfm import ProbeFailure
 METHODS = ("rfm", "linear", "diffmeans")
 LAYER_CHOICES = ("none", "clustering")  # "clustering": k-means ARI/NMI per layer picks one (probes.clustering)
 REGRESSION_CONCEPTS = ("tempos",)
+RFM_METRICS = ("shared", "per-class")
 # The score a fallback layer gets: what a probe that reads nothing scores.
 CHANCE_SCORE = {"auc": 0.5, "r2": 0.0}
+# The scores CSV's score column per bank score_name (until issue 14 it was the bare score_name: "auc", "r2").
+SCORE_COLUMNS = {"auc": "val_auc", "r2": "val_r2"}
+_SCORE_WORDS = {"auc": "AUC", "r2": "R^2"}
 _LAYER_KEY = "musicrfm.layer"  # a part's metadata entry: {"status": "ok"} or {"status": "fallback", "reason": ...}
 
 
@@ -67,12 +71,20 @@ class TrainSettings:
     layer_choice: str = "none"  # "clustering": score each layer by k-means ARI/NMI and record the chosen one
     invariant_to: str | None = None  # an info.csv column the directions must not encode (e.g. root_note_name)
     data: str | None = None  # the data set root holding <concept>/info.csv (needed with invariant_to)
+    # RFM only: "shared" (one search per layer, M from the AGOP summed over classes) or "per-class" (the
+    # paper's: one binary RFM per class with its own M). Either way a class's direction is the signed top
+    # eigenvector of its own uncentred AGOP at its kept fit.
+    rfm_metric: str = "shared"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.layer_choice not in LAYER_CHOICES:
             raise ValueError(f"unknown layer choice {self.layer_choice!r}; choose one of {', '.join(LAYER_CHOICES)}")
+        if self.rfm_metric not in RFM_METRICS:
+            raise ValueError(f"rfm_metric must be one of {', '.join(RFM_METRICS)}, got {self.rfm_metric!r}")
+        if self.rfm_metric != "shared" and self.method != "rfm":
+            raise ValueError(f"rfm_metric {self.rfm_metric!r} is an RFM option; method is {self.method!r}")
         if self.pooling not in ("mean", "last"):
             raise ValueError(f"pooling must be 'mean' or 'last', got {self.pooling!r}")
         if self.trials is not None and self.trials < 1:
@@ -123,7 +135,8 @@ class TrainResult:
         top = int(best.argmax())
         p = self.provenance
         text = (f"{self.concept} [{p.method}]: {len(self.classes)} classes x {len(self.layers)} layers; best layer "
-                f"{self.layers[top]} (mean {p.score_name} {float(best[top]):.3f}); scores in {self.csv_path}")
+                f"{self.layers[top]} (mean validation {_SCORE_WORDS.get(p.score_name, p.score_name)} "
+                f"{float(best[top]):.3f}); scores in {self.csv_path}")
         if self.fallback_layers:
             text += (f"; no probe at layers {sorted(self.fallback_layers)} (fallback directions at chance score, "
                      "reasons in the CSV)")
@@ -191,8 +204,9 @@ def remove_span(X: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return (Xd - (Xd @ B) @ B.T).to(torch.promote_types(X.dtype, torch.float32))
 
 
-def _fit_layer(method: str, regression: bool, X_tr, y_tr, X_val, y_val, num_classes: int, search):
-    """(directions [C, d], scores [C]) for one layer."""
+def _fit_layer(method: str, regression: bool, X_tr, y_tr, X_val, y_val, num_classes: int, search,
+               shared_metric: bool = True):
+    """(directions [C, d], validation scores [C]) for one layer."""
     from . import baselines, rfm
 
     if regression:
@@ -201,7 +215,7 @@ def _fit_layer(method: str, regression: bool, X_tr, y_tr, X_val, y_val, num_clas
         reg = rfm.fit_regression(X_tr, y_tr, X_val, y_val, search)
         return reg.direction[None], torch.tensor([reg.val_r2])
     if method == "rfm":
-        results = rfm.fit_binary_directions(X_tr, y_tr, X_val, y_val, num_classes, search)
+        results = rfm.fit_binary_directions(X_tr, y_tr, X_val, y_val, num_classes, search, shared_metric=shared_metric)
     elif method == "linear":
         results = baselines.fit_linear_directions(X_tr, y_tr, X_val, y_val, num_classes)
     else:
@@ -283,15 +297,18 @@ def train_concept(feature_dir: str | Path, out_dir: str | Path, settings: TrainS
     device = pick_device(settings.device)
     search = SearchConfig(seed=settings.seed, device=device.type,
                           **({"trials": settings.trials} if settings.trials else {}))
-    name = (f"{concept}.{settings.method}" + ("" if settings.pooling == "mean" else f".{settings.pooling}")
+    name = (f"{concept}.{settings.method}" + ("" if settings.rfm_metric == "shared" else f".{settings.rfm_metric}")
+            + ("" if settings.pooling == "mean" else f".{settings.pooling}")
             + (f".invariant-{settings.invariant_to}" if settings.invariant_to else ""))
     parts = out_dir / "parts" / name
     parts.mkdir(parents=True, exist_ok=True)
     meta = {"concept": concept, "fingerprint": head.fingerprint.to_dict(), "classes": classes,
+            # rfm_metric only when it is not the default, so parts trained before the option still resume
             "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()
-                         # layer_choice / invariance only when used: parts trained before they existed still resume
+                         # options only when used: parts trained before they existed still resume
                          if k != "layers" and not (k == "layer_choice" and v == "none")
-                         and not (k in ("invariant_to", "data") and v is None)},
+                         and not (k in ("invariant_to", "data") and v is None)
+                         and not (k == "rfm_metric" and v == "shared")},
             "prompt": head.prompt, "search": asdict(search) if settings.method == "rfm" else None,
             **({"invariance": invariance} if invariance else {})}
     meta = json.loads(json.dumps(meta))  # as a part stores it (tuples become lists), so a resumed run compares equal
@@ -313,7 +330,7 @@ def train_concept(feature_dir: str | Path, out_dir: str | Path, settings: TrainS
             status["removed_dims"] = int(basis.shape[1])
         try:
             directions, scores = _fit_layer(settings.method, regression, X[train_idx], y_all[train_idx], X[val_idx],
-                                            y_all[val_idx], len(classes), search)
+                                            y_all[val_idx], len(classes), search, settings.rfm_metric == "shared")
         except ProbeFailure as exc:
             chance = CHANCE_SCORE["r2" if regression else "auc"]
             directions = _fallback_directions(regression, X[train_idx], y_all[train_idx], len(classes))
@@ -361,8 +378,9 @@ def train_concept(feature_dir: str | Path, out_dir: str | Path, settings: TrainS
     csv_path = out_dir / f"{name}.scores.csv"
     with csv_path.open("w", newline="") as fh:
         w = csv.writer(fh)
-        # With --layer-choice clustering the layer's k-means ARI and NMI follow (the same on each class's row).
-        w.writerow(["layer", "class", score_name, "status", "note"] + (["ari", "nmi"] if clustering else []))
+        # The scores are validation scores (the split's 15 %), named so: the test part is the report's. With
+        # --layer-choice clustering the layer's k-means ARI and NMI follow (the same on each class's row).
+        w.writerow(["layer", "class", SCORE_COLUMNS[score_name], "status", "note"] + (["ari", "nmi"] if clustering else []))
         for j, layer in enumerate(done):
             for c, cls in enumerate(classes):
                 w.writerow([layer, cls, f"{float(S[c, j]):.6f}", "fallback" if layer in fallback else "ok",
@@ -389,6 +407,8 @@ def train_concept(feature_dir: str | Path, out_dir: str | Path, settings: TrainS
             concept, classes, D, S, head.fingerprint, method=provenance.method, pooling=settings.pooling,
             score_name=provenance.score_name, injection_point=head.site,
             metadata={"prompt": head.prompt, "split": "stratified 70/15/15", "seed": settings.seed,
+                      "scores": f"validation {_SCORE_WORDS[score_name]} (the split's validation part)",
+                      **({"rfm_metric": settings.rfm_metric} if settings.method == "rfm" else {}),
                       "search": meta["search"], "features": str(feature_dir), **(fallback_meta if fallback else {}),
                       **choice_meta,
                       **({"invariance": {**invariance, "removed_dims": [removed[k] for k in done]}}
@@ -418,7 +438,7 @@ def scores_figure(concept: str, provenance: Provenance, layers: list[int], score
         ax.fill_between(layers, s.min(0).values, s.max(0).values, alpha=0.25, label="min-max over classes")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers: no "layer 0.5"
     ax.set_xlabel("decoder layer (residual stream after the block)")
-    ax.set_ylabel(f"validation {provenance.score_name}")
+    ax.set_ylabel(f"validation {dict(auc='AUC', r2='R$^2$').get(provenance.score_name, provenance.score_name)}")
     ax.set_title(f"{concept}: {provenance.method} probes per layer")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", framealpha=0.85, fontsize=8)  # where it hides the least of the curve

@@ -70,6 +70,7 @@ def test_classification_chart_has_a_title_no_stray_r2_and_a_legend_off_the_bars(
             assert "R$^2$" not in label and "tempo" not in label
         bars = [p.get_window_extent() for p in ax.patches]
         assert len(bars) == len(concepts) * len(VARIANTS)
+        assert [t.get_text() for t in ax.texts].count("L3") == len(bars)  # each bar names its (whole) layer
         legend = ax.get_legend().get_window_extent()
         assert not any(_overlap(legend, bar) for bar in bars)  # the bars reach 0.97 of the scale: none is hidden
         assert legend.x0 >= ax.get_window_extent().x1  # beside the axes

@@ -69,6 +69,32 @@ def test_train_writes_a_bank_the_engine_loads(tiny, feature_dir, tmp_path, metho
     assert result.plot_path is not None and result.plot_path.stat().st_size > 1000
 
 
+def test_per_class_metric_bank_holds_each_classs_own_m_direction(feature_dir, tmp_path):
+    """`train --rfm-metric per-class`: its own files, its setting in the bank, validation AUCs named so, and
+    each direction the one fit_binary_directions(shared_metric=False) gives on the same split and search."""
+    from musicrfm.probes.extract import load_features
+    from musicrfm.probes.rfm import SearchConfig, fit_binary_directions
+
+    result = train_concept(feature_dir, tmp_path, TrainSettings(trials=2, rfm_metric="per-class", device="cpu"),
+                           progress=False)
+    assert result.bank_path.name == "pitch.rfm.per-class.safetensors"
+    assert result.csv_path.name == "pitch.rfm.per-class.scores.csv"
+    assert list(_csv_rows(result.csv_path)[0])[:3] == ["layer", "class", "val_auc"]
+    bank = DirectionBank.load(result.bank_path)
+    assert bank.metadata["rfm_metric"] == "per-class" and bank.metadata["scores"].startswith("validation AUC")
+    fs = load_features(feature_dir, layers=[2])
+    y = torch.tensor([fs.classes.index(label) for label in fs.labels])
+    tr, va, _ = split_indices(fs.labels, 0)
+    X = fs.features["mean"][:, 0]
+    direct = fit_binary_directions(X[tr], y[tr], X[va], y[va], 2, SearchConfig(seed=0, device="cpu", trials=2),
+                                   shared_metric=False)
+    for c, key in enumerate(["pitch:low", "pitch:high"]):
+        torch.testing.assert_close(bank[key].vectors[2], direct[c].direction)
+        assert float(bank[key].scores[2]) == pytest.approx(direct[c].val_auc, abs=1e-6)
+    with pytest.raises(ValueError, match="RFM option"):
+        TrainSettings(method="linear", rfm_metric="per-class")
+
+
 def test_layers_trained_in_shards_assemble_into_one_bank(tiny, feature_dir, tmp_path):
     first = train_concept(feature_dir, tmp_path, TrainSettings(method="linear", layers=[0, 1]), progress=False)
     assert first.bank_path is None and first.missing_layers == [2, 3]
@@ -82,12 +108,18 @@ def test_layers_trained_in_shards_assemble_into_one_bank(tiny, feature_dir, tmp_
 
 
 def test_classification_report_writes_csv_and_plot(feature_dir, tmp_path):
-    rows = classification_report(feature_dir.parent, ["pitch"], tmp_path, trials=2, progress=False)
-    assert [r.probe for r in rows] == ["RFM, mean-pooled", "RFM, last position", "linear probe, mean-pooled"]
-    assert all(r.metric == "accuracy" and 0 <= r.test <= 1 and r.best_layer in range(4) for r in rows)
+    rows = classification_report(feature_dir.parent, ["pitch"], tmp_path, trials=2, components=2, progress=False)
+    assert [r.probe for r in rows] == ["RFM, mean-pooled, shared M", "RFM, mean-pooled, per-class M",
+                                       "RFM aggregated over layers", "RFM, last position", "linear probe, mean-pooled"]
+    assert all(r.metric == "accuracy" and 0 <= r.test <= 1 and 0 <= r.val_auc <= 1 for r in rows)
+    assert [r.best_layer in range(4) for r in rows] == [True, True, False, True, True]
+    assert rows[2].best_layer is None  # the aggregated probe reads every layer
     assert max(r.val for r in rows) >= 0.9  # the two tones are told apart at the best layer
-    lines = (tmp_path / "classification.csv").read_text().splitlines()
-    assert lines[0] == "concept,probe,metric,best_layer,validation,test" and len(lines) == 4
+    with (tmp_path / "classification.csv").open() as fh:
+        table = list(csv.DictReader(fh))
+    assert list(table[0]) == ["concept", "probe", "metric", "best_layer", "validation", "val_auc", "test"]
+    assert [t["probe"] for t in table] == [r.probe for r in rows] and table[2]["best_layer"] == "all"
+    assert all(float(t["val_auc"]) == pytest.approx(r.val_auc, abs=1e-4) for t, r in zip(table, rows))
     assert (tmp_path / "classification.png").stat().st_size > 1000
 
 
@@ -135,10 +167,10 @@ def test_a_layer_where_every_trial_fails_is_reported_and_the_bank_still_written(
     assert list(result.fallback_layers) == [1] and "no probe at layers [1]" in result.summary()
 
     rows = _csv_rows(result.csv_path)
-    assert list(rows[0]) == ["layer", "class", "auc", "status", "note"] and len(rows) == 2 * 4
+    assert list(rows[0]) == ["layer", "class", "val_auc", "status", "note"] and len(rows) == 2 * 4
     for row in rows:
         if row["layer"] == "1":
-            assert row["status"] == "fallback" and row["auc"] == "0.500000"
+            assert row["status"] == "fallback" and row["val_auc"] == "0.500000"
             assert "every trial" in row["note"] and "forced" in row["note"]
             assert "difference of class means" in row["note"] and "chance (0.5)" in row["note"]
         else:
