@@ -245,7 +245,7 @@ def test_train_layer_choice_clustering_writes_csv_and_bank_metadata(feature_dir,
     result = train_concept(feature_dir, tmp_path, TrainSettings(method="linear", layer_choice="clustering"),
                            progress=False)
     rows = list(csv.DictReader(result.csv_path.open()))
-    assert list(rows[0]) == ["layer", "class", "auc", "status", "note", "ari", "nmi"]
+    assert list(rows[0]) == ["layer", "class", "val_auc", "status", "note", "ari", "nmi"]
     ari = {int(r["layer"]): float(r["ari"]) for r in rows}
     bank = DirectionBank.load(result.bank_path)
     choice = bank.metadata["layer_choice"]
