@@ -62,6 +62,16 @@ def start_server(args, bank: Path, record_dir: Path, pythonpath: str | None = No
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     if pythonpath:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, env.get("PYTHONPATH")]))
+        # A subpackage missing there (a dangling link) would be found in this checkout instead, silently: the
+        # "baseline" would then be this code. Refuse that.
+        where = subprocess.run([sys.executable, "-c", "import musicrfm.engine, musicrfm.server; "
+                                "print(musicrfm.engine.__file__); print(musicrfm.server.__file__)"],
+                               env=env, capture_output=True, text=True)
+        found = where.stdout.split()
+        root = os.path.abspath(pythonpath) + os.sep
+        if where.returncode or len(found) != 2 or not all(f.startswith(root) for f in found):
+            raise RuntimeError(f"--baseline {pythonpath}: its musicrfm.engine / .server are not its own "
+                               f"(imported from {found or where.stderr.strip()[-300:]})")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     seen = []
     for line in proc.stdout:

@@ -10,7 +10,8 @@ into one batch).
 
 Lanes: on a GPU one lane holds every session (one batch keeps the device busiest). On a CPU each core is a lane:
 a batch of small matrix products does not spread over cores, so N sessions are shared out over the lanes (each
-new one to the lane with the fewest), and every lane batches its own. A stream's tokens are the same in any lane
+new one to the lane where it adds the fewest padded rows: a lone stream's lane takes a second for free), and every
+lane batches its own. A stream's tokens are the same in any lane
 and any batch (engine.loop). Other model work of a stream (applying changes while it is stopped, starting a
 recording) runs on its lane's thread, between batches, so nothing touches a stream or its engine while it steps.
 
@@ -28,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from musicrfm.engine.loop import Engine
+from musicrfm.engine.loop import Engine, padded_rows
 
 from .stream import Stream, StreamChunk, generate_together
 
@@ -125,10 +126,21 @@ class DeviceScheduler:
         return len(self._lanes)
 
     def engine_for_new_stream(self) -> Engine | None:
-        """The engine a new session's stream steps on: the lane with the fewest streams."""
-        lane = min(self._lanes, key=lambda lane: lane.streams)
+        """The engine a new session's stream steps on: the lane where it adds the fewest computed rows, then the
+        least loaded. A batch computes its rows padded to a power of two >= MIN_ROWS (engine.loop.padded_rows), so
+        a lone stream's lane has room for a second at no cost: two sessions share a lane (one core) and leave the
+        other core to the event loop, instead of paying the padding twice."""
+        lane = min(self._lanes, key=lambda lane: (self._rows(lane, lane.streams + 1) - self._rows(lane, lane.streams),
+                                                  self._rows(lane, lane.streams), lane.streams))
         lane.streams += 1
         return lane.engine
+
+    @staticmethod
+    def _rows(lane: _Lane, streams: int) -> int:
+        """Rows a step of `streams` streams computes on the lane (0 when none steps)."""
+        if lane.engine is None or streams == 0:
+            return streams
+        return padded_rows(streams * lane.engine.rows_per_slot, lane.engine.min_rows)
 
     def release(self, stream: Stream) -> None:
         """A session went away: its lane has one stream fewer."""

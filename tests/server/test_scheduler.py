@@ -108,3 +108,21 @@ def test_a_session_starting_to_play_on_a_full_device_is_told_so(tiny, tmp_path):
     messages = asyncio.run(main())
     warnings = [m["message"] for m in messages if m["type"] == "warning"]
     assert any("keeps about 0 streams at real time" in w and "2 are playing" in w for w in warnings), warnings
+
+
+def test_new_sessions_fill_the_padded_rows_of_a_lane_before_starting_another(tiny):
+    """Rows are padded to a power of two >= 4: a lane with one guided stream (2 rows, computed as 4) takes a second
+    for nothing, so two sessions share a lane; then the other lane starts; then each lane fills its padding."""
+    from musicrfm.engine.loop import Engine
+
+    lanes = [Engine(tiny, slots=4) for _ in range(2)]
+    scheduler = DeviceScheduler(tiny.frame_rate, lanes)
+    try:
+        given = [scheduler.engine_for_new_stream() for _ in range(6)]
+        assert [lanes.index(e) for e in given] == [0, 0, 1, 1, 0, 0]
+        # a departure frees a place: the next newcomer fills it rather than widen the other lane's batch
+        stream = type("S", (), {"engine": lanes[1]})()
+        scheduler.release(stream)
+        assert scheduler.engine_for_new_stream() is lanes[1]
+    finally:
+        scheduler.close()
