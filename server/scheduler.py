@@ -5,7 +5,7 @@ Each session paces itself (server/session.py) and asks for a chunk when its list
 that wait while their lane is busy are taken together: their streams step in one batched forward per step
 (server.stream.generate_together over the lane's engine.loop.Engine), so N sessions cost about one forward per
 step instead of N. Under light load a request starts at once, alone; as load grows the waiting requests gather by
-themselves, which is when batching pays (and a short wait, GATHER_SHARE, puts sessions whose requests alternate
+themselves, which is when batching pays (and one wait, GATHER_SHARE, puts sessions whose requests alternate
 into one batch).
 
 Lanes: on a GPU one lane holds every session (one batch keeps the device busiest). On a CPU each core is a lane:
@@ -37,9 +37,12 @@ __all__ = ["DeviceLoad", "DeviceScheduler"]
 
 # How long a batch may wait for streams that played lately but have not asked yet, as a share of a chunk's
 # duration. Sessions pace themselves, so two sessions whose requests alternate would each step alone forever (each
-# asks while the other's batch runs); one short wait puts them in the same batch, and there they stay, as they ask
-# at the same time from then on.
-GATHER_SHARE = 0.25
+# asks while the other's batch runs); one wait puts them in the same batch, and there they stay, as they ask at the
+# same time from then on. A whole chunk, because their requests come a chunk apart: any offset between two
+# sessions is under one chunk, so the first wait always meets (at 25 %, offsets of 25-100 ms never met, and two
+# bundled-model sessions sharing a lane fell to 0.92x real time; measured in docs/BENCHMARKS.md). The wait is paid
+# from the session's lead (0.5 s by default), once.
+GATHER_SHARE = 1.0
 # Share of real time a device may spend generating and still be called "at real time": the rest is headroom for
 # decoding jitter, the event loop and the network.
 REALTIME_SHARE = 0.8
