@@ -209,6 +209,42 @@ class FittedProbe:
                 f"validation accuracy {self.val_accuracy:.3f}, test {self.test_accuracy:.3f})")
 
 
+def _best_layer(feature_dir: Path, head, layer: int | None, cache: str | Path | None, key: dict, fit, score: str,
+                what: str, progress: bool):
+    """(layer, fit, features [n, d] there, how it was chosen): `fit(X)` at `layer` if given, else at every extracted
+    layer, keeping the best `score` (ties: the lower layer, as `musicrfm report`). `cache` (a JSON file, one entry
+    per concept) remembers the layer chosen for settings `key`, so a rerun fits one layer, not all."""
+    from tqdm import tqdm
+
+    from musicrfm.probes.extract import FeatureError, load_features
+
+    stored = None
+    if layer is None and cache is not None and Path(cache).is_file():
+        stored = json.loads(Path(cache).read_text()).get(head.concept)
+        stored = stored if stored and stored.get("key") == key else None
+    if layer is not None:
+        if layer not in head.layers:
+            raise FeatureError(f"{feature_dir}: layer {layer} was not extracted (have {head.layers})")
+        candidates, selection = [layer], "layer given"
+    elif stored is not None:
+        candidates, selection = [stored["layer"]], f"best validation {what} over layers (cached)"
+    else:
+        candidates, selection = list(head.layers), f"best validation {what} over layers"
+    fs = load_features(feature_dir, head.fingerprint, layers=candidates, poolings=["mean"])
+    best = None
+    for j, lay in enumerate(tqdm(candidates, desc=f"probe {head.concept}", unit="layer", disable=not progress)):
+        X = fs.features["mean"][:, j]
+        fitted = fit(X)
+        if best is None or getattr(fitted, score) > getattr(best[1], score):
+            best = (lay, fitted, X)
+    if layer is None and cache is not None and stored is None:
+        path = Path(cache)
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        data[head.concept] = {"key": key, "layer": best[0], score: getattr(best[1], score)}
+        path.write_text(json.dumps(data, indent=1) + "\n")
+    return (*best, selection)
+
+
 def fit_probe(feature_dir: str | Path, *, fingerprint=None, seed: int = 0, trials: int | None = None,
               layer: int | None = None, device: str | None = None, cache: str | Path | None = None,
               progress: bool = False) -> FittedProbe:
@@ -218,8 +254,6 @@ def fit_probe(feature_dir: str | Path, *, fingerprint=None, seed: int = 0, trial
 
     `cache` (a JSON file) remembers the chosen layer for these settings, so a rerun fits one layer, not all.
     The fit itself is seeded and deterministic."""
-    from tqdm import tqdm
-
     from musicrfm.probes.extract import FeatureError, load_features
     from musicrfm.probes.rfm import SearchConfig, fit_multiclass
     from musicrfm.probes.train import REGRESSION_CONCEPTS, split_indices
@@ -234,33 +268,11 @@ def fit_probe(feature_dir: str | Path, *, fingerprint=None, seed: int = 0, trial
     search = SearchConfig(seed=seed, device=device, **({"trials": trials} if trials else {}))
     key = {"features": str(feature_dir.resolve()), "seed": seed, "trials": search.trials,
            "layers": head.layers, "clips": len(head.labels)}
-    cached = None
-    if layer is None and cache is not None and Path(cache).is_file():
-        stored = json.loads(Path(cache).read_text()).get(head.concept)
-        if stored and stored.get("key") == key:
-            cached = stored
-    if layer is not None:
-        if layer not in head.layers:
-            raise FeatureError(f"{feature_dir}: layer {layer} was not extracted (have {head.layers})")
-        candidates, selection = [layer], "layer given"
-    elif cached is not None:
-        candidates, selection = [cached["layer"]], "best validation accuracy over layers (cached)"
-    else:
-        candidates, selection = list(head.layers), "best validation accuracy over layers"
-    fs = load_features(feature_dir, head.fingerprint, layers=candidates, poolings=["mean"])
-    best = None
-    for j, lay in enumerate(tqdm(candidates, desc=f"probe {head.concept}", unit="layer", disable=not progress)):
-        X = fs.features["mean"][:, j]
-        clf = fit_multiclass(X[tr], y[tr], X[va], y[va], len(head.classes), search)
-        if best is None or clf.val_accuracy > best[1].val_accuracy:  # ties: the lower layer, as report
-            best = (lay, clf, X)
-    lay, clf, X = best
+    lay, clf, X, selection = _best_layer(
+        feature_dir, head, layer, cache, key, lambda X: fit_multiclass(X[tr], y[tr], X[va], y[va], len(head.classes),
+                                                                       search),
+        "val_accuracy", "accuracy", progress)
     test = float((clf.predict(X[te]).cpu() == y[te]).float().mean()) if te else float("nan")
-    if layer is None and cache is not None and cached is None:
-        path = Path(cache)
-        data = json.loads(path.read_text()) if path.is_file() else {}
-        data[head.concept] = {"key": key, "layer": lay, "val_accuracy": clf.val_accuracy}
-        path.write_text(json.dumps(data, indent=1) + "\n")
     return FittedProbe(concept=head.concept, classes=tuple(head.classes), layer=lay, prompt=head.prompt,
                        classifier=classifier_to_cpu(clf), val_accuracy=float(clf.val_accuracy),
                        test_accuracy=test, selection=selection, site=head.site)
@@ -303,8 +315,6 @@ def fit_regressor(feature_dir: str | Path, *, fingerprint=None, seed: int = 0, t
     `musicrfm train` fits it) on mean-pooled features and the concept's numeric targets, on the seeded split of
     `musicrfm train` (probes.train.split_indices with `seed`), at the layer with the best validation R², or at
     `layer` if given. `cache` as `fit_probe`'s (the same file; one entry per concept)."""
-    from tqdm import tqdm
-
     from musicrfm.probes.extract import FeatureError, load_features
     from musicrfm.probes.rfm import SearchConfig, fit_regression
     from musicrfm.probes.train import REGRESSION_CONCEPTS, split_indices
@@ -319,26 +329,9 @@ def fit_regressor(feature_dir: str | Path, *, fingerprint=None, seed: int = 0, t
     search = SearchConfig(seed=seed, device=device, **({"trials": trials} if trials else {}))
     key = {"features": str(feature_dir.resolve()), "seed": seed, "trials": search.trials,
            "layers": head.layers, "clips": len(head.labels), "target": "regression"}
-    stored = None
-    if layer is None and cache is not None and Path(cache).is_file():
-        stored = json.loads(Path(cache).read_text()).get(head.concept)
-        stored = stored if stored and stored.get("key") == key else None
-    if layer is not None:
-        if layer not in head.layers:
-            raise FeatureError(f"{feature_dir}: layer {layer} was not extracted (have {head.layers})")
-        candidates, selection = [layer], "layer given"
-    elif stored is not None:
-        candidates, selection = [stored["layer"]], "best validation R² over layers (cached)"
-    else:
-        candidates, selection = list(head.layers), "best validation R² over layers"
-    fs = load_features(feature_dir, head.fingerprint, layers=candidates, poolings=["mean"])
-    best = None
-    for j, lay in enumerate(tqdm(candidates, desc=f"regressor {head.concept}", unit="layer", disable=not progress)):
-        X = fs.features["mean"][:, j]
-        reg = fit_regression(X[tr], y[tr], X[va], y[va], search)
-        if best is None or reg.val_r2 > best[1].val_r2:  # ties: the lower layer
-            best = (lay, reg, X)
-    lay, reg, X = best
+    lay, reg, X, selection = _best_layer(feature_dir, head, layer, cache, key,
+                                         lambda X: fit_regression(X[tr], y[tr], X[va], y[va], search),
+                                         "val_r2", "R²", progress)
     if te:
         pred = reg.predict(X[te]).double().cpu()
         residual = float((pred - y[te]).square().sum())
@@ -346,11 +339,6 @@ def fit_regressor(feature_dir: str | Path, *, fingerprint=None, seed: int = 0, t
         test = 1.0 - residual / spread if spread > 0 else float("nan")
     else:
         test = float("nan")
-    if layer is None and cache is not None and stored is None:
-        path = Path(cache)
-        data = json.loads(path.read_text()) if path.is_file() else {}
-        data[head.concept] = {"key": key, "layer": lay, "val_r2": reg.val_r2}
-        path.write_text(json.dumps(data, indent=1) + "\n")
     cpu = classifier_to_cpu(reg)  # the predictor's tensors; the same fields as a Classifier's
     return FittedRegressor(concept=head.concept, layer=lay, prompt=head.prompt,
                            regressor=replace(cpu, direction=cpu.direction.cpu()), val_r2=float(reg.val_r2),
