@@ -1,9 +1,6 @@
 """`musicrfm generate` run as a user runs it: a subprocess, real files, exit codes and messages."""
 
 import json
-import shutil
-import subprocess
-import sys
 import wave
 
 import pytest
@@ -12,36 +9,7 @@ import torch
 from musicrfm.engine.bank import DirectionBank
 from musicrfm.engine.model import ModelFingerprint
 
-CLI = [shutil.which("musicrfm")] if shutil.which("musicrfm") else [sys.executable, "-m", "musicrfm"]
-ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-
-
-def run(*args, cwd):
-    env = dict(ENV, PATH=f"{sys.prefix}/bin:/usr/bin:/bin")
-    return subprocess.run([*CLI, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
-def run_here(*args, cwd):
-    """`musicrfm ARGS` in this process (what `run` does in a subprocess, without starting Python and torch again):
-    the same exit code and output. The tests that must see a real process (bad banks, errors) use `run`."""
-    import contextlib
-    import io
-    import os
-    import types
-
-    from musicrfm.main import main
-
-    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main([str(a) for a in args])
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        os.chdir(here)
-    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+from cli_runner import run, run_here
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,6 @@ the sidecar saying which and what each strength meant, and sidecars written befo
 
 import json
 import logging
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,13 +12,9 @@ from musicrfm.engine.generation import generate, generate_from_sidecar
 from musicrfm.engine.model import load_model
 from musicrfm.engine.steering import DirectionControl, LayerWeighting, SteeringSpec
 
-CLI = [shutil.which("musicrfm")] if shutil.which("musicrfm") else [sys.executable, "-m", "musicrfm"]
+from cli_runner import run_here
+
 NORM = 40.0  # the bank's typical |h| at every layer: relative 0.5 is then exactly raw 20
-
-
-def run(*args, cwd):
-    env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": f"{sys.prefix}/bin:/usr/bin:/bin"}
-    return subprocess.run([*CLI, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +33,7 @@ def banks(tmp_path_factory):
 
 def _generate(tmp_path, name, bank, *args):
     out = tmp_path / f"{name}.wav"
-    r = run("generate", "--model", "tiny-random", "--prompt", "piano", "--seconds", "1", "--bank", bank, "--seed", "2",
+    r = run_here("generate", "--model", "tiny-random", "--prompt", "piano", "--seconds", "1", "--bank", bank, "--seed", "2",
             "--out", out, "--quiet", *args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     return json.loads(out.with_suffix(".json").read_text()), r

@@ -3,10 +3,6 @@
 -> `musicrfm generate` steered with the bank that came out."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,15 +10,15 @@ import pytest
 from musicrfm.engine.bank import DirectionBank
 from musicrfm.probes.syntheory import DEFAULT_SOUNDFONT, Preset, render_dataset
 
+from cli_runner import run_here
+
 pytestmark = pytest.mark.skipif(not Path(DEFAULT_SOUNDFONT).is_file(),
                                 reason="needs Debian's timgm6mb-soundfont (CI installs it)")
 
-CLI = [shutil.which("musicrfm")] if shutil.which("musicrfm") else [sys.executable, "-m", "musicrfm"]
-
 
 def run(*args, cwd):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    r = subprocess.run([*CLI, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    """The command in this process (cli_runner.run_here): the pipeline's steps, not Python's start-up, are tested."""
+    r = run_here(*args, cwd=cwd)
     assert r.returncode == 0, r.stderr[-2000:]
     return r
 
