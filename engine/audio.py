@@ -102,6 +102,17 @@ def _check_codes(codes: torch.Tensor, info: CodecInfo, shape: str, ndims: tuple[
     return codes.long()
 
 
+def _appended(kept: torch.Tensor | None, codes: torch.Tensor, codec: torch.nn.Module,
+              info: CodecInfo) -> tuple[torch.Tensor, int]:
+    """A stream's kept frames with pushed `codes` [K, n] appended (checked; on the codec's device, so GPU-generated
+    codes never round-trip through the host), and n."""
+    codes = _check_codes(codes, info, "[K, n]", (2,))
+    if kept is not None and codes.shape[0] != kept.shape[0]:
+        raise ValueError(f"this stream has {kept.shape[0]} codebooks, the pushed codes have {codes.shape[0]}")
+    codes = codes.to(next(codec.parameters()).device)
+    return (codes if kept is None else torch.cat([kept, codes], dim=1)), codes.shape[1]
+
+
 def _decode(codec: torch.nn.Module, codes: torch.Tensor, hop: int) -> torch.Tensor:
     """Checked codes [B, K, T] -> float32 CPU audio [B, T * hop]."""
     batch, _, frames = codes.shape
@@ -204,14 +215,9 @@ class StreamingDecoder:
 
     def _take(self, codes: torch.Tensor) -> int:
         """Add frames [K, n] to the window; returns how many pending frames are final now (0: no decode due)."""
-        codes = _check_codes(codes, self.info, "[K, n]", (2,))
-        if self._frames is not None and codes.shape[0] != self._frames.shape[0]:
-            raise ValueError(f"this stream has {self._frames.shape[0]} codebooks, the pushed codes have "
-                             f"{codes.shape[0]}")
-        codes = codes.to(next(self.codec.parameters()).device)
-        self._frames = codes if self._frames is None else torch.cat([self._frames, codes], dim=1)
-        self._pending += codes.shape[1]
-        self.frames_in += codes.shape[1]
+        self._frames, n = _appended(self._frames, codes, self.codec, self.info)
+        self._pending += n
+        self.frames_in += n
         self.last_window_frames = 0
         # Nothing becomes final while fewer than hold_back frames wait (chunks smaller than hold_back): no decode.
         return max(0, self._pending - self.settings.hold_back)
@@ -407,13 +413,8 @@ class ExactStreamingDecoder:
         return out
 
     def _take(self, codes: torch.Tensor) -> None:
-        codes = _check_codes(codes, self.info, "[K, n]", (2,))
-        if self._codes is not None and codes.shape[0] != self._codes.shape[0]:
-            raise ValueError(f"this stream has {self._codes.shape[0]} codebooks, the pushed codes have "
-                             f"{codes.shape[0]}")
-        codes = codes.to(next(self.codec.parameters()).device)
-        self._codes = codes if self._codes is None else torch.cat([self._codes, codes], dim=1)
-        self.frames_in += codes.shape[1]
+        self._codes, n = _appended(self._codes, codes, self.codec, self.info)
+        self.frames_in += n
         self.last_window_frames = 0
 
     # What the next round decodes: (window start, window stop, first kept, end kept), absolute frames.
@@ -495,7 +496,6 @@ def _exact_round(decoders: list[ExactStreamingDecoder], final: bool = False) -> 
             d._lstm_out = d._lstm_out[:, keep_out - d._out_start :]
             d._out_start = keep_out
     return out
-
 
 
 AnyStreamingDecoder = Union[ExactStreamingDecoder, StreamingDecoder]
