@@ -104,7 +104,8 @@ def cmd_replay(args) -> int:
     from musicrfm.engine.audio import write_wav
     from musicrfm.protocol.wav import check_writable
 
-    from .recording import REPLAY_AUDIO_TOLERANCE, plan_replay, replay
+    from .recording import REPLAY_AUDIO_TOLERANCE, plan_replay, recorded_decoding, replay
+    from .session import SessionConfig
 
     plan = plan_replay(args.log)  # the log and its WAV, checked before any model loads
     log, rate = plan.log, plan.log.header["frame_rate"]
@@ -114,8 +115,9 @@ def cmd_replay(args) -> int:
     got = "complete (it has its end line)" if log.end else "cut off (no end line)"
     print(f"the recording is {got}: frames {plan.first}..{plan.end} ({(plan.end - plan.first) / rate:.2f} s), "
           f"its end from {plan.how}")
-    windowed = "decoding" not in log.header  # recorded before the exact decoder: windowed audio
-    chunk_steps = args.chunk_steps if args.chunk_steps is not None else (5 if windowed else 50)
+    # Windowed audio depends on how the frames were pushed: replay such a log at the server's default chunk.
+    windowed = recorded_decoding(log.header) == "windowed"
+    chunk_steps = args.chunk_steps if args.chunk_steps is not None else (SessionConfig.chunk_steps if windowed else 50)
     if chunk_steps < 1:
         raise ValueError(f"--chunk-steps must be >= 1, got {chunk_steps}")
     result = replay(args.log, plan=plan, progress=not args.quiet, chunk_steps=chunk_steps)

@@ -151,6 +151,12 @@ _HEADER_FIELDS: dict[str, Any] = {  # key -> check(where, value)
 }
 
 
+def recorded_decoding(header: dict) -> str:
+    """How a log's WAV was decoded: its header says so; logs written before the exact EnCodec decoder (2026-12-01)
+    say nothing, and their WAVs were windowed."""
+    return header.get("decoding", "windowed")
+
+
 def _string(where: str, value: Any) -> str:
     if not isinstance(value, str):
         raise ProtocolError(f"{where} must be a string, got {fields.shown(value)}")
@@ -188,7 +194,7 @@ def load_log(path: str | os.PathLike) -> SessionLog:
         if key not in header:
             raise ProtocolError(f"{path}: the header (line 1) lacks {key!r}")
         check(f"{path} header {key}", header[key])
-    if header.get("decoding", "windowed") not in DECODINGS[1:]:
+    if recorded_decoding(header) not in DECODINGS[1:]:
         raise ProtocolError(f"{path} header decoding must be one of {', '.join(DECODINGS[1:])}, got "
                             f"{fields.shown(header['decoding'])}")
     states: list[tuple[int, dict, int]] = []
@@ -339,8 +345,7 @@ def replay(path: str | os.PathLike, *, model: MusicModel | None = None, chunk_st
         except ValueError as exc:
             raise ProtocolError(f"{log.path} header layer_norms: {exc}") from None
     cause = Cause("replay")
-    # Logs written before the exact EnCodec decoder (2026-12-01) say no decoding: their WAVs were windowed.
-    decoding = header.get("decoding", "windowed")
+    decoding = recorded_decoding(header)
     stream = Stream(model, bank, context_steps=header["context_steps"], keep_steps=header["keep_steps"],
                     decoding=decoding)
     stream.state = states[0][1]
