@@ -35,6 +35,8 @@ __all__ = [
     "METER_PULSES",
     "beat_period",
     "estimate_chord_quality",
+    "triad_of_profile",
+    "dominant_of_profile",
     "estimate_interval",
     "estimate_meter",
     "estimate_pitch_class",
@@ -175,7 +177,11 @@ def estimate_pitch_class(audio, sr: int) -> tuple[int, float]:
     gives (0, 0.0). Meant for clips built around one pitch class (a held or repeated note, a
     drone); for a melody it returns the most salient class, not "the" note.
     """
-    profile = pitch_class_profile(audio, sr)
+    return dominant_of_profile(pitch_class_profile(audio, sr))
+
+
+def dominant_of_profile(profile: np.ndarray) -> tuple[int, float]:
+    """`estimate_pitch_class` of a profile already computed."""
     if not profile.any():
         return 0, 0.0
     best = int(np.argmax(profile))
@@ -200,7 +206,11 @@ def estimate_chord_quality(audio, sr: int) -> tuple[str, int, float]:
     class among them (judge aug roots modulo 4); a missing or weak chord tone can turn dim into
     minor or aug into major.
     """
-    profile = pitch_class_profile(audio, sr)
+    return triad_of_profile(pitch_class_profile(audio, sr))
+
+
+def triad_of_profile(profile: np.ndarray) -> tuple[str, int, float]:
+    """`estimate_chord_quality` of a profile already computed."""
     if not profile.any():
         return CHORD_QUALITIES[0], 0, 0.0
     unit = profile / np.linalg.norm(profile)

@@ -28,6 +28,7 @@ import torch
 
 from .audio_checks import (
     METER_PULSES,
+    dominant_of_profile,
     estimate_chord_quality,
     estimate_interval,
     estimate_meter,
@@ -37,6 +38,7 @@ from .audio_checks import (
     estimate_tempo,
     pitch_class_profile,
     same_progression,
+    triad_of_profile,
 )
 from musicrfm.probes.syntheory import PITCH_NAMES, PROGRESSIONS, SCALE_MODES, TIME_SIGNATURES, _progression_label
 
@@ -129,9 +131,9 @@ def chord_measures(audio: np.ndarray, sr: int, root: int | None = None) -> dict:
     """What chord a clip holds, relative to a root: the pitch-class profile, the triad-template match
     (quality, its root, cosine), the dominant pitch class, and the third's contrast at `root` (the steered
     root; None: the template's root): profile[root + 4] - profile[root + 3], > 0 leans major, < 0 minor."""
-    profile = pitch_class_profile(audio, sr)
-    quality, template_root, score = estimate_chord_quality(audio, sr)
-    dominant, _ = estimate_pitch_class(audio, sr)
+    profile = pitch_class_profile(audio, sr)  # once: the template match and the dominant class read it
+    quality, template_root, score = triad_of_profile(profile)
+    dominant, _ = dominant_of_profile(profile)
     at = template_root if root is None else int(root)
     return {"profile": [round(float(v), 6) for v in profile], "template": quality, "template_root": int(template_root),
             "template_score": float(score), "dominant": int(dominant), "steered_root": root,
