@@ -2,8 +2,8 @@
 
 For each model (random-weight models have the real architecture and cost; their audio is noise):
   1. own loop vs transformers `generate`: one stream, same model, device, dtype, sampling (CFG 3, top-k 250),
-     steps per second, whole runs interleaved (--repeats, medians); the own loop eagerly and, on CUDA, replaying
-     CUDA graphs (engine.graphs)
+     steps per second, whole runs interleaved (--repeats, medians); the own loop eagerly and replaying its
+     captured step (engine.graphs: CUDA graphs on a GPU, a TorchScript trace on a CPU)
   2. steering overhead: the batched step with every stream steered (2 directions, all layers, gate 1) against
      the same streams unsteered, stepped in alternating blocks
   3. streams at real time: N streams on one engine (batched forward, EnCodec decode of each chunk batched),
@@ -13,7 +13,7 @@ For each model (random-weight models have the real architecture and cost; their 
      chunk holding the first sample it can affect (`step x hop`) has been generated and decoded, chunks back
      to back
 
-    python bench/bench_gpu.py                          # on a GPU: random-small,-medium,-large, bf16, graphs
+    python bench/bench_gpu.py                          # on a GPU: random-small,-medium,-large, bf16, captured
     python bench/bench_gpu.py --smoke                  # anywhere, in seconds: tiny-random on the CPU (CI)
     python bench/bench_gpu.py --models musicgen-mini --device cpu --max-streams 16
 
@@ -55,14 +55,14 @@ def own_steps_per_second(model, steps: int, graphs: bool) -> float:
     """One stream, a fresh engine (its text encoding included, as generate's is)."""
     _sync(model.device)
     t0 = time.perf_counter()
-    engine = Engine(model, min_rows=1, cuda_graphs=graphs)
+    engine = Engine(model, min_rows=1, capture=graphs)
     Generator(model, "lofi piano", sampling=SAMPLING, seed=0, engine=engine).run(steps)
     _sync(model.device)
     return steps / (time.perf_counter() - t0)
 
 
 def streams(model, bank, n: int, graphs: bool, steered: bool) -> list[Stream]:
-    engine = Engine(model, slots=n, cuda_graphs=graphs)
+    engine = Engine(model, slots=n, capture=graphs)
     out = []
     for i in range(n):
         s = Stream(model, bank, ControlState(prompt=f"lofi piano {i}", seed=i), engine=engine)
@@ -135,8 +135,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--chunk-steps", type=int, default=10)
     ap.add_argument("--max-streams", type=int, default=64)
     ap.add_argument("--knobs", type=int, default=20)
-    ap.add_argument("--graphs", choices=("auto", "on", "off"), default="auto",
-                    help="CUDA graphs for the batched step (auto: on CUDA, both eager and graphs in section 1)")
+    ap.add_argument("--graphs", choices=("on", "off"), default="on",
+                    help="replay the captured batched step (CUDA graphs on a GPU, a TorchScript trace on a CPU); "
+                         "on: section 1 times eager and captured")
     ap.add_argument("--smoke", action="store_true", help="tiny-random on the CPU, a few steps: checks it runs")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -150,10 +151,10 @@ def main(argv: list[str] | None = None) -> dict:
         probe = load_model(name, device=args.device, dtype=args.dtype or "auto")
         cuda = probe.device.type == "cuda"
         model = probe if args.dtype or not cuda else load_model(name, device=args.device, dtype="bfloat16")
-        graphs = {"auto": cuda, "on": True, "off": False}[args.graphs]
+        graphs = args.graphs == "on"
         bank = random_bank(model)
         print(f"\n## {name}: {model.device.type}, {str(model.dtype).replace('torch.', '')}, "
-              f"{'CUDA graphs' if graphs else 'eager'} ({model.num_layers} layers, d={model.hidden_size})")
+              f"{('CUDA graphs' if cuda else 'trace') if graphs else 'eager'} ({model.num_layers} layers, d={model.hidden_size})")
         own_steps_per_second(model, 5, graphs), time_hf(model, 5)  # warm-up
         own, eager, hf = [], [], []
         for _ in range(args.repeats):  # interleaved, so drift hits all alike
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
             hf.append(time_hf(model, args.steps))
         o, h = statistics.median(own), statistics.median(hf)
         e = statistics.median(eager) if eager else o
-        print(f"own loop {o:.1f} steps/s ({'graphs' if graphs else 'eager'}), eager {e:.1f}, transformers generate "
+        print(f"own loop {o:.1f} steps/s ({'captured' if graphs else 'eager'}), eager {e:.1f}, transformers generate "
               f"{h:.1f}: own / generate {o / h:.2f}x; one stream {o / model.frame_rate:.2f}x real time")
         overhead = {n: steering_overhead(model, bank, n, args.chunk_steps, max(2, args.repeats * 2), graphs)
                     for n in sorted({1, min(8, args.max_streams)})}

@@ -7,15 +7,18 @@ as they can, the way the server's sessions ask for them:
            worker thread of its own (N threads stepping at once: N forward passes, N Python loops, N EnCodec
            decodes per step, competing for the cores and the GIL), with the windowed EnCodec decoder it had
            then (--solo-decoder exact gives solo streams today's decoder, to see the engine's part alone)
-  batched  the server now: server.scheduler.DeviceScheduler, its lanes as `musicrfm serve` makes them (one per
-           core on a CPU), the N streams shared out over them; each lane steps the streams that wait together in
-           one batched forward and decodes their chunks in one EnCodec call
-The modes alternate per N (solo, batched, solo, batched, ... --repeats times; medians). Reported per N and
+  batched  server.scheduler.DeviceScheduler, its lanes as `musicrfm serve` makes them (one per core on a CPU),
+           the N streams shared out over them; each lane steps the streams that wait together in one batched
+           forward and decodes their chunks in one EnCodec call; the forward run eagerly, op by op from Python
+  captured the server now (`serve --capture auto`): the same, each lane replaying its captured step (engine.graphs:
+           a TorchScript trace on a CPU, free of the GIL, so the lanes step in parallel; CUDA graphs on a GPU)
+The modes alternate per N (solo, batched, captured, solo, ... --repeats times; medians). Reported per N and
 mode: the audio each stream gets per wall-clock second (x real time: >= 1 holds real time, given the lead the
 server keeps), and CPU seconds spent per second of audio per stream (process time, all threads). Then the most
 streams held at real time in each mode.
 
     python bench/bench_sessions.py --model musicgen-mini --sessions 1,2,4,8,16 --rounds 10 --repeats 3
+    (--modes solo,captured: the two ends alone)
 
 Random-weight models make noise; they have the real architecture and cost, which is what is timed.
 """
@@ -82,10 +85,14 @@ def run_batched(streams: list[Stream], scheduler: DeviceScheduler, steps: int, r
     return time.perf_counter() - wall, time.process_time() - cpu, min(samples)
 
 
+MODES = ("solo", "batched", "captured")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="musicgen-mini")
     ap.add_argument("--sessions", default="1,2,4,8,16")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"some of {', '.join(MODES)}")
     ap.add_argument("--chunk-steps", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=10, help="chunks per stream in one measurement")
     ap.add_argument("--repeats", type=int, default=3, help="measurements per mode and N (medians)")
@@ -96,6 +103,9 @@ def main() -> None:
     ap.add_argument("--solo-decoder", choices=("windowed", "exact"), default="windowed",
                     help="EnCodec decoder of the solo streams: windowed (the server before) or exact (today's)")
     args = ap.parse_args()
+    modes = [m for m in args.modes.split(",") if m]
+    if not modes or any(m not in MODES for m in modes):
+        ap.error(f"--modes: some of {', '.join(MODES)}, got {args.modes!r}")
     hf_logging.set_verbosity_error()
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     threads = compute_threads(args.threads, model.device.type)
@@ -103,42 +113,53 @@ def main() -> None:
         torch.set_num_threads(threads)
     bank = random_bank(model)
     chunk_seconds = args.chunk_steps / model.frame_rate
+    lanes = args.lanes or default_lanes(model.device.type)
     print(f"# {model.name} on {model.device.type} ({platform.processor() or platform.machine()}), "
-          f"{torch.get_num_threads()} torch threads, {args.lanes or default_lanes(model.device.type)} lanes, chunks of {args.chunk_steps} steps ({chunk_seconds * 1000:.0f} ms); solo streams decode {args.solo_decoder}")
-    print(f"{'streams':>7} {'solo x rt':>10} {'batched x rt':>12} {'speed-up':>9} {'solo cpu/s':>11} "
-          f"{'batched cpu/s':>13}")
-    held = {"solo": 0, "batched": 0}
+          f"{torch.get_num_threads()} torch threads, {lanes} lanes, chunks of {args.chunk_steps} steps "
+          f"({chunk_seconds * 1000:.0f} ms); solo streams decode {args.solo_decoder}")
+    print(f"{'streams':>7} " + " ".join(f"{m + ' x rt':>12}" for m in modes) + " "
+          + " ".join(f"{m + ' cpu/s':>13}" for m in modes) + f" {'speed-up':>9}")
+    held = {m: 0 for m in modes}
     for n in (int(x) for x in args.sessions.split(",")):
-        lanes = args.lanes or default_lanes(model.device.type)
-        scheduler = DeviceScheduler(model.frame_rate, [Engine(model, slots=max(1, n // lanes)) for _ in range(lanes)])
-        solo = make_streams(model, bank, n, None)
-        if args.solo_decoder == "windowed":
-            for s in solo:
-                s.decoder = StreamingDecoder(model.hf.audio_encoder)
-        batched = make_streams(model, bank, n, scheduler)
-        runs = {"solo": lambda: run_solo(solo, args.chunk_steps, args.rounds),
-                "batched": lambda: run_batched(batched, scheduler, args.chunk_steps, args.rounds)}
-        for streams in (solo, batched):  # warm-up: the delay pattern's first frames, allocations
-            generate_together(streams, args.chunk_steps)
-        walls = {m: [] for m in runs}
-        cpus = {m: [] for m in runs}
+        schedulers, runs = [], {}
+        for mode in modes:
+            if mode == "solo":
+                solo = make_streams(model, bank, n, None)
+                if args.solo_decoder == "windowed":
+                    for s in solo:
+                        s.decoder = StreamingDecoder(model.hf.audio_encoder)
+                generate_together(solo, args.chunk_steps)  # warm-up: the delay pattern's first frames, allocations
+                runs[mode] = lambda streams=solo: run_solo(streams, args.chunk_steps, args.rounds)
+            else:
+                engines = [Engine(model, slots=max(1, n // lanes), capture=mode == "captured") for _ in range(lanes)]
+                scheduler = DeviceScheduler(model.frame_rate, engines)
+                schedulers.append(scheduler)
+                streams = make_streams(model, bank, n, scheduler)
+                run_batched(streams, scheduler, args.chunk_steps, 1)  # warm-up, and each lane's capture
+                runs[mode] = lambda streams=streams, scheduler=scheduler: run_batched(streams, scheduler,
+                                                                                      args.chunk_steps, args.rounds)
+        walls: dict[str, list[float]] = {m: [] for m in modes}
+        cpus: dict[str, list[float]] = {m: [] for m in modes}
         for _ in range(args.repeats):
             for mode, run in runs.items():
                 wall, cpu, samples = run()
                 walls[mode].append(wall / (samples / model.sample_rate))  # wall seconds per audio second
                 cpus[mode].append(cpu / (samples / model.sample_rate) / n)
-        modes = runs
-        scheduler.close()
+        for scheduler in schedulers:
+            scheduler.close()
         factor = {m: 1 / statistics.median(walls[m]) for m in modes}
         cpu = {m: statistics.median(cpus[m]) for m in modes}
         for m in modes:
             if factor[m] >= 1.0:
                 held[m] = max(held[m], n)
-        print(f"{n:>7} {factor['solo']:>9.2f}x {factor['batched']:>11.2f}x {factor['batched'] / factor['solo']:>8.2f}x "
-              f"{cpu['solo']:>10.3f}s {cpu['batched']:>12.3f}s")
+        speedup = f"{factor[modes[-1]] / factor[modes[0]]:>8.2f}x" if len(modes) > 1 else ""
+        print(f"{n:>7} " + " ".join(f"{factor[m]:>11.2f}x" for m in modes) + " "
+              + " ".join(f"{cpu[m]:>12.3f}s" for m in modes) + f" {speedup}")
         sys.stdout.flush()
-    ratio = f"{held['batched'] / held['solo']:.1f}x" if held["solo"] else "n/a (solo holds none)"
-    print(f"streams held at real time: solo {held['solo']}, batched {held['batched']} ({ratio})")
+    first, last = modes[0], modes[-1]
+    ratio = f"{held[last] / held[first]:.1f}x" if held[first] else f"n/a ({first} holds none)"
+    print("streams held at real time: " + ", ".join(f"{m} {held[m]}" for m in modes)
+          + (f" ({last} / {first}: {ratio})" if len(modes) > 1 else ""))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ Two ways through the same layers:
   step that advances many streams together (engine.loop.Engine). Its shapes are static (attention over the
   whole cache capacity, cross-attention over `text_tokens` keys, M from a few buckets), so a row's result
   does not depend on what the other rows hold or how long their caches are, and the step can be captured
-  as a CUDA graph.
+  once and replayed (a CUDA graph, a TorchScript trace: engine.graphs).
 
 INJECTION POINTS (`INJECTION_POINTS`, the one definition: banks and steering specs import it; probes/ reads
 features at "residual"):
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -152,6 +152,21 @@ class MusicgenDecoder:
             self.cross_bias = bigger(self.cross_bias, torch.finfo(self.cross_bias.dtype).min)
         self.lengths += [0] * (rows - self.rows)
         self.rows = rows
+
+    def state(self) -> list[torch.Tensor]:
+        """The tensors a step reads and writes besides its inputs, in a fixed order: the caches, the cross-attention
+        keys and values, their mask (engine.graphs hands them to a traced step)."""
+        if self.cross_bias is None:
+            raise RuntimeError("set_conditioning() must be called before the decoder has a state")
+        return [*self.k_cache, *self.v_cache, *self.cross_k, *self.cross_v, self.cross_bias]
+
+    def set_state(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Read and write `tensors` (in `state()`'s order) from now on."""
+        n = len(self.layers)
+        if len(tensors) != 4 * n + 1:
+            raise ValueError(f"a decoder state is {4 * n + 1} tensors, got {len(tensors)}")
+        self.k_cache, self.v_cache, self.cross_k, self.cross_v = (list(tensors[i * n:(i + 1) * n]) for i in range(4))
+        self.cross_bias = tensors[4 * n]
 
     def _indices(self, rows: slice | None) -> tuple[slice, range]:
         """`rows` (None: all of them) and the row numbers it covers."""
@@ -361,7 +376,7 @@ class MusicgenDecoder:
 
     def step_core(self, tokens: torch.Tensor, write: torch.Tensor, steering: RowSteering | None) -> torch.Tensor:
         """The tensor work of `step`, nothing else: no host sync, no Python state read or written besides the caches
-        (written in place at `write`), so that it can be captured as a CUDA graph (engine.graphs)."""
+        (written in place at `write`), so that it can be captured (engine.graphs: a CUDA graph, a TorchScript trace)."""
         m = tokens.shape[0]
         h = self._embed(tokens, write.clamp(max=self.capacity - 1)[:, None])
         # Row r attends to its cache positions 0..write[r] (a scratch row to all: finite, and thrown away).

@@ -1,21 +1,32 @@
-"""The batched decode step captured as CUDA graphs: one graph per row count, replayed every step.
+"""The batched decode step captured once per row count and replayed every step: a CUDA graph on a GPU, a
+TorchScript trace on a CPU.
 
-Why: a decode step launches some 25 kernels per layer from Python. On a GPU, for a model the size of
-musicgen-small or smaller, launching costs more than computing, so the loop is launch-bound however many
-streams share the batch. A CUDA graph records the step's kernels once and replays them with one launch.
+Why. A decode step runs some 25 operations per layer from Python. On a GPU, for a model the size of
+musicgen-small or smaller, launching kernels costs more than computing, so the loop is launch-bound however many
+streams share the batch; a CUDA graph records the step's kernels once and replays them with one launch. On a
+CPU the operations themselves are the cost, but each one is a trip through Python holding the GIL: two lanes
+(threads) stepping at once wait on each other (measured on 2 cores, 4 bundled-model streams a lane: 18 ms a step
+alone, 26-29 ms with a second lane in the same process, 19.5 ms in another process). A traced step runs in
+TorchScript's interpreter, in C++, with the GIL released for the whole step, so lanes step in parallel.
 
 What makes the step capturable is in engine.decoder: `MusicgenDecoder.step_core` has static shapes (attention
 over the whole cache capacity, `text_tokens` text keys, rows from a few buckets: engine.loop.padded_rows) and
-no host synchronisation; the caches are written in place at positions read from a tensor. Here each row count
-gets static input buffers (tokens, write positions, steering vectors) and a graph; a step copies its inputs into
-the buffers and replays. In a graph steering is always applied (zero vectors for rows not steered), at one
-injection point: a step that steers at another runs eagerly.
+no host synchronisation; the caches are written in place at positions read from a tensor. In a capture steering
+is always applied (zero vectors for rows not steered), at one injection point: a step that steers at another
+runs eagerly.
+- CUDA graph: each row count gets static input buffers (tokens, write positions, steering vectors) and a graph;
+  a step copies its inputs into the buffers and replays.
+- Trace: the decoder's state (caches, cross-attention keys and mask) and the steering buffers are the traced
+  function's inputs, not constants baked into it, so a prompt change, a join that reallocates the caches or a
+  re-prompt is seen by the next replay; only the weights, which never change, are constants.
 
-Falling back: on a CPU, or when capturing fails, or when a captured step does not reproduce the eager step on the
-same inputs (checked once per row count, at capture), the engine steps eagerly and says why once (`reason`).
+Falling back: when capturing fails, or when a captured step does not reproduce the eager step on the same inputs
+(checked at capture, on the CPU bit for bit, which the trace gives: no operator is fused or reordered), the engine
+steps eagerly and says why once (`reason`).
 
 Not run here: no GPU was lent to the sessions that wrote this (docs/BENCHMARKS.md, "GPU"); bench/bench_gpu.py
-measures it, eager against graphs, the first time one is.
+measures graphs against eager the first time one is. The trace is measured in docs/BENCHMARKS.md ("Many
+sessions").
 """
 
 from __future__ import annotations
@@ -61,25 +72,44 @@ class StaticSteering(BatchSteering):
 
 
 @dataclass
-class _Captured:
+class _Graph:
+    """A CUDA graph of one row count over its static buffers."""
+
     graph: "torch.cuda.CUDAGraph"
     tokens: torch.Tensor
     write: torch.Tensor
     steering: StaticSteering
     logits: torch.Tensor
 
+    def run(self, decoder: MusicgenDecoder, tokens: torch.Tensor, write: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.write.copy_(write)
+        self.graph.replay()
+        return self.logits.clone()
+
+
+@dataclass
+class _Trace:
+    """A TorchScript trace of one row count; the decoder's state and the steering buffers go in at every call."""
+
+    function: torch.jit.ScriptFunction
+    steering: StaticSteering
+
+    def run(self, decoder: MusicgenDecoder, tokens: torch.Tensor, write: torch.Tensor) -> torch.Tensor:
+        return self.function(tokens, write, self.steering.vectors, self.steering.norm, *decoder.state())
+
 
 class CapturedSteps:
-    """Called like `MusicgenDecoder.step`; replays a CUDA graph per row count (module docstring)."""
+    """Called like `MusicgenDecoder.step`; replays the step captured for its row count (module docstring): a CUDA
+    graph on a CUDA device, a TorchScript trace elsewhere."""
 
     def __init__(self, decoder: MusicgenDecoder, site: str = "residual"):
         self.decoder = decoder
         self.site = site
-        self._graphs: dict[int, _Captured] = {}
-        self._caches: int | None = None  # id of the cache tensors the graphs were captured on
-        self.reason: str | None = None  # why steps run eagerly (None: graphs are in use)
-        if decoder.model.device.type != "cuda":
-            self.reason = "CUDA graphs need a CUDA device"
+        self.kind = "CUDA graph" if decoder.model.device.type == "cuda" else "trace"
+        self._captured: dict[int, _Graph | _Trace] = {}
+        self._caches: int | None = None  # id of the cache tensors the CUDA graphs were captured on
+        self.reason: str | None = None  # why steps run eagerly (None: captures are in use)
         self.replays = 0
 
     def __call__(self, tokens: torch.Tensor, stepping: list[bool],
@@ -87,25 +117,22 @@ class CapturedSteps:
         dec = self.decoder
         if self.reason is not None:
             return dec.step(tokens, stepping, steering)
-        if self._caches != id(dec.k_cache[0]):  # the caches were reallocated (more rows): capture again
-            self._graphs.clear()
+        if self.kind == "CUDA graph" and self._caches != id(dec.k_cache[0]):
+            self._captured.clear()  # the caches were reallocated (more rows): a graph holds their addresses
             self._caches = id(dec.k_cache[0])
         m = tokens.shape[0]
         write = dec.write_positions(m, stepping)
-        captured = self._graphs.get(m) or self._capture(m)
+        captured = self._captured.get(m) or self._capture(m)
         if captured is None or not captured.steering.load(steering):
             logits = dec.step_core(tokens, write, steering)
         else:
-            captured.tokens.copy_(tokens)
-            captured.write.copy_(write)
-            captured.graph.replay()
-            logits = captured.logits.clone()
+            logits = captured.run(dec, tokens, write)
             self.replays += 1
         dec.advance(stepping)
         return logits
 
     @torch.no_grad()
-    def _capture(self, m: int) -> _Captured | None:
+    def _capture(self, m: int) -> _Graph | _Trace | None:
         dec = self.decoder
         try:
             device, dtype = dec.model.device, dec.model.dtype
@@ -113,23 +140,50 @@ class CapturedSteps:
                                 device=device)
             write = torch.full((m,), dec.capacity, dtype=torch.long, device=device)  # scratch: writes nothing kept
             steering = StaticSteering(self.site, m, len(dec.layers), dec.num_heads * dec.head_dim, device, dtype)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up off the main stream, as capture requires
-                for _ in range(2):
-                    dec.step_core(tokens, write, steering)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                logits = dec.step_core(tokens, write, steering)
-            graph.replay()
-            expected = dec.step_core(tokens, write, steering)
-            if not torch.allclose(logits.float(), expected.float(), rtol=1e-3, atol=1e-3):
-                raise RuntimeError("a replay does not reproduce the eager step")
+            captured = self._graph(tokens, write, steering) if self.kind == "CUDA graph" else \
+                self._trace(tokens, write, steering)
+            # The check runs on this engine's real caches and conditioning (written only at the scratch position),
+            # a few times: TorchScript settles its plan after its first calls.
+            for _ in range(3):
+                got = captured.run(dec, tokens, write)
+                expected = dec.step_core(tokens, write, steering)
+                same = torch.equal(got, expected) if self.kind == "trace" else \
+                    torch.allclose(got.float(), expected.float(), rtol=1e-3, atol=1e-3)
+                if not same:
+                    raise RuntimeError("a replay does not reproduce the eager step")
         except Exception as exc:  # any failure: step eagerly from now on, and say so once
-            self.reason = f"capturing a CUDA graph of {m} rows failed ({type(exc).__name__}: {exc})"
+            self.reason = f"capturing a {self.kind} of {m} rows failed ({type(exc).__name__}: {exc})"
             log.warning("%s; stepping eagerly", self.reason)
             return None
-        captured = _Captured(graph, tokens, write, steering, logits)
-        self._graphs[m] = captured
+        self._captured[m] = captured
         return captured
+
+    def _graph(self, tokens: torch.Tensor, write: torch.Tensor, steering: StaticSteering) -> _Graph:
+        dec = self.decoder
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the main stream, as capture requires
+            for _ in range(2):
+                dec.step_core(tokens, write, steering)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = dec.step_core(tokens, write, steering)
+        return _Graph(graph, tokens, write, steering, logits)
+
+    def _trace(self, tokens: torch.Tensor, write: torch.Tensor, steering: StaticSteering) -> _Trace:
+        dec, site = self.decoder, self.site
+
+        def step(tokens: torch.Tensor, write: torch.Tensor, vectors: torch.Tensor, norm: torch.Tensor,
+                 *state: torch.Tensor) -> torch.Tensor:
+            # While tracing, the decoder reads the state tensors it is handed, so that they are the trace's inputs.
+            kept = dec.state()
+            dec.set_state(state)
+            try:
+                return dec.step_core(tokens, write, BatchSteering({site: vectors}, {site: norm}))
+            finally:
+                dec.set_state(kept)
+
+        function = torch.jit.trace(step, (tokens, write, steering.vectors, steering.norm, *dec.state()),
+                                   check_trace=False)
+        return _Trace(function, steering)

@@ -104,9 +104,10 @@ class Engine:
 
     def __init__(self, model: MusicModel, *, context_steps: int | None = None, guidance: bool = True,
                  slots: int = 1, text_tokens: int | None = None, min_rows: int = MIN_ROWS,
-                 cuda_graphs: bool = False, site: str = "residual"):
-        """`cuda_graphs`: replay the batched step as CUDA graphs (engine.graphs; steering captured at `site`,
-        the bank's injection point); on a CPU, or if capturing fails, the engine steps eagerly and says why."""
+                 capture: bool = False, site: str = "residual"):
+        """`capture`: replay the batched step captured once per row count (engine.graphs: a CUDA graph on a GPU, a
+        TorchScript trace on a CPU; steering captured at `site`, the bank's injection point); if capturing fails,
+        the engine steps eagerly and says why."""
         self.model = model
         self.min_rows = min_rows
         self.context_steps = context_steps or default_context_steps(model)
@@ -115,13 +116,11 @@ class Engine:
         self.decoder = MusicgenDecoder(model, rows=self.padded(max(1, slots) * self.rows_per_slot),
                                        capacity=self.context_steps, text_tokens=self.text_tokens)
         self.streams: list[Generator] = []  # by slot
-        self.captured = None  # engine.graphs.CapturedSteps when asked for CUDA graphs
-        if cuda_graphs:
+        self.captured = None  # engine.graphs.CapturedSteps when asked to capture
+        if capture:
             from .graphs import CapturedSteps
 
             self.captured = CapturedSteps(self.decoder, site)
-            if self.captured.reason is not None:
-                log.warning("%s: stepping eagerly", self.captured.reason)
 
     def padded(self, rows: int) -> int:
         return padded_rows(rows, self.min_rows)

@@ -99,7 +99,7 @@ class ServerConfig:
     session: SessionConfig = field(default_factory=SessionConfig)
     initial: ControlState = field(default_factory=ControlState)
     lanes: int | None = None  # None: default_lanes (one on a GPU, one per core on a CPU)
-    cuda_graphs: bool = False  # replay the batched step as CUDA graphs (engine.graphs)
+    capture: bool = False  # replay the batched step captured (engine.graphs); `musicrfm serve`: server.cli.captures
 
 
 def default_lanes(device: str) -> int:
@@ -120,7 +120,8 @@ class Hub:
         # that need audio at the same time step together in one batched forward (server/scheduler.py).
         lanes = config.lanes or default_lanes(model.device.type)
         self.engines = [Engine(model, context_steps=config.context_steps,
-                               slots=max(1, min(config.max_sessions, 8) // lanes), cuda_graphs=config.cuda_graphs,
+                               slots=max(1, min(config.max_sessions, 8) // lanes),
+                               capture=config.capture,
                                site=bank.injection_point if bank is not None else "residual")
                         for _ in range(lanes)]
         self.scheduler = DeviceScheduler(model.frame_rate, self.engines)

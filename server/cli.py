@@ -24,6 +24,17 @@ def compute_threads(requested: int | None, device: str) -> int | None:
     return max(1, (os.cpu_count() or 1) - 1)
 
 
+CAPTURE_CHOICES = ("auto", "on", "off")
+
+
+def captures(capture: str, device: str) -> bool:
+    """Whether the lanes replay a captured step (engine.graphs). "auto": on a CPU (a TorchScript trace, checked bit
+    for bit against the eager step when made), not on a GPU, where CUDA graphs have not been measured yet."""
+    if capture not in CAPTURE_CHOICES:
+        raise ValueError(f"capture must be one of {', '.join(CAPTURE_CHOICES)}, got {capture!r}")
+    return capture == "on" or (capture == "auto" and device == "cpu")
+
+
 def cmd_serve(args) -> int:
     import torch
 
@@ -74,7 +85,7 @@ def cmd_serve(args) -> int:
                               record_min_free_mb=args.record_min_free_mb),
         initial=ControlState(prompt=args.prompt, sampling=sampling, seed=args.seed,
                              steering=SteeringSpec(units=args.units)),
-        lanes=args.lanes, cuda_graphs=args.cuda_graphs,
+        lanes=args.lanes, capture=captures(args.capture, model.device.type),
     )
 
     def ready(server) -> None:
@@ -188,8 +199,10 @@ def register(sub) -> None:
     s.add_argument("--lanes", type=int, default=None,
                    help="lanes of sessions, each a thread stepping its sessions in one batched forward (default: 1 "
                         "on a GPU; on a CPU one per core, at most 8)")
-    s.add_argument("--cuda-graphs", action="store_true",
-                   help="replay the batched step as CUDA graphs (a GPU; falls back to eager, saying why, elsewhere)")
+    s.add_argument("--capture", choices=CAPTURE_CHOICES, default="auto",
+                   help="replay the batched step captured once per batch size: a TorchScript trace on a CPU (lanes "
+                        "then step in parallel, free of the GIL), a CUDA graph on a GPU; falls back to eager, saying "
+                        "why (default auto: on a CPU only)")
     s.add_argument("--prompt", default="", help="a new session's prompt")
     s.add_argument("--seed", type=int, default=0, help="a new session's seed")
     g = s.add_argument_group("sampling (a new session's)")

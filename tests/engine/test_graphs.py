@@ -1,6 +1,7 @@
-"""The CUDA-graph path (engine.graphs) on what a CPU can check: the captured step's steering over static buffers
-computes what the eager step computes, and without a CUDA device an engine asked for graphs steps eagerly, says
-why, and gives the same tokens. (Capturing and replaying need a GPU: bench/bench_gpu.py, docs/BENCHMARKS.md.)"""
+"""The captured step (engine.graphs) on what a CPU can check: the captured step's steering over static buffers
+computes what the eager step computes; on a CPU the capture is a TorchScript trace whose tokens are the eager
+engine's bit for bit through joins, leaves, prompt changes and re-prompts; a capture that fails, or does not
+reproduce the eager step, is dropped and said. (CUDA graphs need a GPU: bench/bench_gpu.py, docs/BENCHMARKS.md.)"""
 
 from __future__ import annotations
 
@@ -71,13 +72,68 @@ def test_the_captured_step_core_is_the_eager_step(tiny, plans):
     assert dec_c.lengths == dec_e.lengths
 
 
-def test_without_cuda_an_engine_asked_for_graphs_steps_eagerly_and_says_why(tiny, plans, caplog):
-    with caplog.at_level(logging.WARNING, logger="musicrfm.loop"):
-        engine = Engine(tiny, context_steps=32, cuda_graphs=True)
-    assert isinstance(engine.captured, CapturedSteps) and "CUDA device" in engine.captured.reason
-    assert any("CUDA graphs need a CUDA device" in r.getMessage() for r in caplog.records)
+def _play(engine_of, plans) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Streams on one engine through what moves a decoder's state: steering by both rules, a prompt change, a
+    join (4 -> 8 rows: the caches are reallocated), a leave (back to 4 rows, a batch size seen before the caches
+    moved; the last stream moves into the freed rows), re-prompts past the context."""
+    tiny = engine_of.model
+    add, norm = plans
+    gens = [Generator(tiny, "organ", seed=1, plan=add, engine=engine_of),
+            Generator(tiny, "piano", seed=2, plan=norm, engine=engine_of)]
+    done = []
+    for step in range(90):
+        if step == 10:
+            gens[0].set_prompt("a distorted guitar solo with drums")
+        if step == 20:
+            gens.append(Generator(tiny, "strings", seed=3, engine=engine_of))
+        if step == 45:
+            done.append(gens.pop(1))
+            done[-1].close()
+        engine_of.step(gens)
+    # The decoder's state too: a random tiny model's sampled tokens hardly depend on the context, its caches do.
+    # (Not the caches' scratch position past the capacity, which the check at capture writes to.)
+    dec = engine_of.decoder
+    state = [c[:, :, :dec.capacity] for c in dec.k_cache + dec.v_cache] + dec.state()[2 * len(dec.layers):]
+    return [g.codes() for g in done + gens], state
+
+
+def test_a_traced_engine_gives_the_eager_engines_tokens(tiny, plans):
+    """On a CPU the captured step is a TorchScript trace: it reads the decoder's state as inputs, so prompt changes,
+    joins, leaves and re-prompts reach it, and its tokens are the eager engine's, bit for bit."""
+    traced = Engine(tiny, context_steps=32, capture=True)
+    assert isinstance(traced.captured, CapturedSteps) and traced.captured.kind == "trace"
+    (got, got_state), (expected, expected_state) = _play(traced, plans), _play(Engine(tiny, context_steps=32), plans)
+    assert traced.captured.reason is None and traced.captured.replays > 60  # refills after re-prompts run eagerly
+    assert len(got) == len(expected) == 3 and len(got_state) == len(expected_state) == 4 * tiny.num_layers + 1
+    for a, b in zip(got + got_state, expected + expected_state):
+        assert torch.equal(a, b)
+
+
+def test_a_capture_that_does_not_reproduce_the_eager_step_is_dropped_and_said(tiny, plans, monkeypatch, caplog):
+    """The check at capture: a trace whose numbers differ in the last bit is refused; the engine steps eagerly,
+    says why once, and the tokens are the eager ones."""
+    from musicrfm.engine import graphs
+
+    real_run = graphs._Trace.run
+    monkeypatch.setattr(graphs._Trace, "run", lambda self, *a: real_run(self, *a) * (1 + 1e-7) + 1e-30)
+    with caplog.at_level(logging.WARNING, logger="musicrfm.graphs"):
+        engine = Engine(tiny, context_steps=32, capture=True)
+        got, _ = _play(engine, plans)
+    assert "does not reproduce the eager step" in engine.captured.reason and engine.captured.replays == 0
+    assert sum("stepping eagerly" in r.getMessage() for r in caplog.records) == 1
+    for a, b in zip(got, _play(Engine(tiny, context_steps=32), plans)[0]):
+        assert torch.equal(a, b)
+
+
+def test_a_capture_that_fails_steps_eagerly_and_says_why(tiny, plans, monkeypatch):
+    def no_trace(*args, **kwargs):
+        raise RuntimeError("tracing is not supported here")
+
+    monkeypatch.setattr(torch.jit, "trace", no_trace)
+    engine = Engine(tiny, context_steps=32, capture=True)
     graphed = Generator(tiny, "piano", seed=5, plan=plans[1], engine=engine)
     plain = Generator(tiny, "piano", seed=5, plan=plans[1], context_steps=32)
     graphed.run(40)
     plain.run(40)
+    assert "capturing a trace of 4 rows failed (RuntimeError: tracing is not supported here)" in engine.captured.reason
     assert torch.equal(graphed.codes(), plain.codes()) and engine.captured.replays == 0
