@@ -22,8 +22,11 @@ Audio leaves this module as float32 on the CPU: it goes to files, sockets and so
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import threading
+import warnings
 from dataclasses import dataclass
 from typing import Literal, Union
 
@@ -39,6 +42,7 @@ __all__ = [
     "StreamingDecoder",
     "ExactStreamingDecoder",
     "ExactLayout",
+    "CapturedStacks",
     "streaming_decoder",
     "decoding_of",
     "DECODINGS",
@@ -50,6 +54,8 @@ __all__ = [
     "write_wav",
     "read_wav",
 ]
+
+log = logging.getLogger("musicrfm.audio")
 
 FadeCurve = Literal["equal_gain", "equal_power"]
 
@@ -377,9 +383,12 @@ class ExactStreamingDecoder:
     `hold_back` = both stacks' right reach (4 frames for encodec_32khz: 80 ms, as the windowed default).
     """
 
-    def __init__(self, codec: torch.nn.Module, layout: ExactLayout | None = None) -> None:
+    def __init__(self, codec: torch.nn.Module, layout: ExactLayout | None = None,
+                 stacks: CapturedStacks | None = None) -> None:
+        """`stacks`: run the convolution stacks as the lane's traces (CapturedStacks; None: eagerly)."""
         self.codec = codec
         self.info = CodecInfo.of(codec)
+        self.stacks = stacks
         self.layout = layout or ExactLayout.of(codec)
         if self.layout is None:
             raise ValueError("this codec's decoder is not an EnCodec stack this decoder knows; "
@@ -439,6 +448,89 @@ def _stack(layers, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _eager(decoder: ExactStreamingDecoder, part: str, x: torch.Tensor) -> torch.Tensor:
+    """One of the exact decoder's two stacks: "before" (codes [B, K, T] -> the LSTM's input) or "after" (the LSTM's
+    output -> audio)."""
+    if part == "before":
+        return _stack(decoder.layout.before, decoder.codec.quantizer.decode(x.transpose(0, 1)))
+    return _stack(decoder.layout.after, x)
+
+
+def _run(decoder: ExactStreamingDecoder, part: str, x: torch.Tensor) -> torch.Tensor:
+    return decoder.stacks.run(decoder, part, x) if decoder.stacks is not None else _eager(decoder, part, x)
+
+
+_TRACING = threading.Lock()
+
+
+class CapturedStacks:
+    """The exact decoder's two stacks as TorchScript traces, for the decoders of one lane
+    (engine.loop.Engine.codec_stacks).
+
+    Why, as for the language model's step (engine.graphs): a trace runs in C++ with the GIL released, so lanes
+    decode in parallel, and the stacks' Python between small convolutions goes. One trace per window length (the
+    stacks compute paddings from it in Python, which a trace bakes in); it serves any number of streams decoded
+    together, checked bit for bit against the eager stack for each batch size the first time it meets one. A trace
+    that fails or differs makes this lane decode eagerly from then on, said once (`reason`). Window lengths recur
+    (a chunk's frames plus the reach), so a few traces serve; past MAX_SHAPES, a new one runs eagerly."""
+
+    MAX_SHAPES = 32
+
+    def __init__(self) -> None:
+        self._traces: dict[tuple, torch.jit.ScriptFunction] = {}
+        self._checked: set[tuple] = set()  # (trace key, batch size) pairs that matched the eager stack
+        self.reason: str | None = None
+        self.replays = 0
+
+    def run(self, decoder: ExactStreamingDecoder, part: str, x: torch.Tensor) -> torch.Tensor:
+        if self.reason is not None:
+            return _eager(decoder, part, x)
+        key = (id(decoder.codec), part, tuple(x.shape[1:]), x.dtype)
+        trace = self._traces.get(key)
+        if trace is None:
+            if len(self._traces) >= self.MAX_SHAPES:
+                return _eager(decoder, part, x)
+            trace = self._trace(decoder, part, x)
+            if trace is None:
+                return _eager(decoder, part, x)
+            self._traces[key] = trace
+        if (key, x.shape[0]) not in self._checked:
+            expected = _eager(decoder, part, x)
+            if not self._same(trace, x, expected, part):
+                return expected
+            self._checked.add((key, x.shape[0]))
+            return expected
+        self.replays += 1
+        return trace(x)
+
+    def _trace(self, decoder: ExactStreamingDecoder, part: str, x: torch.Tensor) -> torch.jit.ScriptFunction | None:
+        try:
+            # TracerWarnings say, for every layer, that the trace bakes in the paddings computed from the length:
+            # silenced. Warning filters are the process's, so lanes tracing at once take turns, lest one restore
+            # the filters in the middle of another's trace.
+            with _TRACING, warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                return torch.jit.trace(lambda x: _eager(decoder, part, x), (x,), check_trace=False)
+        except Exception as exc:  # any failure: decode eagerly from now on, and say so once
+            self._fail(f"tracing the codec's {part}-LSTM stack for {tuple(x.shape)} failed "
+                       f"({type(exc).__name__}: {exc})")
+            return None
+
+    def _same(self, trace: torch.jit.ScriptFunction, x: torch.Tensor, expected: torch.Tensor, part: str) -> bool:
+        try:
+            for _ in range(3):  # TorchScript settles its plan after its first calls
+                if not torch.equal(trace(x), expected):
+                    raise RuntimeError("the trace does not reproduce the eager stack")
+        except Exception as exc:
+            self._fail(f"the codec's {part}-LSTM stack traced for {tuple(x.shape)} ({type(exc).__name__}: {exc})")
+            return False
+        return True
+
+    def _fail(self, reason: str) -> None:
+        self.reason = reason
+        log.warning("%s; decoding eagerly", reason)
+
+
 def _grouped(decoders: list, work: list) -> dict[tuple, list[int]]:
     """Indices of the decoders whose work has the same shape (so one batched call serves them)."""
     groups: dict[tuple, list[int]] = {}
@@ -462,7 +554,7 @@ def _exact_round(decoders: list[ExactStreamingDecoder], final: bool = False) -> 
                 start, stop = work[i][0], work[i][1]
                 windows.append(d._codes[:, start - d._codes_start : stop - d._codes_start])
             codes = torch.stack(windows)  # [B, K, T]
-            x = _stack(lead.layout.before, lead.codec.quantizer.decode(codes.transpose(0, 1)))
+            x = _run(lead, "before", codes)
             x = x[..., first:end].permute(2, 0, 1)  # [T, B, C], the frames that are final before the LSTM
             h0 = torch.cat([decoders[i]._state[0] for i in members], dim=1)
             c0 = torch.cat([decoders[i]._state[1] for i in members], dim=1)
@@ -480,7 +572,7 @@ def _exact_round(decoders: list[ExactStreamingDecoder], final: bool = False) -> 
             hop = lead.info.hop_length
             x = torch.stack([decoders[i]._lstm_out[:, work[i][0] - decoders[i]._out_start : work[i][1] - decoders[i]._out_start]
                              for i in members])
-            audio = _stack(lead.layout.after, x)[:, 0, first * hop : end * hop].float().cpu()
+            audio = _run(lead, "after", x)[:, 0, first * hop : end * hop].float().cpu()
             for row, i in enumerate(members):
                 d = decoders[i]
                 out[i] = audio[row]
@@ -504,16 +596,18 @@ AnyStreamingDecoder = Union[ExactStreamingDecoder, StreamingDecoder]
 DECODINGS = ("auto", "exact", "windowed")
 
 
-def streaming_decoder(codec: torch.nn.Module, decoding: str = "auto") -> AnyStreamingDecoder:
+def streaming_decoder(codec: torch.nn.Module, decoding: str = "auto",
+                      stacks: CapturedStacks | None = None) -> AnyStreamingDecoder:
     """The decoder a stream should use. "auto": exact (carried LSTM state) for transformers' EnCodec, which is
     every MusicGen's codec, else windowed. "windowed" re-makes audio as streams decoded it before the exact
-    decoder (a recording's replay compares against what it recorded); "exact" refuses a codec it cannot follow."""
+    decoder (a recording's replay compares against what it recorded); "exact" refuses a codec it cannot follow.
+    `stacks`: the lane's traces of the exact decoder's convolutions (Engine.codec_stacks), or None (eager)."""
     if decoding not in DECODINGS:
         raise ValueError(f"decoding must be one of {', '.join(DECODINGS)}, got {decoding!r}")
     layout = ExactLayout.of(codec) if decoding != "windowed" else None
     if layout is None:
-        return ExactStreamingDecoder(codec) if decoding == "exact" else StreamingDecoder(codec)
-    return ExactStreamingDecoder(codec, layout)
+        return ExactStreamingDecoder(codec, stacks=stacks) if decoding == "exact" else StreamingDecoder(codec)
+    return ExactStreamingDecoder(codec, layout, stacks)
 
 
 def decoding_of(decoder: AnyStreamingDecoder) -> str:

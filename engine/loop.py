@@ -41,6 +41,7 @@ import torch
 
 from musicrfm.protocol.wire import end_step
 
+from .audio import CapturedStacks
 from .decoder import MusicgenDecoder, TextConditioning, delayed_inputs, frame_at
 from .model import MusicModel
 from .sampling import SamplingConfig, guided_logits, sample_tokens
@@ -106,8 +107,9 @@ class Engine:
                  slots: int = 1, text_tokens: int | None = None, min_rows: int = MIN_ROWS,
                  capture: bool = False, site: str = "residual"):
         """`capture`: replay the batched step captured once per row count (engine.graphs: a CUDA graph on a GPU, a
-        TorchScript trace on a CPU; steering captured at `site`, the bank's injection point); if capturing fails,
-        the engine steps eagerly and says why."""
+        TorchScript trace on a CPU; steering captured at `site`, the bank's injection point), and offer the streams
+        traced EnCodec stacks (`codec_stacks`, engine.audio.CapturedStacks); if capturing fails, the engine steps
+        (or decodes) eagerly and says why."""
         self.model = model
         self.min_rows = min_rows
         self.context_steps = context_steps or default_context_steps(model)
@@ -117,10 +119,13 @@ class Engine:
                                        capacity=self.context_steps, text_tokens=self.text_tokens)
         self.streams: list[Generator] = []  # by slot
         self.captured = None  # engine.graphs.CapturedSteps when asked to capture
+        # The exact EnCodec decoder's stacks traced likewise, for the streams of this engine that take them.
+        self.codec_stacks: CapturedStacks | None = None
         if capture:
             from .graphs import CapturedSteps
 
             self.captured = CapturedSteps(self.decoder, site)
+            self.codec_stacks = CapturedStacks()
 
     def padded(self, rows: int) -> int:
         return padded_rows(rows, self.min_rows)

@@ -510,7 +510,8 @@ class Stream:
                                    plan=self._on_device(self._plan), context_steps=self.context_steps,
                                    keep_steps=self.keep_steps, engine=self.engine)
         self._generator_plan = self._plan
-        self.decoder = streaming_decoder(self.model.hf.audio_encoder, self.decoding)
+        self.decoder = streaming_decoder(self.model.hf.audio_encoder, self.decoding,
+                                         stacks=self.generator.engine.codec_stacks)
         self.samples_emitted = 0
         self.history.clear()
         self._prompt_ready = 0

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from musicrfm.engine.audio import (
+    CapturedStacks,
     ExactLayout,
     ExactStreamingDecoder,
     StreamingDecoder,
@@ -293,6 +294,47 @@ def test_exact_streams_pushed_together_share_calls_and_equal_alone(codec, monkey
     assert batches == [3, 3, 1, 4, 4, 4, 4]
     for p, d, ref in zip(pieces, decoders, alone):
         torch.testing.assert_close(torch.cat([*p, d.flush()]), ref, rtol=0, atol=1e-5)
+
+
+def _pushed_together(codec, streams: list[torch.Tensor], stacks: CapturedStacks | None) -> list[torch.Tensor]:
+    """Three streams and a late one pushed together in chunks of 7 (groups of 1..4, windows of several lengths)."""
+    decoders = [ExactStreamingDecoder(codec, stacks=stacks) for _ in range(len(streams) + 1)]
+    late = [_codes(7 if i else 0, seed=100 + i) for i in range(0, 63, 7)]
+    pieces = [[] for _ in decoders]
+    for n, i in enumerate(range(0, 63, 7)):
+        for p, o in zip(pieces, push_together(decoders, [c[:, i:i + 7] for c in streams] + [late[n]])):
+            p.append(o)
+    return [torch.cat([*p, d.flush()]) for p, d in zip(pieces, decoders)]
+
+
+def test_traced_codec_stacks_decode_bit_for_bit_what_the_eager_stacks_do(codec):
+    """engine.audio.CapturedStacks: one trace per window length serves every group size, each size checked once;
+    the audio is the eager decoder's to the bit."""
+    streams = [_codes(63, seed=s) for s in range(3)]
+    stacks = CapturedStacks()
+    expected = _pushed_together(codec, streams, None)
+    for _ in range(2):  # the second time, every shape is traced and checked: replays only
+        replays = stacks.replays
+        got = _pushed_together(codec, streams, stacks)
+        for a, b in zip(got, expected):
+            assert torch.equal(a, b)
+    assert stacks.reason is None and stacks.replays > replays
+    sizes = {(key, b) for key, b in stacks._checked}
+    assert len({b for _, b in sizes}) > 1 and len(stacks._traces) < len(sizes)  # a trace serves several sizes
+
+
+def test_a_traced_codec_stack_that_differs_is_dropped_and_said(codec, monkeypatch, caplog):
+    """A trace whose numbers move in the last bit is refused when checked: the lane decodes eagerly, says why once,
+    and the audio is the eager audio."""
+    real_trace = torch.jit.trace
+    monkeypatch.setattr(torch.jit, "trace", lambda fn, args, **kw: real_trace(lambda y: fn(y) * (1 + 1e-6), args, **kw))
+    stacks = CapturedStacks()
+    with caplog.at_level("WARNING", logger="musicrfm.audio"):
+        got = _pushed_together(codec, [_codes(63, seed=s) for s in range(3)], stacks)
+    assert "does not reproduce the eager stack" in stacks.reason and stacks.replays == 0
+    assert sum("decoding eagerly" in r.getMessage() for r in caplog.records) == 1
+    for a, b in zip(got, _pushed_together(codec, [_codes(63, seed=s) for s in range(3)], None)):
+        assert torch.equal(a, b)
 
 
 def test_a_codec_of_unknown_layers_streams_windowed(codec):

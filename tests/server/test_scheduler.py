@@ -126,3 +126,31 @@ def test_new_sessions_fill_the_padded_rows_of_a_lane_before_starting_another(tin
         assert scheduler.engine_for_new_stream() is lanes[1]
     finally:
         scheduler.close()
+
+
+def test_lanes_replaying_captured_steps_give_the_eager_lanes_audio_to_the_bit(tiny):
+    """`serve --capture` on a CPU: each lane replays a TorchScript trace of the step and of the EnCodec stacks
+    (GIL-free, so lanes run in parallel); the audio every session gets is the eager server's, to the bit."""
+    prompts = ["piano", "drums and bass", "a choir", "strings"]
+
+    async def play(capture: bool) -> tuple[list[list[np.ndarray]], list[Engine]]:
+        engines = [Engine(tiny, capture=capture) for _ in range(2)]
+        scheduler = DeviceScheduler(tiny.frame_rate, engines)
+        streams = [_playing(tiny, p, i, scheduler.engine_for_new_stream()) for i, p in enumerate(prompts)]
+        audio: list[list[np.ndarray]] = [[] for _ in streams]
+        try:
+            for _ in range(6):
+                for a, chunk in zip(audio, await asyncio.gather(*(scheduler.generate(s, 5) for s in streams))):
+                    a.append(chunk.audio)
+        finally:
+            scheduler.close()
+        assert all(s.decoder.stacks is s.generator.engine.codec_stacks for s in streams)
+        return audio, engines
+
+    captured, engines = asyncio.run(play(True))
+    eager, _ = asyncio.run(play(False))
+    for e in engines:
+        assert e.captured.reason is None and e.captured.replays > 0
+        assert e.codec_stacks.reason is None and e.codec_stacks.replays > 0
+    for c, e in zip(captured, eager):
+        assert np.array_equal(np.concatenate(c), np.concatenate(e)) and np.concatenate(c).size > 0
