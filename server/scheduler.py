@@ -109,7 +109,7 @@ class _Lane:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self.waiting: list[tuple[Stream, int, asyncio.Future]] = []
         self.draining: asyncio.Task | None = None
-        self.streams = 0  # streams given this lane (Hub.get_session -> DeviceScheduler.engine_for_new_stream)
+        self.streams = 0  # sessions of this lane that play or are about to (engine_for_new_stream, set_active)
 
 
 class DeviceScheduler:
@@ -123,6 +123,7 @@ class DeviceScheduler:
         self.batches = 0  # batches run, and streams they held, for stats and tests
         self.batched_streams = 0
         self._seen: dict[int, tuple[float, _Lane]] = {}  # id(stream) -> when it last stepped, and where
+        self._stopped: set[int] = set()  # id(stream) of sessions whose stream a client stopped: not counted
 
     @property
     def lanes(self) -> int:
@@ -145,8 +146,26 @@ class DeviceScheduler:
             return streams
         return padded_rows(streams * lane.engine.rows_per_slot, lane.engine.min_rows)
 
+    def set_active(self, stream: Stream, active: bool) -> None:
+        """A client stopped a session's stream (False: its lane has room for a newcomer, who would otherwise be
+        placed by sessions that no longer play), or played it again (True: counted on its lane again; a stream
+        keeps its lane, since moving its cache to another lane's thread mid-flight is not worth the risk)."""
+        key = id(stream)
+        if active == (key not in self._stopped):
+            return
+        lane = self._lane(stream)
+        if active:
+            self._stopped.discard(key)
+            lane.streams += 1
+        else:
+            self._stopped.add(key)
+            lane.streams = max(0, lane.streams - 1)
+
     def release(self, stream: Stream) -> None:
-        """A session went away: its lane has one stream fewer."""
+        """A session went away: its lane has one stream fewer (unless it was already stopped)."""
+        if id(stream) in self._stopped:
+            self._stopped.discard(id(stream))
+            return
         lane = self._lane(stream)
         lane.streams = max(0, lane.streams - 1)
 

@@ -243,6 +243,8 @@ class Session:
         kind = message.get("type")
         if kind in ("set", "transport"):
             self.stream.submit(message, cause)
+            if kind == "transport" and message["command"] in ("stop", "play", "reset"):
+                self._scheduler.set_active(self.stream, message["command"] != "stop")
             self._wake.set()
         elif kind == "record":
             extra = [k for k in message if k not in ("type", "id", "command")]

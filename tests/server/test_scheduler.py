@@ -124,6 +124,17 @@ def test_new_sessions_fill_the_padded_rows_of_a_lane_before_starting_another(tin
         stream = type("S", (), {"engine": lanes[1]})()
         scheduler.release(stream)
         assert scheduler.engine_for_new_stream() is lanes[1]
+        # a session a client stopped no longer counts (it holds no rows): newcomers fill its place; played again,
+        # it counts on its lane again; stopping twice or closing a stopped session frees nothing more
+        stopped = type("S", (), {"engine": lanes[0]})()
+        for _ in range(2):
+            scheduler.set_active(stopped, False)
+        assert scheduler.engine_for_new_stream() is lanes[0]
+        scheduler.set_active(stopped, False)
+        scheduler.release(stopped)
+        assert [lane.streams for lane in scheduler._lanes] == [4, 2]
+        scheduler.set_active(type("S", (), {"engine": lanes[1]})(), False)
+        assert [lane.streams for lane in scheduler._lanes] == [4, 1]
     finally:
         scheduler.close()
 
@@ -154,3 +165,27 @@ def test_lanes_replaying_captured_steps_give_the_eager_lanes_audio_to_the_bit(ti
         assert e.codec_stacks.reason is None and e.codec_stacks.replays > 0
     for c, e in zip(captured, eager):
         assert np.array_equal(np.concatenate(c), np.concatenate(e)) and np.concatenate(c).size > 0
+
+
+def test_a_session_a_client_stops_leaves_its_lane_to_newcomers(tiny, tmp_path):
+    """Through the protocol: `transport stop` frees the session's place on its lane, `play` takes it back (the lanes
+    of a server whose sessions came and went are shared out by who plays, not by who once did)."""
+    from musicrfm.engine.loop import Engine
+
+    async def main() -> list[list[int]]:
+        lanes = [Engine(tiny) for _ in range(2)]
+        scheduler = DeviceScheduler(tiny.frame_rate, lanes)
+        stream = Stream(tiny, None, engine=scheduler.engine_for_new_stream())
+        session = Session("s", stream, SessionConfig(record_dir=tmp_path), [], scheduler)
+        counts = [[lane.streams for lane in scheduler._lanes]]
+        try:
+            for command in ("stop", "play", "stop"):
+                await session.handle({"type": "transport", "command": command}, Cause("websocket", 1, None))
+                counts.append([lane.streams for lane in scheduler._lanes])
+        finally:
+            await session.close()
+            scheduler.close()
+        counts.append([lane.streams for lane in scheduler._lanes])
+        return counts
+
+    assert asyncio.run(main()) == [[1, 0], [0, 0], [1, 0], [0, 0], [0, 0]]
