@@ -24,7 +24,7 @@ Falling back: when capturing fails, or when a captured step does not reproduce t
 (checked at capture, on the CPU bit for bit, which the trace gives: no operator is fused or reordered), the engine
 steps eagerly and says why once (`reason`).
 
-Why not torch.compile on the CPU: measured on musicgen-mini's step (docs/BENCHMARKS.md, "Many sessions"), it took 42 s
+Why not torch.compile on the CPU: measured on musicgen-mini's step (bench/bench_capture.py --compile), it took 18-42 s
 to compile, ran slower than eager, and changed the logits in the last bits (so tokens, so replays). TorchScript is
 deprecated as of torch 2.13; a torch without it fails the capture, and the engine steps eagerly, saying why.
 
