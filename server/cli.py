@@ -94,6 +94,8 @@ def cmd_serve(args) -> int:
         if model.device.type == "cpu":
             print(f"torch threads: {torch.get_num_threads()} (--threads); lanes: {server.hub.scheduler.lanes} "
                   f"(--lanes: sessions are shared out over them, each lane steps its own in one batch)", flush=True)
+        kind = "a TorchScript trace" if model.device.type == "cpu" else "a CUDA graph"
+        print(f"steps: {f'captured, {kind} per batch size' if config.capture else 'eager'} (--capture)", flush=True)
         if model.is_random:
             print(f"note: {NOISE_WARNING}", flush=True)
         if bank_paths:
