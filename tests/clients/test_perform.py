@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_runner import run_here
 
 from musicrfm.protocol.score import ScoreError, load_score, parse_score
 
@@ -27,7 +28,7 @@ def test_the_example_score_parses():
 
 def test_the_example_score_plays_out_of_the_box(tmp_path):
     """By its bundled name, from a directory that holds nothing: as docs/scores.md and the README run it."""
-    r = cli("perform", "example", "--out", tmp_path / "perf.wav", "--quiet", cwd=tmp_path)
+    r = run_here("perform", "example", "--out", tmp_path / "perf.wav", "--quiet", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     perf = json.loads((tmp_path / "perf.json").read_text())
     assert perf["mode"] == "offline" and perf["frames"] == 600
@@ -103,7 +104,9 @@ def strong_score(tmp_path, test_bank_path):
 
 
 def test_offline_and_live_performances_give_the_same_tokens(strong_score, tmp_path, live_server):
-    off = cli("perform", strong_score, "--out", tmp_path / "off.wav", "--quiet", cwd=tmp_path)
+    # The offline steps run in this process (their process boundary is not what this test is about); the live
+    # client is a process of its own, as a performer's would be.
+    off = run_here("perform", strong_score, "--out", tmp_path / "off.wav", "--quiet", cwd=tmp_path)
     assert off.returncode == 0, off.stderr
     offline = json.loads((tmp_path / "off.json").read_text())
     assert offline["mode"] == "offline" and offline["frames"] == 200
@@ -118,14 +121,14 @@ def test_offline_and_live_performances_give_the_same_tokens(strong_score, tmp_pa
     assert "noise" in live.stdout  # the random model's audio is never passed off as music
 
     # The server's recording replays to the same tokens.
-    replay = cli("replay", online["recording"]["log"], "--out", tmp_path / "replay.wav", "--quiet", cwd=tmp_path)
+    replay = run_here("replay", online["recording"]["log"], "--out", tmp_path / "replay.wav", "--quiet", cwd=tmp_path)
     assert replay.returncode == 0 and "tokens match" in replay.stdout, replay.stdout + replay.stderr
 
     # And a score without the strong cues gives other tokens: the comparison above can fail.
     weak = strong_score.read_text().replace("coefficient = 40", "coefficient = 0")
     (tmp_path / "weak.toml").write_text(weak)
-    other = cli("perform", tmp_path / "weak.toml", "--out", tmp_path / "weak.wav", "--compare", tmp_path / "off.json",
-                "--quiet", cwd=tmp_path)
+    other = run_here("perform", tmp_path / "weak.toml", "--out", tmp_path / "weak.wav", "--compare",
+                     tmp_path / "off.json", "--quiet", cwd=tmp_path)
     assert json.loads((tmp_path / "weak.json").read_text())["tokens_sha256"] != offline["tokens_sha256"], other.stderr
     assert other.returncode == 1 and "tokens differ" in other.stderr, other.stdout + other.stderr
 

@@ -7,9 +7,6 @@ import asyncio
 import csv
 import json
 import os
-import shutil
-import subprocess
-import sys
 import wave
 from pathlib import Path
 
@@ -19,19 +16,14 @@ from safetensors import safe_open
 from musicrfm.engine.bank import DirectionBank
 from musicrfm.engine.model import BUNDLED_MODELS, bundled_banks, bundled_model_dir, bundled_prompts, load_model
 
+from cli_runner import run_here
 from live_server import start_server, stop_server
 
 SOUNDFONT = "/usr/share/sounds/sf2/TimGM6mb.sf2"
 needs_soundfont = pytest.mark.skipif(not os.path.isfile(SOUNDFONT), reason="TimGM6mb soundfont not installed")
-CLI = [shutil.which("musicrfm")] if shutil.which("musicrfm") else [sys.executable, "-m", "musicrfm"]
-ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": f"{sys.prefix}/bin:/usr/bin:/bin"}
 
 # The closed-loop proof's settings (docs/musicgen-mini.md has the table they produce at full size).
 PROOF_ETA = "0.1,0.5,1"  # relative strengths: fractions of each layer's typical norm
-
-
-def run(*args, cwd, timeout=900):
-    return subprocess.run([*CLI, *map(str, args)], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +73,8 @@ def test_generations_are_clear_tones_of_any_pitch_class(mini):
 
 
 def test_mini_check_command_reports_codec_scale_and_generation(tmp_path):
-    r = run("mini", "check", "--clips", "3", "--samples", "2", "--seconds", "1", "--out", tmp_path / "c.json",
-            "--quiet", cwd=tmp_path)
+    r = run_here("mini", "check", "--clips", "3", "--samples", "2", "--seconds", "1", "--out", tmp_path / "c.json",
+                 "--quiet", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "c.json").read_text())
     assert report["codec"]["clips"] == 3 and 0 <= report["codec"]["agreement"] <= 1
@@ -92,8 +84,8 @@ def test_mini_check_command_reports_codec_scale_and_generation(tmp_path):
 
 def test_default_model_generates_and_steers_out_of_the_box(tmp_path):
     out = tmp_path / "c.wav"
-    r = run("generate", "--prompt", "piano note, middle register", "--seconds", "2", "--steer", "notes:C=0.5",
-            "--gate", "0.3", "--out", out, "--quiet", cwd=tmp_path)
+    r = run_here("generate", "--prompt", "piano note, middle register", "--seconds", "2", "--steer", "notes:C=0.5",
+                 "--gate", "0.3", "--out", out, "--quiet", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "noise" not in r.stdout + r.stderr
     with wave.open(str(out)) as w:
@@ -137,8 +129,8 @@ def test_closed_loop_steering_moves_the_pitch_class(tmp_path):
     paper gate p = 0.3 and exponential layer weighting): the independent pitch check's accuracy goes from
     about chance unsteered to >= 0.6, rising over the grid; FD and MMD² are reported beside it."""
     out = tmp_path / "proof"
-    r = run("eval", "sweep", "--preset", "eta", "--concept", "notes", "--samples", "16", "--seconds", "3",
-            "--eta0", PROOF_ETA, "--out", out, "--quiet", cwd=tmp_path)
+    r = run_here("eval", "sweep", "--preset", "eta", "--concept", "notes", "--samples", "16", "--seconds", "3",
+                 "--eta0", PROOF_ETA, "--out", out, "--quiet", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     reference, steered = _sweep_table(out, "notes")
     assert [x for x, _ in steered] == [float(e) for e in PROOF_ETA.split(",")]
