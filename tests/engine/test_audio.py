@@ -308,8 +308,8 @@ def _pushed_together(codec, streams: list[torch.Tensor], stacks: CapturedStacks 
 
 
 def test_traced_codec_stacks_decode_bit_for_bit_what_the_eager_stacks_do(codec):
-    """engine.audio.CapturedStacks: one trace per window length serves every group size, each size checked once;
-    the audio is the eager decoder's to the bit."""
+    """engine.audio.CapturedStacks: one trace per stack serves every window length and group size, each input shape
+    checked once; the audio is the eager decoder's to the bit."""
     streams = [_codes(63, seed=s) for s in range(3)]
     stacks = CapturedStacks()
     expected = _pushed_together(codec, streams, None)
@@ -319,20 +319,21 @@ def test_traced_codec_stacks_decode_bit_for_bit_what_the_eager_stacks_do(codec):
         for a, b in zip(got, expected):
             assert torch.equal(a, b)
     assert stacks.reason is None and stacks.replays > replays
-    sizes = {(key, b) for key, b in stacks._checked}
-    assert len({b for _, b in sizes}) > 1 and len(stacks._traces) < len(sizes)  # a trace serves several sizes
+    shapes = [shape for (_, shape) in stacks._shapes]
+    assert len(stacks._traces) == 2 and all(stacks._shapes.values())  # before and after the LSTM, every shape
+    assert len({s[0] for s in shapes}) > 1 and len({s[-1] for s in shapes}) > 2  # group sizes, window lengths
 
 
 def test_a_traced_codec_stack_that_differs_is_dropped_and_said(codec, monkeypatch, caplog):
-    """A trace whose numbers move in the last bit is refused when checked: the lane decodes eagerly, says why once,
-    and the audio is the eager audio."""
+    """A trace whose numbers move in the last bit is refused for every shape it is checked on: those decode eagerly,
+    said once, and the audio is the eager audio."""
     real_trace = torch.jit.trace
     monkeypatch.setattr(torch.jit, "trace", lambda fn, args, **kw: real_trace(lambda y: fn(y) * (1 + 1e-6), args, **kw))
     stacks = CapturedStacks()
     with caplog.at_level("WARNING", logger="musicrfm.audio"):
         got = _pushed_together(codec, [_codes(63, seed=s) for s in range(3)], stacks)
-    assert "does not reproduce the eager stack" in stacks.reason and stacks.replays == 0
-    assert sum("decoding eagerly" in r.getMessage() for r in caplog.records) == 1
+    assert stacks.reason is None and stacks.replays == 0 and not any(stacks._shapes.values())
+    assert sum("differs from the eager one" in r.getMessage() for r in caplog.records) == 1
     for a, b in zip(got, _pushed_together(codec, [_codes(63, seed=s) for s in range(3)], None)):
         assert torch.equal(a, b)
 
