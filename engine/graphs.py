@@ -148,9 +148,9 @@ class CapturedSteps:
                 self._trace(tokens, write, steering)
             # The check runs on this engine's real caches and conditioning (written only at the scratch position),
             # a few times: TorchScript settles its plan after its first calls.
+            expected = dec.step_core(tokens, write, steering)
             for _ in range(3):
                 got = captured.run(dec, tokens, write)
-                expected = dec.step_core(tokens, write, steering)
                 same = torch.equal(got, expected) if self.kind == "trace" else \
                     torch.allclose(got.float(), expected.float(), rtol=1e-3, atol=1e-3)
                 if not same:

@@ -33,7 +33,6 @@ which those positions were first generated, under the plan current at the time o
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -46,8 +45,6 @@ from .decoder import MusicgenDecoder, TextConditioning, delayed_inputs, frame_at
 from .model import MusicModel
 from .sampling import SamplingConfig, guided_logits, sample_tokens
 from .steering import BatchSteering, SteeringPlan
-
-log = logging.getLogger("musicrfm.loop")
 
 # Prompts whose text-encoder output a generator keeps: a live session switching between a few prompts encodes
 # each once (an encoding is [rows, tokens, d_model]: up to ~8 MB for musicgen-large's longest prompts).

@@ -94,8 +94,10 @@ def cmd_serve(args) -> int:
         if model.device.type == "cpu":
             print(f"torch threads: {torch.get_num_threads()} (--threads); lanes: {server.hub.scheduler.lanes} "
                   f"(--lanes: sessions are shared out over them, each lane steps its own in one batch)", flush=True)
-        kind = "a TorchScript trace" if model.device.type == "cpu" else "a CUDA graph"
-        print(f"steps: {f'captured, {kind} per batch size' if config.capture else 'eager'} (--capture)", flush=True)
+        captured = server.hub.engines[0].captured  # what the engines do (engine.graphs picks the kind by device)
+        kind = "a TorchScript trace" if captured is not None and captured.kind == "trace" else "a CUDA graph"
+        print(f"steps: {f'captured, {kind} per batch size' if captured is not None else 'eager'} (--capture)",
+              flush=True)
         if model.is_random:
             print(f"note: {NOISE_WARNING}", flush=True)
         if bank_paths:
