@@ -4,7 +4,8 @@ Why capture on a CPU at all: the server's lanes are threads of one process, and 
 operations issued from Python, each taking the GIL; a TorchScript trace runs in C++ with the GIL released.
   1. one batched step of --streams streams (2 rows each under guidance, padded as the engine pads): ms per step
      eagerly, traced, and with --compile torch.compile (inductor); the time to make each; whether its logits are
-     the eager logits bit for bit (max difference otherwise)
+     the eager logits bit for bit (max difference otherwise); and eagerly with a quality control on every stream
+     (`quality:minor`, which reads the hidden state, so the engine never captures such a step)
   2. the GIL: two lanes (two engines, two threads) stepping at once, each its own --streams streams: ms per step
      each, eager and traced, beside the same step alone
   3. the exact EnCodec decoder: --streams streams' chunks of --chunk-frames frames decoded together (push_together),
@@ -35,7 +36,9 @@ from musicrfm.engine.audio import CapturedStacks, ExactStreamingDecoder, push_to
 from musicrfm.engine.graphs import CapturedSteps
 from musicrfm.engine.loop import Engine, Generator
 from musicrfm.engine.model import MusicModel, load_model
-from musicrfm.engine.steering import BatchSteering
+from musicrfm.engine.bank import DirectionBank
+from musicrfm.engine.steering import (PITCH_CLASSES, BatchSteering, DirectionControl, LayerWeighting, SteeringPlan,
+                                      SteeringSpec)
 
 
 def _engine(model: MusicModel, streams: int, warm_steps: int) -> Engine:
@@ -76,6 +79,17 @@ def one_step(model: MusicModel, streams: int, calls: int, repeats: int, compile_
     steering = BatchSteering({"residual": vectors}, {"residual": norm})
     expected = dec.step_core(tokens, write, steering)
     ways: dict[str, Callable[[], torch.Tensor]] = {"eager": lambda: dec.step_core(tokens, write, steering)}
+    # A quality control on every stream (random notes directions: the cost is the reading and the gather).
+    fp = model.fingerprint
+    notes = DirectionBank.from_arrays("notes", list(PITCH_CLASSES), torch.randn(12, fp.num_layers, fp.hidden_size,
+                                                                                generator=g),
+                                      torch.rand(12, fp.num_layers, generator=g), fp, method="bench", pooling="mean")
+    plan = SteeringPlan.compile(SteeringSpec(controls=(DirectionControl("notes:C", 0.1),
+                                                       DirectionControl("quality:minor", 0.1)),
+                                             units="raw", layers=LayerWeighting("all")), notes, fp)
+    per_stream = plan.at([0])
+    reading = BatchSteering.stack(m, [(slice(2 * i, 2 * i + 2), per_stream) for i in range(streams)])
+    ways["quality"] = lambda: dec.step_core(tokens, write, reading)
     made: dict[str, float] = {}
     t0 = time.perf_counter()
     captured = CapturedSteps(dec, "residual")._capture(m)
@@ -91,7 +105,8 @@ def one_step(model: MusicModel, streams: int, calls: int, repeats: int, compile_
         ways["compile"] = lambda: compiled(tokens, write)
     ms = _interleaved(ways, calls, repeats)
     out = {"rows": m, "ms": ms, "make_s": made}
-    out["max_diff"] = {name: float((fn() - expected).abs().max()) for name, fn in ways.items() if name != "eager"}
+    out["max_diff"] = {name: float((fn() - expected).abs().max()) for name, fn in ways.items()
+                       if name not in ("eager", "quality")}
     return out
 
 
@@ -179,9 +194,13 @@ def main(argv: list[str] | None = None) -> dict:
     step = one_step(model, args.streams, args.calls, args.repeats, args.compile)
     print(f"\n1. one batched step, {args.streams} streams ({step['rows']} rows)")
     for name, ms in step["ms"].items():
-        extra = "" if name == "eager" else (f"; made in {step['make_s'][name]:.2f} s; logits "
-                                            + ("identical" if step["max_diff"][name] == 0
-                                               else f"differ (max {step['max_diff'][name]:.1e})"))
+        if name == "eager":
+            extra = ""
+        elif name == "quality":
+            extra = f"; eager, every stream with a quality control ({ms / step['ms']['eager']:.2f}x eager)"
+        else:
+            extra = (f"; made in {step['make_s'][name]:.2f} s; logits "
+                     + ("identical" if step["max_diff"][name] == 0 else f"differ (max {step['max_diff'][name]:.1e})"))
         print(f"   {name:8s} {ms:7.2f} ms{extra}")
     lanes = two_lanes(model, args.streams, args.calls, args.repeats)
     print(f"\n2. two lanes in two threads, {args.streams} streams each: ms per step (alone -> both at once)")

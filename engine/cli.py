@@ -50,7 +50,8 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     add_bank_arg(s)
     s.add_argument("--steer", action="append", default=[], metavar="CONCEPT:CLASS=STRENGTH[@SCHEDULE]",
                    help="steer toward a direction at a strength (in --units), e.g. notes:C=0.5 or "
-                        "notes:C=0.5@linear_rise:length=500; repeatable")
+                        "notes:C=0.5@linear_rise:length=500; quality:minor=0.5 makes the chord on the root the "
+                        "model holds minor (with a notes bank; hold the root with notes:X); repeatable")
     add_units_arg(s)
     s.add_argument("--crossfade", action="append", default=[], metavar="A,B=COEF[@start=S,length=N,curve=C]",
                    help="fade direction A out while B fades in, e.g. notes:C,notes:G=0.45@start=0,length=1500")

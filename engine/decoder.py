@@ -66,16 +66,13 @@ def delayed_inputs(codes: torch.Tensor, first: int, last: int, pad_id: int, wind
 
 
 class LayerSteering(Protocol):
-    """What `forward` needs from steering: per-layer vectors, which rows, which rule, which site."""
+    """What `forward` needs from steering: which site, which rows, and the steered hidden states of a layer."""
 
     site: str
     rows: str  # "both" or "cond"
 
-    def vector(self, layer: int) -> torch.Tensor | None:
-        """[d] for one position, [T, d] for T positions, or None when layer `layer` is not steered."""
-
-    def apply(self, h: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The update rule: returns the steered hidden states."""
+    def steer(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """h [R, T, d] at the site of `layer` (the rows steered) -> the steered hidden states."""
 
 
 class RowSteering(Protocol):
@@ -254,14 +251,10 @@ class MusicgenDecoder:
     def _steer(h: torch.Tensor, layer: int, steering: LayerSteering | None, cond_rows: int | None) -> torch.Tensor:
         if steering is None:
             return h
-        v = steering.vector(layer)
-        if v is None:
-            return h
-        v = v.to(h.dtype)
         if steering.rows == "both":
-            return steering.apply(h, v)
+            return steering.steer(layer, h)
         half = cond_rows if cond_rows is not None else h.shape[0] // 2  # the guidance reference stays unsteered
-        return torch.cat([steering.apply(h[:half], v), h[half:]])
+        return torch.cat([steering.steer(layer, h[:half]), h[half:]])
 
     def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = sum(self.embed_tokens[c](tokens[:, c]) for c in range(tokens.shape[1]))

@@ -23,7 +23,7 @@ from .loop import MIN_ROWS, Engine, Generator
 from .norms import with_layer_norms
 from .model import NOISE_WARNING, MusicModel, load_model
 from .sampling import SamplingConfig
-from .steering import SteeringPlan, SteeringSpec, legacy_spec
+from .steering import SteeringPlan, SteeringSpec, check_control_key, legacy_spec
 
 from musicrfm.protocol import fields
 
@@ -115,7 +115,7 @@ def load_steering_banks(spec: SteeringSpec | None, bank_paths: Sequence[str | Pa
     if bank is None:
         raise ValueError("steering needs at least one direction bank (--bank FILE)")
     for control in spec.controls:
-        bank[control.key]  # raises UnknownDirectionError naming the key and its close matches
+        check_control_key(bank, control.key)  # UnknownDirectionError names the key and its close matches
     if bank.injection_point != spec.site:
         raise ValueError(f"the bank's directions were read at the {bank.injection_point!r} injection point, but "
                          f"steering is set to site {spec.site!r}")

@@ -59,12 +59,13 @@ class StaticSteering(BatchSteering):
         super().__init__({site: self.vectors}, {site: self.norm})
 
     def load(self, steering: BatchSteering | None) -> bool:
-        """Copy a step's steering in; False when it steers at another site (that step runs eagerly)."""
+        """Copy a step's steering in; False when it steers at another site or reads the hidden state (a quality
+        control): that step runs eagerly."""
         if steering is None:
             self.vectors.zero_()
             self.norm.zero_()
             return True
-        if any(site != self.site for site in steering.sites):
+        if steering.reads_state or any(site != self.site for site in steering.sites):
             return False
         vectors, norm = steering.at_site(self.site)
         self.vectors.copy_(vectors)

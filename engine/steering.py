@@ -24,6 +24,11 @@ change of controls never reshuffles the gate sequence.
 `SteeringSpec` is the user-facing, JSON-able description; `SteeringPlan.compile` resolves it against a
 bank into tensors once, after which each step costs a few float multiplies and one small einsum:
 `plan.at(steps)` is the `StepSteering` the decoder applies at every layer.
+
+One kind of control reads the hidden state: `quality:<major|minor|aug|dim>` (`QUALITY_TONES`) steers a chord's
+quality relative to the root the model is holding, read from the residual at each layer and position with the
+notes bank as the readout. It is the one exception to "a function of (controls, step)", because on the measured
+model a chord quality is not a direction at all, only a relation to a root (docs/musicgen-mini.md).
 """
 
 from __future__ import annotations
@@ -60,6 +65,13 @@ __all__ = [
     "RULES",
     "UNITS",
     "legacy_spec",
+    "QUALITY_CONCEPT",
+    "QUALITY_TONES",
+    "READOUT_CONCEPT",
+    "read_roots",
+    "PITCH_CLASSES",
+    "check_control_key",
+    "steerable_keys",
 ]
 
 ROWS = ("both", "cond")  # guidance rows steered: both (paper) or the conditional row only
@@ -640,6 +652,83 @@ def gate_open(seed: int, step: int, p: float) -> bool:
     return gate_uniform(seed, step) < p
 
 
+# --- chord quality relative to the sounding root ------------------------------------------------------
+# Measured on musicgen-mini (docs/probes.md, docs/musicgen-mini.md): major vs minor is not one direction of the
+# residual stream (fitted on 8 roots, a quality direction reads at or below chance on the other 4; root-invariant
+# banks move the third no more than noise), which music theory expects: a major and a minor triad hold the same
+# intervals, and differ only in which third sits above the root. So a quality control does what a musician means
+# by "make it minor": it reads the root the model is holding (the pitch class whose notes-bank direction the
+# hidden state projects on most, at that layer and position; the notes bank is both the readout and the pen) and
+# writes, relative to that root, the quality's triad, minus the tone that would make it its neighbour: major and
+# minor the other third, aug and dim the perfect fifth. (Root and third alone, without the fifth, moved the third
+# as far, but the template check then read the major-steered clips as major only 0.33-0.50 of the time, against
+# 0.67-0.75 with the fifth: docs/musicgen-mini.md.)
+QUALITY_CONCEPT = "quality"
+READOUT_CONCEPT = "notes"
+PITCH_CLASSES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
+QUALITY_TONES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    # quality: (semitones above the root written toward, semitones written away from)
+    "major": ((0, 4, 7), (3,)),
+    "minor": ((0, 3, 7), (4,)),
+    "aug": ((0, 4, 8), (7,)),
+    "dim": ((0, 3, 6), (7,)),
+}
+
+
+def _has_readout(bank: DirectionBank | None) -> bool:
+    """The bank can carry quality controls: its notes are the 12 pitch classes, and it has no concept of its own
+    named like them (whose directions a key would then name)."""
+    return (bank is not None and bank.concepts.get(READOUT_CONCEPT) == list(PITCH_CLASSES)
+            and QUALITY_CONCEPT not in bank.concepts)
+
+
+def steerable_keys(bank: DirectionBank | None) -> list[str]:
+    """Every key a control may name with `bank`: its directions, and the quality controls when it holds the 12
+    notes directions they read and write with."""
+    if bank is None:
+        return []
+    quality = [f"{QUALITY_CONCEPT}:{q}" for q in QUALITY_TONES] if _has_readout(bank) else []
+    return bank.keys() + quality
+
+
+def check_control_key(bank: DirectionBank, key: str) -> None:
+    """Raise the error a control naming `key` gets with `bank` (UnknownDirectionError with the close keys, or a
+    ValueError saying what a quality control needs); nothing when it may steer."""
+    concept, _, cls = key.partition(":")
+    if concept != QUALITY_CONCEPT or concept in bank.concepts:
+        bank[key]  # UnknownDirectionError lists the bank's keys
+        return
+    if cls not in QUALITY_TONES:
+        raise ValueError(f"unknown chord quality {cls!r} in {key!r}; the quality controls are "
+                         f"{', '.join(f'{QUALITY_CONCEPT}:{q}' for q in QUALITY_TONES)}")
+    if not _has_readout(bank):
+        raise ValueError(f"{key!r} reads and writes with the notes directions (notes:C ... notes:B, 12 pitch "
+                         f"classes), and the bank(s) hold none: add the notes bank (--bank notes.safetensors)")
+
+
+def _quality_tables(bank: DirectionBank, spec: "SteeringSpec", scale: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(readout [L, 12, d]: the unit notes directions, per quality [12 roots, L, d]: what it adds on each root,
+    every note weighted by its own layer weighting, as a notes control would be)."""
+    notes = [bank[f"{READOUT_CONCEPT}:{p}"] for p in PITCH_CLASSES]
+    readout = torch.stack([n.vectors for n in notes], dim=1)  # [L, 12, d]
+    pens = []
+    for n in notes:
+        w = spec.layers.weights(n.scores)
+        pens.append((w * scale if scale is not None else w).unsqueeze(1) * n.vectors)
+    pens = torch.stack(pens)  # [12, L, d]
+    tables = {}
+    for quality, (toward, away) in QUALITY_TONES.items():
+        tables[quality] = torch.stack([sum(pens[(r + i) % 12] for i in toward) - sum(pens[(r + i) % 12] for i in away)
+                                       for r in range(12)])
+    return readout, tables
+
+
+def read_roots(h: torch.Tensor, readout: torch.Tensor) -> torch.Tensor:
+    """h [..., d], readout [12, d] -> the pitch class h projects on most, [...] (long)."""
+    return (h.float() @ readout.float().T).argmax(dim=-1)
+
+
 # --- the compiled plan ------------------------------------------------------------------------------
 
 
@@ -650,9 +739,14 @@ class SteeringPlan:
     `at(steps)` hands the decoder what to add while it feeds those steps' positions."""
 
     spec: SteeringSpec
-    weighted: torch.Tensor  # [M, L, d], M = len(spec.controls)
+    weighted: torch.Tensor  # [M, L, d], M = len(spec.controls) (zeros for a quality control)
     num_layers: int
     hidden_size: int
+    # Quality controls (QUALITY_TONES): their indices in spec.controls, what each adds on each root
+    # [Q, 12, L, d], and the readout of the root, the unit notes directions [L, 12, d].
+    quality_rows: tuple[int, ...] = ()
+    quality_tables: torch.Tensor | None = None
+    readout: torch.Tensor | None = None
 
     @classmethod
     def compile(cls, spec: SteeringSpec, bank: DirectionBank | None, fingerprint: ModelFingerprint, *,
@@ -668,7 +762,10 @@ class SteeringPlan:
             raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         layers, hidden = fingerprint.num_layers, fingerprint.hidden_size
         if reuse is not None and reuse.directions_match(spec):
-            return cls(spec, reuse.weighted.to(device=device, dtype=dtype), layers, hidden)
+            moved = {name: getattr(reuse, name).to(device=device, dtype=dtype)
+                     for name in ("quality_tables", "readout") if getattr(reuse, name) is not None}
+            return cls(spec, reuse.weighted.to(device=device, dtype=dtype), layers, hidden,
+                       quality_rows=reuse.quality_rows, **moved)
         if bank is None and spec.controls:
             raise ValueError("steering controls need a direction bank, and none was given")
         if bank is not None:
@@ -687,15 +784,32 @@ class SteeringPlan:
                                  "load it through engine.norms.with_layer_norms (which measures them), or use "
                                  "raw units")
             scale = bank.layer_norms.scale()  # [L]: strength s adds s x the layer's typical |h|
-        rows = []
-        for control in spec.controls:
-            direction = bank[control.key]  # UnknownDirectionError lists the bank's keys
+        rows, quality_rows, tables, readout = [], [], [], None
+        for m, control in enumerate(spec.controls):
+            check_control_key(bank, control.key)
+            concept, _, cls_name = control.key.partition(":")
+            if concept == QUALITY_CONCEPT and concept not in bank.concepts:
+                if spec.rule != "add":
+                    raise ValueError(f"{control.key!r} writes chord tones with the add rule; steering is set to "
+                                     f"rule {spec.rule!r}")
+                if readout is None:
+                    readout, by_quality = _quality_tables(bank, spec, scale)
+                quality_rows.append(m)
+                tables.append(by_quality[cls_name])
+                rows.append(torch.zeros(layers, hidden))
+                continue
+            direction = bank[control.key]
             w = spec.layers.weights(direction.scores)
             if scale is not None:
                 w = w * scale
             rows.append(w.unsqueeze(1) * direction.vectors)
         weighted = torch.stack(rows) if rows else torch.zeros(0, layers, hidden)
-        return cls(spec, weighted.to(device=device, dtype=dtype), layers, hidden)
+        quality = {}
+        if quality_rows:
+            quality = {"quality_rows": tuple(quality_rows),
+                       "quality_tables": torch.stack(tables).to(device=device, dtype=dtype),
+                       "readout": readout.to(device=device, dtype=dtype)}
+        return cls(spec, weighted.to(device=device, dtype=dtype), layers, hidden, **quality)
 
     def directions_match(self, spec: SteeringSpec) -> bool:
         """True when `spec` steers along this plan's weighted directions: same keys in the same order, same
@@ -707,6 +821,8 @@ class SteeringPlan:
         """Per control, the norm of the vector it adds at each layer at full schedule with the gate open
         (|coefficient| x w_l x scale_l): what a strength means in hidden-state units, for sidecars and logs."""
         norms = torch.linalg.vector_norm(self.weighted.float().cpu(), dim=2)  # [M, L]
+        for q, m in enumerate(self.quality_rows):  # a quality control: the mean over the 12 roots
+            norms[m] = torch.linalg.vector_norm(self.quality_tables[q].float().cpu(), dim=2).mean(dim=0)
         return {c.key: [round(abs(c.coefficient) * float(n), 4) for n in norms[m]]
                 for m, c in enumerate(self.spec.controls)}
 
@@ -748,7 +864,7 @@ class SteeringPlan:
 
 class StepSteering:
     """The steering of one forward pass (engine.decoder.LayerSteering): per-layer vectors of a plan at some
-    steps, which rows, which rule, which site."""
+    steps, which rows, which rule, which site, and its quality controls, which read the hidden state."""
 
     def __init__(self, plan: SteeringPlan, coeffs: torch.Tensor):
         self.site, self.rows, self.rule = plan.spec.site, plan.spec.rows, plan.spec.rule
@@ -760,6 +876,31 @@ class StepSteering:
         else:  # a re-prompt refill: each position gets the coefficients of its own step
             self._per_layer = None
             self._coeffs = coeffs
+        self._quality = None  # (coefficients [T, Q], tables [Q, 12, L, d], readout [L, 12, d])
+        if plan.quality_rows:
+            quality = coeffs[:, list(plan.quality_rows)]
+            if quality.any():
+                self._quality = (quality, plan.quality_tables, plan.readout)
+
+    @property
+    def reads_state(self) -> bool:
+        """True when a quality control is on: what this steering adds depends on the hidden state."""
+        return self._quality is not None
+
+    def steer(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """h [R, T, d] at this steering's site of `layer` -> the steered hidden states: the plan's vectors by its
+        rule, then the quality controls' chord tones on the root read from the result."""
+        h = apply_steering(h, self.vector(layer).to(h.dtype), self.rule)
+        if self._quality is not None:
+            h = h + self.quality_vector(layer, h)
+        return h
+
+    def quality_vector(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """[R, T, d]: what the quality controls add to h [R, T, d] at `layer`: each position's chord tones on the
+        root it reads (`read_roots`), at the coefficient of that position's step."""
+        coeffs, tables, readout = self._quality
+        picked = tables[:, :, layer][:, read_roots(h, readout[layer])]  # [Q, R, T, d]
+        return torch.einsum("tq,qrtd->rtd", coeffs.to(picked.dtype), picked).to(h.dtype)
 
     def vector(self, layer: int) -> torch.Tensor:
         """[d] for one step, [T, d] for a refill of T positions."""
@@ -782,9 +923,11 @@ class BatchSteering:
     vectors (zeros where a row is not steered), its rule and its injection point. Built from the streams'
     `StepSteering`s, so a row gets exactly the vectors it gets when its stream steps alone."""
 
-    def __init__(self, vectors: dict[str, torch.Tensor], norm_rows: dict[str, torch.Tensor]):
+    def __init__(self, vectors: dict[str, torch.Tensor], norm_rows: dict[str, torch.Tensor],
+                 reading: Sequence[tuple[slice, StepSteering]] = ()):
         self._vectors = vectors  # site -> [M, L, d]
         self._norm_rows = norm_rows  # site -> [M, 1, 1] bool: rows that take the norm-preserving rule
+        self._reading = tuple(reading)  # (rows, steering) of the streams whose quality controls read the state
 
     @classmethod
     def stack(cls, rows: int, entries: Sequence[tuple[slice, StepSteering]]) -> "BatchSteering | None":
@@ -804,11 +947,17 @@ class BatchSteering:
                     norm[step.site][r] = True
         norm_rows = {site: torch.tensor(flags, device=vectors[site].device)[:, None, None]
                      for site, flags in norm.items() if any(flags)}
-        return cls(vectors, norm_rows)
+        return cls(vectors, norm_rows, [(where, step) for where, step in entries if step.reads_state])
 
     @property
     def sites(self) -> tuple[str, ...]:
         return tuple(self._vectors)
+
+    @property
+    def reads_state(self) -> bool:
+        """True when some row's steering depends on its hidden state (a quality control): a captured step,
+        which holds vectors only, cannot run it."""
+        return bool(self._reading)
 
     def at_site(self, site: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(vectors [M, L, d], norm-rule rows [M, 1, 1]) at `site` (None where there are none)."""
@@ -820,9 +969,11 @@ class BatchSteering:
             return h
         v = vectors[:, layer, None].to(h.dtype)  # [M, 1, d]
         norm = self._norm_rows.get(site)
-        if norm is None:
-            return h + v
-        return torch.where(norm, apply_steering(h, v, "norm"), h + v)
+        h = h + v if norm is None else torch.where(norm, apply_steering(h, v, "norm"), h + v)
+        for where, step in self._reading:
+            if step.site == site:
+                h[where] = h[where] + step.quality_vector(layer, h[where])
+        return h
 
 
 def apply_steering(h: torch.Tensor, v: torch.Tensor, rule: str) -> torch.Tensor:

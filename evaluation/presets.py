@@ -15,8 +15,10 @@ coefficient, schedule, layer weighting, gate) whose target classes are filled in
              (`method_configurations`; two banks of the concept, one per injection point)
   chord-quality  (not the paper's) every root x every chord quality: the root steered with the notes bank at
              a moderate strength, the quality with the chords bank at each level, gates 1.0 and 0.3, beside
-             the same roots steered alone and the triad's three notes steered with the notes bank (the
-             positive control); judged relative to the steered root (evaluation.chord_quality)
+             the same roots steered alone, the root + a quality control (`quality:<q>`, engine.steering:
+             the quality's chord tones on the root read from the hidden state, written with the notes bank) at
+             each level, and the triad's three notes steered with the notes bank (the positive control);
+             judged relative to the steered root (evaluation.chord_quality)
 
 The unit of work is one (configuration, sample): sample i has its own prompt (prompts[i % len]), seed
 (derived from the sweep seed and i only, so it does not matter which worker runs it) and target classes;
@@ -38,7 +40,7 @@ import numpy as np
 
 from musicrfm.engine.generation import file_sha256
 from musicrfm.engine.sampling import SamplingConfig
-from musicrfm.engine.steering import UNITS, DirectionControl, LayerWeighting, Schedule, SteeringSpec
+from musicrfm.engine.steering import QUALITY_CONCEPT, UNITS, DirectionControl, LayerWeighting, Schedule, SteeringSpec
 from musicrfm.probes.syntheory import PITCH_NAMES
 from musicrfm.probes.train import REGRESSION_CONCEPTS
 
@@ -290,8 +292,10 @@ def _chord_quality_configurations(concepts: Sequence[str], classes: dict[str, li
                                   eta0: Sequence[float] | None, units: str) -> list[Configuration]:
     """Sample i steers root (i // Q) % 12 (notes bank) and quality i % Q (chords bank), so every root meets every
     quality every 12 x Q samples. Per gate: the root alone (the quality control at strength 0, so the clip is
-    judged against the quality it would have been steered to), root + quality at each level, and the triad built
-    from the notes bank (root, third and fifth of the quality, each at the root's strength)."""
+    judged against the quality it would have been steered to), root + quality at each level, root + the quality
+    control that reads the root (`quality:<q>`, when the chords bank's classes are qualities it knows) at each
+    level, and the triad built from the notes bank (root, third and fifth of the quality, each at the root's
+    strength). Rows other than root + chords carry the chords control at 0: it names the quality judged."""
     if list(concepts) != ["chords"]:
         raise ValueError(f"the chord-quality preset steers --concept chords (got {', '.join(concepts)})")
     if "notes" not in classes:
@@ -310,6 +314,12 @@ def _chord_quality_configurations(concepts: Sequence[str], classes: dict[str, li
         for eta in _eta_list(eta0, CHORD_QUALITY_LEVELS[units]):
             configs.append(Configuration(f"root + chords eta0={eta:g} p={gate:g}", (
                 root, ControlTemplate("chords", eta, role="quality", x=eta)), gate_p=gate))
+        if classes.get(QUALITY_CONCEPT) == classes["chords"]:
+            for eta in _eta_list(eta0, CHORD_QUALITY_LEVELS[units]):
+                name = f"root + quality (read root) eta0={eta:g} p={gate:g}"
+                configs.append(Configuration(name, (
+                    root, ControlTemplate(QUALITY_CONCEPT, eta, role="read root", x=eta),
+                    ControlTemplate("chords", 0.0, role="quality", group=name, x=eta)), gate_p=gate))
         configs.append(Configuration(f"triad from notes p={gate:g}", triad + (
             ControlTemplate("chords", 0.0, role="quality", group=f"triad from notes p={gate:g}", x=0.0),),
             gate_p=gate))

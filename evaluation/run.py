@@ -30,7 +30,7 @@ from musicrfm.engine.generation import Render, file_sha256, generate_many
 from musicrfm.engine.model import NOISE_LABEL, is_random_model
 from musicrfm.probes.train import REGRESSION_CONCEPTS
 
-from musicrfm.engine.steering import LayerWeighting
+from musicrfm.engine.steering import PITCH_CLASSES, QUALITY_CONCEPT, QUALITY_TONES, READOUT_CONCEPT, LayerWeighting
 
 from .measure import (FittedProbe, FittedRegressor, check_clip, check_trace, chord_measures, fit_probe, fit_regressor,
                       segment, window_bounds)
@@ -63,6 +63,14 @@ def bank_index(paths: Sequence[str]) -> tuple[dict[str, list[str]], dict[tuple[s
             if concept in classes and classes[concept] != list(names):
                 raise BankMismatchError(f"concept {concept!r} has other classes in {path} than in another bank")
             classes[concept], where[key] = list(names), str(path)
+    for (concept, site), path in list(where.items()):
+        # The quality controls are steered with the notes bank (engine.steering.QUALITY_TONES); their classes
+        # follow a chords bank's order where one is given, so the chord-quality preset's cycles line up.
+        if concept == READOUT_CONCEPT and classes[concept] == list(PITCH_CLASSES):
+            where[(QUALITY_CONCEPT, site)] = path
+            chords = classes.get("chords", [])
+            classes[QUALITY_CONCEPT] = ([c for c in chords if c in QUALITY_TONES]
+                                        if set(chords) <= set(QUALITY_TONES) and chords else list(QUALITY_TONES))
     return classes, where, fingerprint
 
 

@@ -36,6 +36,7 @@ from websockets.http11 import Request, Response
 from musicrfm.engine.bank import DirectionBank
 from musicrfm.engine.loop import Engine
 from musicrfm.engine.model import NOISE_WARNING, MusicModel, bundled_prompts
+from musicrfm.engine.steering import steerable_keys
 
 from musicrfm.protocol import fields
 from musicrfm.protocol.wire import (MAX_MESSAGE_BYTES, MAX_NESTING, PROTOCOL_VERSION, AUDIO_HEADER_BYTES, ProtocolError,
@@ -113,7 +114,7 @@ class Hub:
     def __init__(self, model: MusicModel, bank: DirectionBank | None, bank_paths: list[Path], config: ServerConfig):
         self.model, self.bank, self.bank_paths, self.config = model, bank, bank_paths, config
         self.sessions: dict[str, Session] = {}
-        self.directions: list[str] = sorted(bank.keys()) if bank is not None else []
+        self.directions: list[str] = sorted(steerable_keys(bank))
         self.example_prompts: list[str] = list(bundled_prompts(model.name))  # read once, sent in every hello
         self.coefficient_max = config.coefficient_max
         # The device's lanes (one on a GPU, one per core on a CPU), each an engine and a thread: a lane's sessions

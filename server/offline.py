@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from musicrfm.engine.bank import DirectionBank
 from musicrfm.engine.model import MusicModel
+from musicrfm.engine.steering import steerable_keys
 
 from musicrfm.protocol.score import Score, ScoreError
 from musicrfm.protocol.wire import ProtocolError, end_step
@@ -76,7 +77,7 @@ def play_messages(model: MusicModel, bank: DirectionBank | None, messages: list[
 def check_messages(messages: list[dict], bank: DirectionBank | None) -> None:
     """Apply a score's `set` messages in order to a fresh state, as the stream will (no model needed):
     ProtocolError names the first that cannot apply, before a model is loaded for nothing."""
-    keys = frozenset(bank.keys()) if bank is not None else frozenset()
+    keys = frozenset(steerable_keys(bank))
     state = ControlState()
     for message in messages:
         body = {k: v for k, v in message.items() if k not in ("type", "id", "at_step")}

@@ -20,7 +20,7 @@ import torch
 from musicrfm.engine.audio import DECODINGS, decoding_of, streaming_decoder
 from musicrfm.engine.model import MusicModel, load_model
 from musicrfm.engine.norms import with_layer_norms
-from musicrfm.engine.steering import legacy_spec
+from musicrfm.engine.steering import legacy_spec, steerable_keys
 from musicrfm.engine.generation import check_bank_entries, check_bank_hashes, load_banks, provenance, tokens_sha256
 
 from musicrfm.protocol import fields
@@ -327,7 +327,7 @@ def replay(path: str | os.PathLike, *, model: MusicModel | None = None, chunk_st
     log, header, first, end_frame = plan.log, plan.log.header, plan.first, plan.end
     check_bank_hashes(header["banks"], "log", "recording")
     bank = load_banks([b["path"] for b in header["banks"]])
-    keys = frozenset(bank.keys()) if bank is not None else frozenset()
+    keys = frozenset(steerable_keys(bank))
     states = []  # every line checked before the model loads
     for step, state, n in log.states:
         try:

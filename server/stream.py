@@ -47,7 +47,7 @@ from musicrfm.engine.bank import DirectionBank
 from musicrfm.engine.loop import Engine, Generator
 from musicrfm.engine.model import MusicModel
 from musicrfm.engine.norms import with_layer_norms
-from musicrfm.engine.steering import SteeringPlan
+from musicrfm.engine.steering import SteeringPlan, steerable_keys
 
 from musicrfm.protocol import fields
 from musicrfm.protocol.wire import ProtocolError
@@ -229,7 +229,7 @@ class Stream:
         self.engine = engine
         self.bank = bank
         self.site = bank.injection_point if bank is not None else "residual"
-        self.known_keys = frozenset(bank.keys()) if bank is not None else frozenset()
+        self.known_keys = frozenset(steerable_keys(bank))
         self.context_steps, self.keep_steps = context_steps, keep_steps
         self.hop = int(model.hop_length)
         self.state = replace(state, playback="stopped")
@@ -242,7 +242,7 @@ class Stream:
         self.finished_codes: torch.Tensor | None = None  # tokens of the last stream that ended
         self._plan: SteeringPlan | None = None  # the current state's plan, on the CPU (as last compiled)
         self._generator_plan: SteeringPlan | None = None  # the CPU plan the generator runs (see _sync_generator)
-        self._device_weights: tuple[torch.Tensor, torch.Tensor] | None = None  # (CPU weighted, on the device)
+        self._device_weights: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None  # (CPU weighted, plan tensors on the device)
         self._pending: list[Change] = []  # in the order they will apply: by (step, order)
         self._fresh = 0  # _pending[:_fresh] are checked on what they meet; the others are checked again when needed
         self._front: Change | None = None  # the last change taken from the queue: where the queue goes on from
@@ -365,8 +365,11 @@ class Stream:
         if plan is None:
             return None
         if self._device_weights is None or self._device_weights[0] is not plan.weighted:
-            self._device_weights = (plan.weighted, plan.weighted.to(device=self.model.device, dtype=self.model.dtype))
-        return replace(plan, weighted=self._device_weights[1])
+            # A plan's tensors are compiled (or reused) together, so the weighted directions stand for all of them.
+            moved = {name: getattr(plan, name).to(device=self.model.device, dtype=self.model.dtype)
+                     for name in ("weighted", "quality_tables", "readout") if getattr(plan, name) is not None}
+            self._device_weights = (plan.weighted, moved)
+        return replace(plan, **self._device_weights[1])
 
     @property
     def pending(self) -> int:

@@ -29,10 +29,14 @@
   };
   const SCHEDULE_MAX_SECONDS = 3600;  // an hour: longer is a constant for any performance
   // Concepts in SynTheory's order (probes/syntheory.py CONCEPTS); others follow by name.
-  const CONCEPT_ORDER = ["notes", "intervals", "scales", "chords", "chord_progressions", "tempos", "time_signatures"];
+  // "quality": the quality controls (engine/steering.py QUALITY_TONES), beside the chords they change.
+  const CONCEPT_ORDER = ["notes", "intervals", "scales", "chords", "quality", "chord_progressions", "tempos",
+                         "time_signatures"];
+  const CONCEPT_TITLES = {quality: "Chord quality (on the root it holds)"};
   // Classes in a musical order where the bank's (alphabetical) one is not: pitch names are ordered by pitch.
   const CLASS_ORDER = {
     chords: ["major", "minor", "aug", "dim"],
+    quality: ["major", "minor", "aug", "dim"],
     scales: ["ionian", "dorian", "phrygian", "lydian", "mixolydian", "aeolian", "locrian"],
   };
   const NATURAL_PITCH = {C: 0, D: 2, E: 4, F: 5, G: 7, A: 9, B: 11};
@@ -555,6 +559,7 @@
 
   function conceptTitle(concept) {
     if (!concept) return "Other";
+    if (CONCEPT_TITLES[concept]) return CONCEPT_TITLES[concept];
     const words = concept.replace(/_/g, " ");
     return words[0].toUpperCase() + words.slice(1);
   }

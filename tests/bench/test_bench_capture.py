@@ -22,11 +22,12 @@ def test_bench_capture_smoke_runs_and_reports_identical_numbers(capsys):
     report = module.main(["--smoke"])
     out = capsys.readouterr().out
     step = report["step"]
-    assert set(step["ms"]) == {"eager", "trace"} and step["rows"] == 4 and step["max_diff"] == {"trace": 0.0}
+    assert set(step["ms"]) == {"eager", "trace", "quality"} and step["rows"] == 4 and step["max_diff"] == {"trace": 0.0}
     assert all(ms > 0 for ms in step["ms"].values()) and step["make_s"]["trace"] > 0
     assert set(report["two_lanes"]) == {"eager", "trace"}
     assert all(row["alone_ms"] > 0 and row["two_threads_ms"] > 0 for row in report["two_lanes"].values())
     codec = report["codec"]
     assert codec["identical"] and codec["reason"] is None and codec["traces"] >= 2
-    for text in ("one batched step", "two lanes in two threads", "EnCodec", "logits identical", "audio identical"):
+    for text in ("one batched step", "two lanes in two threads", "EnCodec", "logits identical", "audio identical",
+                 "every stream with a quality control"):
         assert text in out

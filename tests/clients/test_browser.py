@@ -389,7 +389,9 @@ def test_page_groups_directions_by_concept_in_musical_order_and_suggests_the_mod
                          ".textContent, [...g.querySelectorAll('.dir')].map((d) => d.dataset.key)])")
         notes = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]
         assert groups == [["Notes", [f"notes:{n}" for n in notes]],
-                          ["Chords", ["chords:major", "chords:minor", "chords:aug", "chords:dim"]]]
+                          ["Chords", ["chords:major", "chords:minor", "chords:aug", "chords:dim"]],
+                          ["Chord quality (on the root it holds)",
+                           ["quality:major", "quality:minor", "quality:aug", "quality:dim"]]]
         assert page.page.locator("#prompt").get_attribute("placeholder") == f"text prompt, e.g. {examples[0]}"
         assert page.js("[...document.querySelectorAll('#prompt-examples option')].map((o) => o.value)") == examples
         assert page.js_errors == []

@@ -41,6 +41,16 @@ def test_the_preset_crosses_every_root_with_every_quality():
     triad = next(u for u in units if u.config == "triad from notes p=1" and u.sample == 5)
     assert [c.key for c in triad.spec.controls] == ["notes:C#", "notes:E", "notes:G", "chords:dim"]
     assert [c.coefficient for c in triad.spec.controls] == [0.5, 0.5, 0.5, 0.0]
+    # with a notes bank of the 12 pitch classes the sweep also offers the quality controls (evaluation.run.bank_index):
+    # one row per level and gate, its quality cycling with the chords control that names the quality judged
+    with_quality = build_configurations("chord-quality", ["chords"], {**CLASSES, "quality": QUALITIES}, 4, 4.0,
+                                        eta0=[0.5])
+    assert [c.name for c in with_quality][:4] == [
+        "root only p=1", "root + chords eta0=0.5 p=1", "root + quality (read root) eta0=0.5 p=1", "triad from notes p=1"]
+    units = plan_units(settings, with_quality, {**CLASSES, "quality": QUALITIES})
+    read = next(u for u in units if u.config == "root + quality (read root) eta0=0.5 p=1" and u.sample == 6)
+    assert [(c.key, c.coefficient) for c in read.spec.controls] == [("notes:C#", 0.5), ("quality:major", 0.5),
+                                                                    ("chords:major", 0.0)]
     with pytest.raises(ValueError, match="steers the root with a notes bank"):
         build_configurations("chord-quality", ["chords"], {"chords": QUALITIES}, 4, 4.0)
     with pytest.raises(ValueError, match="steers --concept chords"):
@@ -95,10 +105,11 @@ def test_chord_quality_sweep_end_to_end(tiny, tmp_path):
                              concepts=("chords",),
                              seconds=0.3, eta0=(1.0,), model="tiny-random")
     result = run_sweep(settings, progress=False, model=tiny)
-    assert result.generated == 2 * 7
+    assert result.generated == 2 * 9
     with open(result.files["chord_quality"], newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert {r["config"] for r in rows} == {REFERENCE, "root only p=1", "root + chords eta0=1 p=1", "root only p=0.3",
                                            "root + chords eta0=1 p=0.3", "triad from notes p=1",
-                                           "triad from notes p=0.3"}
+                                           "triad from notes p=0.3", "root + quality (read root) eta0=1 p=1",
+                                           "root + quality (read root) eta0=1 p=0.3"}
     assert result.files["chord_quality_summary"].read_text().startswith("# chord quality across roots")

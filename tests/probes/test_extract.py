@@ -130,11 +130,8 @@ def test_attention_site_features_are_read_where_attention_steering_writes(tiny, 
     class AddAtLayer1:
         site, rows = "attention", "both"
 
-        def vector(self, layer):
-            return v if layer == 1 else None
-
-        def apply(self, h, vec):
-            return h + vec
+        def steer(self, layer, h):
+            return h + v if layer == 1 else h
 
     def captured(steering):
         seen = {}
