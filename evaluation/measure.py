@@ -66,6 +66,7 @@ def _named(what: str, check) -> str:
 CHECKS = {
     "notes": _named("pitch class", estimate_pitch_class),
     "chords": _named("chord quality", estimate_chord_quality),
+    "quality": _named("chord quality", estimate_chord_quality),  # the quality controls (engine.steering)
     "intervals": _named("interval size", estimate_interval),
     "scales": _named("scale mode", estimate_scale),
     "time_signatures": _named("pulses per bar", estimate_meter),
@@ -100,7 +101,7 @@ def check_clip(concept: str, cls: str, audio: np.ndarray, sr: int) -> dict | Non
     if concept == "notes" and cls in PITCH_NAMES:
         pc, confidence = estimate_pitch_class(audio, sr)
         return {"pred": PITCH_NAMES[pc], "correct": PITCH_NAMES[pc] == cls, "score": float(confidence)}
-    if concept == "chords" and cls in ("major", "minor", "aug", "dim"):
+    if concept in ("chords", "quality") and cls in ("major", "minor", "aug", "dim"):
         quality, _root, score = estimate_chord_quality(audio, sr)
         return {"pred": quality, "correct": quality == cls, "score": float(score)}
     if concept == "intervals" and cls in INTERVAL_CLASSES:

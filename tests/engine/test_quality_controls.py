@@ -100,6 +100,12 @@ def test_keys_and_what_a_quality_control_needs():
     with pytest.raises(ValueError, match="add rule"):
         plan_of(DirectionControl("quality:minor", 1.0), rule="norm")
     assert plan_of(DirectionControl("quality:minor", 0.0)).at([0]) is None  # nothing on: nothing to do
+    # a bank with a trained concept of that name keeps its own keys: no control is shadowed
+    own = bank.merge(DirectionBank.from_arrays("quality", ["bright"], torch.eye(D)[None, :1].expand(1, L, D).contiguous(),
+                                               torch.rand(1, L), FP, method="test", pooling="mean"))
+    assert "quality:bright" in steerable_keys(own) and "quality:major" not in steerable_keys(own)
+    with pytest.raises(UnknownDirectionError):
+        check_control_key(own, "quality:major")
 
 
 # --- inside the decode loop (tiny-random) ---------------------------------------------------------------
