@@ -660,16 +660,18 @@ def gate_open(seed: int, step: int, p: float) -> bool:
 # by "make it minor": it reads the root the model is holding (the pitch class whose notes-bank direction the
 # hidden state projects on most, at that layer and position; the notes bank is both the readout and the pen) and
 # writes, relative to that root, the quality's triad, minus the tone that would make it its neighbour: major and
-# minor the other third, aug and dim the perfect fifth. (Root and third alone, without the fifth, moved the third
-# as far, but the template check then read the major-steered clips as major only 0.33-0.50 of the time, against
-# 0.67-0.75 with the fifth: docs/musicgen-mini.md.)
+# minor the other third, aug and dim the perfect fifth. Major and minor write their root twice: with equal weights
+# the major third outweighed the root on some roots (E, A#) and the chord was heard as the minor triad on its third.
+# Measured choices (docs/musicgen-mini.md): root and third alone moved the third as far but read major less often;
+# the doubled root lifts the roots where the template check hears the change from 9 to 11 of 12 (gate 1); for aug
+# it halved the augmented reads, so aug and dim keep equal weights.
 QUALITY_CONCEPT = "quality"
 READOUT_CONCEPT = "notes"
 PITCH_CLASSES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 QUALITY_TONES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     # quality: (semitones above the root written toward, semitones written away from)
-    "major": ((0, 4, 7), (3,)),
-    "minor": ((0, 3, 7), (4,)),
+    "major": ((0, 0, 4, 7), (3,)),
+    "minor": ((0, 0, 3, 7), (4,)),
     "aug": ((0, 4, 8), (7,)),
     "dim": ((0, 3, 6), (7,)),
 }

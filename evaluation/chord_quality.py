@@ -35,7 +35,7 @@ __all__ = ["QUALITY_COLUMNS", "ROOT_COLUMNS", "chord_quality_rows", "write_chord
 QUALITY_COLUMNS = ["config", "quality", "n", "template_acc", *(f"read_{q}" for q in CHORD_QUALITIES),
                    "third_contrast", "root_hit", "distinct_roots", "top_root", "top_root_share"]
 ROOT_COLUMNS = ["config", "root", "n_major", "n_minor", "contrast_major", "contrast_minor", "difference",
-                "template_acc_major", "template_acc_minor"]
+                "template_acc_major", "template_acc_minor", "template_shift"]
 
 
 def _clips(records: dict[str, dict]) -> list[dict]:
@@ -66,6 +66,15 @@ def _root_hit(row: dict) -> bool | None:
 
 def _mean(values: Sequence[float]) -> float:
     return float(np.mean(values)) if len(values) else math.nan
+
+
+def _template_shift(major: list[dict], minor: list[dict]) -> float:
+    """How far the triad-template check moved between the clips steered toward major and toward minor at one root:
+    (major-steered read major - minor-steered read major) + (minor-steered read minor - major-steered read minor),
+    in [-2, 2]; > 0: the check heard the steer the right way, 0: it read both alike."""
+    def share(group: list[dict], quality: str) -> float:
+        return _mean([r["template"] == quality for r in group])
+    return share(major, "major") - share(minor, "major") + share(minor, "minor") - share(major, "minor")
 
 
 def chord_quality_rows(configs: Sequence[Configuration], records: dict[str, dict]) -> tuple[list[dict], list[dict]]:
@@ -99,7 +108,8 @@ def chord_quality_rows(configs: Sequence[Configuration], records: dict[str, dict
                               "n_minor": len(at["minor"]), "contrast_major": cmaj, "contrast_minor": cmin,
                               "difference": cmaj - cmin,
                               "template_acc_major": _mean([r["template"] == "major" for r in at["major"]]),
-                              "template_acc_minor": _mean([r["template"] == "minor" for r in at["minor"]])})
+                              "template_acc_minor": _mean([r["template"] == "minor" for r in at["minor"]]),
+                              "template_shift": _template_shift(at["major"], at["minor"])})
     return quality_rows, root_rows
 
 
@@ -124,18 +134,22 @@ def _summary(quality_rows: list[dict], root_rows: list[dict], order: list[str]) 
              "(toward minor); `roots > 0`: at how many roots that difference is positive. Template accuracy: the "
              "triad-template check (evaluation.audio_checks.estimate_chord_quality) names the steered quality. "
              "Root hit: the template's root is the steered root (aug modulo 4); distinct / top share: how the "
-             "template roots spread over the 12 pitch classes (all clips of the row).", "",
-             "| configuration | major - minor | roots > 0 | template acc major | minor | aug | dim | root hit | "
-             "distinct roots | top root (share) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "template roots spread over the 12 pitch classes (all clips of the row). Template moved: at how many "
+             "roots the template check read the major-steered clips as major more often, or the minor-steered as "
+             "minor, than the other way round (chord-quality-roots.csv `template_shift` > 0; in brackets, < 0).", "",
+             "| configuration | major - minor | roots > 0 | template moved | template acc major | minor | aug | dim | "
+             "root hit | distinct roots | top root (share) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in order:
         q = {r["quality"]: r for r in quality_rows if r["config"] == name}
         if not q:
             continue
         diffs = [r["difference"] for r in root_rows if r["config"] == name]
+        shifts = [r["template_shift"] for r in root_rows if r["config"] == name]
         n = sum(r["n"] for r in q.values())
         hits = [r["root_hit"] * r["n"] for r in q.values() if not math.isnan(r["root_hit"])]
         hit = sum(hits) / n if hits else math.nan
         lines.append(f"| {name} | {_fmt(_mean(diffs))} | {sum(d > 0 for d in diffs)}/{len(diffs)} | "
+                     f"{sum(t > 0 for t in shifts)}/{len(shifts)} ({sum(t < 0 for t in shifts)}) | "
                      + " | ".join(_fmt(q[k]["template_acc"]) if k in q else "" for k in CHORD_QUALITIES)
                      + f" | {_fmt(hit)} | {max(r['distinct_roots'] for r in q.values())} | "
                      + ", ".join(f"{r['quality']} {r['top_root']} ({r['top_root_share']:.2f})" for r in q.values())

@@ -60,11 +60,11 @@ def test_the_root_is_read_after_the_plain_vectors_and_per_position():
     compose); in a refill each position reads its own root and takes its own step's coefficient."""
     step = plan_of(DirectionControl("notes:D", 5.0), DirectionControl("quality:minor", 1.0)).at([0])
     h = axis(0).view(1, 1, D)  # reads C alone, but notes:D lands first
-    torch.testing.assert_close(step.steer(0, h), (h + 5.0 * axis(2) + axis(2) + axis(5) + axis(9) - axis(6)).view(1, 1, D))
+    torch.testing.assert_close(step.steer(0, h), (h + 5.0 * axis(2) + 2 * axis(2) + axis(5) + axis(9) - axis(6)).view(1, 1, D))
     rise = plan_of(DirectionControl("quality:major", 1.0, Schedule("linear_rise", length=100)))
     refill = rise.at([25, 50, 100])
     h = torch.stack([axis(0), axis(7), axis(9)]).unsqueeze(0)  # [1 row, 3 positions, D]: roots C, G, A
-    want = torch.stack([c * (axis(r) + axis(r + 4) + axis(r + 7) - axis(r + 3)) for c, r in ((0.25, 0), (0.5, 7), (1.0, 9))])
+    want = torch.stack([c * (2 * axis(r) + axis(r + 4) + axis(r + 7) - axis(r + 3)) for c, r in ((0.25, 0), (0.5, 7), (1.0, 9))])
     torch.testing.assert_close(refill.steer(1, h) - h, want.unsqueeze(0))
 
 
@@ -76,13 +76,13 @@ def test_quality_strength_follows_each_notes_layer_weighting_and_units():
                                      pooling="mean", layer_norms=norms)
     spec = SteeringSpec(controls=(DirectionControl("quality:major", 0.4),), layers=LayerWeighting("topk", k=1))
     step = SteeringPlan.compile(spec, bank, FP).at([0])
-    h = axis(4).view(1, 1, D)  # E major: E, G#, B up, G down
+    h = axis(4).view(1, 1, D)  # E major: E twice, G#, B up, G down
     for layer in range(L):
         scale = 3.0 if layer == 1 else 0.0  # top-1 layer, relative units: 0.4 of that layer's typical norm
         torch.testing.assert_close(step.steer(layer, h) - h,
-                                   (0.4 * scale * (axis(4) + axis(8) + axis(11) - axis(7))).view(1, 1, D))
+                                   (0.4 * scale * (2 * axis(4) + axis(8) + axis(11) - axis(7))).view(1, 1, D))
     norms_of = SteeringPlan.compile(spec, bank, FP).vector_norms()["quality:major"]
-    assert norms_of == pytest.approx([0.0, 0.4 * 3.0 * 2.0, 0.0], abs=1e-4)
+    assert norms_of == pytest.approx([0.0, 0.4 * 3.0 * 7 ** 0.5, 0.0], abs=1e-4)
 
 
 def test_keys_and_what_a_quality_control_needs():

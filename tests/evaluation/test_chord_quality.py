@@ -79,6 +79,11 @@ def test_third_contrast_reads_major_and_minor_at_every_root():
     configs = build_configurations("chord-quality", ["chords"], CLASSES, 4, 4.0, eta0=[1.0])
     quality_rows, root_rows = chord_quality_rows(configs, records)
     assert [r["root"] for r in root_rows] == list(PITCH_NAMES) and all(r["difference"] > 0 for r in root_rows)
+    assert all(r["template_shift"] == 2.0 for r in root_rows)  # read major when steered so, minor likewise
+    # a root where both read minor: the template did not move there (0), the third may still have
+    records["1major"]["chord"] = dict(records["1major"]["chord"], template="minor")
+    shifts = {r["root"]: r["template_shift"] for r in chord_quality_rows(configs, records)[1]}
+    assert shifts["C#"] == 0.0 and shifts["D"] == 2.0
     major = next(r for r in quality_rows if r["quality"] == "major")
     assert major["template_acc"] == 1.0 and major["root_hit"] == 1.0 and major["distinct_roots"] == 12
     assert major["top_root_share"] == pytest.approx(1 / 12)
