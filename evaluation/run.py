@@ -63,14 +63,16 @@ def bank_index(paths: Sequence[str]) -> tuple[dict[str, list[str]], dict[tuple[s
             if concept in classes and classes[concept] != list(names):
                 raise BankMismatchError(f"concept {concept!r} has other classes in {path} than in another bank")
             classes[concept], where[key] = list(names), str(path)
+    # The quality controls are steered with the notes bank (engine.steering.QUALITY_TONES); their classes follow a
+    # chords bank's order where one is given, so the chord-quality preset's cycles line up. A bank's own concept of
+    # that name keeps its place, as engine.steering.steerable_keys does.
+    own = QUALITY_CONCEPT in classes
     for (concept, site), path in list(where.items()):
-        # The quality controls are steered with the notes bank (engine.steering.QUALITY_TONES); their classes
-        # follow a chords bank's order where one is given, so the chord-quality preset's cycles line up.
-        if concept == READOUT_CONCEPT and classes[concept] == list(PITCH_CLASSES):
+        if concept == READOUT_CONCEPT and classes[concept] == list(PITCH_CLASSES) and not own:
             where[(QUALITY_CONCEPT, site)] = path
             chords = classes.get("chords", [])
-            classes[QUALITY_CONCEPT] = ([c for c in chords if c in QUALITY_TONES]
-                                        if set(chords) <= set(QUALITY_TONES) and chords else list(QUALITY_TONES))
+            classes[QUALITY_CONCEPT] = (list(chords) if chords and set(chords) <= set(QUALITY_TONES)
+                                        else list(QUALITY_TONES))
     return classes, where, fingerprint
 
 

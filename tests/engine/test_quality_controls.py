@@ -86,6 +86,9 @@ def test_quality_strength_follows_each_notes_layer_weighting_and_units():
 
 
 def test_keys_and_what_a_quality_control_needs():
+    from musicrfm.probes.syntheory import PITCH_NAMES
+
+    assert PITCH_CLASSES == tuple(PITCH_NAMES)  # the engine's names for the notes bank's classes: the data's own
     bank = basis_bank()
     assert steerable_keys(bank) == [f"notes:{p}" for p in PITCH_CLASSES] + [f"quality:{q}" for q in QUALITY_TONES]
     few = DirectionBank.from_arrays("notes", ["C", "D"], torch.eye(D)[:2, None].expand(2, L, D).contiguous(),

@@ -106,6 +106,10 @@ def test_chord_quality_sweep_end_to_end(tiny, tmp_path):
                                                                                 (0.1,) * fp.num_layers, 1, "test"))
         bank.save(tmp_path / f"{concept}.safetensors")
         paths.append(str(tmp_path / f"{concept}.safetensors"))
+    from musicrfm.evaluation.run import bank_index
+
+    classes, where, _ = bank_index(paths)  # the quality controls ride on the notes bank, in the chords' order
+    assert classes["quality"] == ["major", "minor"] and where[("quality", "residual")] == paths[0]
     settings = SweepSettings(preset="chord-quality", banks=tuple(paths), out=str(tmp_path / "sweep"), samples=2,
                              concepts=("chords",),
                              seconds=0.3, eta0=(1.0,), model="tiny-random")
