@@ -43,7 +43,7 @@ import torch
 
 from musicrfm.protocol import fields as checks
 
-from .bank import DirectionBank
+from .bank import Direction, DirectionBank
 from .decoder import INJECTION_POINTS
 from .model import ModelFingerprint
 
@@ -693,37 +693,47 @@ def steerable_keys(bank: DirectionBank | None) -> list[str]:
     return bank.keys() + quality
 
 
+def _names_quality(bank: DirectionBank, key: str) -> bool:
+    """`key` names a quality control, not a bank direction (a bank's own concept of that name keeps its keys)."""
+    return key.partition(":")[0] == QUALITY_CONCEPT and QUALITY_CONCEPT not in bank.concepts
+
+
 def check_control_key(bank: DirectionBank, key: str) -> None:
     """Raise the error a control naming `key` gets with `bank` (UnknownDirectionError with the close keys, or a
     ValueError saying what a quality control needs); nothing when it may steer."""
-    concept, _, cls = key.partition(":")
-    if concept != QUALITY_CONCEPT or concept in bank.concepts:
+    if not _names_quality(bank, key):
         bank[key]  # UnknownDirectionError lists the bank's keys
         return
-    if cls not in QUALITY_TONES:
-        raise ValueError(f"unknown chord quality {cls!r} in {key!r}; the quality controls are "
+    quality = key.partition(":")[2]
+    if quality not in QUALITY_TONES:
+        raise ValueError(f"unknown chord quality {quality!r} in {key!r}; the quality controls are "
                          f"{', '.join(f'{QUALITY_CONCEPT}:{q}' for q in QUALITY_TONES)}")
     if not _has_readout(bank):
         raise ValueError(f"{key!r} reads and writes with the notes directions (notes:C ... notes:B, 12 pitch "
                          f"classes), and the bank(s) hold none: add the notes bank (--bank notes.safetensors)")
 
 
-def _quality_tables(bank: DirectionBank, spec: "SteeringSpec", scale: torch.Tensor | None
-                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(readout [L, 12, d]: the unit notes directions, per quality [12 roots, L, d]: what it adds on each root,
-    every note weighted by its own layer weighting, as a notes control would be)."""
+def _weighted(direction: Direction, spec: "SteeringSpec", scale: torch.Tensor | None) -> torch.Tensor:
+    """[L, d]: a direction weighted per layer by its own scores (`spec.layers`), times each layer's typical norm
+    in relative units (`scale`; None in raw units): what it adds at coefficient 1."""
+    w = spec.layers.weights(direction.scores)
+    if scale is not None:
+        w = w * scale
+    return w.unsqueeze(1) * direction.vectors
+
+
+def _notes_readout_and_pens(bank: DirectionBank, spec: "SteeringSpec", scale: torch.Tensor | None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(readout [L, 12, d]: the unit notes directions, pens [12, L, d]: each note weighted as a notes control is)."""
     notes = [bank[f"{READOUT_CONCEPT}:{p}"] for p in PITCH_CLASSES]
-    readout = torch.stack([n.vectors for n in notes], dim=1)  # [L, 12, d]
-    pens = []
-    for n in notes:
-        w = spec.layers.weights(n.scores)
-        pens.append((w * scale if scale is not None else w).unsqueeze(1) * n.vectors)
-    pens = torch.stack(pens)  # [12, L, d]
-    tables = {}
-    for quality, (toward, away) in QUALITY_TONES.items():
-        tables[quality] = torch.stack([sum(pens[(r + i) % 12] for i in toward) - sum(pens[(r + i) % 12] for i in away)
-                                       for r in range(12)])
-    return readout, tables
+    return torch.stack([n.vectors for n in notes], dim=1), torch.stack([_weighted(n, spec, scale) for n in notes])
+
+
+def _quality_table(pens: torch.Tensor, quality: str) -> torch.Tensor:
+    """[12 roots, L, d]: what a quality control adds at coefficient 1 on each root it may read."""
+    toward, away = QUALITY_TONES[quality]
+    return torch.stack([sum(pens[(r + i) % 12] for i in toward) - sum(pens[(r + i) % 12] for i in away)
+                        for r in range(12)])
 
 
 def read_roots(h: torch.Tensor, readout: torch.Tensor) -> torch.Tensor:
@@ -788,23 +798,18 @@ class SteeringPlan:
             scale = bank.layer_norms.scale()  # [L]: strength s adds s x the layer's typical |h|
         rows, quality_rows, tables, readout = [], [], [], None
         for m, control in enumerate(spec.controls):
-            check_control_key(bank, control.key)
-            concept, _, cls_name = control.key.partition(":")
-            if concept == QUALITY_CONCEPT and concept not in bank.concepts:
-                if spec.rule != "add":
-                    raise ValueError(f"{control.key!r} writes chord tones with the add rule; steering is set to "
-                                     f"rule {spec.rule!r}")
-                if readout is None:
-                    readout, by_quality = _quality_tables(bank, spec, scale)
-                quality_rows.append(m)
-                tables.append(by_quality[cls_name])
-                rows.append(torch.zeros(layers, hidden))
+            check_control_key(bank, control.key)  # UnknownDirectionError lists the bank's keys
+            if not _names_quality(bank, control.key):
+                rows.append(_weighted(bank[control.key], spec, scale))
                 continue
-            direction = bank[control.key]
-            w = spec.layers.weights(direction.scores)
-            if scale is not None:
-                w = w * scale
-            rows.append(w.unsqueeze(1) * direction.vectors)
+            if spec.rule != "add":
+                raise ValueError(f"{control.key!r} writes chord tones with the add rule; steering is set to "
+                                 f"rule {spec.rule!r}")
+            if readout is None:
+                readout, pens = _notes_readout_and_pens(bank, spec, scale)
+            quality_rows.append(m)
+            tables.append(_quality_table(pens, control.key.partition(":")[2]))
+            rows.append(torch.zeros(layers, hidden))
         weighted = torch.stack(rows) if rows else torch.zeros(0, layers, hidden)
         quality = {}
         if quality_rows:
